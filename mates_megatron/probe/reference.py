@@ -1,0 +1,107 @@
+"""Reference set: LAMBADA-style (context, target) examples whose loss counts the target tokens only.
+
+Accepted JSONL lines: ``{"context": ..., "target": ...}`` (loss on the target tokens) or ``{"text": ...}``
+(loss on every token). Each example becomes one fixed-length row, so that pipeline stages see one shape.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mates_megatron.training.step import Batch
+
+
+@dataclass(frozen=True)
+class ReferenceSet:
+    """Tokenised reference examples as fixed-length rows of seq_length + 1 tokens."""
+
+    tokens: np.ndarray
+    """[n, seq_length + 1] int64 token ids (right-padded with pad_id)."""
+    loss_mask: np.ndarray
+    """[n, seq_length] float32: 1 where the label (token i+1) is a counted token."""
+    path: str
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def seq_length(self) -> int:
+        return int(self.tokens.shape[1] - 1)
+
+    def micro_batches(self, micro_batch_size: int, *, dp_rank: int = 0, dp_size: int = 1) -> list[Batch]:
+        """This data-parallel rank's share (strided), padded so that every rank gets as many batches.
+
+        Padding rows have an all-zero loss mask: they change no sum, and every rank runs the same number
+        of forward passes (pipeline stages and collectives stay in step).
+        """
+        n = len(self)
+        per_rank = -(-n // dp_size)
+        n_batches = -(-per_rank // micro_batch_size)
+        idx = np.arange(dp_rank, n, dp_size)
+        rows = n_batches * micro_batch_size
+        tokens = np.zeros((rows, self.tokens.shape[1]), dtype=np.int64)
+        mask = np.zeros((rows, self.loss_mask.shape[1]), dtype=np.float32)
+        tokens[: len(idx)] = self.tokens[idx]
+        mask[: len(idx)] = self.loss_mask[idx]
+        return [
+            make_batch(tokens[i : i + micro_batch_size], mask[i : i + micro_batch_size])
+            for i in range(0, rows, micro_batch_size)
+        ]
+
+
+def make_batch(tokens: np.ndarray, loss_mask: np.ndarray) -> Batch:
+    t = torch.from_numpy(np.ascontiguousarray(tokens)).long()
+    seq = t.shape[1] - 1
+    return {
+        "tokens": t[:, :-1].contiguous(),
+        "labels": t[:, 1:].contiguous(),
+        "loss_mask": torch.from_numpy(np.ascontiguousarray(loss_mask)).float(),
+        "position_ids": torch.arange(seq).unsqueeze(0).expand(t.shape[0], -1).contiguous(),
+    }
+
+
+def load_reference_set(path: str | Path, tokenizer, seq_length: int, *, pad_id: int = 0) -> ReferenceSet:
+    """Read and tokenise a reference JSONL. Contexts longer than the window are cut from the left."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f'reference set {path} not found: pass a JSONL of {{"context", "target"}} lines '
+            "(`mates-megatron prepare --embedded --out DIR` writes DIR/reference.jsonl)"
+        )
+    rows, masks = [], []
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ValueError(f"{path} line {lineno}: not a UTF-8 JSON object ({e})") from e
+            if isinstance(obj, dict) and "target" in obj and "context" in obj:
+                ctx = tokenizer(obj["context"], add_special_tokens=False)["input_ids"]
+                tgt = tokenizer(obj["target"], add_special_tokens=False)["input_ids"]
+            elif isinstance(obj, dict) and "text" in obj:
+                ctx, tgt = [], tokenizer(obj["text"], add_special_tokens=False)["input_ids"]
+            else:
+                raise ValueError(
+                    f'{path} line {lineno}: expected {{"context": ..., "target": ...}} or {{"text": ...}}'
+                )
+            if not tgt:
+                raise ValueError(f"{path} line {lineno}: the target tokenises to nothing")
+            seq = (ctx + tgt)[-(seq_length + 1) :]
+            n_tgt = min(len(tgt), len(seq) - 1)
+            row = np.full(seq_length + 1, pad_id, dtype=np.int64)
+            row[: len(seq)] = seq
+            mask = np.zeros(seq_length, dtype=np.float32)
+            # Label i is token i+1: the last n_tgt labels of the sequence are the target tokens.
+            mask[len(seq) - 1 - n_tgt : len(seq) - 1] = 1.0
+            rows.append(row)
+            masks.append(mask)
+    if not rows:
+        raise ValueError(f"reference set {path} is empty: it needs at least one example")
+    return ReferenceSet(tokens=np.stack(rows), loss_mask=np.stack(masks), path=str(path))

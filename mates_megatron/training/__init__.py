@@ -1,0 +1,1 @@
+"""Megatron-Core training pieces shared by the example loop, the demo and the tests."""

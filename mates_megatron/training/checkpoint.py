@@ -1,0 +1,167 @@
+"""Checkpoints of a Megatron-Core run: one file per model-parallel shard, atomic, exact resume.
+
+Layout (Megatron-LM's legacy layout, so its tooling recognises it):
+    SAVE/latest_checkpointed_iteration.txt
+    SAVE/iter_0000100/mp_rank_{tp:02d}_{pp:03d}/model_optim_rng.pt     (data-parallel rank 0 of each shard)
+    SAVE/iter_0000100/mp_rank_{tp:02d}_{pp:03d}/rng_dp{dp:03d}.pt      (every rank's RNG state)
+    SAVE/iter_0000100/distrib_optim_{tp:02d}_{pp:03d}.pt               (distributed optimizer only)
+The iteration directory is written under a temporary name and renamed once every rank has written, so a
+crash mid-save never leaves a directory that looks complete.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+
+TRACKER = "latest_checkpointed_iteration.txt"
+
+
+def _rng_state() -> dict[str, Any]:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": {k: v.clone() for k, v in tensor_parallel.get_cuda_rng_tracker().get_states().items()},
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _layout() -> dict[str, int]:
+    return {
+        "tp": parallel_state.get_tensor_model_parallel_world_size(),
+        "pp": parallel_state.get_pipeline_model_parallel_world_size(),
+        "dp": parallel_state.get_data_parallel_world_size(),
+    }
+
+
+def _shard_name() -> str:
+    tp = parallel_state.get_tensor_model_parallel_rank()
+    pp = parallel_state.get_pipeline_model_parallel_rank()
+    return f"mp_rank_{tp:02d}_{pp:03d}"
+
+
+def latest_iteration(load_dir: str | Path) -> int | None:
+    """The iteration recorded in the tracker file, or None when the directory holds no checkpoint."""
+    tracker = Path(load_dir) / TRACKER
+    if not tracker.is_file():
+        return None
+    text = tracker.read_text().strip()
+    if not text.isdigit():
+        raise ValueError(f"{tracker} holds {text!r}, not an iteration number; fix or delete the file")
+    return int(text)
+
+
+def save_checkpoint(
+    save_dir: str | Path,
+    iteration: int,
+    *,
+    model_chunks,
+    optimizer,
+    scheduler,
+    extra: dict[str, Any],
+    use_distributed_optimizer: bool,
+) -> Path:
+    """Save every rank's share of the run at `iteration`; collective over the world group."""
+    save_dir = Path(save_dir)
+    final = save_dir / f"iter_{iteration:07d}"
+    tmp = save_dir / f".tmp_iter_{iteration:07d}"
+    rank = dist.get_rank()
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    shard = tmp / _shard_name()
+    shard.mkdir(exist_ok=True)
+    dp_rank = parallel_state.get_data_parallel_rank()
+    if use_distributed_optimizer:
+        # Collective over the data-parallel group: gathers the sharded Adam state to DP rank 0.
+        tp, pp = (
+            parallel_state.get_tensor_model_parallel_rank(),
+            parallel_state.get_pipeline_model_parallel_rank(),
+        )
+        optimizer.save_parameter_state(str(tmp / f"distrib_optim_{tp:02d}_{pp:03d}.pt"))
+    if dp_rank == 0:
+        state = {
+            "iteration": iteration,
+            "layout": _layout(),
+            "model": [
+                chunk.module.state_dict() if hasattr(chunk, "module") else chunk.state_dict()
+                for chunk in model_chunks
+            ],
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "extra": extra,
+        }
+        torch.save(state, shard / "model_optim_rng.pt")
+    torch.save(_rng_state(), shard / f"rng_dp{dp_rank:03d}.pt")
+    dist.barrier()
+    if rank == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        tracker_tmp = save_dir / (TRACKER + ".tmp")
+        tracker_tmp.write_text(str(iteration))
+        os.replace(tracker_tmp, save_dir / TRACKER)
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(
+    load_dir: str | Path,
+    *,
+    model_chunks,
+    optimizer,
+    scheduler,
+    use_distributed_optimizer: bool,
+    iteration: int | None = None,
+) -> tuple[int, dict[str, Any]] | None:
+    """Restore the latest (or the given) checkpoint in place; returns (iteration, extra) or None if none."""
+    if iteration is None:
+        iteration = latest_iteration(load_dir)
+        if iteration is None:
+            return None
+    it_dir = Path(load_dir) / f"iter_{iteration:07d}"
+    shard = it_dir / _shard_name()
+    path = shard / "model_optim_rng.pt"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: the checkpoint in {load_dir} was saved with another tensor/pipeline layout "
+            "or is incomplete; resume with the layout it was saved with"
+        )
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state["layout"] != _layout():
+        raise ValueError(
+            f"checkpoint {it_dir} was saved with layout {state['layout']}, this run has {_layout()}: "
+            "resume with the same TP, PP and DP sizes"
+        )
+    for chunk, sd in zip(model_chunks, state["model"], strict=True):
+        (chunk.module if hasattr(chunk, "module") else chunk).load_state_dict(sd)
+    optimizer.load_state_dict(state["optimizer"])
+    if use_distributed_optimizer:
+        tp, pp = (
+            parallel_state.get_tensor_model_parallel_rank(),
+            parallel_state.get_pipeline_model_parallel_rank(),
+        )
+        optimizer.load_parameter_state(str(it_dir / f"distrib_optim_{tp:02d}_{pp:03d}.pt"))
+    scheduler.load_state_dict(state["scheduler"])
+    dp_rank = parallel_state.get_data_parallel_rank()
+    _set_rng_state(torch.load(shard / f"rng_dp{dp_rank:03d}.pt", map_location="cpu", weights_only=False))
+    return iteration, state["extra"]

@@ -1,0 +1,130 @@
+"""One training or evaluation step through megatron-core's pipeline schedules.
+
+Batches are dicts of [micro_batch, seq] tensors: tokens, labels, loss_mask (float), position_ids. Only the
+first pipeline stage reads tokens/position_ids and only the last reads labels/loss_mask, but every stage
+gets the same dicts, so data loading needs no per-stage logic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+Batch = dict[str, torch.Tensor]
+
+
+def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Megatron's 3-tuple loss contract: (summed masked loss, token count, reporting tensor).
+
+    Accumulated in fp32: reference losses differ across probes by ~1e-3 nats.
+    """
+    losses = output_tensor.float()
+    mask = loss_mask.reshape(-1).float()
+    loss_sum = torch.sum(losses.reshape(-1) * mask)
+    num_tokens = mask.sum().to(torch.int)
+    report = torch.stack([loss_sum.detach(), num_tokens.detach().float()])
+    return loss_sum, num_tokens, {"lm loss": report}
+
+
+def forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    return output, partial(loss_func, batch["loss_mask"])
+
+
+def _to_device(batch: Batch, device: torch.device) -> Batch:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def run_schedule(
+    model_chunks: Sequence[torch.nn.Module],
+    micro_batches: Sequence[Batch],
+    *,
+    seq_length: int,
+    forward_only: bool,
+    device: torch.device,
+) -> torch.Tensor:
+    """Forward (and backward) over micro-batches; returns [loss_sum, tokens] summed over micro-batches.
+
+    The sums are this data-parallel rank's and live on the last pipeline stage (zeros elsewhere).
+    """
+    micro_batches = [_to_device(b, device) for b in micro_batches]
+    fb = get_forward_backward_func()
+    losses = fb(
+        forward_step_func=forward_step,
+        data_iterator=iter(micro_batches),
+        model=list(model_chunks),
+        num_microbatches=len(micro_batches),
+        seq_length=seq_length,
+        micro_batch_size=micro_batches[0]["tokens"].shape[0],
+        forward_only=forward_only,
+    )
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    for item in losses:
+        total += item["lm loss"].to(torch.float64)
+    return total
+
+
+def reduce_loss(total: torch.Tensor) -> float:
+    """Mean loss per token over all data-parallel ranks, known on every rank (from the last stage)."""
+    total = total.clone()
+    dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+    # The sums live on the last pipeline stage; the other stages hold zeros.
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        dist.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
+    if total[1] <= 0:
+        raise ValueError("no loss tokens in the batch (every loss_mask is zero)")
+    return float(total[0] / total[1])
+
+
+def train_step(
+    model_chunks: Sequence[torch.nn.Module],
+    optimizer,
+    scheduler,
+    micro_batches: Sequence[Batch],
+    *,
+    seq_length: int,
+    global_batch_size: int,
+    device: torch.device,
+) -> dict[str, float]:
+    """One optimizer step over this rank's micro-batches; returns loss, grad norm, learning rate."""
+    for chunk in model_chunks:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    total = run_schedule(
+        model_chunks, micro_batches, seq_length=seq_length, forward_only=False, device=device
+    )
+    update_ok, grad_norm, _ = optimizer.step()
+    if update_ok:
+        scheduler.step(increment=global_batch_size)
+    return {
+        "loss": reduce_loss(total),
+        "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+        "lr": optimizer.param_groups[0]["lr"],
+        "skipped": not update_ok,
+    }
+
+
+@torch.no_grad()
+def evaluate(
+    model_chunks: Sequence[torch.nn.Module],
+    micro_batches: Iterable[Batch],
+    *,
+    seq_length: int,
+    device: torch.device,
+) -> float:
+    """Mean loss per counted token over this rank's micro-batches, reduced over data-parallel ranks."""
+    for chunk in model_chunks:
+        chunk.eval()
+    try:
+        batches = list(micro_batches)
+        total = run_schedule(model_chunks, batches, seq_length=seq_length, forward_only=True, device=device)
+    finally:
+        for chunk in model_chunks:
+            chunk.train()
+    return reduce_loss(total)
