@@ -22,6 +22,11 @@ class TokenizerInfo:
     eod: int
     pad: int = -1
 
+    @property
+    def unique_identifiers(self) -> dict[str, int]:
+        # GPTDataset hashes its config (tokenizer included) to key the index cache.
+        return {"class": "TokenizerInfo", "vocab_size": self.vocab_size, "eod": self.eod, "pad": self.pad}
+
     @classmethod
     def from_meta(cls, prefix: str | Path) -> TokenizerInfo:
         """Read `{prefix}.meta.json`, written by `mates-megatron prepare`."""

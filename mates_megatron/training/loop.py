@@ -238,17 +238,7 @@ class Trainer:
     def _build_dataset(self):
         cfg = self.cfg
         cache = cfg.data_cache or str(Path(cfg.data_prefix).parent / "cache")
-        # Build the index cache on one rank first: GPTDataset writes .npy index files that others read.
-        if dist.get_rank() == 0:
-            build_gpt_dataset(
-                cfg.data_prefix,
-                seq_length=cfg.model.seq_length,
-                num_samples=cfg.train_iters * cfg.global_batch_size,
-                seed=cfg.seed,
-                tokenizer=self.tokenizer_info,
-                cache_dir=cache,
-            )
-        dist.barrier()
+        # Collective: megatron-core's builder writes the index cache on rank 0, then the others read it.
         return build_gpt_dataset(
             cfg.data_prefix,
             seq_length=cfg.model.seq_length,

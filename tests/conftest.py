@@ -1,0 +1,17 @@
+"""Shared fixtures: a small copy of the embedded data, prepared once per test session."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def small_embedded(tmp_path_factory):
+    """Embedded corpus with few docs per domain, prepared to an indexed dataset + WebDataset shards."""
+    from mates_megatron.data.embedded import EmbeddedCorpusConfig, build_embedded_corpus
+    from mates_megatron.data.prepare import PrepareConfig, prepare_corpus
+
+    out = tmp_path_factory.mktemp("embedded")
+    build_embedded_corpus(EmbeddedCorpusConfig(max_docs_per_domain=300, reference_size=32), out)
+    prepared = prepare_corpus(PrepareConfig(input=out / "corpus.jsonl", output_prefix=out / "train"))
+    return {"dir": out, "prefix": str(out / "train"), "reference": str(out / "reference.jsonl"), "prepared": prepared}
