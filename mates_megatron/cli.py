@@ -25,18 +25,29 @@ def _add_pretrain_parser(sub) -> None:
         ),
     )
     p.add_argument("--config", type=Path, default=Path("configs/cpu_tp2.yaml"), help="YAML run config")
-    p.add_argument("--nproc-per-node", type=int, default=None, help="processes (default: TP x PP of the config)")
+    p.add_argument(
+        "--nproc-per-node", type=int, default=None, help="processes (default: TP x PP of the config)"
+    )
     p.set_defaults(func=_run_pretrain)
 
 
 def _run_pretrain(args: argparse.Namespace, rest: list[str]) -> int:
     if not args.config.is_file():
-        print(f"error: config {args.config} not found (run from the repository root or pass --config)", file=sys.stderr)
+        print(
+            f"error: config {args.config} not found (run from the repository root or pass --config)",
+            file=sys.stderr,
+        )
         return 2
     cfg = yaml.safe_load(args.config.read_text()) or {}
     prefix = Path(cfg.get("data_prefix", ""))
-    if "--data-path" not in rest and prefix.parent == Path("data/embedded") and not Path(f"{prefix}.bin").is_file():
-        print(f"[mates-megatron] preparing the embedded data into {prefix.parent} (first run only)", flush=True)
+    if (
+        "--data-path" not in rest
+        and prefix.parent == Path("data/embedded")
+        and not Path(f"{prefix}.bin").is_file()
+    ):
+        print(
+            f"[mates-megatron] preparing the embedded data into {prefix.parent} (first run only)", flush=True
+        )
         rc = main(["prepare", "--embedded", "--out", str(prefix.parent)])
         if rc:
             return rc

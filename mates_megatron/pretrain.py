@@ -66,10 +66,20 @@ def train_config_from_dict(data: dict[str, Any], where: str = "config") -> Train
     """Build a TrainConfig from a nested dict (YAML), naming any unknown field."""
     data = dict(data)
     model = GPTConfig(**_dataclass_from_dict(GPTConfig, data.pop("model", {}) or {}, f"{where}: model"))
-    parallel = ParallelConfig(**_dataclass_from_dict(ParallelConfig, data.pop("parallel", {}) or {}, f"{where}: parallel"))
+    parallel = ParallelConfig(
+        **_dataclass_from_dict(ParallelConfig, data.pop("parallel", {}) or {}, f"{where}: parallel")
+    )
+    if data.get("selection") is not None:
+        from mates_megatron.config import SelectionConfig
+
+        data["selection"] = SelectionConfig(
+            **_dataclass_from_dict(SelectionConfig, data["selection"], f"{where}: selection")
+        )
     _dataclass_from_dict(TrainConfig, data, where)
     if "data_prefix" not in data:
-        raise ValueError(f"{where}: data_prefix is required (the PREFIX of PREFIX.bin/.idx); or pass --data-path")
+        raise ValueError(
+            f"{where}: data_prefix is required (the PREFIX of PREFIX.bin/.idx); or pass --data-path"
+        )
     return TrainConfig(model=model, parallel=parallel, **data)
 
 
@@ -110,10 +120,10 @@ def main(argv: list[str] | None = None) -> None:
     # megatron-core announces every missing GPU extension (apex, TE) once per process; on CPU that is expected.
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|TE|apex).*")
     warnings.filterwarnings("ignore", message=".*CUDA_DEVICE_MAX_CONNECTIONS.*")
+    import torch.distributed as dist
+
     from mates_megatron.training.loop import Trainer
     from mates_megatron.training.parallel import destroy_parallel
-
-    import torch.distributed as dist
 
     trainer = Trainer(cfg)
     history = trainer.train()

@@ -26,6 +26,7 @@ from megatron.core.distributed import (
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from mates_megatron.config import SelectionConfig
 from mates_megatron.training import checkpoint as ckpt
 from mates_megatron.training.data import TokenizerInfo, build_gpt_dataset, collate, sequential_indices
 from mates_megatron.training.model import GPTConfig, build_gpt_model
@@ -89,6 +90,8 @@ class TrainConfig:
     """Stop (after saving) once the iteration is a multiple of this (0: never); for resume tests."""
     data_cache: str | None = None
     """Where GPTDataset writes its index cache (default: beside the data prefix)."""
+    selection: SelectionConfig | None = None
+    """Train from a candidate pool through MatesSampler, one selection per round (None: Megatron order)."""
 
     def __post_init__(self) -> None:
         if self.micro_batch_size < 1:
@@ -183,11 +186,30 @@ class Trainer:
                 f"model vocab_size={cfg.model.vocab_size} is smaller than the data's tokenizer vocabulary "
                 f"({self.tokenizer_info.vocab_size}); set --vocab-size {self.tokenizer_info.vocab_size}"
             )
-        self.dataset = dataset if dataset is not None else self._build_dataset()
-        self.order: SampleOrder = order or SequentialOrder(
-            cfg.global_batch_size, cfg.micro_batch_size, self.dp_rank, self.dp_size
-        )
         self.hooks: list[TrainerHook] = list(hooks or [])
+        self.selection = None
+        if cfg.selection is not None:
+            from mates_megatron.training.selection import build_selection
+
+            self.selection = build_selection(
+                cfg.selection,
+                train_iters=cfg.train_iters,
+                global_batch_size=cfg.global_batch_size,
+                micro_batch_size=cfg.micro_batch_size,
+                seq_length=cfg.model.seq_length,
+                dp_rank=self.dp_rank,
+                dp_size=self.dp_size,
+                build_indexed_dataset=self._build_dataset,
+                write_files=dist.get_rank() == 0,
+            )
+            self.dataset = self.selection.pool
+            self.order: SampleOrder = self.selection.sampler
+            self.hooks.insert(0, self.selection.hook)
+        else:
+            self.dataset = dataset if dataset is not None else self._build_dataset()
+            self.order = order or SequentialOrder(
+                cfg.global_batch_size, cfg.micro_batch_size, self.dp_rank, self.dp_size
+            )
         self.reference_batches = self._build_reference()
         self.iteration = 0
         self.consumed_samples = 0
@@ -235,14 +257,14 @@ class Trainer:
             wd_incr_style="constant",
         )
 
-    def _build_dataset(self):
+    def _build_dataset(self, num_samples: int | None = None):
         cfg = self.cfg
         cache = cfg.data_cache or str(Path(cfg.data_prefix).parent / "cache")
         # Collective: megatron-core's builder writes the index cache on rank 0, then the others read it.
         return build_gpt_dataset(
             cfg.data_prefix,
             seq_length=cfg.model.seq_length,
-            num_samples=cfg.train_iters * cfg.global_batch_size,
+            num_samples=num_samples or cfg.train_iters * cfg.global_batch_size,
             seed=cfg.seed,
             tokenizer=self.tokenizer_info,
             cache_dir=cache,

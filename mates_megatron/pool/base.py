@@ -1,0 +1,95 @@
+"""Candidate pools: one protocol over Megatron indexed datasets and WebDataset tar shards.
+
+A candidate is one training sequence with a stable global id (0 .. num_candidates-1), its domain when
+known, and its text for the influence model. A pool is split into rounds by ``PoolRounds``: round r selects
+from its own slice of a seeded permutation of the ids, so no round depends on shard sizes or boundaries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+
+class PoolError(ValueError):
+    """Bad pool input (corrupt, empty or changed shard, missing field); the message names file and fix."""
+
+
+@runtime_checkable
+class CandidatePool(Protocol):
+    """What the sampler, the probes and the influence model need of a pool."""
+
+    @property
+    def num_candidates(self) -> int:
+        """Number of candidates; ids are 0 .. num_candidates - 1."""
+        ...
+
+    @property
+    def domains(self) -> list[str]:
+        """Domain names; ``domain_ids`` indexes into this list (-1: unknown)."""
+        ...
+
+    def domain_ids(self, ids: np.ndarray) -> np.ndarray:
+        """int16 domain index of each candidate id."""
+        ...
+
+    def training_sample(self, gid: int) -> dict[str, np.ndarray]:
+        """tokens, labels, loss_mask, position_ids of one sequence (seq_length each)."""
+        ...
+
+    def text(self, gid: int) -> str:
+        """The candidate's text (decoded from tokens where the pool holds token ids)."""
+        ...
+
+    def fingerprint(self) -> str:
+        """Identifies the pool's content; a resumed run refuses a pool whose fingerprint changed."""
+        ...
+
+
+@dataclass(frozen=True)
+class PoolRounds:
+    """How a pool is split into rounds: round r selects among ``candidates_per_round`` ids of its own.
+
+    The ids of round r are ``perm[r * candidates_per_round : (r + 1) * candidates_per_round]`` of a
+    permutation seeded by ``seed`` (identity when ``shuffle`` is False), so every rank derives the same
+    split and a round never straddles shards by arithmetic on shard sizes.
+    """
+
+    num_candidates: int
+    """Size of the pool."""
+    candidates_per_round: int
+    """Candidates each round selects from."""
+    seed: int = 0
+    """Seed of the permutation."""
+    shuffle: bool = True
+    """Permute ids before splitting (False: contiguous id ranges)."""
+
+    def __post_init__(self) -> None:
+        if self.num_candidates < 1:
+            raise PoolError("the pool is empty: it needs at least one candidate")
+        if not 1 <= self.candidates_per_round <= self.num_candidates:
+            raise PoolError(
+                f"candidates_per_round={self.candidates_per_round} must be in [1, {self.num_candidates}] "
+                "(the pool size); lower it or add data to the pool"
+            )
+
+    @property
+    def num_rounds(self) -> int:
+        return self.num_candidates // self.candidates_per_round
+
+    def _perm(self) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.num_candidates, dtype=np.int32)
+        return np.random.default_rng(self.seed).permutation(self.num_candidates).astype(np.int32)
+
+    def candidates(self, round_: int) -> np.ndarray:
+        """The int32 candidate ids of round ``round_``."""
+        if not 0 <= round_ < self.num_rounds:
+            raise PoolError(
+                f"round {round_} is past the pool: {self.num_candidates} candidates make {self.num_rounds} "
+                f"rounds of {self.candidates_per_round}; add data, lower candidates_per_round or train fewer steps"
+            )
+        c = self.candidates_per_round
+        return self._perm()[round_ * c : (round_ + 1) * c]

@@ -1,0 +1,81 @@
+"""Candidate pool over a Megatron indexed dataset (.bin/.idx) through megatron-core's GPTDataset.
+
+Candidates are GPTDataset samples (seq_length + 1 tokens over concatenated documents), which is what a
+Megatron-LM run already trains on; candidate id = GPTDataset index. A sample's domain is the domain of the
+document it starts in (``PREFIX.domains.npy`` from `mates-megatron prepare`; unknown without it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+from mates_megatron.pool.base import PoolError
+
+
+class IndexedPool:
+    """Wraps a built GPTDataset (see training.data.build_gpt_dataset)."""
+
+    def __init__(self, dataset, prefix: str | Path, *, tokenizer=None) -> None:
+        self.dataset = dataset
+        self.prefix = str(prefix)
+        self._tokenizer = tokenizer
+        if len(dataset) == 0:
+            raise PoolError(f"indexed dataset {self.prefix} yields no samples: the pool is empty")
+        dom_path = Path(f"{self.prefix}.domains.npy")
+        self._doc_domain = np.load(dom_path) if dom_path.is_file() else None
+        meta = Path(f"{self.prefix}.meta.json")
+        import json
+
+        self._domains = json.loads(meta.read_text()).get("domains", []) if meta.is_file() else []
+        self._first_doc: np.ndarray | None = None
+
+    @property
+    def num_candidates(self) -> int:
+        return len(self.dataset)
+
+    @property
+    def domains(self) -> list[str]:
+        return list(self._domains)
+
+    def _sample_first_doc(self) -> np.ndarray:
+        if self._first_doc is None:
+            ds = self.dataset
+            ds[0]  # GPTDataset memory-maps its index arrays lazily on first access
+            shuffled = np.asarray(ds.shuffle_index)[: len(ds)]
+            doc_pos = np.asarray(ds.sample_index)[shuffled, 0]
+            self._first_doc = np.asarray(ds.document_index)[doc_pos].astype(np.int64)
+        return self._first_doc
+
+    def domain_ids(self, ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids)
+        if self._doc_domain is None:
+            return np.full(ids.shape, -1, dtype=np.int16)
+        return self._doc_domain[self._sample_first_doc()[ids]].astype(np.int16)
+
+    def training_sample(self, gid: int) -> dict[str, np.ndarray]:
+        s = self.dataset[int(gid)]
+        return {k: np.asarray(s[k]) for k in ("tokens", "labels", "loss_mask", "position_ids")}
+
+    def text(self, gid: int) -> str:
+        if self._tokenizer is None:
+            raise PoolError(
+                f"indexed pool {self.prefix} holds token ids: pass tokenizer= (the pretraining tokenizer) to decode text"
+            )
+        s = self.dataset[int(gid)]
+        return self._tokenizer.decode(np.asarray(s["tokens"]).tolist())
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        with open(f"{self.prefix}.idx", "rb") as f:
+            h.update(f.read())
+        h.update(str(len(self.dataset)).encode())
+        return "indexed:" + h.hexdigest()[:32]
+
+    def __getitem__(self, gid: int) -> dict[str, np.ndarray]:
+        return self.training_sample(gid)
+
+    def __len__(self) -> int:
+        return self.num_candidates

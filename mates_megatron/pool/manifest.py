@@ -1,0 +1,122 @@
+"""Shard manifest and selection files beside WebDataset shards ("reweighted in place").
+
+The tars are never rewritten. ``manifest.json`` records each shard's name, size, sample count and sha256,
+so a changed or missing shard is found before training on it. A round's selection (int32 ids) and optional
+weights (float32) are small .npy files under ``mates/``, written to a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from mates_megatron.pool.base import PoolError
+
+MANIFEST = "manifest.json"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_manifest(shards_dir: Path, shards: list[dict]) -> Path:
+    """Record shards (dicts with name, num_samples, first_id) with their sizes and checksums."""
+    entries = []
+    for s in shards:
+        path = shards_dir / s["name"]
+        entries.append({**s, "bytes": path.stat().st_size, "sha256": sha256_file(path)})
+    data = json.dumps({"format": 1, "shards": entries}, indent=1).encode()
+    out = shards_dir / MANIFEST
+    atomic_write_bytes(out, data)
+    return out
+
+
+def read_manifest(shards_dir: Path) -> list[dict]:
+    path = shards_dir / MANIFEST
+    if not path.is_file():
+        raise PoolError(
+            f"{path} not found: a WebDataset pool needs the manifest that `mates-megatron prepare` writes "
+            f"beside the shards (or call mates_megatron.pool.manifest.write_manifest on {shards_dir})"
+        )
+    try:
+        entries = json.loads(path.read_text())["shards"]
+    except (json.JSONDecodeError, KeyError) as e:
+        raise PoolError(
+            f"{path} is not a valid manifest ({e}); re-create it with `mates-megatron prepare`"
+        ) from e
+    if not entries:
+        raise PoolError(f"{path} lists no shards: the pool is empty; prepare some data into {shards_dir}")
+    return entries
+
+
+def verify_shard(shards_dir: Path, entry: dict) -> Path:
+    """Check a shard against its manifest entry (existence, size, sha256) before reading it."""
+    path = shards_dir / entry["name"]
+    if not path.is_file():
+        raise PoolError(
+            f"shard {path} listed in {shards_dir / MANIFEST} is missing; restore it, or re-run "
+            "`mates-megatron prepare` to rebuild the shards and manifest"
+        )
+    size = path.stat().st_size
+    if size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
+        raise PoolError(
+            f"shard {path} changed since the manifest was written (size {size} vs {entry['bytes']} bytes "
+            "or sha256 differs): training on it would not be the recorded pool; restore the original shard "
+            "or re-run `mates-megatron prepare` to rebuild the shards and manifest"
+        )
+    return path
+
+
+class SelectionStore:
+    """Per-round selections and weights in ``DIR/mates/``: round_00003.ids.npy, round_00003.weights.npy."""
+
+    def __init__(self, shards_dir: Path, run_name: str = "default") -> None:
+        self.dir = Path(shards_dir) / "mates" / run_name
+
+    def _path(self, round_: int, kind: str) -> Path:
+        return self.dir / f"round_{round_:05d}.{kind}.npy"
+
+    def save(self, round_: int, ids: np.ndarray, weights: np.ndarray | None = None) -> Path:
+        ids = np.ascontiguousarray(ids, dtype=np.int32)
+        for kind, arr in (("ids", ids), ("weights", weights)):
+            if arr is None:
+                continue
+            import io
+
+            buf = io.BytesIO()
+            np.save(buf, np.ascontiguousarray(arr, dtype=np.int32 if kind == "ids" else np.float32))
+            atomic_write_bytes(self._path(round_, kind), buf.getvalue())
+        return self._path(round_, "ids")
+
+    def load(self, round_: int) -> tuple[np.ndarray, np.ndarray | None]:
+        path = self._path(round_, "ids")
+        if not path.is_file():
+            raise PoolError(f"no selection for round {round_} at {path}")
+        w = self._path(round_, "weights")
+        return np.load(path), (np.load(w) if w.is_file() else None)
+
+    def rounds(self) -> list[int]:
+        return sorted(int(p.name[6:11]) for p in self.dir.glob("round_*.ids.npy"))

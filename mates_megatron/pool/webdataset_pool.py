@@ -1,0 +1,167 @@
+"""Candidate pool over WebDataset tar shards (as `mates-megatron prepare` writes them), read in place.
+
+Each tar sample (key K: K.txt, K.json with {"id", "domain"}, K.ids.npy with int32 token ids) is one
+candidate. Random access for the sampler uses an offset index built once per shard with tarfile (keys split
+with webdataset's own ``base_plus_ext`` naming rule); sequential streaming for whole-pool scoring goes
+through ``webdataset.WebDataset``. Shards are checked against the manifest before their first read.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+from webdataset.tariterators import base_plus_ext
+
+from mates_megatron.pool.base import PoolError
+from mates_megatron.pool.manifest import read_manifest, verify_shard
+
+_FIX_CORRUPT = "re-create it with `mates-megatron prepare` or restore it from its source"
+
+
+class WebDatasetPool:
+    """A pool over the shards listed in ``shards_dir/manifest.json``; candidate id = the sample's "id"."""
+
+    def __init__(self, shards_dir: str | Path, *, seq_length: int, pad_id: int = 0, tokenizer=None) -> None:
+        self.dir = Path(shards_dir)
+        self.seq_length = seq_length
+        self.pad_id = pad_id
+        self._tokenizer = tokenizer
+        self._entries = read_manifest(self.dir)
+        self._shard_of = np.zeros(0, dtype=np.int32)
+        # Per-candidate (offset, size) of its .ids.npy and .txt members, and its domain index.
+        n = sum(int(e["num_samples"]) for e in self._entries)
+        if n == 0:
+            raise PoolError(
+                f"every shard in {self.dir} is empty: the pool has no candidates; prepare data into it"
+            )
+        self._n = n
+        self._shard = np.empty(n, dtype=np.int32)
+        self._ids_off = np.empty((n, 2), dtype=np.int64)
+        self._txt_off = np.empty((n, 2), dtype=np.int64)
+        self._domain = np.empty(n, dtype=np.int16)
+        self._domains: list[str] = []
+        seen = np.zeros(n, dtype=bool)
+        for si, entry in enumerate(self._entries):
+            path = verify_shard(self.dir, entry)
+            count = self._index_shard(si, path, seen)
+            if count == 0:
+                raise PoolError(
+                    f"shard {path} holds no samples; remove it from {self.dir} and re-run prepare"
+                )
+            if count != int(entry["num_samples"]):
+                raise PoolError(
+                    f"shard {path} holds {count} samples, the manifest says {entry['num_samples']}; "
+                    "re-run `mates-megatron prepare` to rebuild the shards and manifest"
+                )
+        if not seen.all():
+            raise PoolError(
+                f"candidate ids in {self.dir} are not 0..{n - 1}: ids {np.flatnonzero(~seen)[:5]} missing"
+            )
+        self._files: dict[int, io.BufferedReader] = {}
+
+    def _index_shard(self, si: int, path: Path, seen: np.ndarray) -> int:
+        members: dict[str, dict[str, tarfile.TarInfo]] = {}
+        try:
+            with tarfile.open(path, "r:") as tf:
+                for m in tf:
+                    if not m.isfile():
+                        continue
+                    key, ext = base_plus_ext(m.name)
+                    if key is None:
+                        continue
+                    members.setdefault(key, {})[ext] = m
+                # Samples carry their metadata in K.json: read it now (it is small).
+                count = 0
+                for key, fields in members.items():
+                    for required in ("json", "ids.npy", "txt"):
+                        if required not in fields:
+                            what = "text (.txt)" if required == "txt" else required
+                            raise PoolError(
+                                f"shard {path}: sample {key!r} has no {what}; every sample needs .txt, .json "
+                                f"and .ids.npy; {_FIX_CORRUPT}"
+                            )
+                    meta = json.loads(tf.extractfile(fields["json"]).read())
+                    gid = int(meta["id"])
+                    if not 0 <= gid < len(seen) or seen[gid]:
+                        raise PoolError(
+                            f"shard {path}: sample {key!r} has id {gid}, out of range or duplicated"
+                        )
+                    seen[gid] = True
+                    self._shard[gid] = si
+                    self._ids_off[gid] = (fields["ids.npy"].offset_data, fields["ids.npy"].size)
+                    self._txt_off[gid] = (fields["txt"].offset_data, fields["txt"].size)
+                    self._domain[gid] = self._domain_index(meta.get("domain"))
+                    count += 1
+                return count
+        except (tarfile.TarError, EOFError, OSError) as e:
+            raise PoolError(f"shard {path} is corrupt or truncated ({e}); {_FIX_CORRUPT}") from e
+
+    def _domain_index(self, name: str | None) -> int:
+        if name is None:
+            return -1
+        if name not in self._domains:
+            self._domains.append(name)
+        return self._domains.index(name)
+
+    # -- CandidatePool ------------------------------------------------------------------------------------
+    @property
+    def num_candidates(self) -> int:
+        return self._n
+
+    @property
+    def domains(self) -> list[str]:
+        return list(self._domains)
+
+    def domain_ids(self, ids: np.ndarray) -> np.ndarray:
+        return self._domain[np.asarray(ids)]
+
+    def _read(self, gid: int, where: np.ndarray) -> bytes:
+        si = int(self._shard[gid])
+        f = self._files.get(si)
+        if f is None:
+            f = self._files[si] = open(self.dir / self._entries[si]["name"], "rb")  # noqa: SIM115
+        off, size = where[gid]
+        f.seek(int(off))
+        data = f.read(int(size))
+        if len(data) != size:
+            raise PoolError(f"shard {self.dir / self._entries[si]['name']} is truncated; {_FIX_CORRUPT}")
+        return data
+
+    def token_ids(self, gid: int) -> np.ndarray:
+        return np.load(io.BytesIO(self._read(gid, self._ids_off)))
+
+    def text(self, gid: int) -> str:
+        return self._read(gid, self._txt_off).decode("utf-8")
+
+    def training_sample(self, gid: int) -> dict[str, np.ndarray]:
+        """The document's first seq_length + 1 tokens; padding (if shorter) is masked out of the loss."""
+        ids = self.token_ids(gid)[: self.seq_length + 1]
+        row = np.full(self.seq_length + 1, self.pad_id, dtype=np.int64)
+        row[: len(ids)] = ids
+        mask = np.zeros(self.seq_length, dtype=np.float32)
+        mask[: max(len(ids) - 1, 0)] = 1.0
+        return {
+            "tokens": row[:-1],
+            "labels": row[1:],
+            "loss_mask": mask,
+            "position_ids": np.arange(self.seq_length, dtype=np.int64),
+        }
+
+    def fingerprint(self) -> str:
+        return "wds:" + ",".join(e["sha256"][:16] for e in self._entries)
+
+    def __getitem__(self, gid: int) -> dict[str, np.ndarray]:
+        return self.training_sample(gid)
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getstate__(self):
+        # Open file handles do not cross process boundaries (DataLoader workers): reopen lazily.
+        state = dict(self.__dict__)
+        state["_files"] = {}
+        return state

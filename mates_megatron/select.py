@@ -1,0 +1,68 @@
+"""Selectors: choose k of a round's candidates. One interface, registered by name.
+
+Contract: ``select(candidates, k, *, scores, seed, round_) -> int32 ids``: k distinct ids from
+``candidates``, deterministic for (seed, round_) and identical on every rank. Scores are lower-is-better
+(an oracle or predicted reference loss); selectors that ignore scores accept None.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+
+class Selector(Protocol):
+    def select(
+        self, candidates: np.ndarray, k: int, *, scores: np.ndarray | None, seed: int, round_: int
+    ) -> np.ndarray: ...
+
+
+def _check(candidates: np.ndarray, k: int, scores: np.ndarray | None, needs_scores: bool) -> None:
+    if not 0 < k <= len(candidates):
+        raise ValueError(
+            f"cannot select k={k} of {len(candidates)} candidates; k must be in [1, {len(candidates)}]"
+        )
+    if needs_scores:
+        if scores is None or len(scores) != len(candidates):
+            raise ValueError("this selector needs one score per candidate")
+        bad = ~np.isfinite(scores)
+        if bad.any():
+            raise ValueError(
+                f"{int(bad.sum())} candidate scores are NaN or infinite (first at candidate id "
+                f"{int(candidates[np.flatnonzero(bad)[0]])}); fix the scorer before selecting"
+            )
+
+
+def _rng(seed: int, round_: int) -> np.random.Generator:
+    return np.random.default_rng([seed, round_, 0x5E1EC7])
+
+
+@dataclass(frozen=True)
+class RandomSelector:
+    """Uniform sample of k candidates without replacement (the baseline)."""
+
+    def select(self, candidates, k, *, scores=None, seed, round_):
+        _check(candidates, k, scores, needs_scores=False)
+        pick = _rng(seed, round_).choice(len(candidates), size=k, replace=False)
+        return np.asarray(candidates, dtype=np.int32)[np.sort(pick)]
+
+
+@dataclass(frozen=True)
+class TopKSelector:
+    """The k lowest scores (ties broken by candidate id)."""
+
+    def select(self, candidates, k, *, scores, seed=0, round_=0):
+        _check(candidates, k, scores, needs_scores=True)
+        order = np.lexsort((candidates, scores))
+        return np.asarray(candidates, dtype=np.int32)[np.sort(order[:k])]
+
+
+SELECTORS = {"random": RandomSelector, "topk": TopKSelector}
+
+
+def build_selector(name: str, **kwargs) -> Selector:
+    if name not in SELECTORS:
+        raise ValueError(f"unknown selector {name!r}; choose from {sorted(SELECTORS)}")
+    return SELECTORS[name](**kwargs)
