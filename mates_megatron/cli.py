@@ -73,10 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"mates-megatron {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    from mates_megatron.bench import add_bench_parser
     from mates_megatron.data.commands import add_prepare_parser
 
     add_prepare_parser(sub)
     _add_pretrain_parser(sub)
+    add_bench_parser(sub)
     return parser
 
 

@@ -93,7 +93,9 @@ class MatesSampler:
                 f"round {round_}: the selection has {selected.size} ids, the round serves exactly "
                 f"{self.samples_per_round} (select_every x global_batch_size); select that many"
             )
-        if np.unique(selected).size != selected.size:
+        # sort + neighbour compare: np.unique is ~10x slower at millions of ids.
+        ordered = np.sort(selected)
+        if (ordered[1:] == ordered[:-1]).any():
             raise PoolError(f"round {round_}: the selection holds duplicate ids; a round serves each id once")
         order = np.random.default_rng([self.seed, round_]).permutation(selected.size)
         self._rounds[round_] = selected[order]

@@ -45,7 +45,7 @@ class RandomSelector:
 
     def select(self, candidates, k, *, scores=None, seed, round_):
         _check(candidates, k, scores, needs_scores=False)
-        pick = _rng(seed, round_).choice(len(candidates), size=k, replace=False)
+        pick = _rng(seed, round_).choice(len(candidates), size=k, replace=False, shuffle=False)
         return np.asarray(candidates, dtype=np.int32)[np.sort(pick)]
 
 

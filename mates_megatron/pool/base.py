@@ -8,6 +8,7 @@ from its own slice of a seeded permutation of the ids, so no round depends on sh
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -79,10 +80,12 @@ class PoolRounds:
     def num_rounds(self) -> int:
         return self.num_candidates // self.candidates_per_round
 
+    @cached_property
     def _perm(self) -> np.ndarray:
+        # Computed once: at 10M candidates the permutation takes ~0.2 s and 40 MB.
         if not self.shuffle:
             return np.arange(self.num_candidates, dtype=np.int32)
-        return np.random.default_rng(self.seed).permutation(self.num_candidates).astype(np.int32)
+        return np.random.default_rng(self.seed).permutation(np.arange(self.num_candidates, dtype=np.int32))
 
     def candidates(self, round_: int) -> np.ndarray:
         """The int32 candidate ids of round ``round_``."""
@@ -92,4 +95,4 @@ class PoolRounds:
                 f"rounds of {self.candidates_per_round}; add data, lower candidates_per_round or train fewer steps"
             )
         c = self.candidates_per_round
-        return self._perm()[round_ * c : (round_ + 1) * c]
+        return self._perm[round_ * c : (round_ + 1) * c]

@@ -1,0 +1,74 @@
+"""`mates-megatron bench ...`: benchmarks that print and write their figures (never timed tests)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+
+def bench_sampler(candidates: int, *, ratio: float = 0.2, micro_batches: int = 1000, seed: int = 0) -> dict:
+    """Build a round over N candidates (random 20%), then serve indices for 1,000 micro-batches.
+
+    build_seconds covers the round split (a permutation of all N ids), the selection and publishing it
+    (validation, shuffled serving order).
+    """
+    from mates_megatron.pool.base import PoolRounds
+    from mates_megatron.sampler import MatesSampler
+    from mates_megatron.select import RandomSelector
+
+    k = int(candidates * ratio)
+    mbs, dp = 8, 1
+    gbs = mbs * dp
+    k -= k % gbs
+    t0 = time.perf_counter()
+    rounds = PoolRounds(candidates, candidates, seed=seed)
+    chosen = RandomSelector().select(rounds.candidates(0), k, scores=None, seed=seed, round_=0)
+    sampler = MatesSampler(
+        total_samples=k, consumed_samples=0, micro_batch_size=mbs, data_parallel_rank=0,
+        data_parallel_size=dp, samples_per_round=k, seed=seed, global_batch_size=gbs,
+    )  # fmt: skip
+    sampler.publish(0, chosen)
+    build = time.perf_counter() - t0
+    nbytes = sum(a.nbytes for a in sampler.state_dict()["rounds"].values())
+    t0 = time.perf_counter()
+    for i in range(micro_batches):
+        sampler.micro_batch_indices((i * gbs) % (k - gbs))
+    per_batch = (time.perf_counter() - t0) / micro_batches
+    return {
+        "candidates": candidates,
+        "selected": k,
+        "build_seconds": round(build, 4),
+        "bytes_per_selected": nbytes / k,
+        "next_batch_us": round(per_batch * 1e6, 2),
+    }
+
+
+def _write(result: dict, out: Path | None) -> None:
+    text = json.dumps(result, indent=1)
+    print(text)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(out.suffix + ".tmp")
+        tmp.write_text(text + "\n")
+        os.replace(tmp, out)
+
+
+def add_bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="benchmarks that print and write figures")
+    bsub = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
+    s = bsub.add_parser(
+        "sampler", help="MatesSampler: build a 20%% selection of N candidates, serve 1,000 batches"
+    )
+    s.add_argument("--candidates", type=int, default=10_000_000)
+    s.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
+    s.set_defaults(func=lambda a: _write(bench_sampler(a.candidates), a.out) or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mates-megatron")
+    add_bench_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    return args.func(args)
