@@ -14,4 +14,9 @@ def small_embedded(tmp_path_factory):
     out = tmp_path_factory.mktemp("embedded")
     build_embedded_corpus(EmbeddedCorpusConfig(max_docs_per_domain=300, reference_size=32), out)
     prepared = prepare_corpus(PrepareConfig(input=out / "corpus.jsonl", output_prefix=out / "train"))
-    return {"dir": out, "prefix": str(out / "train"), "reference": str(out / "reference.jsonl"), "prepared": prepared}
+    return {
+        "dir": out,
+        "prefix": str(out / "train"),
+        "reference": str(out / "reference.jsonl"),
+        "prepared": prepared,
+    }

@@ -49,7 +49,9 @@ def _train(data, tp, pp, overrides):
 def test_resume_continues_bit_identically(small_embedded, tmp_path, tp, pp, extra):
     full = run_on_ranks(_train, 2, small_embedded, tp, pp, dict(extra))[-1]
     save = str(tmp_path / "ckpt")
-    first = run_on_ranks(_train, 2, small_embedded, tp, pp, {**extra, "save": save, "exit_interval": STOP})[-1]
+    first = run_on_ranks(_train, 2, small_embedded, tp, pp, {**extra, "save": save, "exit_interval": STOP})[
+        -1
+    ]
     resumed = run_on_ranks(_train, 2, small_embedded, tp, pp, {**extra, "load": save})[-1]
 
     assert first["step"] == list(range(1, STOP + 1))

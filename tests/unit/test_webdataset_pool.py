@@ -59,6 +59,7 @@ def test_reads_samples_in_place(tmp_path):
     docs = list(_docs(25))
     for gid, text, dom, ids in docs:
         assert pool.text(gid) == text
+        assert pool.domains[pool.domain_ids(np.array([gid]))[0]] == dom
         assert np.array_equal(pool.token_ids(gid), ids.astype(np.int32))
         s = pool.training_sample(gid)
         row = np.zeros(SEQ + 1, dtype=np.int64)
