@@ -36,6 +36,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; these files are read by other users' jobs too
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -4,7 +4,7 @@ Layout (Megatron-LM's legacy layout, so its tooling recognises it):
     SAVE/latest_checkpointed_iteration.txt
     SAVE/iter_0000100/mp_rank_{tp:02d}_{pp:03d}/model_optim_rng.pt     (data-parallel rank 0 of each shard)
     SAVE/iter_0000100/mp_rank_{tp:02d}_{pp:03d}/rng_dp{dp:03d}.pt      (every rank's RNG state)
-    SAVE/iter_0000100/distrib_optim_{tp:02d}_{pp:03d}.pt               (distributed optimizer only)
+    SAVE/iter_0000100/mp_rank_{tp:02d}_{pp:03d}/optim_dp{dp:03d}.pt     (distributed optimizer: each rank's shard)
 The iteration directory is written under a temporary name and renamed once every rank has written, so a
 crash mid-save never leaves a directory that looks complete.
 """
@@ -42,6 +42,32 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _optimizers(optimizer) -> list:
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def _dist_opt_shard_state(optimizer) -> list[dict[str, Any]]:
+    """This rank's shard: the inner torch optimizer state and the fp32 main copies of bf16/fp16 params."""
+    return [
+        {
+            "inner": o.optimizer.state_dict(),
+            "main": [
+                [t.detach().clone() for t in g] for g in getattr(o, "shard_fp32_from_float16_groups", [])
+            ],
+        }
+        for o in _optimizers(optimizer)
+    ]
+
+
+@torch.no_grad()
+def _load_dist_opt_shard_state(optimizer, state: list[dict[str, Any]]) -> None:
+    for o, st in zip(_optimizers(optimizer), state, strict=True):
+        o.optimizer.load_state_dict(st["inner"])
+        for group, saved in zip(getattr(o, "shard_fp32_from_float16_groups", []), st["main"], strict=True):
+            for t, v in zip(group, saved, strict=True):
+                t.copy_(v)
 
 
 def _layout() -> dict[str, int]:
@@ -92,12 +118,10 @@ def save_checkpoint(
     shard.mkdir(exist_ok=True)
     dp_rank = parallel_state.get_data_parallel_rank()
     if use_distributed_optimizer:
-        # Collective over the data-parallel group: gathers the sharded Adam state to DP rank 0.
-        tp, pp = (
-            parallel_state.get_tensor_model_parallel_rank(),
-            parallel_state.get_pipeline_model_parallel_rank(),
-        )
-        optimizer.save_parameter_state(str(tmp / f"distrib_optim_{tp:02d}_{pp:03d}.pt"))
+        # Each data-parallel rank keeps its own shard of the optimizer state (exact resume with the same
+        # layout). megatron-core's save_parameter_state drops torch Adam's per-parameter "step", which the
+        # fallback optimizer (no apex/TE) keeps, so it cannot restore that optimizer.
+        torch.save(_dist_opt_shard_state(optimizer), shard / f"optim_dp{dp_rank:03d}.pt")
     if dp_rank == 0:
         state = {
             "iteration": iteration,
@@ -156,11 +180,10 @@ def load_checkpoint(
         (chunk.module if hasattr(chunk, "module") else chunk).load_state_dict(sd)
     optimizer.load_state_dict(state["optimizer"])
     if use_distributed_optimizer:
-        tp, pp = (
-            parallel_state.get_tensor_model_parallel_rank(),
-            parallel_state.get_pipeline_model_parallel_rank(),
+        dp_rank = parallel_state.get_data_parallel_rank()
+        _load_dist_opt_shard_state(
+            optimizer, torch.load(shard / f"optim_dp{dp_rank:03d}.pt", weights_only=False)
         )
-        optimizer.load_parameter_state(str(it_dir / f"distrib_optim_{tp:02d}_{pp:03d}.pt"))
     scheduler.load_state_dict(state["scheduler"])
     dp_rank = parallel_state.get_data_parallel_rank()
     _set_rng_state(torch.load(shard / f"rng_dp{dp_rank:03d}.pt", map_location="cpu", weights_only=False))
