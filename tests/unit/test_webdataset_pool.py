@@ -145,3 +145,25 @@ def test_streaming_with_webdataset_matches_random_access(tmp_path):
         gid = int(__import__("json").loads(sample["json"])["id"])
         assert sample["txt"].decode() == pool.text(gid)
         assert np.array_equal(np.load(io.BytesIO(sample["ids.npy"])), pool.token_ids(gid))
+
+
+def test_mates_sampler_drives_a_torch_dataloader_like_megatron(tmp_path):
+    """build_pretraining_data_loader's shape: DataLoader(dataset, batch_sampler=sampler)."""
+    import torch
+
+    from mates_megatron.sampler import MatesSampler
+
+    _write_shards(tmp_path)
+    pool = WebDatasetPool(tmp_path, seq_length=SEQ)
+    loaders = []
+    for rank in range(2):
+        s = MatesSampler(8, 0, 2, rank, 2, samples_per_round=8, seed=1)
+        s.publish(0, np.arange(3, 11))
+        loaders.append(torch.utils.data.DataLoader(pool, batch_sampler=s, num_workers=1))
+    seen = []
+    for b0, b1 in zip(*loaders, strict=True):
+        assert b0["tokens"].shape == (2, SEQ)
+        seen += [b0["tokens"], b1["tokens"]]
+    expected = [torch.as_tensor(pool.training_sample(i)["tokens"]) for i in range(3, 11)]
+    got = sorted(t.tolist() for b in seen for t in b)
+    assert got == sorted(t.tolist() for t in expected)
