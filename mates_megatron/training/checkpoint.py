@@ -12,36 +12,17 @@ crash mid-save never leaves a directory that looks complete.
 from __future__ import annotations
 
 import os
-import random
 import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state, tensor_parallel
+from megatron.core import parallel_state
+
+from mates_megatron.training.rng import get_rng_state, set_rng_state
 
 TRACKER = "latest_checkpointed_iteration.txt"
-
-
-def _rng_state() -> dict[str, Any]:
-    return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-        "tracker": {k: v.clone() for k, v in tensor_parallel.get_cuda_rng_tracker().get_states().items()},
-    }
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
 def _optimizers(optimizer) -> list:
@@ -135,7 +116,7 @@ def save_checkpoint(
             "extra": extra,
         }
         torch.save(state, shard / "model_optim_rng.pt")
-    torch.save(_rng_state(), shard / f"rng_dp{dp_rank:03d}.pt")
+    torch.save(get_rng_state(), shard / f"rng_dp{dp_rank:03d}.pt")
     dist.barrier()
     if rank == 0:
         if final.exists():
@@ -186,5 +167,5 @@ def load_checkpoint(
         )
     scheduler.load_state_dict(state["scheduler"])
     dp_rank = parallel_state.get_data_parallel_rank()
-    _set_rng_state(torch.load(shard / f"rng_dp{dp_rank:03d}.pt", map_location="cpu", weights_only=False))
+    set_rng_state(torch.load(shard / f"rng_dp{dp_rank:03d}.pt", map_location="cpu", weights_only=False))
     return iteration, state["extra"]

@@ -128,3 +128,79 @@ def evaluate(
         for chunk in model_chunks:
             chunk.train()
     return reduce_loss(total)
+
+
+def _per_sample_loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    losses = output_tensor.float() * loss_mask.float()
+    sums = losses.sum(dim=1).detach().double()
+    counts = loss_mask.float().sum(dim=1).double()
+    total = losses.sum()
+    return total, loss_mask.sum().to(torch.int), {"per_sample": torch.stack([sums, counts], dim=1)}
+
+
+def _per_sample_forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    return output, partial(_per_sample_loss_func, batch["loss_mask"])
+
+
+@torch.no_grad()
+def per_sample_losses(
+    model_chunks: Sequence[torch.nn.Module],
+    micro_batches: Sequence[Batch],
+    *,
+    seq_length: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """Mean loss of every sample (over its counted tokens), several samples per forward pass.
+
+    Returned on every pipeline stage of this data-parallel replica (no reduction over DP).
+    """
+    for chunk in model_chunks:
+        chunk.eval()
+    try:
+        batches = [_to_device(b, device) for b in micro_batches]
+        out = get_forward_backward_func()(
+            forward_step_func=_per_sample_forward_step,
+            data_iterator=iter(batches),
+            model=list(model_chunks),
+            num_microbatches=len(batches),
+            seq_length=seq_length,
+            micro_batch_size=batches[0]["tokens"].shape[0],
+            forward_only=True,
+        )
+    finally:
+        for chunk in model_chunks:
+            chunk.train()
+    n = sum(b["tokens"].shape[0] for b in batches)
+    stats = (
+        torch.cat([o["per_sample"] for o in out])
+        if out
+        else torch.zeros(n, 2, dtype=torch.float64, device=device)
+    )
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        dist.all_reduce(stats, group=parallel_state.get_pipeline_model_parallel_group())
+    return stats[:, 0] / stats[:, 1].clamp(min=1)
+
+
+@torch.no_grad()
+def replica_loss(
+    model_chunks: Sequence[torch.nn.Module],
+    micro_batches: Sequence[Batch],
+    *,
+    seq_length: int,
+    device: torch.device,
+) -> float:
+    """Mean loss per counted token on this data-parallel replica's model (reduced over pipeline stages only)."""
+    for chunk in model_chunks:
+        chunk.eval()
+    try:
+        total = run_schedule(
+            model_chunks, micro_batches, seq_length=seq_length, forward_only=True, device=device
+        )
+    finally:
+        for chunk in model_chunks:
+            chunk.train()
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        dist.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
+    return float(total[0] / total[1])

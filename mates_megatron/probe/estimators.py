@@ -1,0 +1,288 @@
+"""Data influence on the live, sharded model: the exact locally probed oracle and two cheaper estimators.
+
+One interface (``InfluenceEstimator.score(samples) -> ProbeScores``): scores are gathered to every rank in
+the order of ``samples``; lower is more useful. Every estimator leaves the run exactly as it found it
+(``TrainingSnapshot``), also when a probe raises.
+
+- ``OracleProber`` (MATES): one optimizer step on x alone with the run's own optimizer, then the mean
+  reference loss; score = that loss.
+- ``LinearizedProber``: score = loss_before + <grad of the reference loss, the update the run's optimizer
+  applies for x> (the first-order form of the oracle). The update is the optimizer's real step, so Adam's
+  moments, bias correction, clipping and weight decay are exact; only the reference forward per probe goes.
+- ``MirroredProber`` (Forward-INF, Ko et al. 2024): one optimizer step on the reference set, then
+  score(x) = loss_x(after) - loss_x(before), forward passes only, several candidates per pass.
+
+Each data-parallel replica probes its strided share of the samples with its own TP/PP shards. During a
+probe, the replicas must not average gradients, so each DDP chunk's data-parallel ``finish_grad_sync`` is
+switched off (tensor- and pipeline-parallel reductions still run). The distributed optimizer shards Adam's
+state over data-parallel ranks, so there the replicas probe every sample together instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel.layers import param_is_not_tensor_parallel_duplicate
+from megatron.core.transformer.module import param_is_not_shared
+from tqdm import tqdm
+
+from mates_megatron.probe.snapshot import TrainingSnapshot
+from mates_megatron.training.step import Batch, per_sample_losses, replica_loss, run_schedule
+
+
+@dataclass
+class ProbeScores:
+    scores: np.ndarray
+    """float64 per sample, in input order (lower = more useful)."""
+    loss_before: float
+    """Reference loss of the unchanged model."""
+    method: str
+
+
+@dataclass
+class ProbeContext:
+    """The live training state an estimator probes (runtime objects, not configuration)."""
+
+    model_chunks: Sequence[torch.nn.Module]
+    optimizer: object
+    scheduler: object
+    reference: Sequence[Batch]
+    """The whole reference set as micro-batches (every replica evaluates all of it)."""
+    seq_length: int
+    device: torch.device
+    distributed_optimizer: bool = False
+    show_progress: bool = True
+
+
+class InfluenceEstimator(Protocol):
+    def score(self, samples: Sequence[Batch]) -> ProbeScores:
+        """Scores of single-sample batches, gathered to every rank in input order."""
+        ...
+
+
+# -- shared machinery -------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _replica_local_grads(ctx: ProbeContext, *, always: bool = False) -> Iterator[None]:
+    """Switch off the data-parallel gradient all-reduce (each replica steps on its own sample).
+
+    Under the distributed optimizer a probe step needs the reduce-scatter (Adam's state is sharded), so the
+    sync stays on unless ``always`` (for gradients that are read, not stepped on).
+    """
+    if ctx.distributed_optimizer and not always:
+        yield
+        return
+    saved = [
+        (c, c.__dict__.get("finish_grad_sync")) for c in ctx.model_chunks if hasattr(c, "finish_grad_sync")
+    ]
+    for c, _ in saved:
+        c.finish_grad_sync = lambda *a, **k: None
+    try:
+        yield
+    finally:
+        for c, old in saved:
+            if old is None:
+                del c.finish_grad_sync
+            else:
+                c.finish_grad_sync = old
+
+
+def _my_share(n: int, ctx: ProbeContext) -> np.ndarray:
+    if ctx.distributed_optimizer:
+        return np.arange(n)
+    dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    return np.arange(rank, n, dp)
+
+
+def _gather(values: dict[int, float], n: int, ctx: ProbeContext) -> np.ndarray:
+    """Every replica fills its share; a sum over the data-parallel group assembles all (one writer each)."""
+    out = torch.zeros(n, dtype=torch.float64, device=ctx.device)
+    for i, v in values.items():
+        out[i] = v
+    if not ctx.distributed_optimizer and parallel_state.get_data_parallel_world_size() > 1:
+        dist.all_reduce(out, group=parallel_state.get_data_parallel_group())
+    return out.cpu().numpy()
+
+
+def _progress(items, ctx: ProbeContext, desc: str):
+    show = ctx.show_progress and (not dist.is_initialized() or dist.get_rank() == 0)
+    return tqdm(items, desc=desc, unit="probe", leave=False, disable=not show)
+
+
+def _zero_grads(ctx: ProbeContext) -> None:
+    for c in ctx.model_chunks:
+        if hasattr(c, "zero_grad_buffer"):
+            c.zero_grad_buffer()
+    ctx.optimizer.zero_grad()
+
+
+def _optimizer_step_on(ctx: ProbeContext, batch: Batch) -> None:
+    """One step of the run's optimizer (its state, lr, clipping, weight decay) on one sample."""
+    _zero_grads(ctx)
+    run_schedule(ctx.model_chunks, [batch], seq_length=ctx.seq_length, forward_only=False, device=ctx.device)
+    ctx.optimizer.step()
+
+
+def _reference_loss(ctx: ProbeContext) -> float:
+    return replica_loss(ctx.model_chunks, ctx.reference, seq_length=ctx.seq_length, device=ctx.device)
+
+
+def _counted_params(ctx: ProbeContext) -> list[torch.nn.Parameter]:
+    """Parameters counted once across the model-parallel group (no TP duplicates, tied weights once)."""
+    return [
+        p
+        for c in ctx.model_chunks
+        for p in c.parameters()
+        if param_is_not_shared(p) and param_is_not_tensor_parallel_duplicate(p)
+    ]
+
+
+# -- estimators -------------------------------------------------------------------------------------------
+
+
+class OracleProber:
+    """The paper's locally probed oracle, with in-memory snapshot/restore instead of checkpoint reloads."""
+
+    method = "oracle"
+
+    def __init__(self, ctx: ProbeContext) -> None:
+        self.ctx = ctx
+
+    def score(self, samples: Sequence[Batch]) -> ProbeScores:
+        ctx = self.ctx
+        snap = TrainingSnapshot(ctx.model_chunks, ctx.optimizer, ctx.scheduler)
+        before = _reference_loss(ctx)
+        values: dict[int, float] = {}
+        with _replica_local_grads(ctx):
+            for i in _progress(_my_share(len(samples), ctx), ctx, "oracle probes"):
+                try:
+                    _optimizer_step_on(ctx, samples[i])
+                    values[int(i)] = _reference_loss(ctx)
+                finally:
+                    snap.restore()
+        return ProbeScores(_gather(values, len(samples), ctx), before, self.method)
+
+
+class LinearizedProber:
+    """score(x) = loss_before + <g_ref, Δθ(x)>, Δθ(x) the run's optimizer update for x alone."""
+
+    method = "linearized"
+
+    def __init__(self, ctx: ProbeContext) -> None:
+        self.ctx = ctx
+
+    def reference_gradient(self) -> dict[torch.nn.Parameter, torch.Tensor]:
+        """Gradient of the token-mean reference loss (one backward per round); leaves grads as they were."""
+        ctx = self.ctx
+        snap = TrainingSnapshot(ctx.model_chunks, ctx.optimizer, ctx.scheduler)
+        n_tokens = sum(float(b["loss_mask"].sum()) for b in ctx.reference)
+        try:
+            # Read whole, not stepped on: after a reduce-scatter only this rank's shard would be reduced.
+            with _replica_local_grads(ctx, always=True):
+                _zero_grads(ctx)
+                # run_schedule averages per micro-batch; rescale to the token mean over the whole set.
+                for b in ctx.reference:
+                    weight = float(b["loss_mask"].sum()) / n_tokens
+                    if weight == 0:
+                        continue
+                    run_schedule(
+                        ctx.model_chunks,
+                        [b],
+                        seq_length=ctx.seq_length,
+                        forward_only=False,
+                        device=ctx.device,
+                    )
+                    for p in _counted_params(ctx):
+                        g = getattr(p, "main_grad", None)
+                        g = g if g is not None else p.grad
+                        acc = p.__dict__.setdefault("_mates_gref", torch.zeros_like(g, dtype=torch.float32))
+                        acc.add_(g.float(), alpha=weight)
+                    _zero_grads(ctx)
+            return {
+                p: p.__dict__.pop("_mates_gref") for p in _counted_params(ctx) if "_mates_gref" in p.__dict__
+            }
+        finally:
+            snap.restore()
+
+    def score(self, samples: Sequence[Batch]) -> ProbeScores:
+        ctx = self.ctx
+        snap = TrainingSnapshot(ctx.model_chunks, ctx.optimizer, ctx.scheduler)
+        before = _reference_loss(ctx)
+        g_ref = self.reference_gradient()
+        params = list(g_ref)
+        theta0 = [p.detach().float().clone() for p in params]
+        values: dict[int, float] = {}
+        with _replica_local_grads(ctx):
+            for i in _progress(_my_share(len(samples), ctx), ctx, "linearized probes"):
+                try:
+                    _optimizer_step_on(ctx, samples[i])
+                    dot = torch.zeros((), dtype=torch.float64, device=ctx.device)
+                    for p, t0 in zip(params, theta0, strict=True):
+                        dot += torch.sum(g_ref[p].double() * (p.detach().double() - t0.double()))
+                    mp_group = parallel_state.get_model_parallel_group()
+                    if dist.get_world_size(mp_group) > 1:  # sum the shards' parts over TP x PP
+                        dist.all_reduce(dot, group=mp_group)
+                    values[int(i)] = before + float(dot)
+                finally:
+                    snap.restore()
+        return ProbeScores(_gather(values, len(samples), ctx), before, self.method)
+
+
+class MirroredProber:
+    """One optimizer step on the reference set; score(x) = change of x's own loss (forward passes only)."""
+
+    method = "mirrored"
+
+    def __init__(self, ctx: ProbeContext, *, micro_batch_size: int = 8, steps: int = 1) -> None:
+        self.ctx, self.micro_batch_size, self.steps = ctx, micro_batch_size, steps
+
+    def _losses(self, samples: Sequence[Batch], idx: np.ndarray) -> torch.Tensor:
+        ctx = self.ctx
+        if len(idx) == 0:
+            return torch.zeros(0, dtype=torch.float64)
+        rows = [samples[int(i)] for i in idx]
+        pad = -len(rows) % self.micro_batch_size
+        rows = rows + [rows[-1]] * pad
+        batches = [
+            {k: torch.cat([r[k] for r in rows[j : j + self.micro_batch_size]]) for k in rows[0]}
+            for j in range(0, len(rows), self.micro_batch_size)
+        ]
+        return per_sample_losses(ctx.model_chunks, batches, seq_length=ctx.seq_length, device=ctx.device)[
+            : len(idx)
+        ]
+
+    def score(self, samples: Sequence[Batch]) -> ProbeScores:
+        ctx = self.ctx
+        snap = TrainingSnapshot(ctx.model_chunks, ctx.optimizer, ctx.scheduler)
+        before = _reference_loss(ctx)
+        # Replicas score different candidates but take the same reference step (the DP average of
+        # identical gradients is that gradient), so the data-parallel sync stays on here.
+        mine = _my_share(len(samples), ctx)
+        try:
+            loss0 = self._losses(samples, mine)
+            for _ in range(self.steps):
+                _zero_grads(ctx)
+                run_schedule(
+                    ctx.model_chunks,
+                    ctx.reference,
+                    seq_length=ctx.seq_length,
+                    forward_only=False,
+                    device=ctx.device,
+                )
+                ctx.optimizer.step()
+            loss1 = self._losses(samples, mine)
+        finally:
+            snap.restore()
+        values = {int(i): float(d) for i, d in zip(mine, (loss1 - loss0).tolist(), strict=True)}
+        return ProbeScores(_gather(values, len(samples), ctx), before, self.method)
+
+
+ESTIMATORS = {"oracle": OracleProber, "linearized": LinearizedProber, "mirrored": MirroredProber}
