@@ -56,6 +56,13 @@ def _write(result: dict, out: Path | None) -> None:
         os.replace(tmp, out)
 
 
+def _run_probe_bench(a) -> int:
+    from mates_megatron.probe.bench import bench_probe
+
+    _write(bench_probe(a.data, a.probes, a.warmup_steps, a.reference_size), a.out)
+    return 0
+
+
 def add_bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks that print and write figures")
     bsub = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
@@ -65,6 +72,13 @@ def add_bench_parser(sub) -> None:
     s.add_argument("--candidates", type=int, default=10_000_000)
     s.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
     s.set_defaults(func=lambda a: _write(bench_sampler(a.candidates), a.out) or 0)
+    pr = bsub.add_parser("probe", help="oracle / reload / mirrored / linearized probe rates and agreement")
+    pr.add_argument("--data", default="data/embedded", help="prepared embedded data directory")
+    pr.add_argument("--probes", type=int, default=64)
+    pr.add_argument("--warmup-steps", type=int, default=40)
+    pr.add_argument("--reference-size", type=int, default=64)
+    pr.add_argument("--out", type=Path, default=None)
+    pr.set_defaults(func=_run_probe_bench)
 
 
 def main(argv: list[str] | None = None) -> int:

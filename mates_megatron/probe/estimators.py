@@ -34,7 +34,7 @@ from megatron.core.transformer.module import param_is_not_shared
 from tqdm import tqdm
 
 from mates_megatron.probe.snapshot import TrainingSnapshot
-from mates_megatron.training.step import Batch, per_sample_losses, replica_loss, run_schedule
+from mates_megatron.training.step import Batch, eval_mode, evaluate, per_sample_losses, run_schedule
 
 
 @dataclass
@@ -132,7 +132,13 @@ def _optimizer_step_on(ctx: ProbeContext, batch: Batch) -> None:
 
 
 def _reference_loss(ctx: ProbeContext) -> float:
-    return replica_loss(ctx.model_chunks, ctx.reference, seq_length=ctx.seq_length, device=ctx.device)
+    return evaluate(
+        ctx.model_chunks,
+        ctx.reference,
+        seq_length=ctx.seq_length,
+        device=ctx.device,
+        over_data_parallel=False,
+    )
 
 
 def _counted_params(ctx: ProbeContext) -> list[torch.nn.Parameter]:
@@ -179,44 +185,48 @@ class LinearizedProber:
     def __init__(self, ctx: ProbeContext) -> None:
         self.ctx = ctx
 
-    def reference_gradient(self) -> dict[torch.nn.Parameter, torch.Tensor]:
-        """Gradient of the token-mean reference loss (one backward per round); leaves grads as they were."""
+    def reference_gradient(self) -> tuple[float, dict[torch.nn.Parameter, torch.Tensor]]:
+        """Reference loss and the gradient of it (token mean), one pass per round; leaves the run unchanged.
+
+        Run in eval mode (no dropout), like the oracle's reference loss, so the loss is the same number.
+        """
         ctx = self.ctx
         snap = TrainingSnapshot(ctx.model_chunks, ctx.optimizer, ctx.scheduler)
         n_tokens = sum(float(b["loss_mask"].sum()) for b in ctx.reference)
+        params = _counted_params(ctx)
+        g_ref: dict[torch.nn.Parameter, torch.Tensor] = {}
+        total = torch.zeros(2, dtype=torch.float64, device=ctx.device)
         try:
             # Read whole, not stepped on: after a reduce-scatter only this rank's shard would be reduced.
-            with _replica_local_grads(ctx, always=True):
-                _zero_grads(ctx)
-                # run_schedule averages per micro-batch; rescale to the token mean over the whole set.
+            with _replica_local_grads(ctx, always=True), eval_mode(ctx.model_chunks):
                 for b in ctx.reference:
                     weight = float(b["loss_mask"].sum()) / n_tokens
                     if weight == 0:
                         continue
-                    run_schedule(
+                    _zero_grads(ctx)
+                    # run_schedule takes the micro-batch's token mean; weight it into the set's token mean.
+                    total += run_schedule(
                         ctx.model_chunks,
                         [b],
                         seq_length=ctx.seq_length,
                         forward_only=False,
                         device=ctx.device,
                     )
-                    for p in _counted_params(ctx):
-                        g = getattr(p, "main_grad", None)
-                        g = g if g is not None else p.grad
-                        acc = p.__dict__.setdefault("_mates_gref", torch.zeros_like(g, dtype=torch.float32))
-                        acc.add_(g.float(), alpha=weight)
-                    _zero_grads(ctx)
-            return {
-                p: p.__dict__.pop("_mates_gref") for p in _counted_params(ctx) if "_mates_gref" in p.__dict__
-            }
+                    for p in params:
+                        g = p.main_grad if getattr(p, "main_grad", None) is not None else p.grad
+                        if p not in g_ref:
+                            g_ref[p] = torch.zeros_like(g, dtype=torch.float32)
+                        g_ref[p].add_(g.float(), alpha=weight)
         finally:
             snap.restore()
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            dist.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
+        return float(total[0] / total[1]), g_ref
 
     def score(self, samples: Sequence[Batch]) -> ProbeScores:
         ctx = self.ctx
         snap = TrainingSnapshot(ctx.model_chunks, ctx.optimizer, ctx.scheduler)
-        before = _reference_loss(ctx)
-        g_ref = self.reference_gradient()
+        before, g_ref = self.reference_gradient()
         params = list(g_ref)
         theta0 = [p.detach().float().clone() for p in params]
         values: dict[int, float] = {}

@@ -7,7 +7,8 @@ gets the same dicts, so data loading needs no per-stage logic.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
 from functools import partial
 
 import torch
@@ -110,6 +111,18 @@ def train_step(
     }
 
 
+@contextlib.contextmanager
+def eval_mode(model_chunks: Sequence[torch.nn.Module]) -> Iterator[None]:
+    """No dropout for the duration (reference losses are compared at the 1e-3 nat level)."""
+    for chunk in model_chunks:
+        chunk.eval()
+    try:
+        yield
+    finally:
+        for chunk in model_chunks:
+            chunk.train()
+
+
 @torch.no_grad()
 def evaluate(
     model_chunks: Sequence[torch.nn.Module],
@@ -117,17 +130,22 @@ def evaluate(
     *,
     seq_length: int,
     device: torch.device,
+    over_data_parallel: bool = True,
 ) -> float:
-    """Mean loss per counted token over this rank's micro-batches, reduced over data-parallel ranks."""
-    for chunk in model_chunks:
-        chunk.eval()
-    try:
-        batches = list(micro_batches)
-        total = run_schedule(model_chunks, batches, seq_length=seq_length, forward_only=True, device=device)
-    finally:
-        for chunk in model_chunks:
-            chunk.train()
-    return reduce_loss(total)
+    """Mean loss per counted token over the micro-batches, known on every pipeline stage.
+
+    With ``over_data_parallel`` the sums of all data-parallel ranks are combined (each holds a share of
+    the set); without, the loss is this replica's own (a probe that changed only this replica's model).
+    """
+    with eval_mode(model_chunks):
+        total = run_schedule(
+            model_chunks, list(micro_batches), seq_length=seq_length, forward_only=True, device=device
+        )
+    if over_data_parallel:
+        return reduce_loss(total)
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        dist.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
+    return float(total[0] / total[1])
 
 
 def _per_sample_loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -156,9 +174,7 @@ def per_sample_losses(
 
     Returned on every pipeline stage of this data-parallel replica (no reduction over DP).
     """
-    for chunk in model_chunks:
-        chunk.eval()
-    try:
+    with eval_mode(model_chunks):
         batches = [_to_device(b, device) for b in micro_batches]
         out = get_forward_backward_func()(
             forward_step_func=_per_sample_forward_step,
@@ -169,9 +185,6 @@ def per_sample_losses(
             micro_batch_size=batches[0]["tokens"].shape[0],
             forward_only=True,
         )
-    finally:
-        for chunk in model_chunks:
-            chunk.train()
     n = sum(b["tokens"].shape[0] for b in batches)
     stats = (
         torch.cat([o["per_sample"] for o in out])
@@ -181,26 +194,3 @@ def per_sample_losses(
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         dist.all_reduce(stats, group=parallel_state.get_pipeline_model_parallel_group())
     return stats[:, 0] / stats[:, 1].clamp(min=1)
-
-
-@torch.no_grad()
-def replica_loss(
-    model_chunks: Sequence[torch.nn.Module],
-    micro_batches: Sequence[Batch],
-    *,
-    seq_length: int,
-    device: torch.device,
-) -> float:
-    """Mean loss per counted token on this data-parallel replica's model (reduced over pipeline stages only)."""
-    for chunk in model_chunks:
-        chunk.eval()
-    try:
-        total = run_schedule(
-            model_chunks, micro_batches, seq_length=seq_length, forward_only=True, device=device
-        )
-    finally:
-        for chunk in model_chunks:
-            chunk.train()
-    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        dist.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
-    return float(total[0] / total[1])
