@@ -59,7 +59,43 @@ class TopKSelector:
         return np.asarray(candidates, dtype=np.int32)[np.sort(order[:k])]
 
 
-SELECTORS = {"random": RandomSelector, "topk": TopKSelector}
+@dataclass(frozen=True)
+class GumbelTopKSelector:
+    """MATES: keep the k lowest of ``z(score) / temperature - G``, G ~ Gumbel(0, 1) i.i.d.
+
+    Gumbel-top-k draws k candidates without replacement with probabilities ``softmax(-z / temperature)``
+    (the first pick is exactly that softmax). Scores are lower-is-better, so the noise is *subtracted*:
+    adding it, as the reference implementation does, favours the worst candidates as temperature grows.
+
+    Scale: with ``standardize`` (default) the temperature applies to the scores z-scored within the round,
+    so it means the same whatever the influence model's spread; an influence model whose predictions vary
+    by a few thousandths would otherwise be drowned by unit-scale Gumbel noise (near-random selection).
+    """
+
+    temperature: float = 0.5
+    standardize: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0:
+            raise ValueError(
+                f"GumbelTopKSelector.temperature={self.temperature} must be >= 0 (0 = exact top-k)"
+            )
+
+    def select(self, candidates, k, *, scores, seed, round_):
+        _check(candidates, k, scores, needs_scores=True)
+        s = np.asarray(scores, dtype=np.float64)
+        if self.standardize:
+            std = s.std()
+            s = (s - s.mean()) / (std if std > 0 else 1.0)
+        if self.temperature == 0:
+            return TopKSelector().select(candidates, k, scores=s)
+        gumbel = _rng(seed, round_).gumbel(size=len(s))
+        keys = s / self.temperature - gumbel
+        order = np.argpartition(keys, k - 1)[:k]
+        return np.sort(np.asarray(candidates, dtype=np.int32)[order])
+
+
+SELECTORS = {"random": RandomSelector, "topk": TopKSelector, "mates": GumbelTopKSelector}
 
 
 def build_selector(name: str, **kwargs) -> Selector:

@@ -34,6 +34,13 @@ def build_selection(
     write_files: bool,
 ) -> SelectionParts:
     """Build the parts; ``build_indexed_dataset(num_samples)`` makes the GPTDataset for pool='indexed'."""
+    if sel.selector != "random":
+        # Score-based selectors need influence scores for every candidate; the round that produces them
+        # (probe -> fit -> score) is not wired into the training loop yet.
+        raise ValueError(
+            f"selection.selector={sel.selector!r} needs influence scores, which this training loop does not "
+            "compute yet; use selector: random"
+        )
     n_rounds = math.ceil(train_iters / sel.select_every)
     per_round = sel.candidates_per_round(global_batch_size)
     if sel.pool == "indexed":

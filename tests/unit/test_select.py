@@ -1,0 +1,81 @@
+"""Selectors: Gumbel-top-k against its definition, top-k, random; determinism and bad scores."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.stats import chisquare
+
+from mates_megatron.select import GumbelTopKSelector, RandomSelector, TopKSelector, build_selector
+
+CANDIDATES = np.arange(100, 130, dtype=np.int32)
+
+
+def _scores(n=30, seed=0):
+    return np.random.default_rng(seed).normal(size=n)
+
+
+def test_zero_and_tiny_temperature_equal_exact_topk():
+    s = _scores()
+    exact = TopKSelector().select(CANDIDATES, 7, scores=s)
+    assert exact.tolist() == sorted(CANDIDATES[np.argsort(s)[:7]].tolist())
+    assert (
+        GumbelTopKSelector(0.0).select(CANDIDATES, 7, scores=s, seed=1, round_=0).tolist() == exact.tolist()
+    )
+    for seed in range(20):
+        got = GumbelTopKSelector(1e-6).select(CANDIDATES, 7, scores=s, seed=seed, round_=3)
+        assert got.tolist() == exact.tolist()
+
+
+def test_first_pick_frequencies_follow_softmax_of_minus_score():
+    """k=1 Gumbel-top-k is a draw from softmax(-z / T): a chi-square test over many seeds."""
+    scores = np.array([0.0, 0.3, 0.6, 1.0, 1.5, 2.0])
+    cand = np.arange(6, dtype=np.int32)
+    sel = GumbelTopKSelector(temperature=0.7, standardize=False)
+    draws = 6000
+    picks = np.array([sel.select(cand, 1, scores=scores, seed=s, round_=0)[0] for s in range(draws)])
+    observed = np.bincount(picks, minlength=6)
+    p = np.exp(-scores / 0.7)
+    p /= p.sum()
+    stat = chisquare(observed, p * draws)
+    assert stat.pvalue > 0.01, (observed, p * draws)
+    # Lower scores are picked more often (the noise is subtracted, not added).
+    assert observed[0] > observed[-1] * 3
+
+
+def test_standardized_temperature_is_scale_free():
+    s = _scores()
+    a = GumbelTopKSelector(0.5).select(CANDIDATES, 8, scores=s, seed=4, round_=2)
+    b = GumbelTopKSelector(0.5).select(CANDIDATES, 8, scores=s * 1e-3 + 7.0, seed=4, round_=2)
+    assert a.tolist() == b.tolist()
+
+
+@pytest.mark.parametrize("name", ["random", "topk", "mates"])
+def test_deterministic_distinct_and_within_candidates(name):
+    sel = build_selector(name)
+    s = _scores()
+    runs = [sel.select(CANDIDATES, 10, scores=s, seed=3, round_=5) for _ in range(3)]  # as on 3 ranks
+    assert all(r.tolist() == runs[0].tolist() for r in runs)
+    assert len(set(runs[0].tolist())) == 10 and set(runs[0].tolist()) <= set(CANDIDATES.tolist())
+    assert runs[0].dtype == np.int32
+
+
+def test_rounds_and_seeds_change_random_draws():
+    a = RandomSelector().select(CANDIDATES, 10, seed=3, round_=0)
+    b = RandomSelector().select(CANDIDATES, 10, seed=3, round_=1)
+    assert a.tolist() != b.tolist()
+
+
+def test_bad_scores_and_sizes():
+    s = _scores()
+    s[4] = np.nan
+    with pytest.raises(
+        ValueError, match=r"1 candidate scores are NaN or infinite \(first at candidate id 104\)"
+    ):
+        GumbelTopKSelector().select(CANDIDATES, 3, scores=s, seed=0, round_=0)
+    with pytest.raises(ValueError, match=r"cannot select k=31 of 30 candidates"):
+        RandomSelector().select(CANDIDATES, 31, seed=0, round_=0)
+    with pytest.raises(ValueError, match="needs one score per candidate"):
+        TopKSelector().select(CANDIDATES, 3, scores=None)
+    with pytest.raises(ValueError, match="unknown selector 'best'"):
+        build_selector("best")
