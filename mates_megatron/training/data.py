@@ -21,6 +21,8 @@ class TokenizerInfo:
     vocab_size: int
     eod: int
     pad: int = -1
+    path: str | None = None
+    """Local tokenizer directory recorded by prepare (for the reference set); not part of the cache key."""
 
     @property
     def unique_identifiers(self) -> dict[str, int]:
@@ -37,7 +39,7 @@ class TokenizerInfo:
                 "(it writes .bin, .idx and .meta.json side by side)"
             )
         meta = json.loads(path.read_text())
-        return cls(vocab_size=int(meta["vocab_size"]), eod=int(meta["eod_id"]))
+        return cls(vocab_size=int(meta["vocab_size"]), eod=int(meta["eod_id"]), path=meta.get("tokenizer"))
 
 
 def build_gpt_dataset(

@@ -273,15 +273,10 @@ class Trainer:
     def _build_reference(self):
         if not self.cfg.reference:
             return None
-        import json
-
         from mates_megatron.data.tokenizer import load_tokenizer
         from mates_megatron.probe.reference import load_reference_set
 
-        tok_path = (
-            self.cfg.tokenizer
-            or json.loads(Path(f"{self.cfg.data_prefix}.meta.json").read_text())["tokenizer"]
-        )
+        tok_path = self.cfg.tokenizer or self.tokenizer_info.path
         ref = load_reference_set(self.cfg.reference, load_tokenizer(tok_path), self.cfg.model.seq_length)
         self.reference_set = ref
         return ref.micro_batches(self.cfg.micro_batch_size, dp_rank=self.dp_rank, dp_size=self.dp_size)
