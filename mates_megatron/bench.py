@@ -63,6 +63,19 @@ def _run_probe_bench(a) -> int:
     return 0
 
 
+def _run_influence_bench(a) -> int:
+    from mates_megatron.influence.bench import bench_influence
+
+    _write(bench_influence(n=a.samples, max_length=a.max_length), a.out)
+    return 0
+
+
+def _quality(probes: int, epochs: int) -> dict:
+    from mates_megatron.influence.quality import bench_influence_quality
+
+    return bench_influence_quality(probes=probes, epochs=epochs)
+
+
 def add_bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks that print and write figures")
     bsub = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
@@ -79,6 +92,20 @@ def add_bench_parser(sub) -> None:
     pr.add_argument("--reference-size", type=int, default=64)
     pr.add_argument("--out", type=Path, default=None)
     pr.set_defaults(func=_run_probe_bench)
+    inf = bsub.add_parser(
+        "influence", help="influence model fit/predict throughput (embedded default encoder)"
+    )
+    inf.add_argument("--samples", type=int, default=256)
+    inf.add_argument("--max-length", type=int, default=512)
+    inf.add_argument("--out", type=Path, default=None)
+    inf.set_defaults(func=_run_influence_bench)
+    q = bsub.add_parser(
+        "influence-quality", help="held-out Spearman: ridge on frozen embeddings vs fine-tuned, cold vs warm"
+    )
+    q.add_argument("--probes", type=int, default=640)
+    q.add_argument("--epochs", type=int, default=3)
+    q.add_argument("--out", type=Path, default=None)
+    q.set_defaults(func=lambda a: _write(_quality(a.probes, a.epochs), a.out) or 0)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,1 @@
+"""Data influence model: a BERT-style encoder with a regression head, fitted to oracle scores."""
