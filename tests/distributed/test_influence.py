@@ -121,6 +121,35 @@ def test_two_rank_scoring_and_fit_equal_one_rank():
     assert [r[3] for r in two] == [False, True]  # a subset group leaves rank 1 out
 
 
+def _runner(texts, target, warm_start):
+    from mates_megatron.influence.model import InfluenceConfig
+    from mates_megatron.influence.runner import InfluenceRunner
+
+    torch.set_num_threads(1)
+    cfg = InfluenceConfig(max_length=64, epochs=1, batch_size=8, warm_start=warm_start)
+    runner = InfluenceRunner(cfg, ranks=[0])  # a dedicated subset: rank 1 only receives the scores
+    runner.fit_round(texts, target)
+    after_one = runner.predict(texts)
+    runner.fit_round(texts, target)
+    after_two = runner.predict(texts)
+    other = InfluenceRunner(cfg, ranks=[0])
+    other.load_state_dict(runner.state_dict())
+    return after_one, after_two, other.predict(texts), runner.model is None
+
+
+def test_runner_subset_group_warm_start_and_state():
+    texts, target = _synthetic(24, seed=5)
+    (a0, b0, r0, none0), (a1, b1, r1, none1) = run_on_ranks(_runner, 2, texts, target, True)
+    # Every rank gets rank 0's scores; only rank 0 holds a model; the state round-trips.
+    assert a0.tolist() == a1.tolist() and b0.tolist() == b1.tolist() == r0.tolist() == r1.tolist()
+    assert (none0, none1) == (False, True)
+    # Warm start: round two continues from round one, so its predictions move.
+    assert not np.allclose(a0, b0)
+    # Cold start: each round restarts from the pretrained encoder, so the same data gives the same model.
+    (c_one, c_two, _, _), _ = run_on_ranks(_runner, 2, texts, target, False)
+    assert c_one.tolist() == c_two.tolist()
+
+
 def test_bad_fit_input():
     from mates_megatron.influence.fit import fit
 
