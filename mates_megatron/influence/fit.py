@@ -16,6 +16,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from mates_megatron.influence.model import InfluenceModel
+from mates_megatron.stats import spearman
 
 
 @dataclass
@@ -26,11 +27,6 @@ class FitResult:
     """Held-out Pearson of the kept checkpoint."""
     best_epoch: int
     history: list[dict[str, float]] = field(default_factory=list)
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
-    return float(np.corrcoef(ra, rb)[0, 1])
 
 
 def _rank_size(group) -> tuple[int, int]:

@@ -45,11 +45,12 @@ def _ridge(train_x, train_y, test_x, alpha=1.0):
 
 def _worker(data_dir: str, probes: int, warmup: int, between: int, epochs: int) -> dict:
     from mates_megatron.data.tokenizer import load_tokenizer
-    from mates_megatron.influence.fit import fit, predict, spearman, split
+    from mates_megatron.influence.fit import fit, predict, split
     from mates_megatron.influence.model import InfluenceConfig, InfluenceModel
     from mates_megatron.pool.webdataset_pool import WebDatasetPool
     from mates_megatron.pretrain import train_config_from_dict
     from mates_megatron.probe.reference import load_reference_set
+    from mates_megatron.stats import spearman
     from mates_megatron.training.loop import Trainer
 
     seq = 128

@@ -14,11 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman rank correlation (ties are vanishingly rare for float scores)."""
-    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
-    return float(np.corrcoef(ra, rb)[0, 1])
+from mates_megatron.stats import spearman
 
 
 def _worker(data_dir: str, probes: int, warmup_steps: int, reference_size: int) -> dict:

@@ -54,21 +54,32 @@ def run_schedule(
 
     The sums are this data-parallel rank's and live on the last pipeline stage (zeros elsewhere).
     """
-    micro_batches = [_to_device(b, device) for b in micro_batches]
-    fb = get_forward_backward_func()
-    losses = fb(
-        forward_step_func=forward_step,
-        data_iterator=iter(micro_batches),
-        model=list(model_chunks),
-        num_microbatches=len(micro_batches),
+    losses = _schedule(
+        model_chunks,
+        micro_batches,
+        forward_step,
         seq_length=seq_length,
-        micro_batch_size=micro_batches[0]["tokens"].shape[0],
         forward_only=forward_only,
+        device=device,
     )
     total = torch.zeros(2, dtype=torch.float64, device=device)
     for item in losses:
         total += item["lm loss"].to(torch.float64)
     return total
+
+
+def _schedule(model_chunks, micro_batches, forward_step_func, *, seq_length, forward_only, device) -> list:
+    """megatron-core's forward/backward schedule (pipelined when PP > 1); the last stage's loss outputs."""
+    batches = [_to_device(b, device) for b in micro_batches]
+    return get_forward_backward_func()(
+        forward_step_func=forward_step_func,
+        data_iterator=iter(batches),
+        model=list(model_chunks),
+        num_microbatches=len(batches),
+        seq_length=seq_length,
+        micro_batch_size=batches[0]["tokens"].shape[0],
+        forward_only=forward_only,
+    )
 
 
 def reduce_loss(total: torch.Tensor) -> float:
@@ -175,17 +186,15 @@ def per_sample_losses(
     Returned on every pipeline stage of this data-parallel replica (no reduction over DP).
     """
     with eval_mode(model_chunks):
-        batches = [_to_device(b, device) for b in micro_batches]
-        out = get_forward_backward_func()(
-            forward_step_func=_per_sample_forward_step,
-            data_iterator=iter(batches),
-            model=list(model_chunks),
-            num_microbatches=len(batches),
+        out = _schedule(
+            model_chunks,
+            micro_batches,
+            _per_sample_forward_step,
             seq_length=seq_length,
-            micro_batch_size=batches[0]["tokens"].shape[0],
             forward_only=True,
+            device=device,
         )
-    n = sum(b["tokens"].shape[0] for b in batches)
+    n = sum(b["tokens"].shape[0] for b in micro_batches)
     stats = (
         torch.cat([o["per_sample"] for o in out])
         if out

@@ -3,7 +3,7 @@
 import numpy as np
 from scipy.stats import spearmanr
 
-from mates_megatron.probe.bench import spearman
+from mates_megatron.stats import spearman
 
 
 def test_spearman_matches_scipy():
