@@ -18,7 +18,9 @@ class SelectionConfig:
     selection_ratio: float = 0.2
     """Fraction of a round's candidates that it trains on (the round's pool is 1/ratio x its batches)."""
     selector: str = "random"
-    """Selector name (mates_megatron.select.SELECTORS)."""
+    """Selector name (mates_megatron.select.SELECTORS): random, topk or mates (Gumbel-top-k)."""
+    temperature: float = 0.5
+    """Gumbel-top-k temperature (selector 'mates'), applied to scores z-scored within the round."""
     seed: int = 0
     """Seed of the round split, the selector and the serving order."""
     run_name: str = "default"
@@ -35,6 +37,16 @@ class SelectionConfig:
             raise ValueError(f"SelectionConfig.select_every must be >= 1, got {self.select_every}")
         if not 0 < self.selection_ratio <= 1:
             raise ValueError(f"SelectionConfig.selection_ratio={self.selection_ratio} must be in (0, 1]")
+        if self.temperature < 0:
+            raise ValueError(f"SelectionConfig.temperature={self.temperature} must be >= 0 (0: exact top-k)")
+
+    def build_selector(self):
+        """The configured selector (mates gets the temperature)."""
+        from mates_megatron.select import build_selector
+
+        return build_selector(
+            self.selector, **({"temperature": self.temperature} if self.selector == "mates" else {})
+        )
 
     def samples_per_round(self, global_batch_size: int) -> int:
         return self.select_every * global_batch_size

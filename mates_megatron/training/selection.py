@@ -10,7 +10,6 @@ from mates_megatron.hooks import SelectionHook
 from mates_megatron.pool.base import CandidatePool, PoolError, PoolRounds
 from mates_megatron.pool.manifest import SelectionStore
 from mates_megatron.sampler import MatesSampler
-from mates_megatron.select import build_selector
 
 
 @dataclass
@@ -75,7 +74,7 @@ def build_selection(
         pool=pool,
         rounds=rounds,
         sampler=sampler,
-        selector=build_selector(sel.selector),
+        selector=sel.build_selector(),
         select_every=sel.select_every,
         seed=sel.seed,
         store=store,

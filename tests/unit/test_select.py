@@ -79,3 +79,15 @@ def test_bad_scores_and_sizes():
         TopKSelector().select(CANDIDATES, 3, scores=None)
     with pytest.raises(ValueError, match="unknown selector 'best'"):
         build_selector("best")
+
+
+def test_selection_config_builds_the_configured_selector():
+    from mates_megatron.config import SelectionConfig
+
+    sel = SelectionConfig(selector="mates", temperature=0.25).build_selector()
+    assert isinstance(sel, GumbelTopKSelector) and sel.temperature == 0.25
+    assert isinstance(SelectionConfig(selector="random").build_selector(), RandomSelector)
+    with pytest.raises(ValueError, match="temperature=-1.0 must be >= 0"):
+        SelectionConfig(temperature=-1.0)
+    with pytest.raises(ValueError, match="selection_ratio=0 must be in"):
+        SelectionConfig(selection_ratio=0)
