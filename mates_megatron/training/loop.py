@@ -191,6 +191,11 @@ class Trainer:
         if cfg.selection is not None:
             from mates_megatron.training.selection import build_selection
 
+            if order is not None or dataset is not None:
+                raise ValueError(
+                    "TrainConfig.selection builds its own pool and sampler: pass no order= or dataset="
+                )
+
             self.selection = build_selection(
                 cfg.selection,
                 train_iters=cfg.train_iters,
