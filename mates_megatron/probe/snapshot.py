@@ -13,19 +13,18 @@ from collections.abc import Sequence
 
 import torch
 
+from mates_megatron.training.checkpoint import megatron_optimizers
 from mates_megatron.training.rng import get_rng_state, set_rng_state
 
 
 def _inner_optimizers(optimizer) -> list:
-    return [
-        o.optimizer for o in getattr(optimizer, "chained_optimizers", [optimizer]) if o.optimizer is not None
-    ]
+    return [o.optimizer for o in megatron_optimizers(optimizer) if o.optimizer is not None]
 
 
 def _main_params(optimizer) -> list[torch.Tensor]:
     """fp32 master copies that are not the model parameters themselves (mixed precision)."""
     out: list[torch.Tensor] = []
-    for o in getattr(optimizer, "chained_optimizers", [optimizer]):
+    for o in megatron_optimizers(optimizer):
         for attr in ("fp32_from_float16_groups", "shard_fp32_from_float16_groups"):
             for group in getattr(o, attr, []) or []:
                 out += [t for t in group if t is not None]

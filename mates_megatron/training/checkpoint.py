@@ -25,7 +25,8 @@ from mates_megatron.training.rng import get_rng_state, set_rng_state
 TRACKER = "latest_checkpointed_iteration.txt"
 
 
-def _optimizers(optimizer) -> list:
+def megatron_optimizers(optimizer) -> list:
+    """The optimizers inside a megatron-core ChainedOptimizer (or the optimizer itself)."""
     return list(getattr(optimizer, "chained_optimizers", [optimizer]))
 
 
@@ -38,13 +39,13 @@ def _dist_opt_shard_state(optimizer) -> list[dict[str, Any]]:
                 [t.detach().clone() for t in g] for g in getattr(o, "shard_fp32_from_float16_groups", [])
             ],
         }
-        for o in _optimizers(optimizer)
+        for o in megatron_optimizers(optimizer)
     ]
 
 
 @torch.no_grad()
 def _load_dist_opt_shard_state(optimizer, state: list[dict[str, Any]]) -> None:
-    for o, st in zip(_optimizers(optimizer), state, strict=True):
+    for o, st in zip(megatron_optimizers(optimizer), state, strict=True):
         o.optimizer.load_state_dict(st["inner"])
         for group, saved in zip(getattr(o, "shard_fp32_from_float16_groups", []), st["main"], strict=True):
             for t, v in zip(group, saved, strict=True):

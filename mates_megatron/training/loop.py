@@ -178,7 +178,7 @@ class Trainer:
         )
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
-        self.num_micro_batches = cfg.num_micro_batches(self.dp_size)
+        cfg.num_micro_batches(self.dp_size)  # fails early if the batch sizes do not divide
         self._build_model_and_optimizer()
         self.tokenizer_info = TokenizerInfo.from_meta(cfg.data_prefix)
         if cfg.model.vocab_size < self.tokenizer_info.vocab_size:
