@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from mates_megatron.influence.model import InfluenceConfig
+
+ESTIMATOR_NAMES = ("oracle", "linearized", "mirrored")
 
 
 @dataclass
@@ -25,6 +29,19 @@ class SelectionConfig:
     """Seed of the round split, the selector and the serving order."""
     run_name: str = "default"
     """Name of this run's selection files beside WebDataset shards (SHARDS/mates/RUN_NAME/)."""
+    warmup_steps: int = 0
+    """Steps trained on random selection before the first scored round (a multiple of select_every; score-
+    based selectors need at least one round, since round 0 is chosen before the model has trained)."""
+    probe_samples: int = 256
+    """Probe samples per round: drawn afresh (seeded) from the next round's candidates, scored on the live
+    model, and used as the influence model's training pairs."""
+    estimator: str = "oracle"
+    """How probes are scored: 'oracle' (one optimizer step, then the reference loss: the paper), 'linearized'
+    (its first-order form, one reference backward per round) or 'mirrored' (one reference step, forward only)."""
+    influence: InfluenceConfig = field(default_factory=InfluenceConfig)
+    """The data influence model and its fitting."""
+    influence_ranks: list[int] | None = None
+    """Global ranks that fit and run the influence model (default: all); scores reach every rank by broadcast."""
 
     def __post_init__(self) -> None:
         if self.pool not in ("indexed", "webdataset"):
@@ -39,6 +56,36 @@ class SelectionConfig:
             raise ValueError(f"SelectionConfig.selection_ratio={self.selection_ratio} must be in (0, 1]")
         if self.temperature < 0:
             raise ValueError(f"SelectionConfig.temperature={self.temperature} must be >= 0 (0: exact top-k)")
+        if isinstance(self.influence, dict):  # YAML gives a mapping
+            self.influence = InfluenceConfig(**self.influence)
+        if self.estimator not in ESTIMATOR_NAMES:
+            raise ValueError(
+                f"SelectionConfig.estimator={self.estimator!r}: choose one of {', '.join(ESTIMATOR_NAMES)}"
+            )
+        if self.warmup_steps < 0 or self.warmup_steps % self.select_every:
+            raise ValueError(
+                f"SelectionConfig.warmup_steps={self.warmup_steps} must be a non-negative multiple of "
+                f"select_every={self.select_every} (warm-up is whole random rounds)"
+            )
+        if self.scored and self.warmup_steps == 0:
+            raise ValueError(
+                f"selector {self.selector!r} scores candidates with the trained model, but round 0 is chosen "
+                f"before training starts: set warmup_steps to at least select_every ({self.select_every})"
+            )
+        if self.scored and self.probe_samples < 10:
+            raise ValueError(
+                f"SelectionConfig.probe_samples={self.probe_samples}: the influence model needs at least 10 "
+                "(text, score) pairs per round; the paper uses thousands"
+            )
+
+    @property
+    def scored(self) -> bool:
+        """Whether the selector needs influence scores (everything but 'random')."""
+        return self.selector != "random"
+
+    @property
+    def warmup_rounds(self) -> int:
+        return self.warmup_steps // self.select_every
 
     def build_selector(self):
         """The configured selector (mates gets the temperature)."""

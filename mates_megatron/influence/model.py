@@ -39,6 +39,12 @@ class InfluenceConfig:
     """Seed of the split, the shuffling and the head initialisation."""
     warm_start: bool = True
     """Start each round from the previous round's weights (the reference implementation re-initialises)."""
+    freeze_encoder: bool = False
+    """Keep the pretrained encoder fixed and fit only the head, in closed form (ridge regression on the
+    mean-pooled embeddings, its strength chosen by held-out Spearman). Each candidate is encoded once, for
+    the probes and the prediction alike: the cheap setting for CPU runs, at some cost in ranking quality."""
+    ridge_alphas: tuple[float, ...] = (0.1, 1.0, 10.0, 100.0)
+    """Ridge strengths tried with ``freeze_encoder`` (on standardised embeddings)."""
 
     def __post_init__(self) -> None:
         if self.max_length < 8 or self.max_chunks < 1:

@@ -84,7 +84,7 @@ def test_bad_scores_and_sizes():
 def test_selection_config_builds_the_configured_selector():
     from mates_megatron.config import SelectionConfig
 
-    sel = SelectionConfig(selector="mates", temperature=0.25).build_selector()
+    sel = SelectionConfig(selector="mates", temperature=0.25, warmup_steps=50).build_selector()
     assert isinstance(sel, GumbelTopKSelector) and sel.temperature == 0.25
     assert isinstance(SelectionConfig(selector="random").build_selector(), RandomSelector)
     with pytest.raises(ValueError, match="temperature=-1.0 must be >= 0"):
