@@ -38,7 +38,12 @@ def _run_pretrain(args: argparse.Namespace, rest: list[str]) -> int:
             file=sys.stderr,
         )
         return 2
-    cfg = yaml.safe_load(args.config.read_text()) or {}
+    return launch_pretrain(args.config, rest, args.nproc_per_node)
+
+
+def launch_pretrain(config: Path, rest: list[str], nproc_per_node: int | None = None) -> int:
+    """torchrun the pretraining entry point on ``config``; prepares data/embedded first if it is missing."""
+    cfg = yaml.safe_load(config.read_text()) or {}
     prefix = Path(cfg.get("data_prefix", ""))
     if (
         "--data-path" not in rest
@@ -52,12 +57,12 @@ def _run_pretrain(args: argparse.Namespace, rest: list[str]) -> int:
         if rc:
             return rc
     par = cfg.get("parallel", {}) or {}
-    nproc = args.nproc_per_node or int(par.get("tensor_model_parallel_size", 1)) * int(
+    nproc = nproc_per_node or int(par.get("tensor_model_parallel_size", 1)) * int(
         par.get("pipeline_model_parallel_size", 1)
     )
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-        "-m", "mates_megatron.pretrain", "--config", str(args.config), *rest,
+        "-m", "mates_megatron.pretrain", "--config", str(config), *rest,
     ]  # fmt: skip
     print("[mates-megatron] " + " ".join(cmd[1:]), flush=True)
     env = dict(os.environ)
@@ -75,9 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     from mates_megatron.bench import add_bench_parser
     from mates_megatron.data.commands import add_prepare_parser
+    from mates_megatron.demo import add_demo_parser
 
     add_prepare_parser(sub)
     _add_pretrain_parser(sub)
+    add_demo_parser(sub)
     add_bench_parser(sub)
     return parser
 

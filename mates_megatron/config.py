@@ -38,6 +38,11 @@ class SelectionConfig:
     estimator: str = "oracle"
     """How probes are scored: 'oracle' (one optimizer step, then the reference loss: the paper), 'linearized'
     (its first-order form, one reference backward per round) or 'mirrored' (one reference step, forward only)."""
+    probe_tokens: str = "target"
+    """Which reference tokens the probes' reference loss counts: 'target' (the LAMBADA form: the last word
+    only, the same loss the run reports) or 'all' (every token of each reference example, context and target:
+    a language-modelling loss on the reference text, far less noisy per probe and harder to win with data that
+    only teaches word frequencies)."""
     influence: InfluenceConfig = field(default_factory=InfluenceConfig)
     """The data influence model and its fitting."""
     influence_ranks: list[int] | None = None
@@ -56,6 +61,8 @@ class SelectionConfig:
             raise ValueError(f"SelectionConfig.selection_ratio={self.selection_ratio} must be in (0, 1]")
         if self.temperature < 0:
             raise ValueError(f"SelectionConfig.temperature={self.temperature} must be >= 0 (0: exact top-k)")
+        if self.probe_tokens not in ("target", "all"):
+            raise ValueError(f"SelectionConfig.probe_tokens={self.probe_tokens!r}: use 'target' or 'all'")
         if isinstance(self.influence, dict):  # YAML gives a mapping
             self.influence = InfluenceConfig(**self.influence)
         if self.estimator not in ESTIMATOR_NAMES:

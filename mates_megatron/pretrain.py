@@ -51,6 +51,9 @@ _FLAGS: dict[str, tuple[str | None, str, type]] = {
     "--save-interval": (None, "save_interval", int),
     "--load": (None, "load", str),
     "--exit-interval": (None, "exit_interval", int),
+    "--tensorboard-dir": ("metrics", "tensorboard_dir", str),
+    "--wandb-project": ("metrics", "wandb_project", str),
+    "--wandb-exp-name": ("metrics", "wandb_exp_name", str),
 }
 
 
@@ -71,9 +74,20 @@ def train_config_from_dict(data: dict[str, Any], where: str = "config") -> Train
     )
     if data.get("selection") is not None:
         from mates_megatron.config import SelectionConfig
+        from mates_megatron.influence.model import InfluenceConfig
 
-        data["selection"] = SelectionConfig(
-            **_dataclass_from_dict(SelectionConfig, data["selection"], f"{where}: selection")
+        sel = dict(_dataclass_from_dict(SelectionConfig, data["selection"], f"{where}: selection"))
+        if isinstance(sel.get("influence"), dict):
+            where_inf = f"{where}: selection.influence"
+            sel["influence"] = InfluenceConfig(
+                **_dataclass_from_dict(InfluenceConfig, sel["influence"], where_inf)
+            )
+        data["selection"] = SelectionConfig(**sel)
+    if isinstance(data.get("metrics"), dict):
+        from mates_megatron.training.metrics import MetricsConfig
+
+        data["metrics"] = MetricsConfig(
+            **_dataclass_from_dict(MetricsConfig, data["metrics"], f"{where}: metrics")
         )
     _dataclass_from_dict(TrainConfig, data, where)
     if "data_prefix" not in data:
@@ -126,10 +140,15 @@ def main(argv: list[str] | None = None) -> None:
     from mates_megatron.training.parallel import destroy_parallel
 
     trainer = Trainer(cfg)
-    history = trainer.train()
+    try:
+        history = trainer.train()
+    finally:
+        trainer.metrics_writer.close()
     if args.metrics_out and dist.get_rank() == dist.get_world_size() - 1:
         args.metrics_out.parent.mkdir(parents=True, exist_ok=True)
         out = {"config": dataclasses.asdict(cfg), "world_size": dist.get_world_size(), **history}
+        if trainer.selection is not None:
+            out["selection"] = trainer.selection.hook.summary()
         tmp = args.metrics_out.with_suffix(".tmp")
         tmp.write_text(json.dumps(out, indent=1))
         os.replace(tmp, args.metrics_out)

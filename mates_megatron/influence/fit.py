@@ -132,3 +132,72 @@ def predict(
         dist.all_gather(parts, out, group=group)
         out = torch.cat(parts)
     return out[:n].numpy()
+
+
+@torch.no_grad()
+def embed(model: InfluenceModel, texts: list[str], *, group=None, batch_size: int = 32) -> np.ndarray:
+    """Mean-pooled encoder embeddings [n, hidden] (float64) of every text, on every member of ``group``."""
+    model.eval()
+    rank, size = _rank_size(group)
+    n, dim = len(texts), model.encoder.config.hidden_size
+    per = math.ceil(n / size)
+    lo, hi = min(rank * per, n), min((rank + 1) * per, n)
+    out = torch.zeros(per, dim, dtype=torch.float64)
+    static = model.cfg.features == "token_embeddings"
+    for s in tqdm(range(lo, hi, batch_size), desc="influence embed", leave=False, disable=not _show(group)):
+        chunk = texts[s : min(s + batch_size, hi)]
+        if static:
+            out[s - lo : s - lo + len(chunk)] = model.embed_tokens(chunk).double()
+        else:
+            ids, mask = model.encode_texts(chunk)
+            out[s - lo : s - lo + ids.shape[0]] = model.embed(ids, mask).double()
+    if group is not None and size > 1:
+        parts = [torch.zeros(per, dim, dtype=torch.float64) for _ in range(size)]
+        dist.all_gather(parts, out, group=group)
+        out = torch.cat(parts)
+    return out[:n].numpy()
+
+
+def ridge_solve(x: np.ndarray, y: np.ndarray, alpha: float) -> tuple[np.ndarray, float]:
+    """Weights and intercept of ridge regression on standardised columns, mapped back to raw features."""
+    mu, sd = x.mean(0), x.std(0) + 1e-8
+    a = (x - mu) / sd
+    y0 = y.mean()
+    w = np.linalg.solve(a.T @ a + alpha * len(a) * np.eye(a.shape[1]), a.T @ (y - y0)) / sd
+    return w, float(y0 - mu @ w)
+
+
+def fit_ridge(model: InfluenceModel, features: np.ndarray, scores: np.ndarray, folds: int = 5) -> FitResult:
+    """Fit the head of a frozen-encoder model in closed form on precomputed ``embed`` features.
+
+    Targets are z-scored like ``fit``. Each of ``cfg.ridge_alphas`` is scored by ``folds``-fold cross-
+    validation (the Spearman of the out-of-fold predictions over every pair, steadier than one small held-out
+    split); the head is then refitted on all pairs with the best. Deterministic, no process group.
+    """
+    cfg = model.cfg
+    scores = np.asarray(scores, dtype=np.float64)
+    if len(features) != len(scores):
+        raise ValueError(f"fit_ridge got {len(features)} feature rows and {len(scores)} scores")
+    if not np.isfinite(scores).all():
+        raise ValueError(
+            f"{int((~np.isfinite(scores)).sum())} oracle scores are NaN/inf: fix the probes before fitting"
+        )
+    if len(scores) < 10:
+        raise ValueError(f"fit_ridge needs at least 10 (text, score) pairs, got {len(scores)}")
+    target = (scores - scores.mean()) / (scores.std() or 1.0)
+    fold_of = np.random.default_rng([cfg.seed, 7]).permutation(len(scores)) % folds
+    history, best = [], (-math.inf, math.nan, 0)
+    for i, alpha in enumerate(cfg.ridge_alphas):
+        pred = np.zeros(len(scores))
+        for f in range(folds):
+            w, b = ridge_solve(features[fold_of != f], target[fold_of != f], alpha)
+            pred[fold_of == f] = features[fold_of == f] @ w + b
+        sp = spearman(pred, scores)
+        pe = float(np.corrcoef(pred, scores)[0, 1]) if pred.std() > 0 else math.nan
+        history.append({"alpha": alpha, "spearman": sp, "pearson": pe})
+        if sp > best[0]:
+            best = (sp, pe, i)
+    w, b = ridge_solve(features, target, cfg.ridge_alphas[best[2]])
+    model.head.weight.data.copy_(torch.from_numpy(w).float().view(1, -1))
+    model.head.bias.data.fill_(b)
+    return FitResult(spearman=best[0], pearson=best[1], best_epoch=best[2], history=history)

@@ -44,11 +44,28 @@ class InfluenceConfig:
     mean-pooled embeddings, its strength chosen by held-out Spearman). Each candidate is encoded once, for
     the probes and the prediction alike: the cheap setting for CPU runs, at some cost in ranking quality."""
     ridge_alphas: tuple[float, ...] = (0.1, 1.0, 10.0, 100.0)
-    """Ridge strengths tried with ``freeze_encoder`` (on standardised embeddings)."""
+    """Ridge strengths tried with ``freeze_encoder``, chosen by 5-fold cross-validated Spearman."""
+    features: str = "encoder"
+    """What a frozen model embeds: 'encoder' (mean-pooled last hidden states of the first max_length x
+    max_chunks tokens) or 'token_embeddings' (the same encoder's input word embeddings mean-pooled over every
+    token, no transformer pass: about a thousand times cheaper, and on the CPU demo a better predictor of the
+    oracle, Spearman 0.57 against 0.30 from 128 probes, since it sees the whole sample). Needs freeze_encoder."""
 
     def __post_init__(self) -> None:
         if self.max_length < 8 or self.max_chunks < 1:
             raise ValueError("InfluenceConfig.max_length must be >= 8 and max_chunks >= 1")
+        if self.features not in ("encoder", "token_embeddings"):
+            raise ValueError(
+                f"InfluenceConfig.features={self.features!r}: use 'encoder' or 'token_embeddings'"
+            )
+        if self.features == "token_embeddings" and not self.freeze_encoder:
+            raise ValueError(
+                "InfluenceConfig.features='token_embeddings' has no encoder pass to fine-tune: "
+                "set freeze_encoder: true (ridge head) or features: encoder"
+            )
+        self.ridge_alphas = tuple(float(a) for a in self.ridge_alphas)
+        if not self.ridge_alphas or min(self.ridge_alphas) <= 0:
+            raise ValueError(f"InfluenceConfig.ridge_alphas={self.ridge_alphas} must be positive numbers")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"InfluenceConfig.val_fraction={self.val_fraction} must be in (0, 1)")
 
@@ -117,6 +134,17 @@ class InfluenceModel(nn.Module):
         hidden = hidden.to(out.dtype).index_put((keep.nonzero().squeeze(1),), out)
         m = flat_mask.view(b, c * length, 1).to(hidden.dtype)
         return (hidden.view(b, c * length, -1) * m).sum(1) / m.sum(1).clamp(min=1)
+
+    @torch.no_grad()
+    def embed_tokens(self, texts: list[str]) -> torch.Tensor:
+        """Mean input word embedding of every token of each text (features='token_embeddings'): [B, hidden]."""
+        table = self.encoder.get_input_embeddings().weight
+        ids = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        out = torch.zeros(len(ids), table.shape[1], dtype=table.dtype)
+        for b, t in enumerate(ids):
+            if t:
+                out[b] = table[torch.tensor(t)].mean(0)
+        return out
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.head(self.embed(input_ids, attention_mask)).squeeze(-1)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from mates_megatron.influence.fit import ridge_solve
+
 
 def _round_pairs(trainer, pool, ids, seq_length, ref_batches, tokenizer):
     from mates_megatron.probe.estimators import LinearizedProber, ProbeContext
@@ -36,11 +38,8 @@ def _round_pairs(trainer, pool, ids, seq_length, ref_batches, tokenizer):
 
 
 def _ridge(train_x, train_y, test_x, alpha=1.0):
-    mu, sd = train_x.mean(0), train_x.std(0) + 1e-8
-    a, b = (train_x - mu) / sd, (test_x - mu) / sd
-    y0 = train_y.mean()
-    w = np.linalg.solve(a.T @ a + alpha * len(a) * np.eye(a.shape[1]), a.T @ (train_y - y0))
-    return b @ w + y0
+    w, b = ridge_solve(train_x, train_y, alpha)
+    return test_x @ w + b
 
 
 def _worker(data_dir: str, probes: int, warmup: int, between: int, epochs: int) -> dict:

@@ -33,6 +33,15 @@ class ReferenceSet:
     def seq_length(self) -> int:
         return int(self.tokens.shape[1] - 1)
 
+    def with_all_tokens(self) -> ReferenceSet:
+        """The same examples with every real label counted: context and target (a language-modelling loss)."""
+        mask = np.zeros_like(self.loss_mask)
+        for i, row in enumerate(self.loss_mask):
+            last = np.flatnonzero(row)
+            if len(last):  # labels 0..last are the example's tokens; the rest is padding
+                mask[i, : last[-1] + 1] = 1.0
+        return ReferenceSet(tokens=self.tokens, loss_mask=mask, path=self.path)
+
     def micro_batches(self, micro_batch_size: int, *, dp_rank: int = 0, dp_size: int = 1) -> list[Batch]:
         """This data-parallel rank's share (strided), padded so that every rank gets as many batches.
 

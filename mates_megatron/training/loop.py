@@ -29,6 +29,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from mates_megatron.config import SelectionConfig
 from mates_megatron.training import checkpoint as ckpt
 from mates_megatron.training.data import TokenizerInfo, build_gpt_dataset, collate, sequential_indices
+from mates_megatron.training.metrics import MetricsConfig, MetricsWriter
 from mates_megatron.training.model import GPTConfig, build_gpt_model
 from mates_megatron.training.parallel import ParallelConfig, initialize_parallel
 from mates_megatron.training.step import evaluate, train_step
@@ -92,12 +93,21 @@ class TrainConfig:
     """Where GPTDataset writes its index cache (default: beside the data prefix)."""
     selection: SelectionConfig | None = None
     """Train from a candidate pool through MatesSampler, one selection per round (None: Megatron order)."""
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    """TensorBoard / W&B scalars (training loss, reference loss, MATES rounds)."""
 
     def __post_init__(self) -> None:
         if self.micro_batch_size < 1:
             raise ValueError(f"TrainConfig.micro_batch_size must be >= 1, got {self.micro_batch_size}")
         if self.train_iters < 1:
             raise ValueError(f"TrainConfig.train_iters must be >= 1, got {self.train_iters}")
+        if isinstance(self.metrics, dict):  # YAML gives a mapping
+            self.metrics = MetricsConfig(**self.metrics)
+        if self.selection is not None and self.selection.scored and not self.reference:
+            raise ValueError(
+                f"selection.selector={self.selection.selector!r} scores candidates by their influence on the "
+                "reference set: set reference (--reference PATH, e.g. LAMBADA as JSONL)"
+            )
         if self.lr_decay_style not in ("constant", "linear", "cosine"):
             raise ValueError(
                 f"TrainConfig.lr_decay_style={self.lr_decay_style!r}: use constant, linear or cosine"
@@ -196,6 +206,11 @@ class Trainer:
                     "TrainConfig.selection builds its own pool and sampler: pass no order= or dataset="
                 )
 
+            tokenizer = None
+            if cfg.selection.scored and cfg.selection.pool == "indexed":
+                from mates_megatron.data.tokenizer import load_tokenizer
+
+                tokenizer = load_tokenizer(cfg.tokenizer or self.tokenizer_info.path)
             self.selection = build_selection(
                 cfg.selection,
                 train_iters=cfg.train_iters,
@@ -206,6 +221,7 @@ class Trainer:
                 dp_size=self.dp_size,
                 build_indexed_dataset=self._build_dataset,
                 write_files=dist.get_rank() == 0,
+                tokenizer=tokenizer,
             )
             self.dataset = self.selection.pool
             self.order: SampleOrder = self.selection.sampler
@@ -218,7 +234,14 @@ class Trainer:
         self.reference_batches = self._build_reference()
         self.iteration = 0
         self.consumed_samples = 0
-        self.history: dict[str, list] = {"step": [], "loss": [], "eval_step": [], "reference_loss": []}
+        self.history: dict[str, list] = {
+            "step": [],
+            "loss": [],
+            "seconds": [],  # wall-clock seconds of the step, selection work at its end included
+            "eval_step": [],
+            "reference_loss": [],
+        }
+        self.metrics_writer = MetricsWriter(cfg.metrics, enabled=dist.get_rank() == dist.get_world_size() - 1)
         if cfg.load:
             self._resume(cfg.load)
 
@@ -284,7 +307,32 @@ class Trainer:
         tok_path = self.cfg.tokenizer or self.tokenizer_info.path
         ref = load_reference_set(self.cfg.reference, load_tokenizer(tok_path), self.cfg.model.seq_length)
         self.reference_set = ref
+        # What the probes score against: the reported loss, or every token of the same examples.
+        sel = self.cfg.selection
+        self._probe_reference = (
+            ref.with_all_tokens() if sel is not None and sel.probe_tokens == "all" else ref
+        )
         return ref.micro_batches(self.cfg.micro_batch_size, dp_rank=self.dp_rank, dp_size=self.dp_size)
+
+    # -- what the plugin reads ----------------------------------------------------------------------------
+    def probe_context(self):
+        """The live run for the probes: model, optimizer, scheduler and the whole reference set."""
+        from mates_megatron.probe.estimators import ProbeContext
+
+        if self.reference_batches is None:
+            raise ValueError("probing needs a reference set: set TrainConfig.reference (--reference PATH)")
+        return ProbeContext(
+            model_chunks=self.model_chunks,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            reference=self._probe_reference.micro_batches(self.cfg.micro_batch_size),
+            seq_length=self.cfg.model.seq_length,
+            device=self.device,
+            distributed_optimizer=self.cfg.use_distributed_optimizer,
+        )
+
+    def log_metrics(self, step: int, scalars: dict[str, float]) -> None:
+        self.metrics_writer.log(step, scalars)
 
     # -- the loop -----------------------------------------------------------------------------------------
     def reference_loss(self) -> float:
@@ -327,6 +375,7 @@ class Trainer:
             self._record_eval()
         t_last, it_last = time.perf_counter(), self.iteration
         while self.iteration < cfg.train_iters:
+            t_step = time.perf_counter()
             metrics = self.step()
             if not math.isfinite(metrics["loss"]):
                 raise FloatingPointError(
@@ -336,6 +385,10 @@ class Trainer:
             self.history["loss"].append(metrics["loss"])
             for hook in self.hooks:
                 hook.on_step_end(self, self.iteration, metrics)
+            self.history["seconds"].append(time.perf_counter() - t_step)
+            self.metrics_writer.log(
+                self.iteration, {"train/loss": metrics["loss"], "train/lr": metrics["lr"]}
+            )
             if self.iteration % cfg.log_interval == 0 and is_logger:
                 dt = time.perf_counter() - t_last
                 tps = (self.iteration - it_last) * tokens_per_step / max(dt, 1e-9)
@@ -364,6 +417,7 @@ class Trainer:
         loss = self.reference_loss()
         self.history["eval_step"].append(self.iteration)
         self.history["reference_loss"].append(loss)
+        self.metrics_writer.log(self.iteration, {"eval/reference_loss": loss})
         if dist.get_rank() == dist.get_world_size() - 1:
             log.info("iteration %6d | reference loss %.4f", self.iteration, loss)
 

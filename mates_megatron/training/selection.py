@@ -1,4 +1,4 @@
-"""Wire a SelectionConfig into a training run: pool + PoolRounds + MatesSampler + SelectionHook."""
+"""Wire a SelectionConfig into a training run: pool + PoolRounds + MatesSampler + MatesHook."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 
 from mates_megatron.config import SelectionConfig
-from mates_megatron.hooks import SelectionHook
+from mates_megatron.hooks import MatesHook
 from mates_megatron.pool.base import CandidatePool, PoolError, PoolRounds
 from mates_megatron.pool.manifest import SelectionStore
 from mates_megatron.sampler import MatesSampler
@@ -17,7 +17,7 @@ class SelectionParts:
     pool: CandidatePool
     rounds: PoolRounds
     sampler: MatesSampler
-    hook: SelectionHook
+    hook: MatesHook
 
 
 def build_selection(
@@ -31,22 +31,20 @@ def build_selection(
     dp_size: int,
     build_indexed_dataset,
     write_files: bool,
+    tokenizer=None,
 ) -> SelectionParts:
-    """Build the parts; ``build_indexed_dataset(num_samples)`` makes the GPTDataset for pool='indexed'."""
-    if sel.selector != "random":
-        # Score-based selectors need influence scores for every candidate; the round that produces them
-        # (probe -> fit -> score) is not wired into the training loop yet.
-        raise ValueError(
-            f"selection.selector={sel.selector!r} needs influence scores, which this training loop does not "
-            "compute yet; use selector: random"
-        )
+    """Build the parts; ``build_indexed_dataset(num_samples)`` makes the GPTDataset for pool='indexed'.
+
+    ``tokenizer`` (the pretraining tokenizer) decodes indexed candidates into text for the influence model.
+    Collective when the selector is scored: the influence model's process group is created here.
+    """
     n_rounds = math.ceil(train_iters / sel.select_every)
     per_round = sel.candidates_per_round(global_batch_size)
     if sel.pool == "indexed":
         from mates_megatron.pool.indexed_pool import IndexedPool
 
         dataset = build_indexed_dataset(n_rounds * per_round)
-        pool: CandidatePool = IndexedPool(dataset, dataset.dataset_path)
+        pool: CandidatePool = IndexedPool(dataset, dataset.dataset_path, tokenizer=tokenizer)
         store = None
     else:
         from mates_megatron.pool.webdataset_pool import WebDatasetPool
@@ -70,13 +68,23 @@ def build_selection(
         seed=sel.seed,
         global_batch_size=global_batch_size,
     )
-    hook = SelectionHook(
+    influence = None
+    if sel.scored:
+        from mates_megatron.influence.runner import InfluenceRunner
+
+        influence = InfluenceRunner(sel.influence, ranks=sel.influence_ranks)
+    hook = MatesHook(
         pool=pool,
         rounds=rounds,
         sampler=sampler,
         selector=sel.build_selector(),
         select_every=sel.select_every,
         seed=sel.seed,
+        train_iters=train_iters,
+        warmup_rounds=sel.warmup_rounds,
+        probe_samples=sel.probe_samples,
+        estimator=sel.estimator,
+        influence=influence,
         store=store,
         write_files=write_files,
     )

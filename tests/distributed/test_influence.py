@@ -165,3 +165,78 @@ def test_bad_fit_input():
 
     with pytest.raises(FileNotFoundError, match="no encoder at .*influence.model_path"):
         InfluenceModel(InfluenceConfig(model_path="/nonexistent"))
+
+
+def test_fit_ridge_matches_a_reference_ridge_and_learns_the_known_function():
+    """The closed-form head equals ridge solved independently (augmented least squares) on standardised
+    features, the strength is the one with the best cross-validated Spearman, and on static token embeddings
+    it learns the marker-word fraction."""
+    from mates_megatron.influence.fit import embed, fit_ridge
+    from mates_megatron.stats import spearman
+
+    model = _model(freeze_encoder=True, features="token_embeddings", ridge_alphas=(0.01, 1.0, 1000.0))
+    texts, target = _synthetic(200)
+    feats = embed(model, texts)
+    result = fit_ridge(model, feats, target)
+    assert [h["alpha"] for h in result.history] == [0.01, 1.0, 1000.0]
+    assert result.spearman == max(h["spearman"] for h in result.history)
+    alpha = model.cfg.ridge_alphas[result.best_epoch]
+    # Reference: min ||A w - z||^2 + alpha n ||w||^2 with A standardised, z the z-scored target.
+    mu, sd = feats.mean(0), feats.std(0) + 1e-8
+    a = (feats - mu) / sd
+    z = (target - target.mean()) / target.std()
+    aug_a = np.vstack([a, np.sqrt(alpha * len(a)) * np.eye(a.shape[1])])
+    aug_z = np.concatenate([z - z.mean(), np.zeros(a.shape[1])])
+    w_ref = np.linalg.lstsq(aug_a, aug_z, rcond=None)[0]
+    expected = a @ w_ref + z.mean()
+    got = feats @ model.head.weight.detach().double().numpy()[0] + float(model.head.bias.detach())
+    np.testing.assert_allclose(got, expected, atol=2e-4)
+    test_texts, test_target = _synthetic(100, seed=1)
+    assert (
+        spearman(embed(model, test_texts) @ model.head.weight.detach().double().numpy()[0], test_target) > 0.9
+    )
+
+
+def test_token_embeddings_are_the_mean_input_embedding_of_every_token():
+    model = _model(freeze_encoder=True, features="token_embeddings")
+    text = " ".join(WORDS * 30)  # far beyond max_length: static features read every token
+    ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) > model.cfg.max_length * model.cfg.max_chunks
+    table = model.encoder.get_input_embeddings().weight.detach()
+    torch.testing.assert_close(model.embed_tokens([text])[0], table[torch.tensor(ids)].mean(0))
+    from mates_megatron.influence.model import InfluenceConfig
+
+    with pytest.raises(ValueError, match="set freeze_encoder: true"):
+        InfluenceConfig(features="token_embeddings")
+    with pytest.raises(ValueError, match="features='bag'"):
+        InfluenceConfig(features="bag", freeze_encoder=True)
+
+
+def _score_round(texts, positions, target, ranks):
+    from mates_megatron.influence.model import InfluenceConfig
+    from mates_megatron.influence.runner import InfluenceRunner
+
+    torch.set_num_threads(1)
+    cfg = InfluenceConfig(max_length=32, freeze_encoder=True)
+    runner = InfluenceRunner(cfg, ranks=ranks)
+    pred, sp, pe = runner.score_round(texts if runner.member else [], positions, target[positions])
+    other = InfluenceRunner(cfg, ranks=ranks)
+    other.load_state_dict(runner.state_dict())
+    state_keys = sorted(runner.state_dict()["model"] or {})
+    return pred, sp, pe, state_keys
+
+
+def test_score_round_is_identical_on_every_rank_and_equals_one_process():
+    """Frozen encoder: 2-rank embedding + ridge gives one process's predictions on every rank, also when
+    only rank 0 runs the influence model; the checkpointed state is the head alone."""
+    texts, target = _synthetic(61, seed=4)
+    positions = np.arange(0, 61, 2)
+    one = run_on_ranks(_score_round, 1, texts, positions, target, None)[0]
+    both = run_on_ranks(_score_round, 2, texts, positions, target, None)
+    subset = run_on_ranks(_score_round, 2, texts, positions, target, [0])
+    for pred, sp, pe, _ in both + subset:
+        np.testing.assert_allclose(pred, one[0], rtol=0, atol=1e-9)
+        assert (sp, pe) == (one[1], one[2])
+    assert both[0][0].tolist() == both[1][0].tolist()
+    assert one[3] == ["bias", "weight"]
+    assert subset[1][3] == []  # rank 1 holds no model

@@ -34,6 +34,18 @@ def test_target_tokens_only_and_text_form(tmp_path):
     assert shares[0][0]["loss_mask"].sum() + shares[1][0]["loss_mask"].sum() == ref.loss_mask.sum()
 
 
+def test_all_tokens_counts_context_and_target_but_not_padding(tmp_path):
+    tok = load_tokenizer()
+    rows = [{"context": "the cat sat on the", "target": " mat"}, {"context": "a b", "target": " c"}]
+    ref = load_reference_set(_write(tmp_path / "r.jsonl", rows), tok, seq_length=16)
+    full = ref.with_all_tokens()
+    for i, row in enumerate(rows):
+        n = len(tok(row["context"] + row["target"], add_special_tokens=False)["input_ids"])
+        # Labels 0..n-2 predict tokens 1..n-1: every real token after the first, padding excluded.
+        assert np.flatnonzero(full.loss_mask[i]).tolist() == list(range(n - 1))
+    assert (full.tokens == ref.tokens).all() and ref.loss_mask[0].sum() == 1  # the original is unchanged
+
+
 def test_long_context_is_cut_from_the_left(tmp_path):
     tok = load_tokenizer()
     ref = load_reference_set(

@@ -1,0 +1,135 @@
+"""The MATES round inside the training loop (TP=2, CPU): warm-up, probe -> fit -> score -> select on the
+live model, per-round metrics to TensorBoard, and a run stopped in the middle of a round or right after a
+round boundary resumes to exactly the selections, oracle scores and batches of the uninterrupted run."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mates_megatron.compat.spawn import run_on_ranks
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+ITERS, EVERY = 9, 3  # rounds 0 (random warm-up), 1 and 2 (scored at the ends of steps 3 and 6)
+
+
+def _train(data, overrides):
+    from mates_megatron.pretrain import train_config_from_dict
+    from mates_megatron.select import RandomSelector
+    from mates_megatron.training.loop import Trainer
+
+    cfg = {
+        "data_prefix": data["prefix"],
+        "reference": data["reference"],
+        "model": {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "seq_length": 64},
+        "parallel": {"tensor_model_parallel_size": 2, "cpu": True},
+        "micro_batch_size": 2,
+        "global_batch_size": 4,
+        "train_iters": ITERS,
+        "lr": 3e-3,
+        "lr_warmup_iters": 1,
+        "eval_interval": EVERY,
+        "log_interval": 100,
+        "seed": 5,
+        "selection": {
+            "pool": "indexed",
+            "select_every": EVERY,
+            "selection_ratio": 0.25,
+            "selector": "mates",
+            "temperature": 0.5,
+            "seed": 11,
+            "warmup_steps": EVERY,
+            "probe_samples": 16,
+            "estimator": "oracle",
+            "influence": {"freeze_encoder": True, "features": "token_embeddings"},
+        },
+        **overrides,
+    }
+    trainer = Trainer(train_config_from_dict(cfg))
+    hook = trainer.selection.hook
+    served, published = [], {}
+    order_fn, publish_fn = trainer.order.micro_batch_indices, hook.publish
+
+    def record_served(consumed):
+        batches = order_fn(consumed)
+        served.append(np.concatenate(batches).tolist())
+        return batches
+
+    def record_published(round_, chosen):
+        published[round_] = sorted(np.asarray(chosen).tolist())
+        publish_fn(round_, chosen)
+
+    trainer.order.micro_batch_indices = record_served
+    hook.publish = record_published
+    history = trainer.train()
+    trainer.metrics_writer.close()
+    k = hook.sampler.samples_per_round
+    return {
+        "history": history,
+        "served": served,
+        "published": published,
+        "records": hook.records,
+        "oracle": {r: (o["ids"].tolist(), o["scores"].tolist()) for r, o in hook.oracle.items()},
+        "random_round": {
+            r: sorted(RandomSelector().select(hook.rounds.candidates(r), k, seed=11, round_=r).tolist())
+            for r in range(ITERS // EVERY)
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(small_embedded, tmp_path_factory):
+    tb = tmp_path_factory.mktemp("tb")
+    return run_on_ranks(_train, 2, small_embedded, {"metrics": {"tensorboard_dir": str(tb)}}), tb
+
+
+def test_rounds_select_on_the_live_model_and_log_per_round(uninterrupted):
+    (rank0, rank1), tb = uninterrupted
+    # Both TP ranks serve and select the same data.
+    assert rank0["served"] == rank1["served"] and rank0["published"] == rank1["published"]
+    assert sorted(rank0["published"]) == [1, 2]  # round 0 is published when the hook is built
+    assert sorted(rank0["records"]) == [1, 2]  # round 0 is the random warm-up
+    # The warm-up round is the random selector's; scored rounds are not.
+    rank0["published"][0] = sorted(i for step in rank0["served"][:EVERY] for i in step)
+    assert rank0["published"][0] == rank0["random_round"][0]
+    for r in (1, 2):
+        assert rank0["published"][r] != rank0["random_round"][r]
+        rec = rank0["records"][r]
+        assert rec["probes"] == 16 and rec["candidates"] == EVERY * 4 * 4
+        assert np.isfinite([rec["oracle_mean"], rec["oracle_std"], rec["influence_spearman"]]).all()
+        assert set(rec["seconds"]) == {"probe", "text", "fit_and_score", "select", "total"}
+        assert abs(sum(rec["selected_share"].values()) - 1) < 1e-9
+        ids, scores = rank0["oracle"][r]
+        assert len(set(ids)) == 16 and rec["oracle_mean"] == pytest.approx(np.mean(scores))
+    # Every served id of a round is one of that round's selection, none twice.
+    for r in range(3):
+        ids = [i for step in rank0["served"][r * EVERY : (r + 1) * EVERY] for i in step]
+        assert sorted(ids) == rank0["published"][r]
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tb))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    for tag in ("train/loss", "eval/reference_loss", "mates/influence_spearman", "mates/oracle_std",
+                "mates/seconds/probe", "mates/selected_share/python_docs"):  # fmt: skip
+        assert tag in tags, tags
+    spearman = [e.value for e in events.Scalars("mates/influence_spearman")]
+    assert [e.step for e in events.Scalars("mates/influence_spearman")] == [EVERY, 2 * EVERY]
+    assert spearman == pytest.approx([rank0["records"][r]["influence_spearman"] for r in (1, 2)])
+
+
+@pytest.mark.parametrize("stop", [EVERY, EVERY + 2], ids=["after-boundary", "mid-round"])
+def test_resume_repeats_selections_and_batches(small_embedded, tmp_path, uninterrupted, stop):
+    (full, _), _ = uninterrupted
+    save = str(tmp_path / "ckpt")
+    first = run_on_ranks(_train, 2, small_embedded, {"save": save, "exit_interval": stop})[0]
+    resumed = run_on_ranks(_train, 2, small_embedded, {"load": save})[0]
+    assert first["served"] + resumed["served"] == full["served"]
+    # Round 2 is selected after the restart: on the restored model, optimizer, RNG and influence state.
+    assert resumed["published"][2] == full["published"][2]
+    assert resumed["oracle"][2] == full["oracle"][2]
+    assert resumed["records"][1]["influence_spearman"] == full["records"][1]["influence_spearman"]
+    assert resumed["history"]["loss"] == full["history"]["loss"]
+    assert resumed["history"]["reference_loss"] == full["history"]["reference_loss"]

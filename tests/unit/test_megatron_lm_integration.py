@@ -1,0 +1,586 @@
+"""Megatron-LM integration: --mates-* arguments -> SelectionConfig, the MATES train loader across round
+boundaries, plugin state beside checkpoints, the Megatron-LM patch, the launch script and every config."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from mates_megatron.config import SelectionConfig
+from mates_megatron.influence.model import InfluenceConfig
+from mates_megatron.integrations import megatron_lm as mlm
+from mates_megatron.pool.base import PoolError
+
+REPO = Path(__file__).resolve().parents[2]
+PATCH = REPO / "patches" / "megatron-lm-core_v0.16.1-mates.patch"
+SCRIPT = REPO / "examples" / "megatron_lm" / "pretrain_gpt_mates.sh"
+
+
+def parser(megatron: bool = False) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(allow_abbrev=False)
+    if megatron:  # the Megatron-LM arguments that mates_config_from_args checks, with their spellings
+        p.add_argument("--train-iters", type=int, default=None)
+        p.add_argument("--train-samples", type=int, default=None)
+        p.add_argument("--global-batch-size", type=int, default=8)
+        p.add_argument("--rampup-batch-size", nargs=3, default=None)
+        p.add_argument("--dataloader-type", default=None)
+        p.add_argument("--overlap-grad-reduce", action="store_true")
+        p.add_argument("--overlap-param-gather", action="store_true")
+    return mlm.add_mates_args(p)
+
+
+def parse(*argv: str, megatron: bool = False) -> argparse.Namespace:
+    return parser(megatron).parse_args(list(argv))
+
+
+@pytest.fixture(autouse=True)
+def _no_plugin_state():
+    mlm.set_mates_state(None)
+    yield
+    mlm.set_mates_state(None)
+
+
+# -- arguments --------------------------------------------------------------------------------------------
+
+EVERY_FIELD = [
+    "--mates",
+    "--mates-pool", "webdataset",
+    "--mates-shards", "/data/shards",
+    "--mates-select-every", "100",
+    "--mates-selection-ratio", "0.25",
+    "--mates-selector", "mates",
+    "--mates-temperature", "0.7",
+    "--mates-seed", "7",
+    "--mates-run-name", "r1",
+    "--mates-warmup-steps", "200",
+    "--mates-probe-samples", "64",
+    "--mates-estimator", "linearized",
+    "--mates-probe-tokens", "all",
+    "--mates-influence-model-path", "/models/bert",
+    "--mates-influence-max-length", "128",
+    "--mates-influence-max-chunks", "3",
+    "--mates-influence-lr", "1e-4",
+    "--mates-influence-head-lr", "2e-3",
+    "--mates-influence-epochs", "4",
+    "--mates-influence-batch-size", "8",
+    "--mates-influence-val-fraction", "0.2",
+    "--mates-influence-seed", "3",
+    "--no-mates-influence-warm-start",
+    "--mates-influence-freeze-encoder",
+    "--mates-influence-ridge-alphas", "0.5", "5",
+    "--mates-influence-features", "token_embeddings",
+    "--mates-influence-ranks", "0", "1",
+]  # fmt: skip
+
+EVERY_FIELD_CONFIG = SelectionConfig(
+    pool="webdataset",
+    shards="/data/shards",
+    select_every=100,
+    selection_ratio=0.25,
+    selector="mates",
+    temperature=0.7,
+    seed=7,
+    run_name="r1",
+    warmup_steps=200,
+    probe_samples=64,
+    estimator="linearized",
+    probe_tokens="all",
+    influence=InfluenceConfig(
+        model_path="/models/bert",
+        max_length=128,
+        max_chunks=3,
+        lr=1e-4,
+        head_lr=2e-3,
+        epochs=4,
+        batch_size=8,
+        val_fraction=0.2,
+        seed=3,
+        warm_start=False,
+        freeze_encoder=True,
+        ridge_alphas=(0.5, 5.0),
+        features="token_embeddings",
+    ),
+    influence_ranks=[0, 1],
+)
+
+
+def test_every_config_field_has_a_flag():
+    options = {s for a in parser()._actions for s in a.option_strings}
+    fields = [f.name for f in dataclasses.fields(SelectionConfig) if f.name != "influence"]
+    expected = {f"--mates-{n.replace('_', '-')}" for n in fields}
+    expected |= {f"--mates-influence-{f.name.replace('_', '-')}" for f in dataclasses.fields(InfluenceConfig)}
+    assert expected | {"--mates", "--mates-config", "--mates-reference"} <= options
+    assert {"--no-mates-influence-warm-start", "--no-mates-influence-freeze-encoder"} <= options
+    # The argv above sets every one of them, so the next test compares every field.
+    assert {a for a in EVERY_FIELD if a.startswith("--mates-")} | {"--mates-influence-warm-start"} >= expected
+
+
+def test_flags_convert_to_the_config_built_directly():
+    sel = mlm.mates_config_from_args(parse(*EVERY_FIELD))
+    assert sel == EVERY_FIELD_CONFIG
+    assert isinstance(sel.influence, InfluenceConfig) and sel.influence.ridge_alphas == (0.5, 5.0)
+    assert type(sel.select_every) is int and type(sel.temperature) is float
+
+
+def test_only_mates_gives_the_dataclass_defaults():
+    assert mlm.mates_config_from_args(parse("--mates")) == SelectionConfig()
+
+
+def test_without_mates_there_is_no_config():
+    assert mlm.mates_config_from_args(parse("--mates-selection-ratio", "0.5")) is None
+    assert mlm.mates_config_from_args(argparse.Namespace()) is None
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["--mates-selection-ratio", "1.5"], "--mates-selection-ratio 1.5"),
+        (["--mates-temperature", "-1"], "--mates-temperature -1.0"),
+        (["--mates-estimator", "exact"], "--mates-estimator exact"),
+        (["--mates-pool", "webdataset"], "--mates-shards (default None)"),
+        (["--mates-selector", "mates"], "--mates-warmup-steps (default 0)"),
+        (["--mates-influence-val-fraction", "1.5"], "--mates-influence-val-fraction 1.5"),
+        (["--mates-influence-ridge-alphas", "1", "-1"], "--mates-influence-ridge-alphas 1.0 -1.0"),
+        (["--mates-influence-features", "token_embeddings"], "--mates-influence-features token_embeddings"),
+    ],
+)
+def test_a_bad_value_names_its_flag_and_value(argv, named):
+    with pytest.raises(ValueError) as e:
+        mlm.mates_config_from_args(parse("--mates", *argv))
+    assert str(e.value).startswith(named) or f", {named}" in str(e.value), str(e.value)
+
+
+def test_a_value_of_the_wrong_type_is_refused_by_the_parser(capsys):
+    with pytest.raises(SystemExit):
+        parse("--mates", "--mates-select-every", "ten")
+    assert "--mates-select-every" in capsys.readouterr().err
+
+
+def _write(path: Path, data) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize("wrapped", [True, False])
+def test_yaml_config_with_flag_overrides(tmp_path, wrapped):
+    body = {
+        "select_every": 10,
+        "selection_ratio": 0.5,
+        "selector": "mates",
+        "warmup_steps": 10,
+        "probe_samples": 32,
+        "influence": {"freeze_encoder": True, "ridge_alphas": [1, 2], "lr": "1e-4"},
+    }
+    cfg = _write(tmp_path / "sel.yaml", {"selection": body} if wrapped else body)
+    args = parse(
+        "--mates", "--mates-config", str(cfg), "--mates-temperature", "0.9", "--mates-influence-epochs", "2"
+    )
+    expected = SelectionConfig(
+        select_every=10,
+        selection_ratio=0.5,
+        selector="mates",
+        temperature=0.9,
+        warmup_steps=10,
+        probe_samples=32,
+        influence=InfluenceConfig(freeze_encoder=True, ridge_alphas=(1.0, 2.0), lr=1e-4, epochs=2),
+    )
+    assert mlm.mates_config_from_args(args) == expected
+    # A flag beats the file.
+    args = parse(
+        "--mates", "--mates-config", str(cfg), "--mates-select-every", "20", "--mates-warmup-steps", "20"
+    )
+    sel = mlm.mates_config_from_args(args)
+    assert (sel.select_every, sel.warmup_steps, sel.selection_ratio) == (20, 20, 0.5)
+
+
+@pytest.mark.parametrize(
+    ("body", "named"),
+    [
+        ({"select_evry": 10}, "unknown field 'select_evry'"),
+        ({"influence": {"epoch": 2}}, "unknown field 'influence.epoch'"),
+        ({"select_every": "ten"}, "select_every='ten' is not an int (flag --mates-select-every)"),
+        ({"influence": {"warm_start": "no"}}, "(flag --mates-influence-warm-start)"),
+        ({"selection_ratio": 2}, "--mates-selection-ratio 2.0 (from "),
+    ],
+)
+def test_yaml_errors_name_the_file_and_field(tmp_path, body, named):
+    cfg = _write(tmp_path / "bad.yaml", {"selection": body})
+    with pytest.raises(ValueError) as e:
+        mlm.mates_config_from_args(parse("--mates", "--mates-config", str(cfg)))
+    assert named in str(e.value) and str(cfg) in str(e.value), str(e.value)
+
+
+def test_megatron_arguments_are_checked_against_the_selection(tmp_path):
+    ref = tmp_path / "ref.jsonl"
+    ref.write_text('{"context": "a b", "target": " c"}\n')
+    scored = [
+        "--mates",
+        "--mates-selector",
+        "mates",
+        "--mates-select-every",
+        "50",
+        "--mates-warmup-steps",
+        "50",
+    ]
+    ok = mlm.mates_config_from_args(
+        parse(*scored, "--mates-reference", str(ref), "--train-iters", "200", megatron=True)
+    )
+    assert ok.scored and ok.warmup_steps == 50
+    cases = [
+        ([*scored, "--mates-reference", str(ref), "--train-iters", "50"], "--mates-warmup-steps 50 >= --train-iters 50"),
+        ([*scored, "--train-iters", "200"], "give --mates-reference PATH"),
+        ([*scored, "--train-iters", "200", "--mates-reference", str(tmp_path / "no.jsonl")], "no such file"),
+        ([*scored, "--mates-reference", str(ref), "--train-iters", "200", "--overlap-grad-reduce"],
+         "--overlap-grad-reduce"),
+        (["--mates", "--train-samples", "1000"], "give --train-iters instead"),
+        (["--mates", "--train-iters", "200", "--rampup-batch-size", "8", "8", "100"], "--rampup-batch-size"),
+        (["--mates", "--train-iters", "200", "--dataloader-type", "cyclic"], "--dataloader-type single"),
+    ]  # fmt: skip
+    for argv, named in cases:
+        with pytest.raises(ValueError, match=re.escape(named)):
+            mlm.mates_config_from_args(parse(*argv, megatron=True))
+    # The random selector never probes: overlapped communication does not matter to it.
+    sel = mlm.mates_config_from_args(
+        parse("--mates", "--train-iters", "200", "--overlap-grad-reduce", megatron=True)
+    )
+    assert sel.selector == "random"
+
+
+def test_train_split_is_sized_as_the_candidate_pool():
+    args = parse(
+        "--mates", "--mates-select-every", "10", "--mates-selection-ratio", "0.2", "--train-iters", "25",
+        "--global-batch-size", "8", megatron=True,
+    )  # fmt: skip
+    # 3 rounds (25 / 10, rounded up) x 10 steps x 8 samples / 0.2
+    assert mlm.mates_train_valid_test_num_samples(args, (200, 16, 8)) == (1200, 16, 8)
+    assert mlm.mates_train_valid_test_num_samples(args, (5000, 16, 8)) == (5000, 16, 8)
+    web = parse(
+        "--mates", "--mates-pool", "webdataset", "--mates-shards", "/s", "--train-iters", "25", megatron=True
+    )
+    assert mlm.mates_train_valid_test_num_samples(web, (200, 16, 8)) == (200, 16, 8)
+
+
+def test_module_imports_without_megatron_training(monkeypatch):
+    monkeypatch.setitem(sys.modules, "megatron.training", None)  # any import of it now raises ImportError
+    importlib.reload(mlm)
+    assert callable(mlm.add_mates_args) and callable(mlm.mates_step_end)
+
+
+# -- the data loader on a real GPTDataset -------------------------------------------------------------------
+
+SEQ, GBS, MBS, DP, EVERY, ITERS = 16, 8, 2, 2, 2, 6
+
+
+@pytest.fixture(scope="module")
+def gpt_dataset(tmp_path_factory):
+    """A real megatron-core GPTDataset over a small indexed dataset of random documents."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from mates_megatron.training.data import TokenizerInfo, build_gpt_dataset
+
+    out = tmp_path_factory.mktemp("indexed")
+    prefix = out / "train"
+    rng = np.random.default_rng(0)
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.int32)
+    for _ in range(300):
+        doc = np.append(rng.integers(1, 100, size=rng.integers(20, 60)), 0).astype(np.int32)
+        builder.add_document(doc, [len(doc)])
+    builder.finalize(f"{prefix}.idx")
+    sel = selection()
+    need = mlm.pool_num_samples(sel, train_iters=ITERS, global_batch_size=GBS)
+    ds = build_gpt_dataset(
+        prefix,
+        seq_length=SEQ,
+        num_samples=need,
+        seed=1,
+        tokenizer=TokenizerInfo(100, 0),
+        cache_dir=out / "cache",
+    )
+    assert len(ds) >= need
+    return ds
+
+
+def selection(**kw) -> SelectionConfig:
+    return SelectionConfig(**{"select_every": EVERY, "selection_ratio": 0.5, "seed": 5, **kw})
+
+
+def loader_for(ds, rank: int, *, consumed: int = 0, num_workers: int = 0, sel=None):
+    sel = sel or selection()
+    loader, parts = mlm.build_mates_data_loader(
+        sel,
+        ds,
+        train_iters=ITERS,
+        global_batch_size=GBS,
+        micro_batch_size=MBS,
+        seq_length=SEQ,
+        consumed_samples=consumed,
+        dp_rank=rank,
+        dp_size=DP,
+        num_workers=num_workers,
+    )
+    state = mlm.MatesState(
+        sel=sel, parts=parts, global_batch_size=GBS, seq_length=SEQ, device=torch.device("cpu")
+    )
+    return loader, parts, state
+
+
+def run_steps(ds, it, parts, state, rank: int, steps: range) -> dict[int, list[int]]:
+    """Megatron's loop on one rank: GBS / (MBS x DP) micro-batches per step, then the step-end call point."""
+    served: dict[int, list[int]] = {}
+    mlm.set_mates_state(state)
+    for step in steps:
+        for k in range(GBS // (MBS * DP)):
+            batch = next(it)
+            start = (step - 1) * GBS + k * MBS * DP + rank * MBS
+            ids = parts.sampler.ids_at(np.arange(start, start + MBS))
+            expected = torch.stack([torch.as_tensor(ds[int(i)]["tokens"]) for i in ids])
+            assert torch.equal(batch["tokens"], expected)
+            assert set(batch) >= {"tokens", "labels", "loss_mask", "position_ids"}
+            served.setdefault(parts.sampler.round_of(start), []).extend(ids.tolist())
+        mlm.mates_step_end(step, model=[], optimizer=None, opt_param_scheduler=None)
+    return served
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_loader_serves_each_rounds_selection_across_boundaries(gpt_dataset, num_workers):
+    by_round: dict[int, list[int]] = {}
+    for rank in range(DP):
+        loader, parts, state = loader_for(gpt_dataset, rank, num_workers=num_workers)
+        it = iter(loader)
+        assert len(loader) == ITERS * GBS // (MBS * DP)
+        for r, ids in run_steps(gpt_dataset, it, parts, state, rank, range(1, ITERS + 1)).items():
+            by_round.setdefault(r, []).extend(ids)
+        with pytest.raises(StopIteration):
+            next(it)
+        # Served rounds are released at each boundary; after the last step none is held.
+        assert parts.sampler.published_rounds() == []
+    per_round = EVERY * GBS
+    rounds = parts.rounds
+    assert sorted(by_round) == list(range(ITERS // EVERY))
+    for r, ids in by_round.items():  # both ranks together: each id of the round's selection once
+        assert len(ids) == per_round and len(set(ids)) == per_round
+        assert set(ids) <= set(rounds.candidates(r).tolist())
+
+
+def test_loader_stops_at_a_round_nobody_published(gpt_dataset):
+    loader, parts, _ = loader_for(gpt_dataset, 0)
+    it = iter(loader)
+    for _ in range(EVERY * GBS // (MBS * DP)):  # round 0, then no step-end call
+        next(it)
+    with pytest.raises(PoolError, match="mates_step_end"):
+        next(it)
+
+
+def test_step_end_without_a_loader_says_what_is_missing():
+    with pytest.raises(RuntimeError, match="no MATES train data loader"):
+        mlm.mates_step_end(1, [], None, None)
+
+
+def collect(it, steps: range) -> list[torch.Tensor]:
+    """Tokens of every micro-batch of ``steps``, with the step-end call point after each step."""
+    out = []
+    for step in steps:
+        out += [next(it)["tokens"] for _ in range(GBS // (MBS * DP))]
+        mlm.mates_step_end(step, [], None, None)
+    return out
+
+
+def test_state_beside_the_checkpoint_resumes_the_same_batches(gpt_dataset, tmp_path):
+    rank, stop = 1, 3  # mid-round 1
+    loader, parts, state = loader_for(gpt_dataset, rank)
+    it = iter(loader)
+    run_steps(gpt_dataset, it, parts, state, rank, range(1, stop + 1))
+    path = mlm.save_mates_state(tmp_path, stop)
+    assert path == tmp_path / f"iter_{stop:07d}" / "mates_state_rank00000.pt"
+    rest = collect(it, range(stop + 1, ITERS + 1))
+
+    resumed, parts2, state2 = loader_for(gpt_dataset, rank, consumed=stop * GBS)
+    mlm.set_mates_state(state2)
+    assert mlm.load_mates_state(tmp_path, stop) == path
+    assert parts2.sampler.published_rounds() == [1]
+    again = collect(iter(resumed), range(stop + 1, ITERS + 1))
+    assert len(again) == len(rest) == (ITERS - stop) * GBS // (MBS * DP)
+    assert all(torch.equal(a, b) for a, b in zip(again, rest, strict=True))
+
+
+def test_resume_refuses_a_changed_selection_or_missing_state(gpt_dataset, tmp_path):
+    _, parts, state = loader_for(gpt_dataset, 0)
+    mlm.set_mates_state(state)
+    mlm.save_mates_state(tmp_path, 2)
+    _, _, other = loader_for(gpt_dataset, 0, sel=selection(seed=6))
+    mlm.set_mates_state(other)
+    with pytest.raises(ValueError, match="--mates-seed 5"):
+        mlm.load_mates_state(tmp_path, 2)
+    with pytest.raises(FileNotFoundError, match="mates_state_rank00000.pt"):
+        mlm.load_mates_state(tmp_path, 4)
+
+
+def test_pool_must_be_large_enough_and_a_single_dataset(gpt_dataset):
+    with pytest.raises(ValueError, match="mates_train_valid_test_num_samples"):
+        loader_for(gpt_dataset, 0, sel=selection(selection_ratio=0.01))
+    with pytest.raises(ValueError, match="every rank"):
+        mlm.build_mates_data_loader(
+            selection(), None, train_iters=ITERS, global_batch_size=GBS, micro_batch_size=MBS,
+            seq_length=SEQ, consumed_samples=0, dp_rank=0, dp_size=DP,
+        )  # fmt: skip
+
+
+class _Recorder:
+    """A TensorBoard/W&B writer that keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def add_scalar(self, *a) -> None:
+        self.calls.append(a)
+
+    def log(self, *a) -> None:
+        self.calls.append(a)
+
+
+def test_run_adapter_gives_the_probe_context_and_logs():
+    tb, wb = _Recorder(), _Recorder()
+    ref = [{"tokens": torch.zeros(1, 4, dtype=torch.long)}]
+    run = mlm.MegatronLMRun(
+        model_chunks=["chunk"], optimizer="opt", scheduler="sched", reference=ref, seq_length=4,
+        device=torch.device("cpu"), distributed_optimizer=True, tensorboard_writer=tb, wandb_writer=wb,
+    )  # fmt: skip
+    ctx = run.probe_context()
+    assert (ctx.model_chunks, ctx.optimizer, ctx.scheduler, ctx.reference) == (["chunk"], "opt", "sched", ref)
+    assert ctx.distributed_optimizer and ctx.seq_length == 4
+    run.log_metrics(10, {"mates/oracle_mean": 1.5})
+    assert tb.calls == [("mates/oracle_mean", 1.5, 10)] and wb.calls == [({"mates/oracle_mean": 1.5}, 10)]
+    with pytest.raises(ValueError, match="--mates-reference"):
+        dataclasses.replace(run, reference=None).probe_context()
+
+
+def test_megatron_tokenizer_adapter():
+    class Tok:  # Megatron-LM's tokenizer interface
+        def tokenize(self, text):
+            return [ord(c) for c in text]
+
+        def detokenize(self, ids):
+            return "".join(map(chr, ids))
+
+    tok = mlm.MegatronTextTokenizer(Tok())
+    assert tok("ab", add_special_tokens=False) == {"input_ids": [97, 98]}
+    assert tok.decode(np.array([97, 98])) == "ab"
+
+
+# -- the patch, the launch script and the configs ------------------------------------------------------------
+
+
+def _patch_parts() -> tuple[str, str]:
+    text = PATCH.read_text()
+    i = text.index("diff --git ")
+    return text[:i], text[i:]
+
+
+def test_patch_header_names_tag_commit_and_reasons():
+    header, body = _patch_parts()
+    tag = re.search(r"^Target:\s+NVIDIA/Megatron-LM tag (\S+)$", header, re.M).group(1)
+    sha = re.search(r"^Commit:\s+(\S+)$", header, re.M).group(1)
+    assert re.fullmatch(r"[0-9a-f]{40}", sha)
+    assert PATCH.name == f"megatron-lm-{tag}-mates.patch"
+    # git apply would read these as patch lines.
+    assert not [ln for ln in header.splitlines() if ln.startswith(("--- ", "+++ ", "@@", "diff "))]
+    assert header.count("Delete with:") == 4
+
+
+def test_patch_touches_only_megatron_and_pretrain_gpt():
+    _, body = _patch_parts()
+    files = re.findall(r"^diff --git a/(\S+) b/(\S+)$", body, re.M)
+    assert files and all(a == b for a, b in files)
+    paths = {a for a, _ in files}
+    assert all(p.startswith("megatron/") or p == "pretrain_gpt.py" for p in paths), paths
+    assert paths == {"megatron/training/checkpointing.py", "megatron/training/training.py", "pretrain_gpt.py"}
+    added = [ln[1:] for ln in body.splitlines() if ln.startswith("+") and not ln.startswith("+++")]
+    removed = [ln for ln in body.splitlines() if ln.startswith("-") and not ln.startswith("---")]
+    assert len(added) < 60 and len(removed) <= 3  # small, and upstream code is left in place
+    # Every call into the plugin names a function it has.
+    called = set(re.findall(r"from mates_megatron\.integrations\.megatron_lm import (\w+)", "\n".join(added)))
+    assert called == {
+        "add_mates_args",
+        "mates_step_end",
+        "mates_train_data_loader",
+        "mates_train_valid_test_num_samples",
+        "save_mates_state",
+    }
+    assert all(callable(getattr(mlm, name)) for name in called)
+
+
+@pytest.mark.skipif(not os.environ.get("MEGATRON_LM_DIR"), reason="set MEGATRON_LM_DIR to a clean checkout")
+def test_patch_applies_to_megatron_lm_checkout():
+    header, _ = _patch_parts()
+    sha = re.search(r"^Commit:\s+(\S+)$", header, re.M).group(1)
+    mlm_dir = os.environ["MEGATRON_LM_DIR"]
+    head = subprocess.run(["git", "-C", mlm_dir, "rev-parse", "HEAD"], capture_output=True, text=True)
+    check = subprocess.run(
+        ["git", "-C", mlm_dir, "apply", "--check", str(PATCH)], capture_output=True, text=True
+    )
+    assert check.returncode == 0, f"HEAD {head.stdout.strip()} (patch targets {sha}): {check.stderr}"
+
+
+def test_launch_script_checks_its_environment():
+    assert subprocess.run(["bash", "-n", str(SCRIPT)]).returncode == 0
+    env = {k: v for k, v in os.environ.items() if k not in ("MEGATRON_LM_DIR", "DATA_PATH", "REFERENCE")}
+    out = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, env=env)
+    assert out.returncode == 1 and "set MEGATRON_LM_DIR" in out.stderr
+    text = SCRIPT.read_text()
+    assert PATCH.name in text and "paper_${MODEL_SIZE}.yaml" in text
+    for flag in (
+        "--mates",
+        "--mates-config",
+        "--mates-reference",
+        "--seq-length 1024",
+        "--global-batch-size 512",
+    ):
+        assert flag in text
+
+
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_config_parses(path):
+    data = yaml.safe_load(path.read_text())
+    args = parse("--mates", "--mates-config", str(path))
+    if "data_prefix" in data:  # a complete TrainConfig run of mates_megatron.pretrain
+        from mates_megatron.pretrain import train_config_from_dict
+
+        cfg = train_config_from_dict(data, where=str(path))
+        if cfg.selection is not None:  # its selection section also serves --mates-config
+            assert mlm.mates_config_from_args(args) == cfg.selection
+    else:  # the selection of a Megatron-LM --mates run
+        assert set(data) == {"selection"}
+        sel = mlm.mates_config_from_args(args)
+        assert isinstance(sel, SelectionConfig) and isinstance(sel.influence, InfluenceConfig)
+
+
+@pytest.mark.parametrize("name", ["paper_410m.yaml", "paper_1b.yaml"])
+def test_paper_configs_hold_the_paper_setting(name, tmp_path):
+    ref = tmp_path / "lambada.jsonl"
+    ref.write_text('{"context": "He opened the", "target": " door"}\n')
+    args = parse("--mates", "--mates-config", str(REPO / "configs" / name), "--mates-reference", str(ref),
+                 "--train-iters", "50000", "--global-batch-size", "512", megatron=True)  # fmt: skip
+    sel = mlm.mates_config_from_args(args)
+    assert (sel.selector, sel.select_every, sel.selection_ratio, sel.temperature) == (
+        "mates",
+        10000,
+        0.2,
+        0.5,
+    )
+    assert sel.warmup_steps == 10000 and sel.probe_samples == 80000 and sel.pool == "indexed"
+    # 5 rounds of 10,000 x 512 / 0.2 candidates.
+    assert mlm.pool_num_samples(sel, train_iters=50000, global_batch_size=512) == 128_000_000
