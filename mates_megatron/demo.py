@@ -136,7 +136,7 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
         title="MATES selection per domain",
     )  # fmt: skip
     ax_share.set_xticks(rounds)
-    ax_share.legend(fontsize="small", loc="lower right")
+    ax_share.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
