@@ -92,23 +92,27 @@ def test_junk_is_measurably_worse(built):
     rows = _rows(built[0]["corpus"])
 
     def degenerate(domain):
-        """(docs that are highly repetitive or mostly not words, docs) of a domain."""
+        """(docs that are one phrase repeated or mostly not words, docs) of a domain."""
         bad = total = 0
         for r in rows:
             if r["domain"] != domain:
                 continue
             words = r["text"].split()
-            repetitive = len(set(words)) / len(words) < 0.2
+            # Repetition shows in word trigrams: a phrase of k words repeated gives about k distinct ones,
+            # however long its words are (distinct words over words missed a long phrase repeated 4 times).
+            trigrams = [tuple(words[i : i + 3]) for i in range(len(words) - 2)]
+            repetitive = len(set(trigrams)) < 0.5 * len(trigrams)
             noise = sum(w.strip(".,:;()'\"").isalpha() for w in words) / len(words) < 0.3
             bad += repetitive or noise
             total += 1
         return bad, total
 
-    # Junk doc i is of kind i % 3; kinds 1 (one phrase repeated) and 2 (character noise) are degenerate by
-    # construction, two in three. The detector misses a short doc repeating a long phrase a couple of times,
-    # and the number of junk docs depends on the installed packages: at least half must be caught.
+    # Junk doc i is of kind i % 3: kinds 1 (one phrase repeated) and 2 (character noise) are degenerate by
+    # construction. Every one of them must be caught, but one: over 3 x 3000 generated docs the detector
+    # missed 2 of 6000 (a phrase repeated about 3 times, noise that happened to split into letter words).
     bad, n = degenerate("junk")
-    assert n >= 3 and bad / n >= 0.5, (bad, n)
+    by_construction = sum(i % 3 != 0 for i in range(n))
+    assert n >= 3 and bad >= by_construction - 1, (bad, by_construction, n)
     for domain in ("python_docs", "licenses", "package_docs"):
         bad, n = degenerate(domain)
         # Package READMEs come from whatever is installed; a few are mostly tables or badges.
