@@ -20,7 +20,8 @@ def _add_pretrain_parser(sub) -> None:
         description=(
             "Runs `torchrun --nproc-per-node N -m mates_megatron.pretrain --config CONFIG [ARGS...]`. "
             "If the config trains on data/embedded and it does not exist yet, runs "
-            "`mates-megatron prepare --embedded --out data/embedded` first. Arguments after the known "
+            "`mates-megatron prepare --embedded --out data/embedded` first; if it exists, refuses data an "
+            "older builder wrote. Arguments after the known "
             "options go to the training script (Megatron-LM style flags such as --train-iters 100)."
         ),
     )
@@ -45,17 +46,25 @@ def launch_pretrain(config: Path, rest: list[str], nproc_per_node: int | None = 
     """torchrun the pretraining entry point on ``config``; prepares data/embedded first if it is missing."""
     cfg = yaml.safe_load(config.read_text()) or {}
     prefix = Path(cfg.get("data_prefix", ""))
-    if (
-        "--data-path" not in rest
-        and prefix.parent == Path("data/embedded")
-        and not Path(f"{prefix}.bin").is_file()
-    ):
-        print(
-            f"[mates-megatron] preparing the embedded data into {prefix.parent} (first run only)", flush=True
-        )
-        rc = main(["prepare", "--embedded", "--out", str(prefix.parent)])
-        if rc:
-            return rc
+    if "--data-path" not in rest and prefix.parent == Path("data/embedded"):
+        if not Path(f"{prefix}.bin").is_file():
+            print(
+                f"[mates-megatron] preparing the embedded data into {prefix.parent} (first run only)",
+                flush=True,
+            )
+            rc = main(["prepare", "--embedded", "--out", str(prefix.parent)])
+            if rc:
+                return rc
+        else:
+            from mates_megatron.data.embedded import EmbeddedCorpusError, check_embedded_data
+
+            try:
+                warning = check_embedded_data(prefix.parent)
+            except EmbeddedCorpusError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
+            if warning:
+                print(f"[mates-megatron] warning: {warning}", flush=True)
     par = cfg.get("parallel", {}) or {}
     nproc = nproc_per_node or int(par.get("tensor_model_parallel_size", 1)) * int(
         par.get("pipeline_model_parallel_size", 1)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ast
 import json
+import platform
 import random
 import re
 import site
@@ -40,6 +41,11 @@ _SKIP_DIRS = {
     "__pycache__",
 }
 _LICENSE_PREFIXES = ("LICENSE", "LICENCE", "COPYING")
+
+
+EMBEDDED_FORMAT = 1
+"""Bump whenever the builder writes other files for the same config and machine: ``check_embedded_data``
+refuses data of another format instead of training on a corpus this version would not build."""
 
 
 class EmbeddedCorpusError(RuntimeError):
@@ -360,7 +366,7 @@ def build_embedded_corpus(cfg: EmbeddedCorpusConfig, out_dir: str | Path) -> dic
     _write_jsonl(ref_path, reference)
     counts = {name: len(docs) for name, docs in by_domain.items()}
     manifest = {
-        "format": 1,
+        "format": EMBEDDED_FORMAT,
         "config": asdict(cfg),
         "docs_per_domain": counts,
         "chars_per_domain": {name: sum(map(len, docs)) for name, docs in by_domain.items()},
@@ -369,6 +375,7 @@ def build_embedded_corpus(cfg: EmbeddedCorpusConfig, out_dir: str | Path) -> dic
             **where,
             "junk": "generated from the words of the other domains (seeded)",
             "files": {"stdlib_py": n_py, "license_files": n_lic, "metadata_files": n_meta},
+            **_machine(infos),
         },
     }
     manifest_path.write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
@@ -379,6 +386,46 @@ def build_embedded_corpus(cfg: EmbeddedCorpusConfig, out_dir: str | Path) -> dic
         "docs_per_domain": counts,
         "reference_examples": len(reference),
     }
+
+
+def _machine(infos: list[Path]) -> dict:
+    """What the gathered text depends on besides the config: the Python (stdlib) and the installed packages."""
+    return {"python": platform.python_version(), "distributions": [info.name for info in infos]}
+
+
+def check_embedded_data(out_dir: str | Path) -> str | None:
+    """Check embedded data already in ``out_dir`` before a run trains on it.
+
+    Raises EmbeddedCorpusError, naming the rebuild command, when the manifest is missing or another
+    builder format wrote it. Returns a warning when it was gathered from another Python or other installed
+    packages (the data is consistent, but figures differ from a fresh build on this machine), else None.
+    """
+    out = Path(out_dir)
+    rebuild = f"rebuild it with `mates-megatron prepare --embedded --out {out}`"
+    path = out / "embedded_manifest.json"
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise EmbeddedCorpusError(f"{path} is missing or unreadable ({e}): {rebuild}") from None
+    if manifest.get("format") != EMBEDDED_FORMAT:
+        raise EmbeddedCorpusError(
+            f"{out} was built by another mates-megatron (embedded format {manifest.get('format')}, this "
+            f"version builds format {EMBEDDED_FORMAT}, a different corpus): {rebuild}. Runs checkpointed "
+            "on the old data cannot resume on the new (their pool fingerprint differs)"
+        )
+    now = _machine(_dist_infos(_site_dirs()))
+    then = {k: manifest.get("sources", {}).get(k) for k in now}
+    if then["distributions"] is None:
+        return f"{path} does not record the Python and packages it was gathered from; to be sure, {rebuild}"
+    if then != now:
+        added = sorted(set(now["distributions"]) - set(then["distributions"]))
+        removed = sorted(set(then["distributions"]) - set(now["distributions"]))
+        return (
+            f"{out} was gathered from other files than this machine has (Python {then['python']}, now "
+            f"{now['python']}; packages added {added}, removed {removed}): runs are consistent with it, but "
+            f"figures differ from a fresh build here; to match one, {rebuild}"
+        )
+    return None
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
