@@ -32,10 +32,10 @@ from mates_megatron.influence.runner import InfluenceRunner
 from mates_megatron.pool.base import CandidatePool, PoolRounds
 from mates_megatron.pool.manifest import SelectionStore
 from mates_megatron.probe.estimators import ESTIMATORS, ProbeContext
+from mates_megatron.runtime.rng import get_rng_state, set_rng_state
+from mates_megatron.runtime.schedule import collate
 from mates_megatron.sampler import MatesSampler
 from mates_megatron.select import RandomSelector, Selector
-from mates_megatron.training.data import collate
-from mates_megatron.training.rng import get_rng_state, set_rng_state
 
 log = logging.getLogger("mates_megatron.hooks")
 

@@ -34,7 +34,7 @@ from megatron.core.transformer.module import param_is_not_shared
 from tqdm import tqdm
 
 from mates_megatron.probe.snapshot import TrainingSnapshot
-from mates_megatron.training.step import Batch, eval_mode, evaluate, per_sample_losses, run_schedule
+from mates_megatron.runtime.schedule import Batch, eval_mode, evaluate, per_sample_losses, run_schedule
 
 
 @dataclass

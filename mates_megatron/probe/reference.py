@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mates_megatron.training.step import Batch
+from mates_megatron.runtime.schedule import Batch
 
 
 @dataclass(frozen=True)

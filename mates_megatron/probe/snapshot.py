@@ -13,8 +13,8 @@ from collections.abc import Sequence
 
 import torch
 
-from mates_megatron.training.checkpoint import megatron_optimizers
-from mates_megatron.training.rng import get_rng_state, set_rng_state
+from mates_megatron.runtime.optimizers import megatron_optimizers
+from mates_megatron.runtime.rng import get_rng_state, set_rng_state
 
 
 def _inner_optimizers(optimizer) -> list:

@@ -20,14 +20,10 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from mates_megatron.training.rng import get_rng_state, set_rng_state
+from mates_megatron.runtime.optimizers import megatron_optimizers
+from mates_megatron.runtime.rng import get_rng_state, set_rng_state
 
 TRACKER = "latest_checkpointed_iteration.txt"
-
-
-def megatron_optimizers(optimizer) -> list:
-    """The optimizers inside a megatron-core ChainedOptimizer (or the optimizer itself)."""
-    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
 
 
 def _dist_opt_shard_state(optimizer) -> list[dict[str, Any]]:

@@ -7,11 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-
-from mates_megatron.training.step import Batch
 
 
 @dataclass(frozen=True)
@@ -78,13 +75,6 @@ def build_gpt_dataset(
         GPTDataset, [num_samples, None, None], lambda: True, config
     ).build()
     return train
-
-
-def collate(samples: list[dict]) -> Batch:
-    return {
-        k: torch.stack([torch.as_tensor(s[k]) for s in samples])
-        for k in ("tokens", "labels", "loss_mask", "position_ids")
-    }
 
 
 def sequential_indices(

@@ -27,12 +27,12 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from mates_megatron.config import SelectionConfig
+from mates_megatron.runtime.schedule import collate, evaluate, train_step
 from mates_megatron.training import checkpoint as ckpt
-from mates_megatron.training.data import TokenizerInfo, build_gpt_dataset, collate, sequential_indices
+from mates_megatron.training.data import TokenizerInfo, build_gpt_dataset, sequential_indices
 from mates_megatron.training.metrics import MetricsConfig, MetricsWriter
 from mates_megatron.training.model import GPTConfig, build_gpt_model
 from mates_megatron.training.parallel import ParallelConfig, initialize_parallel
-from mates_megatron.training.step import evaluate, train_step
 
 log = logging.getLogger("mates_megatron.train")
 

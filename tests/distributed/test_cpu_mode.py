@@ -92,8 +92,8 @@ def _pp_losses(weights, pp: int):
     )
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
+    from mates_megatron.runtime.schedule import run_schedule
     from mates_megatron.training.sharding import load_full_state
-    from mates_megatron.training.step import run_schedule
 
     model = _setup(pp=pp)
     load_full_state(model, weights)
@@ -134,8 +134,8 @@ def _dp_grads(weights):
         finalize_model_grads,
     )
 
+    from mates_megatron.runtime.schedule import run_schedule
     from mates_megatron.training.sharding import load_full_state
-    from mates_megatron.training.step import run_schedule
 
     model = _setup()
     load_full_state(model, weights)
@@ -180,7 +180,7 @@ def _optimizer_step(skip: tuple[str, ...], tp: int, pp: int) -> float:
     )
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    from mates_megatron.training.step import run_schedule
+    from mates_megatron.runtime.schedule import run_schedule
 
     model = _setup(tp=tp, pp=pp, skip=frozenset(skip))
     ddp = DistributedDataParallel(

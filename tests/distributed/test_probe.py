@@ -146,7 +146,7 @@ def test_dp2_splits_probes_and_gathers_dp1_scores(weights, tp1_scores, distopt):
 
 
 def _state(model, ddp, opt, sched):
-    from mates_megatron.training.rng import get_rng_state
+    from mates_megatron.runtime.rng import get_rng_state
 
     inner = opt.chained_optimizers[0].optimizer if hasattr(opt, "chained_optimizers") else opt.optimizer
     return {
@@ -176,7 +176,7 @@ def _same(a, b) -> bool:
 
 def _restore_check():
     from mates_megatron.probe.estimators import ESTIMATORS, OracleProber
-    from mates_megatron.training.step import run_schedule
+    from mates_megatron.runtime.schedule import run_schedule
 
     model, ddp, opt, sched = _build(1, 1)
     samples, reference = _data()

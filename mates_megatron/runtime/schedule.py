@@ -19,6 +19,14 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 Batch = dict[str, torch.Tensor]
 
 
+def collate(samples: list[dict]) -> Batch:
+    """Stack samples (dicts of [seq] arrays) into one micro-batch."""
+    return {
+        k: torch.stack([torch.as_tensor(s[k]) for s in samples])
+        for k in ("tokens", "labels", "loss_mask", "position_ids")
+    }
+
+
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     """Megatron's 3-tuple loss contract: (summed masked loss, token count, reporting tensor).
 

@@ -57,21 +57,21 @@ def _write(result: dict, out: Path | None) -> None:
 
 
 def _run_probe_bench(a) -> int:
-    from mates_megatron.probe.bench import bench_probe
+    from mates_megatron.bench.probe import bench_probe
 
     _write(bench_probe(a.data, a.probes, a.warmup_steps, a.reference_size), a.out)
     return 0
 
 
 def _run_influence_bench(a) -> int:
-    from mates_megatron.influence.bench import bench_influence
+    from mates_megatron.bench.influence import bench_influence
 
     _write(bench_influence(n=a.samples, max_length=a.max_length), a.out)
     return 0
 
 
 def _quality(probes: int, epochs: int) -> dict:
-    from mates_megatron.influence.quality import bench_influence_quality
+    from mates_megatron.bench.influence_quality import bench_influence_quality
 
     return bench_influence_quality(probes=probes, epochs=epochs)
 

@@ -28,8 +28,8 @@ def _worker(data_dir: str, probes: int, warmup_steps: int, reference_size: int) 
         _reference_loss,
     )
     from mates_megatron.probe.reference import load_reference_set, make_batch
+    from mates_megatron.runtime.schedule import run_schedule
     from mates_megatron.training.loop import Trainer
-    from mates_megatron.training.step import run_schedule
 
     cfg = train_config_from_dict(
         {

@@ -1,0 +1,1 @@
+"""What the plugin runs on a Megatron-Core model, whichever host trains it: schedules, RNG, optimizers."""
