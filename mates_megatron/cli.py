@@ -56,7 +56,8 @@ def launch_pretrain(config: Path, rest: list[str], nproc_per_node: int | None = 
             if rc:
                 return rc
         else:
-            from mates_megatron.data.embedded import EmbeddedCorpusError, check_embedded_data
+            from mates_megatron.data.embedded import EmbeddedCorpusError
+            from mates_megatron.data.embedded_check import check_embedded_data
 
             try:
                 warning = check_embedded_data(prefix.parent)

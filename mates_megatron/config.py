@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from mates_megatron.influence.model import InfluenceConfig
-
-ESTIMATOR_NAMES = ("oracle", "linearized", "mirrored")
 
 
 @dataclass
 class SelectionConfig:
-    """Where candidates come from and how each round's training data is chosen."""
+    """Where candidates come from, how they are scored and how each round's training data is chosen."""
 
     pool: str = "indexed"
-    """Pool backend: 'indexed' (the run's Megatron .bin/.idx through GPTDataset) or 'webdataset'."""
+    """Pool backend (mates_megatron.pool.POOLS): 'indexed' (the run's Megatron .bin/.idx through GPTDataset)
+    or 'webdataset'."""
     shards: str | None = None
     """Directory of WebDataset tar shards with manifest.json (pool='webdataset')."""
     select_every: int = 50
@@ -22,39 +22,61 @@ class SelectionConfig:
     selection_ratio: float = 0.2
     """Fraction of a round's candidates that it trains on (the round's pool is 1/ratio x its batches)."""
     selector: str = "random"
-    """Selector name (mates_megatron.select.SELECTORS): random, topk or mates (Gumbel-top-k)."""
+    """Selector (mates_megatron.select.SELECTORS): random, topk or gumbel (Gumbel-top-k, MATES)."""
     temperature: float = 0.5
-    """Gumbel-top-k temperature (selector 'mates'), applied to scores z-scored within the round."""
+    """Gumbel-top-k temperature (selector 'gumbel'), applied to scores z-scored within the round."""
+    scorer: str = "none"
+    """Scorer (mates_megatron.scorers.SCORERS) that gives every candidate of a round a score for the
+    selector: 'none' (score-free selectors), 'mates' (probes on the live model + data influence model) or
+    one of your own."""
+    scorer_options: dict[str, Any] = field(default_factory=dict)
+    """Fields of the scorer's own config dataclass (``Scorer.Config``), for scorers that have one."""
+    imports: list[str] = field(default_factory=list)
+    """Python modules imported before the names above are looked up: where your own scorers, selectors or
+    pools register themselves."""
     seed: int = 0
     """Seed of the round split, the selector and the serving order."""
     run_name: str = "default"
     """Name of this run's selection files beside WebDataset shards (SHARDS/mates/RUN_NAME/)."""
     warmup_steps: int = 0
-    """Steps trained on random selection before the first scored round (a multiple of select_every; score-
-    based selectors need at least one round, since round 0 is chosen before the model has trained)."""
+    """Steps trained on random selection before the first scored round (a multiple of select_every; scorers
+    that read the live model need at least one round, since round 0 is chosen before the model has trained)."""
     probe_samples: int = 256
-    """Probe samples per round: drawn afresh (seeded) from the next round's candidates, scored on the live
-    model, and used as the influence model's training pairs."""
+    """Probe samples per round (scorer 'mates'): drawn afresh (seeded) from the next round's candidates,
+    scored on the live model, and used as the influence model's training pairs."""
     estimator: str = "oracle"
-    """How probes are scored: 'oracle' (one optimizer step, then the reference loss: the paper), 'linearized'
-    (its first-order form, one reference backward per round) or 'mirrored' (one reference step, forward only)."""
+    """How probes are scored (mates_megatron.probe.estimators.ESTIMATORS): 'oracle' (one optimizer step, then
+    the reference loss: the paper), 'linearized' (its first-order form, one reference backward per round) or
+    'mirrored' (one reference step, forward only)."""
     probe_tokens: str = "target"
     """Which reference tokens the probes' reference loss counts: 'target' (the LAMBADA form: the last word
     only, the same loss the run reports) or 'all' (every token of each reference example, context and target:
     a language-modelling loss on the reference text, far less noisy per probe and harder to win with data that
     only teaches word frequencies)."""
     influence: InfluenceConfig = field(default_factory=InfluenceConfig)
-    """The data influence model and its fitting."""
+    """The data influence model and its fitting (scorer 'mates')."""
     influence_ranks: list[int] | None = None
     """Global ranks that fit and run the influence model (default: all); scores reach every rank by broadcast."""
 
     def __post_init__(self) -> None:
-        if self.pool not in ("indexed", "webdataset"):
-            raise ValueError(f"SelectionConfig.pool={self.pool!r}: use 'indexed' or 'webdataset'")
-        if self.pool == "webdataset" and not self.shards:
+        from mates_megatron.pool import POOLS
+        from mates_megatron.probe.estimators import ESTIMATORS
+        from mates_megatron.registry import import_modules
+        from mates_megatron.scorers import SCORERS
+        from mates_megatron.select import SELECTORS
+
+        import_modules(self.imports)
+        if self.selector == "mates":
             raise ValueError(
-                "SelectionConfig.shards is required with pool='webdataset' (the shard directory)"
+                "SelectionConfig.selector='mates' is now two settings: selector: gumbel (Gumbel-top-k) with "
+                "scorer: mates (probes + influence model)"
             )
+        for name, registry in (("pool", POOLS), ("selector", SELECTORS), ("scorer", SCORERS)):
+            if getattr(self, name) not in registry:
+                raise ValueError(
+                    f"SelectionConfig.{name}={getattr(self, name)!r}: choose one of {', '.join(registry.names())}"
+                )
+        POOLS.get(self.pool).check_config(self)
         if self.select_every < 1:
             raise ValueError(f"SelectionConfig.select_every must be >= 1, got {self.select_every}")
         if not 0 < self.selection_ratio <= 1:
@@ -63,44 +85,78 @@ class SelectionConfig:
             raise ValueError(f"SelectionConfig.temperature={self.temperature} must be >= 0 (0: exact top-k)")
         if self.probe_tokens not in ("target", "all"):
             raise ValueError(f"SelectionConfig.probe_tokens={self.probe_tokens!r}: use 'target' or 'all'")
-        if isinstance(self.influence, dict):  # YAML gives a mapping
-            self.influence = InfluenceConfig(**self.influence)
-        if self.estimator not in ESTIMATOR_NAMES:
+        if self.estimator not in ESTIMATORS:
             raise ValueError(
-                f"SelectionConfig.estimator={self.estimator!r}: choose one of {', '.join(ESTIMATOR_NAMES)}"
+                f"SelectionConfig.estimator={self.estimator!r}: choose one of {', '.join(ESTIMATORS.names())}"
             )
         if self.warmup_steps < 0 or self.warmup_steps % self.select_every:
             raise ValueError(
                 f"SelectionConfig.warmup_steps={self.warmup_steps} must be a non-negative multiple of "
                 f"select_every={self.select_every} (warm-up is whole random rounds)"
             )
-        if self.scored and self.warmup_steps == 0:
+        needs_scores = SELECTORS.get(self.selector).needs_scores
+        if needs_scores and self.scorer == "none":
             raise ValueError(
-                f"selector {self.selector!r} scores candidates with the trained model, but round 0 is chosen "
+                f"selector {self.selector!r} ranks candidates by score: set scorer (e.g. scorer: mates); "
+                f"registered: {', '.join(n for n in SCORERS.names() if n != 'none')}"
+            )
+        if not needs_scores and self.scorer != "none":
+            raise ValueError(
+                f"selector {self.selector!r} ignores scores, so scorer {self.scorer!r} would run for nothing: "
+                "set scorer: none, or a selector that reads scores (topk, gumbel)"
+            )
+        scorer = SCORERS.get(self.scorer)
+        scorer.check_config(self)
+        if "live_model" in scorer.needs and self.warmup_steps == 0:
+            raise ValueError(
+                f"scorer {self.scorer!r} scores candidates with the trained model, but round 0 is chosen "
                 f"before training starts: set warmup_steps to at least select_every ({self.select_every})"
             )
-        if self.scored and self.probe_samples < 10:
+        if self.influence_ranks is not None and (not self.influence_ranks or min(self.influence_ranks) < 0):
             raise ValueError(
-                f"SelectionConfig.probe_samples={self.probe_samples}: the influence model needs at least 10 "
-                "(text, score) pairs per round; the paper uses thousands"
+                f"SelectionConfig.influence_ranks={self.influence_ranks} must be a non-empty list of ranks"
             )
 
     @property
     def scored(self) -> bool:
-        """Whether the selector needs influence scores (everything but 'random')."""
-        return self.selector != "random"
+        """Whether rounds after the warm-up run a scorer."""
+        return self.scorer != "none"
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the scorer reads the probe reference set (the host must load one)."""
+        from mates_megatron.scorers import SCORERS
+
+        return "reference" in SCORERS.get(self.scorer).needs
+
+    @property
+    def needs_text_decoding(self) -> bool:
+        """Whether the host must pass its tokenizer: the scorer reads text and the pool holds token ids."""
+        from mates_megatron.pool import POOLS
+        from mates_megatron.scorers import SCORERS
+
+        return "text" in SCORERS.get(self.scorer).needs and POOLS.get(self.pool).decodes_text
+
+    @property
+    def pool_is_host_dataset(self) -> bool:
+        """Whether the candidates are the host's own train dataset (sized by ``plugin.pool_num_samples``)."""
+        from mates_megatron.pool import POOLS
+
+        return POOLS.get(self.pool).host_dataset
 
     @property
     def warmup_rounds(self) -> int:
-        return self.warmup_steps // self.select_every
+        return self.warmup_steps // self.select_every if self.scored else 0
 
     def build_selector(self):
-        """The configured selector (mates gets the temperature)."""
-        from mates_megatron.select import build_selector
+        """The configured selector; one with a ``temperature`` field gets the configured temperature."""
+        from dataclasses import fields
 
-        return build_selector(
-            self.selector, **({"temperature": self.temperature} if self.selector == "mates" else {})
-        )
+        from mates_megatron.select import SELECTORS
+
+        cls = SELECTORS.get(self.selector)
+        takes = {f.name for f in fields(cls)} if hasattr(cls, "__dataclass_fields__") else set()
+        return cls(temperature=self.temperature) if "temperature" in takes else cls()
 
     def samples_per_round(self, global_batch_size: int) -> int:
         return self.select_every * global_batch_size

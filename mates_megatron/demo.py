@@ -45,12 +45,15 @@ def add_demo_parser(sub) -> None:
 
 def _run_configs(cfg: dict[str, Any], seed: int | None) -> dict[str, dict[str, Any]]:
     sel = cfg.get("selection") or {}
-    if sel.get("selector", "random") == "random":
-        raise ValueError("the demo config's selection.selector is 'random': set it to 'mates' (or 'topk')")
+    if sel.get("scorer", "none") == "none":
+        raise ValueError(
+            "the demo config's selection has no scorer: set scorer: mates with selector: gumbel (or topk)"
+        )
     if seed is not None:
         cfg = {**cfg, "seed": seed, "selection": {**sel, "seed": seed}}
         sel = cfg["selection"]
-    random_cfg = {**cfg, "selection": {**sel, "selector": "random"}}
+    # The control: the same run with a score-free selector (no probes, no influence model).
+    random_cfg = {**cfg, "selection": {**sel, "selector": "random", "scorer": "none"}}
     return {"random": random_cfg, "mates": cfg}
 
 

@@ -2,7 +2,9 @@
 
     torchrun --nproc-per-node 2 -m mates_megatron.pretrain --config configs/cpu_tp2.yaml
 
-A YAML config gives the complete run; Megatron-LM style flags override single fields.
+A YAML config gives the complete run (the fields of TrainConfig); flags override single fields: Megatron-LM's
+spellings for the run (``--num-layers``, ``--lr``, ...) and, for its ``selection`` section, the same
+``--mates-*`` flags as the Megatron-LM integration. YAML and flags go through ``configio.build`` alike.
 """
 
 from __future__ import annotations
@@ -14,132 +16,140 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import yaml
+from mates_megatron import configio
 
-from mates_megatron.training.loop import TrainConfig
-from mates_megatron.training.model import GPTConfig
-from mates_megatron.training.parallel import ParallelConfig
+if TYPE_CHECKING:
+    from mates_megatron.training.config import TrainConfig
 
-# flag -> (section, field); section None is TrainConfig itself.
-_FLAGS: dict[str, tuple[str | None, str, type]] = {
-    "--tensor-model-parallel-size": ("parallel", "tensor_model_parallel_size", int),
-    "--pipeline-model-parallel-size": ("parallel", "pipeline_model_parallel_size", int),
-    "--num-layers": ("model", "num_layers", int),
-    "--hidden-size": ("model", "hidden_size", int),
-    "--num-attention-heads": ("model", "num_attention_heads", int),
-    "--seq-length": ("model", "seq_length", int),
-    "--vocab-size": ("model", "vocab_size", int),
-    "--transformer-impl": ("model", "transformer_impl", str),
-    "--data-path": (None, "data_prefix", str),
-    "--reference": (None, "reference", str),
-    "--tokenizer": (None, "tokenizer", str),
-    "--micro-batch-size": (None, "micro_batch_size", int),
-    "--global-batch-size": (None, "global_batch_size", int),
-    "--train-iters": (None, "train_iters", int),
-    "--lr": (None, "lr", float),
-    "--min-lr": (None, "min_lr", float),
-    "--lr-warmup-iters": (None, "lr_warmup_iters", int),
-    "--lr-decay-style": (None, "lr_decay_style", str),
-    "--weight-decay": (None, "weight_decay", float),
-    "--clip-grad": (None, "clip_grad", float),
-    "--seed": (None, "seed", int),
-    "--eval-interval": (None, "eval_interval", int),
-    "--log-interval": (None, "log_interval", int),
-    "--save": (None, "save", str),
-    "--save-interval": (None, "save_interval", int),
-    "--load": (None, "load", str),
-    "--exit-interval": (None, "exit_interval", int),
-    "--tensorboard-dir": ("metrics", "tensorboard_dir", str),
-    "--wandb-project": ("metrics", "wandb_project", str),
-    "--wandb-exp-name": ("metrics", "wandb_exp_name", str),
+# Megatron-LM's spelling -> dotted TrainConfig field.
+RUN_FLAGS: dict[str, str] = {
+    "--tensor-model-parallel-size": "parallel.tensor_model_parallel_size",
+    "--pipeline-model-parallel-size": "parallel.pipeline_model_parallel_size",
+    "--cpu": "parallel.cpu",
+    "--num-layers": "model.num_layers",
+    "--hidden-size": "model.hidden_size",
+    "--num-attention-heads": "model.num_attention_heads",
+    "--seq-length": "model.seq_length",
+    "--vocab-size": "model.vocab_size",
+    "--make-vocab-size-divisible-by": "model.make_vocab_size_divisible_by",
+    "--ffn-hidden-size": "model.ffn_hidden_size",
+    "--hidden-dropout": "model.hidden_dropout",
+    "--attention-dropout": "model.attention_dropout",
+    "--init-method-std": "model.init_method_std",
+    "--transformer-impl": "model.transformer_impl",
+    "--bf16": "model.bf16",
+    "--data-path": "data_prefix",
+    "--reference": "reference",
+    "--tokenizer": "tokenizer",
+    "--micro-batch-size": "micro_batch_size",
+    "--global-batch-size": "global_batch_size",
+    "--train-iters": "train_iters",
+    "--lr": "lr",
+    "--min-lr": "min_lr",
+    "--lr-warmup-iters": "lr_warmup_iters",
+    "--lr-decay-style": "lr_decay_style",
+    "--weight-decay": "weight_decay",
+    "--clip-grad": "clip_grad",
+    "--adam-beta1": "adam_beta1",
+    "--adam-beta2": "adam_beta2",
+    "--use-distributed-optimizer": "use_distributed_optimizer",
+    "--seed": "seed",
+    "--eval-interval": "eval_interval",
+    "--log-interval": "log_interval",
+    "--save": "save",
+    "--save-interval": "save_interval",
+    "--load": "load",
+    "--exit-interval": "exit_interval",
+    "--data-cache-path": "data_cache",
+    "--tensorboard-dir": "metrics.tensorboard_dir",
+    "--wandb-project": "metrics.wandb_project",
+    "--wandb-exp-name": "metrics.wandb_exp_name",
 }
 
+# megatron-core's notices that a GPU extension is missing (expected on CPU, once per process per module), its
+# CUDA_DEVICE_MAX_CONNECTIONS advice and a deprecation its own defaults trigger; matched from the start of the
+# message, exactly these texts (so an unrelated warning that merely contains "TE" or "apex" still shows).
+MEGATRON_CORE_NOTICES = (
+    r"Transformer Engine and Apex are not installed\. Falling back to ",
+    r"Apex is not installed\. Falling back to Torch Norm",
+    r"When using (sequence parallelism|async grad allreduce) it is recommended to set the environment "
+    r"variable CUDA_DEVICE_MAX_CONNECTIONS to 1",
+    # TransformerConfig's own default cuda_graph_scope ('full' in 0.16) warns on every construction.
+    r"full scope is deprecated\. Use empty cuda_graph_scope to capture the whole layer\.",
+)
 
-def _dataclass_from_dict(cls, data: dict[str, Any], where: str):
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(data) - set(names)
-    if unknown:
-        raise ValueError(f"{where}: unknown field(s) {sorted(unknown)}; known: {sorted(names)}")
-    return data
+
+def silence_megatron_core_notices() -> None:
+    """Ignore MEGATRON_CORE_NOTICES (call before megatron-core is imported: most are import-time)."""
+    for message in MEGATRON_CORE_NOTICES:
+        warnings.filterwarnings("ignore", message=message, category=UserWarning)
 
 
-def train_config_from_dict(data: dict[str, Any], where: str = "config") -> TrainConfig:
-    """Build a TrainConfig from a nested dict (YAML), naming any unknown field."""
-    data = dict(data)
-    model = GPTConfig(**_dataclass_from_dict(GPTConfig, data.pop("model", {}) or {}, f"{where}: model"))
-    parallel = ParallelConfig(
-        **_dataclass_from_dict(ParallelConfig, data.pop("parallel", {}) or {}, f"{where}: parallel")
+def _flags() -> list[configio.Flag]:
+    from mates_megatron.config import SelectionConfig
+    from mates_megatron.training.config import TrainConfig
+
+    return configio.named_flags(TrainConfig, RUN_FLAGS) + configio.dataclass_flags(
+        SelectionConfig, "--mates-", path="selection."
     )
-    if data.get("selection") is not None:
-        from mates_megatron.config import SelectionConfig
-        from mates_megatron.influence.model import InfluenceConfig
 
-        sel = dict(_dataclass_from_dict(SelectionConfig, data["selection"], f"{where}: selection"))
-        if isinstance(sel.get("influence"), dict):
-            where_inf = f"{where}: selection.influence"
-            sel["influence"] = InfluenceConfig(
-                **_dataclass_from_dict(InfluenceConfig, sel["influence"], where_inf)
-            )
-        data["selection"] = SelectionConfig(**sel)
-    if isinstance(data.get("metrics"), dict):
-        from mates_megatron.training.metrics import MetricsConfig
 
-        data["metrics"] = MetricsConfig(
-            **_dataclass_from_dict(MetricsConfig, data["metrics"], f"{where}: metrics")
-        )
-    _dataclass_from_dict(TrainConfig, data, where)
+def train_config_from_dict(
+    data: dict[str, Any], where: str = "config", sources: dict[str, str] | None = None
+) -> TrainConfig:
+    """A TrainConfig from a nested dict (YAML, with flag overrides merged in): ``configio.build``."""
+    from mates_megatron.training.config import TrainConfig
+
     if "data_prefix" not in data:
         raise ValueError(
             f"{where}: data_prefix is required (the PREFIX of PREFIX.bin/.idx); or pass --data-path"
         )
-    return TrainConfig(model=model, parallel=parallel, **data)
+    return configio.build(TrainConfig, data, where=where, sources=sources)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Megatron-Core GPT pretraining (CPU mode with --cpu)")
-    p.add_argument("--config", type=Path, help="YAML run config (fields of TrainConfig)")
-    p.add_argument("--cpu", action="store_true", default=None, help="megatron-core CPU mode over gloo")
-    p.add_argument("--use-distributed-optimizer", action="store_true", default=None)
+    p = argparse.ArgumentParser(
+        description="Megatron-Core GPT pretraining (CPU mode with --cpu)", allow_abbrev=False
+    )
+    p.add_argument("--config", type=Path, help="YAML run config (fields of TrainConfig); flags override it")
     p.add_argument("--metrics-out", type=Path, help="write the loss/reference-loss history as JSON here")
-    for flag, (_, _, typ) in _FLAGS.items():
-        p.add_argument(flag, type=typ, default=None)
+    flags = _flags()
+    run = p.add_argument_group("run", "TrainConfig fields (Megatron-LM spellings)")
+    configio.add_flags(run, [f for f in flags if not f.path.startswith("selection.")])
+    sel = p.add_argument_group(
+        "selection", "TrainConfig.selection fields (as the Megatron-LM --mates-* flags)"
+    )
+    configio.add_flags(sel, [f for f in flags if f.path.startswith("selection.")])
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    data: dict[str, Any] = {}
-    if args.config:
-        data = yaml.safe_load(args.config.read_text()) or {}
-    for flag, (section, name, _) in _FLAGS.items():
-        value = getattr(args, flag.lstrip("-").replace("-", "_"))
-        if value is None:
-            continue
-        target = data.setdefault(section, {}) if section else data
-        target[name] = value
-    if args.cpu:
-        data.setdefault("parallel", {})["cpu"] = True
-    if args.use_distributed_optimizer:
-        data["use_distributed_optimizer"] = True
-    return train_config_from_dict(data, where=str(args.config or "arguments"))
+    """The TrainConfig of ``--config`` with the given flags laid over it (flags win)."""
+    data: dict[str, Any] = configio.load_yaml(args.config) if args.config else {}
+    flags = _flags()
+    overrides = configio.overrides_from_args(args, flags)
+    by_path = {f.path: f.flag for f in flags}
+    sources = {p: by_path[p] for p in configio.given_paths(overrides) if p in by_path}
+    where = f"{args.config} + flags" if args.config and overrides else str(args.config or "flags")
+    return train_config_from_dict(configio.merge(data, overrides), where=where, sources=sources)
 
 
 def main(argv: list[str] | None = None) -> None:
+    # Before anything imports megatron-core: its notices fire at import time.
+    silence_megatron_core_notices()
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     # megatron-core logs every parameter name and its whole optimizer config at INFO.
     logging.getLogger("megatron").setLevel(logging.WARNING)
-    # megatron-core announces every missing GPU extension (apex, TE) once per process; on CPU that is expected.
-    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|TE|apex).*")
-    warnings.filterwarnings("ignore", message=".*CUDA_DEVICE_MAX_CONNECTIONS.*")
     import torch.distributed as dist
 
-    from mates_megatron.training.loop import Trainer
+    from mates_megatron.training.build import build_trainer
     from mates_megatron.training.parallel import destroy_parallel
 
-    trainer = Trainer(cfg)
+    trainer = build_trainer(cfg)
     try:
         history = trainer.train()
     finally:
@@ -147,8 +157,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.metrics_out and dist.get_rank() == dist.get_world_size() - 1:
         args.metrics_out.parent.mkdir(parents=True, exist_ok=True)
         out = {"config": dataclasses.asdict(cfg), "world_size": dist.get_world_size(), **history}
-        if trainer.selection is not None:
-            out["selection"] = trainer.selection.hook.summary()
+        from mates_megatron.hooks import MatesHook
+
+        rounds = [h for h in trainer.hooks if isinstance(h, MatesHook)]
+        if rounds:
+            out["selection"] = rounds[0].summary()
         tmp = args.metrics_out.with_suffix(".tmp")
         tmp.write_text(json.dumps(out, indent=1))
         os.replace(tmp, args.metrics_out)

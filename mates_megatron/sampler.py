@@ -10,11 +10,10 @@ ranks are disjoint and together cover every global batch. Selections are int32 a
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
-import torch
-import torch.distributed as dist
 
 from mates_megatron.pool.base import PoolError
 
@@ -72,22 +71,12 @@ class MatesSampler:
         self._rounds: dict[int, np.ndarray] = {}
 
     # -- publishing ---------------------------------------------------------------------------------------
-    def publish(self, round_: int, selected: np.ndarray, *, group=None, src: int = 0) -> None:
+    def publish(self, round_: int, selected: np.ndarray) -> None:
         """Make ``selected`` (candidate ids, any order) round ``round_``'s data; shuffled by (seed, round).
 
-        With ``group``, the ids of rank ``src`` are broadcast so that every rank serves the same selection.
+        Every rank that serves the run publishes the same ids (the round computes them identically there).
         """
         selected = np.ascontiguousarray(selected, dtype=np.int32)
-        if group is not None:
-            n = torch.tensor([selected.size], dtype=torch.int64)
-            dist.broadcast(n, src=src, group=group)
-            buf = (
-                torch.from_numpy(selected)
-                if dist.get_rank() == src
-                else torch.empty(int(n), dtype=torch.int32)
-            )
-            dist.broadcast(buf, src=src, group=group)
-            selected = buf.numpy()
         if selected.size != self.samples_per_round:
             raise PoolError(
                 f"round {round_}: the selection has {selected.size} ids, the round serves exactly "
@@ -134,22 +123,41 @@ class MatesSampler:
         current = self.round_of(consumed_samples)
         for r in [r for r in self._rounds if r < current]:
             del self._rounds[r]
-        chunk = self.micro_batch_size * self.data_parallel_size
-        start = self.data_parallel_rank * self.micro_batch_size
-        out = []
-        for c in range(consumed_samples, consumed_samples + self.global_batch_size, chunk):
-            out.append(self.ids_at(np.arange(c + start, c + start + self.micro_batch_size)))
-        return out
+        return list(self._micro_batches(consumed_samples, consumed_samples + self.global_batch_size))
 
     def __len__(self) -> int:
         return self.total_samples
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[list[int]]:
         """Megatron's iteration: per chunk of micro_batch_size x dp positions, this rank's slice (as a list)."""
+        return self.batches(self.consumed_samples)
+
+    def batches(self, start: int, end: int | None = None) -> Iterator[list[int]]:
+        """This rank's micro-batches (id lists) of the whole chunks between positions ``start`` and ``end``.
+
+        ``end`` defaults to ``total_samples``; ``start`` is a chunk boundary (a consumed-samples count). A
+        round with no published selection raises PoolError when it is reached, not before.
+        """
+        end = self.total_samples if end is None else min(end, self.total_samples)
+        for ids in self._micro_batches(start, end):
+            yield ids.tolist()
+
+    def _micro_batches(self, start: int, end: int) -> Iterator[np.ndarray]:
         chunk = self.micro_batch_size * self.data_parallel_size
-        start = self.data_parallel_rank * self.micro_batch_size
-        for c in range(self.consumed_samples, self.total_samples - chunk + 1, chunk):
-            yield self.ids_at(np.arange(c + start, c + start + self.micro_batch_size)).tolist()
+        offset = self.data_parallel_rank * self.micro_batch_size
+        for c in range(start, end - chunk + 1, chunk):
+            yield self.ids_at(np.arange(c + offset, c + offset + self.micro_batch_size))
+
+    def published_end(self, start: int) -> int:
+        """Where the published rounds that run on from ``start`` stop (a position; at most total_samples).
+
+        A torch DataLoader draws indices ahead of training (prefetch, workers): ``batches(start,
+        published_end(start))`` stops before a round that has not been chosen yet.
+        """
+        r = self.round_of(start)
+        while r in self._rounds:
+            r += 1
+        return min(self.total_samples, r * self.samples_per_round)
 
     # -- resume -------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -1,19 +1,25 @@
-"""Selectors: choose k of a round's candidates. One interface, registered by name.
+"""Selectors: choose k of a round's candidates. One interface, registered by name in ``SELECTORS``.
 
 Contract: ``select(candidates, k, *, scores, seed, round_) -> int32 ids``: k distinct ids from
 ``candidates``, deterministic for (seed, round_) and identical on every rank. Scores are lower-is-better
-(an oracle or predicted reference loss); selectors that ignore scores accept None.
+(an oracle or predicted reference loss). ``needs_scores`` says whether the round must run a scorer first:
+a selector that ignores scores (random) runs with none, so a score-free control needs no model.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import numpy as np
 
+from mates_megatron.registry import Registry
+
 
 class Selector(Protocol):
+    needs_scores: ClassVar[bool]
+    """Whether ``select`` reads scores (then the round runs its scorer first)."""
+
     def select(
         self, candidates: np.ndarray, k: int, *, scores: np.ndarray | None, seed: int, round_: int
     ) -> np.ndarray: ...
@@ -39,9 +45,15 @@ def _rng(seed: int, round_: int) -> np.random.Generator:
     return np.random.default_rng([seed, round_, 0x5E1EC7])
 
 
+SELECTORS: Registry[type] = Registry("selector")
+
+
+@SELECTORS.register("random")
 @dataclass(frozen=True)
 class RandomSelector:
     """Uniform sample of k candidates without replacement (the baseline)."""
+
+    needs_scores: ClassVar[bool] = False
 
     def select(self, candidates, k, *, scores=None, seed, round_):
         _check(candidates, k, scores, needs_scores=False)
@@ -49,9 +61,12 @@ class RandomSelector:
         return np.asarray(candidates, dtype=np.int32)[np.sort(pick)]
 
 
+@SELECTORS.register("topk")
 @dataclass(frozen=True)
 class TopKSelector:
     """The k lowest scores (ties broken by candidate id)."""
+
+    needs_scores: ClassVar[bool] = True
 
     def select(self, candidates, k, *, scores, seed=0, round_=0):
         _check(candidates, k, scores, needs_scores=True)
@@ -59,6 +74,7 @@ class TopKSelector:
         return np.asarray(candidates, dtype=np.int32)[np.sort(order[:k])]
 
 
+@SELECTORS.register("gumbel")
 @dataclass(frozen=True)
 class GumbelTopKSelector:
     """MATES: keep the k lowest of ``z(score) / temperature - G``, G ~ Gumbel(0, 1) i.i.d.
@@ -74,6 +90,7 @@ class GumbelTopKSelector:
 
     temperature: float = 0.5
     standardize: bool = True
+    needs_scores: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0:
@@ -93,12 +110,3 @@ class GumbelTopKSelector:
         keys = s / self.temperature - gumbel
         order = np.argpartition(keys, k - 1)[:k]
         return np.sort(np.asarray(candidates, dtype=np.int32)[order])
-
-
-SELECTORS = {"random": RandomSelector, "topk": TopKSelector, "mates": GumbelTopKSelector}
-
-
-def build_selector(name: str, **kwargs) -> Selector:
-    if name not in SELECTORS:
-        raise ValueError(f"unknown selector {name!r}; choose from {sorted(SELECTORS)}")
-    return SELECTORS[name](**kwargs)

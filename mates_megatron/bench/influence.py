@@ -10,21 +10,24 @@ import torch
 
 def bench_influence(texts: list[str] | None = None, *, n: int = 256, max_length: int = 512) -> dict:
     """Train (MSE on random targets) and predict on ``n`` embedded-corpus texts; samples/s and tokens/s."""
-    from mates_megatron.influence.fit import predict
-    from mates_megatron.influence.model import InfluenceConfig, InfluenceModel
+    from mates_megatron.influence.config import InfluenceConfig
+    from mates_megatron.influence.encoder import EncoderRegressor
+    from mates_megatron.influence.finetune import predict
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if texts is None:
         texts = _embedded_texts(n)
-    model = InfluenceModel(InfluenceConfig(max_length=max_length, max_chunks=2))
-    target = torch.tensor(np.random.default_rng(0).normal(size=len(texts)), dtype=torch.float32)
+    model = EncoderRegressor(InfluenceConfig(max_length=max_length, max_chunks=2)).to(device)
+    target = torch.tensor(
+        np.random.default_rng(0).normal(size=len(texts)), dtype=torch.float32, device=device
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=5e-5)
     model.train()
     bs = 16
     t0 = time.perf_counter()
     for s in range(0, len(texts), bs):
         ids, mask = model.encode_texts(texts[s : s + bs])
-        loss = torch.mean((model(ids, mask) - target[s : s + bs]) ** 2)
+        loss = torch.mean((model(ids.to(device), mask.to(device)) - target[s : s + bs]) ** 2)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mates_megatron.influence.fit import ridge_solve
+from mates_megatron.influence.ridge import ridge_solve
 
 
 def _round_pairs(trainer, pool, ids, seq_length, ref_batches, tokenizer):
@@ -44,8 +44,9 @@ def _ridge(train_x, train_y, test_x, alpha=1.0):
 
 def _worker(data_dir: str, probes: int, warmup: int, between: int, epochs: int) -> dict:
     from mates_megatron.data.tokenizer import load_tokenizer
-    from mates_megatron.influence.fit import fit, predict, split
-    from mates_megatron.influence.model import InfluenceConfig, InfluenceModel
+    from mates_megatron.influence.config import FinetuneConfig, InfluenceConfig
+    from mates_megatron.influence.encoder import EncoderRegressor
+    from mates_megatron.influence.finetune import FinetuneInfluenceModel, split
     from mates_megatron.pool.webdataset_pool import WebDatasetPool
     from mates_megatron.pretrain import train_config_from_dict
     from mates_megatron.probe.reference import load_reference_set
@@ -75,11 +76,13 @@ def _worker(data_dir: str, probes: int, warmup: int, between: int, epochs: int) 
     texts2, scores2 = _round_pairs(trainer, pool, perm[probes : 2 * probes], seq, ref_batches, tok)
 
     icfg = InfluenceConfig(
-        max_length=256, max_chunks=1, epochs=epochs, batch_size=16, val_fraction=0.2, lr=5e-5
+        max_length=256,
+        max_chunks=1,
+        finetune=FinetuneConfig(epochs=epochs, batch_size=16, val_fraction=0.2, lr=5e-5),
     )
-    train_idx, val_idx = split(len(texts2), icfg.val_fraction, icfg.seed)
+    train_idx, val_idx = split(len(texts2), icfg.finetune.val_fraction, icfg.seed)
     torch.manual_seed(0)
-    frozen = InfluenceModel(icfg)
+    frozen = EncoderRegressor(icfg)
     emb = []
     with torch.no_grad():
         for s in range(0, len(texts2), 32):
@@ -88,14 +91,13 @@ def _worker(data_dir: str, probes: int, warmup: int, between: int, epochs: int) 
     emb = np.concatenate(emb)
     ridge = spearman(_ridge(emb[train_idx], scores2[train_idx], emb[val_idx]), scores2[val_idx])
 
-    torch.manual_seed(0)
-    cold = fit(InfluenceModel(icfg), texts2, scores2)
-    torch.manual_seed(0)
-    warm_model = InfluenceModel(icfg)
-    first = fit(warm_model, texts1, scores1)
+    # Each model loads its encoder after torch.manual_seed(icfg.seed) (0) at its first fit.
+    cold = FinetuneInfluenceModel(icfg).fit(texts2, scores2)
+    warm_model = FinetuneInfluenceModel(icfg)  # warm_start: the second fit continues from the first
+    first = warm_model.fit(texts1, scores1)
     # How well round one's model ranks round two before any refit (what warm start starts from).
-    carry = spearman(predict(warm_model, [texts2[i] for i in val_idx], progress=False), scores2[val_idx])
-    warm = fit(warm_model, texts2, scores2)
+    carry = spearman(warm_model.predict([texts2[i] for i in val_idx]), scores2[val_idx])
+    warm = warm_model.fit(texts2, scores2)
     return {
         "probes_per_round": probes,
         "oracle": "linearized (Spearman 1.0 vs the locally probed oracle in bench probe)",

@@ -53,10 +53,8 @@ def _worker(data_dir: str, probes: int, warmup_steps: int, reference_size: int) 
     from mates_megatron.probe.reference import ReferenceSet
 
     ref = ReferenceSet(ref.tokens[keep], ref.loss_mask[keep], ref.path)
-    ctx = ProbeContext(
-        trainer.model_chunks, trainer.optimizer, trainer.scheduler, ref.micro_batches(16), cfg.model.seq_length,
-        trainer.device, show_progress=False,
-    )  # fmt: skip
+    ctx = ProbeContext.from_host(trainer, ref.micro_batches(16))
+    ctx.show_progress = False
     # Probe samples: the next training samples (one sequence each).
     samples = []
     for i in range(probes):

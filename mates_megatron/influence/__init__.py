@@ -1,1 +1,2 @@
-"""Data influence model: a BERT-style encoder with a regression head, fitted to oracle scores."""
+"""Data influence model: text -> predicted oracle score, behind one interface (``InfluenceModel``) with
+implementations registered by name (``INFLUENCE_MODELS``: 'finetune', 'ridge'), run by ``InfluenceRunner``."""

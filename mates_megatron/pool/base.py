@@ -13,6 +13,8 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from mates_megatron.registry import Registry
+
 
 class PoolError(ValueError):
     """Bad pool input (corrupt, empty or changed shard, missing field); the message names file and fix."""
@@ -20,7 +22,19 @@ class PoolError(ValueError):
 
 @runtime_checkable
 class CandidatePool(Protocol):
-    """What the sampler, the probes and the influence model need of a pool."""
+    """What the sampler, the probes and the scorers need of a pool. Register a backend in ``POOLS`` with a
+    ``from_config(sel, *, num_samples, seq_length, build_indexed_dataset, tokenizer)`` and a
+    ``check_config(sel)`` classmethod, and the class attributes ``host_dataset`` (the candidates are the
+    host's own train dataset, which the host sizes to ``plugin.pool_num_samples``) and ``decodes_text`` (text
+    is decoded from token ids with the pretraining tokenizer)."""
+
+    def __len__(self) -> int:
+        """Number of candidates (``num_candidates``)."""
+        ...
+
+    def __getitem__(self, gid: int) -> dict[str, np.ndarray]:
+        """``training_sample(gid)``: what a data loader reads."""
+        ...
 
     @property
     def num_candidates(self) -> int:
@@ -44,9 +58,20 @@ class CandidatePool(Protocol):
         """The candidate's text (decoded from tokens where the pool holds token ids)."""
         ...
 
+    def tokens(self, gid: int) -> np.ndarray:
+        """The candidate's token ids in the pretraining tokenizer."""
+        ...
+
+    def selection_store(self, run_name: str):
+        """A ``SelectionStore`` beside the data for published selections, or None (checkpoint only)."""
+        ...
+
     def fingerprint(self) -> str:
         """Identifies the pool's content; a resumed run refuses a pool whose fingerprint changed."""
         ...
+
+
+POOLS: Registry[type] = Registry("pool")
 
 
 @dataclass(frozen=True)

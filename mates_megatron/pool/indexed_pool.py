@@ -9,14 +9,35 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
-from mates_megatron.pool.base import PoolError
+from mates_megatron.pool.base import POOLS, PoolError
 
 
+@POOLS.register("indexed")
 class IndexedPool:
-    """Wraps a built GPTDataset (see training.data.build_gpt_dataset)."""
+    """Wraps a GPTDataset the host built (the Megatron dataset its run trains on)."""
+
+    host_dataset: ClassVar[bool] = True
+    """Candidates are the host's own train dataset: the host sizes it and its loader reads from it."""
+    decodes_text: ClassVar[bool] = True
+    """Text comes from decoding token ids with the pretraining tokenizer."""
+
+    @classmethod
+    def check_config(cls, sel) -> None:
+        return None
+
+    @classmethod
+    def from_config(cls, sel, *, num_samples: int, build_indexed_dataset, tokenizer=None, **_) -> IndexedPool:
+        """``build_indexed_dataset(num_samples)``: the host's GPTDataset of at least ``num_samples``."""
+        dataset = build_indexed_dataset(num_samples)
+        return cls(dataset, dataset.dataset_path, tokenizer=tokenizer)
+
+    def selection_store(self, run_name: str) -> None:
+        """Selections of an indexed pool live in the checkpoint only."""
+        return None
 
     def __init__(self, dataset, prefix: str | Path, *, tokenizer=None) -> None:
         self.dataset = dataset
@@ -58,6 +79,10 @@ class IndexedPool:
     def training_sample(self, gid: int) -> dict[str, np.ndarray]:
         s = self.dataset[int(gid)]
         return {k: np.asarray(s[k]) for k in ("tokens", "labels", "loss_mask", "position_ids")}
+
+    def tokens(self, gid: int) -> np.ndarray:
+        """The sample's seq_length input token ids."""
+        return np.asarray(self.dataset[int(gid)]["tokens"])
 
     def text(self, gid: int) -> str:
         if self._tokenizer is None:

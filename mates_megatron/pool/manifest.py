@@ -1,13 +1,14 @@
 """Shard manifest and selection files beside WebDataset shards ("reweighted in place").
 
 The tars are never rewritten. ``manifest.json`` records each shard's name, size, sample count and sha256,
-so a changed or missing shard is found before training on it. A round's selection (int32 ids) and optional
-weights (float32) are small .npy files under ``mates/``, written to a temporary name and renamed.
+so a changed or missing shard is found before training on it. A round's selection (int32 ids) is a
+small .npy file under ``mates/``, written to a temporary name and renamed.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -92,7 +93,7 @@ def verify_shard(shards_dir: Path, entry: dict) -> Path:
 
 
 class SelectionStore:
-    """Per-round selections and weights in ``DIR/mates/``: round_00003.ids.npy, round_00003.weights.npy."""
+    """Per-round selections in ``DIR/mates/RUN_NAME/``: round_00003.ids.npy (int32 candidate ids)."""
 
     def __init__(self, shards_dir: Path, run_name: str = "default") -> None:
         self.dir = Path(shards_dir) / "mates" / run_name
@@ -100,24 +101,18 @@ class SelectionStore:
     def _path(self, round_: int, kind: str) -> Path:
         return self.dir / f"round_{round_:05d}.{kind}.npy"
 
-    def save(self, round_: int, ids: np.ndarray, weights: np.ndarray | None = None) -> Path:
-        ids = np.ascontiguousarray(ids, dtype=np.int32)
-        for kind, arr in (("ids", ids), ("weights", weights)):
-            if arr is None:
-                continue
-            import io
+    def save(self, round_: int, ids: np.ndarray) -> Path:
+        buf = io.BytesIO()
+        np.save(buf, np.ascontiguousarray(ids, dtype=np.int32))
+        path = self._path(round_, "ids")
+        atomic_write_bytes(path, buf.getvalue())
+        return path
 
-            buf = io.BytesIO()
-            np.save(buf, np.ascontiguousarray(arr, dtype=np.int32 if kind == "ids" else np.float32))
-            atomic_write_bytes(self._path(round_, kind), buf.getvalue())
-        return self._path(round_, "ids")
-
-    def load(self, round_: int) -> tuple[np.ndarray, np.ndarray | None]:
+    def load(self, round_: int) -> np.ndarray:
         path = self._path(round_, "ids")
         if not path.is_file():
             raise PoolError(f"no selection for round {round_} at {path}")
-        w = self._path(round_, "weights")
-        return np.load(path), (np.load(w) if w.is_file() else None)
+        return np.load(path)
 
     def rounds(self) -> list[int]:
         return sorted(int(p.name[6:11]) for p in self.dir.glob("round_*.ids.npy"))

@@ -12,18 +12,38 @@ import io
 import json
 import tarfile
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 from webdataset.tariterators import base_plus_ext
 
-from mates_megatron.pool.base import PoolError
-from mates_megatron.pool.manifest import read_manifest, verify_shard
+from mates_megatron.pool.base import POOLS, PoolError
+from mates_megatron.pool.manifest import SelectionStore, read_manifest, verify_shard
 
 _FIX_CORRUPT = "re-create it with `mates-megatron prepare` or restore it from its source"
 
 
+@POOLS.register("webdataset")
 class WebDatasetPool:
     """A pool over the shards listed in ``shards_dir/manifest.json``; candidate id = the sample's "id"."""
+
+    host_dataset: ClassVar[bool] = False
+    decodes_text: ClassVar[bool] = False
+
+    @classmethod
+    def check_config(cls, sel) -> None:
+        if not sel.shards:
+            raise ValueError(
+                "SelectionConfig.shards is required with pool='webdataset' (the shard directory)"
+            )
+
+    @classmethod
+    def from_config(cls, sel, *, seq_length: int, tokenizer=None, **_) -> WebDatasetPool:
+        return cls(sel.shards, seq_length=seq_length)
+
+    def selection_store(self, run_name: str) -> SelectionStore:
+        """Where this run's selections are written beside the shards (the corpus is never rewritten)."""
+        return SelectionStore(self.dir, run_name)
 
     def __init__(self, shards_dir: str | Path, *, seq_length: int, pad_id: int = 0, tokenizer=None) -> None:
         self.dir = Path(shards_dir)
@@ -131,7 +151,7 @@ class WebDatasetPool:
             raise PoolError(f"shard {self.dir / self._entries[si]['name']} is truncated; {_FIX_CORRUPT}")
         return data
 
-    def token_ids(self, gid: int) -> np.ndarray:
+    def tokens(self, gid: int) -> np.ndarray:
         return np.load(io.BytesIO(self._read(gid, self._ids_off)))
 
     def text(self, gid: int) -> str:
@@ -139,7 +159,7 @@ class WebDatasetPool:
 
     def training_sample(self, gid: int) -> dict[str, np.ndarray]:
         """The document's first seq_length + 1 tokens; padding (if shorter) is masked out of the loss."""
-        ids = self.token_ids(gid)[: self.seq_length + 1]
+        ids = self.tokens(gid)[: self.seq_length + 1]
         row = np.full(self.seq_length + 1, self.pad_id, dtype=np.int64)
         row[: len(ids)] = ids
         mask = np.zeros(self.seq_length, dtype=np.float32)

@@ -1,8 +1,10 @@
 """Data influence on the live, sharded model: the exact locally probed oracle and two cheaper estimators.
 
-One interface (``InfluenceEstimator.score(samples) -> ProbeScores``): scores are gathered to every rank in
-the order of ``samples``; lower is more useful. Every estimator leaves the run exactly as it found it
-(``TrainingSnapshot``), also when a probe raises.
+One interface, registered by name in ``ESTIMATORS``: ``Estimator.score(samples) -> ProbeScores``, scores
+gathered to every rank in the order of ``samples``, lower is more useful. The base class owns what every
+estimator shares: the snapshot and restore-on-raise (the run is left exactly as it was found), the
+reference loss before, each data-parallel replica's share of the samples and the gather; a subclass writes
+only ``probe(sample)`` (or, for estimators that batch their work, ``probe_share``).
 
 - ``OracleProber`` (MATES): one optimizer step on x alone with the run's own optimizer, then the mean
   reference loss; score = that loss.
@@ -21,20 +23,25 @@ state over data-parallel ranks, so there the replicas probe every sample togethe
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from abc import ABC
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 from megatron.core.tensor_parallel.layers import param_is_not_tensor_parallel_duplicate
 from megatron.core.transformer.module import param_is_not_shared
 from tqdm import tqdm
 
+from mates_megatron.host import ProcessGroups
 from mates_megatron.probe.snapshot import TrainingSnapshot
+from mates_megatron.registry import Registry
 from mates_megatron.runtime.schedule import Batch, eval_mode, evaluate, per_sample_losses, run_schedule
+
+if TYPE_CHECKING:
+    from mates_megatron.host import Host
 
 
 @dataclass
@@ -57,14 +64,37 @@ class ProbeContext:
     """The whole reference set as micro-batches (every replica evaluates all of it)."""
     seq_length: int
     device: torch.device
+    groups: ProcessGroups
     distributed_optimizer: bool = False
+    forward_backward_func: Callable | None = None
+    """megatron-core's schedule (None: ``get_forward_backward_func()``)."""
     show_progress: bool = True
 
+    @classmethod
+    def from_host(cls, host: Host, reference: Sequence[Batch]) -> ProbeContext:
+        """The one construction: the host's live objects and the reference micro-batches to probe against."""
+        return cls(
+            model_chunks=list(host.model_chunks),
+            optimizer=host.optimizer,
+            scheduler=host.scheduler,
+            reference=reference,
+            seq_length=host.seq_length,
+            device=host.device,
+            groups=host.groups,
+            distributed_optimizer=host.distributed_optimizer,
+            forward_backward_func=host.forward_backward_func,
+        )
 
-class InfluenceEstimator(Protocol):
-    def score(self, samples: Sequence[Batch]) -> ProbeScores:
-        """Scores of single-sample batches, gathered to every rank in input order."""
-        ...
+    def run(self, micro_batches: Sequence[Batch], *, forward_only: bool) -> torch.Tensor:
+        """[loss_sum, tokens] of this replica over ``micro_batches`` (forward and, unless forward_only, backward)."""
+        return run_schedule(
+            self.model_chunks,
+            micro_batches,
+            seq_length=self.seq_length,
+            forward_only=forward_only,
+            device=self.device,
+            forward_backward_func=self.forward_backward_func,
+        )
 
 
 # -- shared machinery -------------------------------------------------------------------------------------
@@ -98,8 +128,7 @@ def _replica_local_grads(ctx: ProbeContext, *, always: bool = False) -> Iterator
 def _my_share(n: int, ctx: ProbeContext) -> np.ndarray:
     if ctx.distributed_optimizer:
         return np.arange(n)
-    dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
-    return np.arange(rank, n, dp)
+    return np.arange(ctx.groups.data_parallel_rank, n, ctx.groups.data_parallel_size)
 
 
 def _gather(values: dict[int, float], n: int, ctx: ProbeContext) -> np.ndarray:
@@ -107,8 +136,8 @@ def _gather(values: dict[int, float], n: int, ctx: ProbeContext) -> np.ndarray:
     out = torch.zeros(n, dtype=torch.float64, device=ctx.device)
     for i, v in values.items():
         out[i] = v
-    if not ctx.distributed_optimizer and parallel_state.get_data_parallel_world_size() > 1:
-        dist.all_reduce(out, group=parallel_state.get_data_parallel_group())
+    if not ctx.distributed_optimizer and ctx.groups.data_parallel_size > 1:
+        dist.all_reduce(out, group=ctx.groups.data_parallel)
     return out.cpu().numpy()
 
 
@@ -127,7 +156,7 @@ def _zero_grads(ctx: ProbeContext) -> None:
 def _optimizer_step_on(ctx: ProbeContext, batch: Batch) -> None:
     """One step of the run's optimizer (its state, lr, clipping, weight decay) on one sample."""
     _zero_grads(ctx)
-    run_schedule(ctx.model_chunks, [batch], seq_length=ctx.seq_length, forward_only=False, device=ctx.device)
+    ctx.run([batch], forward_only=False)
     ctx.optimizer.step()
 
 
@@ -138,6 +167,7 @@ def _reference_loss(ctx: ProbeContext) -> float:
         seq_length=ctx.seq_length,
         device=ctx.device,
         over_data_parallel=False,
+        forward_backward_func=ctx.forward_backward_func,
     )
 
 
@@ -154,36 +184,79 @@ def _counted_params(ctx: ProbeContext) -> list[torch.nn.Parameter]:
 # -- estimators -------------------------------------------------------------------------------------------
 
 
-class OracleProber:
+class Estimator(ABC):
+    """Scores probe samples on the live model; the base class owns snapshot, share, gather and restore.
+
+    Contract for subclasses: ``probe(sample) -> float`` may change the model and optimizer freely (one
+    optimizer step, say); the base restores them after every probe, also when it raises. Estimators whose
+    work batches over samples override ``probe_share(samples, mine) -> {index: score}`` instead and restore
+    themselves with ``self.snapshot.restore()``. ``prepare()`` runs once per round before the probes.
+    """
+
+    method: ClassVar[str]
+    sync_grads: ClassVar[bool] = False
+    """Keep the data-parallel gradient sync during probes (every replica steps on the same data)."""
+
+    def __init__(self, ctx: ProbeContext) -> None:
+        self.ctx = ctx
+        self.snapshot: TrainingSnapshot | None = None
+
+    def prepare(self) -> None:
+        """Per-round work before the probes (e.g. a reference gradient); the run is restored after it."""
+        return None
+
+    def reference_loss_before(self) -> float:
+        return _reference_loss(self.ctx)
+
+    def probe(self, sample: Batch) -> float:
+        raise TypeError(f"{type(self).__name__} must implement probe(sample) or probe_share(samples, mine)")
+
+    def probe_share(self, samples: Sequence[Batch], mine: np.ndarray) -> dict[int, float]:
+        values: dict[int, float] = {}
+        assert self.snapshot is not None
+        for i in _progress(mine, self.ctx, f"{self.method} probes"):
+            try:
+                values[int(i)] = self.probe(samples[i])
+            finally:
+                self.snapshot.restore()
+        return values
+
+    def score(self, samples: Sequence[Batch]) -> ProbeScores:
+        ctx = self.ctx
+        self.snapshot = TrainingSnapshot(ctx.model_chunks, ctx.optimizer, ctx.scheduler)
+        try:
+            before = self.reference_loss_before()
+            self.prepare()
+            mine = _my_share(len(samples), ctx)
+            if self.sync_grads:
+                values = self.probe_share(samples, mine)
+            else:
+                with _replica_local_grads(ctx):
+                    values = self.probe_share(samples, mine)
+        finally:
+            self.snapshot.restore()
+        return ProbeScores(_gather(values, len(samples), ctx), before, self.method)
+
+
+ESTIMATORS: Registry[type[Estimator]] = Registry("estimator")
+
+
+@ESTIMATORS.register("oracle")
+class OracleProber(Estimator):
     """The paper's locally probed oracle, with in-memory snapshot/restore instead of checkpoint reloads."""
 
     method = "oracle"
 
-    def __init__(self, ctx: ProbeContext) -> None:
-        self.ctx = ctx
-
-    def score(self, samples: Sequence[Batch]) -> ProbeScores:
-        ctx = self.ctx
-        snap = TrainingSnapshot(ctx.model_chunks, ctx.optimizer, ctx.scheduler)
-        before = _reference_loss(ctx)
-        values: dict[int, float] = {}
-        with _replica_local_grads(ctx):
-            for i in _progress(_my_share(len(samples), ctx), ctx, "oracle probes"):
-                try:
-                    _optimizer_step_on(ctx, samples[i])
-                    values[int(i)] = _reference_loss(ctx)
-                finally:
-                    snap.restore()
-        return ProbeScores(_gather(values, len(samples), ctx), before, self.method)
+    def probe(self, sample: Batch) -> float:
+        _optimizer_step_on(self.ctx, sample)
+        return _reference_loss(self.ctx)
 
 
-class LinearizedProber:
+@ESTIMATORS.register("linearized")
+class LinearizedProber(Estimator):
     """score(x) = loss_before + <g_ref, Δθ(x)>, Δθ(x) the run's optimizer update for x alone."""
 
     method = "linearized"
-
-    def __init__(self, ctx: ProbeContext) -> None:
-        self.ctx = ctx
 
     def reference_gradient(self) -> tuple[float, dict[torch.nn.Parameter, torch.Tensor]]:
         """Reference loss and the gradient of it (token mean), one pass per round; leaves the run unchanged.
@@ -204,14 +277,8 @@ class LinearizedProber:
                     if weight == 0:
                         continue
                     _zero_grads(ctx)
-                    # run_schedule takes the micro-batch's token mean; weight it into the set's token mean.
-                    total += run_schedule(
-                        ctx.model_chunks,
-                        [b],
-                        seq_length=ctx.seq_length,
-                        forward_only=False,
-                        device=ctx.device,
-                    )
+                    # run() takes the micro-batch's token mean; weight it into the set's token mean.
+                    total += ctx.run([b], forward_only=False)
                     for p in params:
                         g = p.main_grad if getattr(p, "main_grad", None) is not None else p.grad
                         if p not in g_ref:
@@ -219,40 +286,42 @@ class LinearizedProber:
                         g_ref[p].add_(g.float(), alpha=weight)
         finally:
             snap.restore()
-        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-            dist.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
+        if ctx.groups.pipeline_parallel_size > 1:
+            dist.all_reduce(total, group=ctx.groups.pipeline_parallel)
         return float(total[0] / total[1]), g_ref
 
-    def score(self, samples: Sequence[Batch]) -> ProbeScores:
+    def reference_loss_before(self) -> float:
+        # The reference pass of the gradient gives the loss too: one pass, not two.
+        self._before, self._g_ref = self.reference_gradient()
+        return self._before
+
+    def prepare(self) -> None:
+        self._params = list(self._g_ref)
+        self._theta0 = [p.detach().float().clone() for p in self._params]
+
+    def probe(self, sample: Batch) -> float:
         ctx = self.ctx
-        snap = TrainingSnapshot(ctx.model_chunks, ctx.optimizer, ctx.scheduler)
-        before, g_ref = self.reference_gradient()
-        params = list(g_ref)
-        theta0 = [p.detach().float().clone() for p in params]
-        values: dict[int, float] = {}
-        with _replica_local_grads(ctx):
-            for i in _progress(_my_share(len(samples), ctx), ctx, "linearized probes"):
-                try:
-                    _optimizer_step_on(ctx, samples[i])
-                    dot = torch.zeros((), dtype=torch.float64, device=ctx.device)
-                    for p, t0 in zip(params, theta0, strict=True):
-                        dot += torch.sum(g_ref[p].double() * (p.detach().double() - t0.double()))
-                    mp_group = parallel_state.get_model_parallel_group()
-                    if dist.get_world_size(mp_group) > 1:  # sum the shards' parts over TP x PP
-                        dist.all_reduce(dot, group=mp_group)
-                    values[int(i)] = before + float(dot)
-                finally:
-                    snap.restore()
-        return ProbeScores(_gather(values, len(samples), ctx), before, self.method)
+        _optimizer_step_on(ctx, sample)
+        dot = torch.zeros((), dtype=torch.float64, device=ctx.device)
+        for p, t0 in zip(self._params, self._theta0, strict=True):
+            dot += torch.sum(self._g_ref[p].double() * (p.detach().double() - t0.double()))
+        if dist.get_world_size(ctx.groups.model_parallel) > 1:  # sum the shards' parts over TP x PP
+            dist.all_reduce(dot, group=ctx.groups.model_parallel)
+        return self._before + float(dot)
 
 
-class MirroredProber:
+@ESTIMATORS.register("mirrored")
+class MirroredProber(Estimator):
     """One optimizer step on the reference set; score(x) = change of x's own loss (forward passes only)."""
 
     method = "mirrored"
+    # Replicas score different candidates but take the same reference step (the DP average of identical
+    # gradients is that gradient), so the data-parallel sync stays on here.
+    sync_grads = True
 
     def __init__(self, ctx: ProbeContext, *, micro_batch_size: int = 8, steps: int = 1) -> None:
-        self.ctx, self.micro_batch_size, self.steps = ctx, micro_batch_size, steps
+        super().__init__(ctx)
+        self.micro_batch_size, self.steps = micro_batch_size, steps
 
     def _losses(self, samples: Sequence[Batch], idx: np.ndarray) -> torch.Tensor:
         ctx = self.ctx
@@ -265,34 +334,20 @@ class MirroredProber:
             {k: torch.cat([r[k] for r in rows[j : j + self.micro_batch_size]]) for k in rows[0]}
             for j in range(0, len(rows), self.micro_batch_size)
         ]
-        return per_sample_losses(ctx.model_chunks, batches, seq_length=ctx.seq_length, device=ctx.device)[
-            : len(idx)
-        ]
+        return per_sample_losses(
+            ctx.model_chunks,
+            batches,
+            seq_length=ctx.seq_length,
+            device=ctx.device,
+            forward_backward_func=ctx.forward_backward_func,
+        )[: len(idx)]
 
-    def score(self, samples: Sequence[Batch]) -> ProbeScores:
+    def probe_share(self, samples: Sequence[Batch], mine: np.ndarray) -> dict[int, float]:
         ctx = self.ctx
-        snap = TrainingSnapshot(ctx.model_chunks, ctx.optimizer, ctx.scheduler)
-        before = _reference_loss(ctx)
-        # Replicas score different candidates but take the same reference step (the DP average of
-        # identical gradients is that gradient), so the data-parallel sync stays on here.
-        mine = _my_share(len(samples), ctx)
-        try:
-            loss0 = self._losses(samples, mine)
-            for _ in range(self.steps):
-                _zero_grads(ctx)
-                run_schedule(
-                    ctx.model_chunks,
-                    ctx.reference,
-                    seq_length=ctx.seq_length,
-                    forward_only=False,
-                    device=ctx.device,
-                )
-                ctx.optimizer.step()
-            loss1 = self._losses(samples, mine)
-        finally:
-            snap.restore()
-        values = {int(i): float(d) for i, d in zip(mine, (loss1 - loss0).tolist(), strict=True)}
-        return ProbeScores(_gather(values, len(samples), ctx), before, self.method)
-
-
-ESTIMATORS = {"oracle": OracleProber, "linearized": LinearizedProber, "mirrored": MirroredProber}
+        loss0 = self._losses(samples, mine)
+        for _ in range(self.steps):
+            _zero_grads(ctx)
+            ctx.run(ctx.reference, forward_only=False)
+            ctx.optimizer.step()
+        loss1 = self._losses(samples, mine)
+        return {int(i): float(d) for i, d in zip(mine, (loss1 - loss0).tolist(), strict=True)}

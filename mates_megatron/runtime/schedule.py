@@ -8,7 +8,7 @@ gets the same dicts, so data loading needs no per-stage logic.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import partial
 
 import torch
@@ -57,10 +57,12 @@ def run_schedule(
     seq_length: int,
     forward_only: bool,
     device: torch.device,
+    forward_backward_func: Callable | None = None,
 ) -> torch.Tensor:
     """Forward (and backward) over micro-batches; returns [loss_sum, tokens] summed over micro-batches.
 
     The sums are this data-parallel rank's and live on the last pipeline stage (zeros elsewhere).
+    ``forward_backward_func``: the host's megatron-core schedule (default ``get_forward_backward_func()``).
     """
     losses = _schedule(
         model_chunks,
@@ -69,6 +71,7 @@ def run_schedule(
         seq_length=seq_length,
         forward_only=forward_only,
         device=device,
+        forward_backward_func=forward_backward_func,
     )
     total = torch.zeros(2, dtype=torch.float64, device=device)
     for item in losses:
@@ -76,10 +79,19 @@ def run_schedule(
     return total
 
 
-def _schedule(model_chunks, micro_batches, forward_step_func, *, seq_length, forward_only, device) -> list:
+def _schedule(
+    model_chunks,
+    micro_batches,
+    forward_step_func,
+    *,
+    seq_length,
+    forward_only,
+    device,
+    forward_backward_func=None,
+) -> list:
     """megatron-core's forward/backward schedule (pipelined when PP > 1); the last stage's loss outputs."""
     batches = [_to_device(b, device) for b in micro_batches]
-    return get_forward_backward_func()(
+    return (forward_backward_func or get_forward_backward_func())(
         forward_step_func=forward_step_func,
         data_iterator=iter(batches),
         model=list(model_chunks),
@@ -150,6 +162,7 @@ def evaluate(
     seq_length: int,
     device: torch.device,
     over_data_parallel: bool = True,
+    forward_backward_func: Callable | None = None,
 ) -> float:
     """Mean loss per counted token over the micro-batches, known on every pipeline stage.
 
@@ -158,7 +171,12 @@ def evaluate(
     """
     with eval_mode(model_chunks):
         total = run_schedule(
-            model_chunks, list(micro_batches), seq_length=seq_length, forward_only=True, device=device
+            model_chunks,
+            list(micro_batches),
+            seq_length=seq_length,
+            forward_only=True,
+            device=device,
+            forward_backward_func=forward_backward_func,
         )
     if over_data_parallel:
         return reduce_loss(total)
@@ -188,6 +206,7 @@ def per_sample_losses(
     *,
     seq_length: int,
     device: torch.device,
+    forward_backward_func: Callable | None = None,
 ) -> torch.Tensor:
     """Mean loss of every sample (over its counted tokens), several samples per forward pass.
 
@@ -201,6 +220,7 @@ def per_sample_losses(
             seq_length=seq_length,
             forward_only=True,
             device=device,
+            forward_backward_func=forward_backward_func,
         )
     n = sum(b["tokens"].shape[0] for b in micro_batches)
     stats = (

@@ -1,16 +1,29 @@
-"""Checkpoints of a Megatron-Core run: one file per model-parallel shard, atomic, exact resume.
+"""Checkpoints of a Megatron-Core run in megatron-core's distributed format: atomic, reshardable, exact resume.
 
-Layout (Megatron-LM's legacy layout, so its tooling recognises it):
-    SAVE/latest_checkpointed_iteration.txt
-    SAVE/iter_0000100/mp_rank_{tp:02d}_{pp:03d}/model_optim_rng.pt     (data-parallel rank 0 of each shard)
-    SAVE/iter_0000100/mp_rank_{tp:02d}_{pp:03d}/rng_dp{dp:03d}.pt      (every rank's RNG state)
-    SAVE/iter_0000100/mp_rank_{tp:02d}_{pp:03d}/optim_dp{dp:03d}.pt     (distributed optimizer: each rank's shard)
+Layout:
+    SAVE/latest_checkpointed_iteration.txt          written last, once the iteration directory is complete
+    SAVE/iter_0000100/run_state.pt                  rank 0 only: format tag, iteration, layout (TP, PP, DP),
+                                                    scheduler state and the loop's `extra` (consumed samples,
+                                                    sampler and hook state, history); every rank reads it
+    SAVE/iter_0000100/dist/                         megatron-core dist_checkpointing (torch_dist backend):
+        metadata.json, common.pt, __*_*.distcp      model and optimizer as global tensors, each rank writing
+                                                    its own shards (replicas written once)
+    SAVE/iter_0000100/rng/tp{t}_pp{p}_dp{d}.pt      every rank's RNG states (Python, NumPy, torch, tracker)
+
+Model and optimizer state are saved as global tensors (``sharded_state_dict()`` of the model chunks and of the
+megatron optimizer), so a checkpoint saved with one TP/PP/DP layout loads into another: the weights, Adam's
+moments and its step land in whatever shards the new layout has. RNG states are per rank and only restored
+when the layout is unchanged (a warning says so otherwise), as Megatron-LM does. The distributed optimizer's
+state is saved in megatron-core's ``dp_reshardable`` form: it resumes at any DP size but the same TP and PP
+(a TP/PP change is refused with an error; see DIST_OPT_SHARDING for why).
+
 The iteration directory is written under a temporary name and renamed once every rank has written, so a
 crash mid-save never leaves a directory that looks complete.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -18,34 +31,27 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
+from megatron.core import dist_checkpointing, parallel_state
 
 from mates_megatron.runtime.optimizers import megatron_optimizers
 from mates_megatron.runtime.rng import get_rng_state, set_rng_state
 
+log = logging.getLogger("mates_megatron.checkpoint")
+
 TRACKER = "latest_checkpointed_iteration.txt"
-
-
-def _dist_opt_shard_state(optimizer) -> list[dict[str, Any]]:
-    """This rank's shard: the inner torch optimizer state and the fp32 main copies of bf16/fp16 params."""
-    return [
-        {
-            "inner": o.optimizer.state_dict(),
-            "main": [
-                [t.detach().clone() for t in g] for g in getattr(o, "shard_fp32_from_float16_groups", [])
-            ],
-        }
-        for o in megatron_optimizers(optimizer)
-    ]
-
-
-@torch.no_grad()
-def _load_dist_opt_shard_state(optimizer, state: list[dict[str, Any]]) -> None:
-    for o, st in zip(megatron_optimizers(optimizer), state, strict=True):
-        o.optimizer.load_state_dict(st["inner"])
-        for group, saved in zip(getattr(o, "shard_fp32_from_float16_groups", []), st["main"], strict=True):
-            for t, v in zip(group, saved, strict=True):
-                t.copy_(v)
+FORMAT = "mates_megatron.dist_checkpointing.v1"
+RUN_STATE = "run_state.pt"
+DIST_DIR = "dist"
+RNG_DIR = "rng"
+# The distributed optimizer's state is saved in megatron-core's `dp_reshardable` form (Megatron-LM's default):
+# each rank writes its own flat buffer shards, no gather; it reshards over data parallelism only. The forms
+# that would reshard over TP/PP are unusable in megatron-core 0.16.1: `fully_reshardable` writes zeros over
+# part of the state of every parameter past a gradient buffer's first bucket ("param range exceeds unpadded
+# buffer ... padded with zeros", fixed upstream after 0.16.1 by Megatron-LM PR #5077; the embedding has a
+# bucket of its own on the first pipeline stage, and large models always have several), and
+# `fully_sharded_model_space` is refused by dist_checkpointing ("ShardedTensor.flattened_range is not
+# supported").
+DIST_OPT_SHARDING = "dp_reshardable"
 
 
 def _layout() -> dict[str, int]:
@@ -56,10 +62,142 @@ def _layout() -> dict[str, int]:
     }
 
 
-def _shard_name() -> str:
+def _rng_name() -> str:
     tp = parallel_state.get_tensor_model_parallel_rank()
     pp = parallel_state.get_pipeline_model_parallel_rank()
-    return f"mp_rank_{tp:02d}_{pp:03d}"
+    dp = parallel_state.get_data_parallel_rank()
+    return f"tp{tp}_pp{pp}_dp{dp}.pt"
+
+
+def _content_metadata(use_distributed_optimizer: bool) -> dict[str, Any]:
+    """What `sharded_state_dict()` needs to know about the format (saved in the checkpoint, reused on load)."""
+    metadata: dict[str, Any] = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
+    if use_distributed_optimizer:
+        metadata["distrib_optim_sharding_type"] = DIST_OPT_SHARDING
+    return metadata
+
+
+def _sharded_state_dict(model_chunks, optimizer, *, metadata: dict[str, Any], is_loading: bool) -> dict:
+    """Model chunks under 'model' ('model0', 'model1', ... with virtual pipelining) and the optimizer."""
+    # The process group cannot be saved in the content metadata: add it to a copy for this process only.
+    metadata = {
+        **metadata,
+        "dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True),
+    }
+    state: dict[str, Any] = {}
+    for i, chunk in enumerate(model_chunks):
+        module = chunk.module if hasattr(chunk, "module") else chunk
+        if len(model_chunks) > 1:
+            parallel_state.set_virtual_pipeline_model_parallel_rank(i)
+        state["model" if len(model_chunks) == 1 else f"model{i}"] = module.sharded_state_dict(
+            metadata=metadata
+        )
+    state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading, metadata=metadata)
+    return state
+
+
+def _require_psutil() -> None:
+    # megatron-core's torch_dist writer (FileSystemWriterAsync.write_preloaded_data) logs its memory use
+    # with psutil in a forked writer process; without psutil that process dies before it reports and the
+    # save waits forever on its queue. megatron-core does not declare the dependency.
+    try:
+        import psutil  # noqa: F401
+    except ImportError as e:
+        raise ImportError(
+            "saving a checkpoint with megatron-core's torch_dist backend needs psutil: pip install psutil"
+        ) from e
+
+
+def _allocate_torch_adam_state(optimizer) -> None:
+    """Give a distributed optimizer that has not stepped yet an (all-zero) torch Adam state to load into.
+
+    Without apex/TE, megatron-core's DistributedOptimizer.state_dict() reads the common "step" from torch
+    Adam's per-parameter state and asserts there is exactly one value (distrib_optimizer.py, `assert
+    len(steps) == 1` in state_dict); a freshly built optimizer has no state yet, and
+    sharded_state_dict(is_loading=True) calls state_dict() before it allocates any. The zeros are
+    overwritten by the load, "step" included.
+    """
+    from megatron.core.optimizer import distrib_optimizer
+
+    if getattr(distrib_optimizer, "HAVE_APEX_OR_TE", True):
+        return
+    for o in megatron_optimizers(optimizer):
+        if not isinstance(o, distrib_optimizer.DistributedOptimizer) or len(o.optimizer.state):
+            continue
+        o.init_state_fn(o.optimizer, o.config)
+        for group in o.optimizer.param_groups:
+            for p in group["params"]:
+                o.optimizer.state[p].setdefault("step", torch.zeros((), dtype=torch.float32))
+
+
+@torch.no_grad()
+def _load_optimizer(optimizer, state: dict, *, use_distributed_optimizer: bool) -> None:
+    """optimizer.load_state_dict, with a way around megatron-core's torch-Adam gap in the distributed optimizer.
+
+    Without apex/TE the inner optimizer is torch Adam, whose state holds a per-parameter "step". megatron-core
+    saves that step once (in the param groups) and its reshardable loaders skip it in the loaded tensors,
+    but DistributedOptimizer._set_main_param_and_optimizer_states then copies every key of the live state,
+    "step" included (`dst_tensors[key].copy_(tensors[key])`: KeyError 'step', distrib_optimizer.py in
+    megatron-core 0.16.1). So: load the common part (param groups, step), then the parameter state with the
+    step set aside, then put the step back.
+
+    no_grad: with fp32 parameters the distributed optimizer's main parameters are views of the model's, and
+    load_parameter_state_from_dp_reshardable copies into them in place ("a view of a leaf Variable that
+    requires grad is being used in an in-place operation" without it).
+    """
+    from megatron.core.optimizer import distrib_optimizer
+
+    opts = megatron_optimizers(optimizer)
+    if not use_distributed_optimizer or getattr(distrib_optimizer, "HAVE_APEX_OR_TE", True):
+        optimizer.load_state_dict(state)
+        return
+    states = [state] if len(opts) == 1 else [state[i] for i in range(len(opts))]
+    for o, st in zip(opts, states, strict=True):
+        st = dict(st)
+        param_state = st.pop("param_state")
+        sharding = st.pop("param_state_sharding_type")
+        if sharding != DIST_OPT_SHARDING:
+            raise ValueError(
+                f"distributed-optimizer state saved as {sharding!r}; this version reads {DIST_OPT_SHARDING!r}"
+            )
+        o.load_state_dict(st)
+        steps = {p: ps.pop("step") for p, ps in o.optimizer.state.items() if "step" in ps}
+        try:
+            o.load_parameter_state_from_dp_reshardable(param_state)
+        finally:
+            # One tensor per parameter: load_state_dict gives every parameter the SAME step tensor, and
+            # torch Adam's foreach path increments each listed step in place, so a shared one would advance
+            # once per parameter per step (wrong bias correction from the first step after the resume).
+            for p, step in steps.items():
+                o.optimizer.state[p]["step"] = step.detach().clone()
+    if len(opts) > 1:
+        optimizer._synchronize_steps()
+
+
+def _warn_reshaped(state: dict, dist_dir: str) -> None:
+    """Log the model tensors whose global shape differs from the saved one (rank 0).
+
+    megatron-core marks the vocabulary-parallel embedding and output layer `allow_shape_mismatch`: the
+    padded vocabulary is a multiple of make_vocab_size_divisible_by x TP, so it can change with TP, and the
+    load then zero-fills or drops the padding rows. Training continues, but not exactly as the saved run
+    would have (padding rows take part in the softmax).
+    """
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    saved = dist_checkpointing.load_tensors_metadata(dist_dir)
+    for t in nested_values(state):
+        if not isinstance(t, ShardedTensor) or t.key.startswith("optimizer.") or t.key not in saved:
+            continue
+        if tuple(saved[t.key].global_shape) != tuple(t.global_shape):
+            log.warning(
+                "%s was saved with shape %s and loads into shape %s (rows zero-filled or dropped): the padded "
+                "vocabulary differs (a multiple of make_vocab_size_divisible_by x TP); choose the vocabulary "
+                "size or make_vocab_size_divisible_by so that both layouts pad alike to continue exactly",
+                t.key,
+                tuple(saved[t.key].global_shape),
+                tuple(t.global_shape),
+            )
 
 
 def latest_iteration(load_dir: str | Path) -> int | None:
@@ -83,37 +221,39 @@ def save_checkpoint(
     extra: dict[str, Any],
     use_distributed_optimizer: bool,
 ) -> Path:
-    """Save every rank's share of the run at `iteration`; collective over the world group."""
+    """Save the run at `iteration`; collective over the world group. Returns the iteration directory.
+
+    `extra` and the scheduler state are the same on every rank: rank 0 writes them once.
+    """
+    _require_psutil()
     save_dir = Path(save_dir)
     final = save_dir / f"iter_{iteration:07d}"
     tmp = save_dir / f".tmp_iter_{iteration:07d}"
     rank = dist.get_rank()
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        (tmp / DIST_DIR).mkdir(parents=True)
+        (tmp / RNG_DIR).mkdir()
     dist.barrier()
-    shard = tmp / _shard_name()
-    shard.mkdir(exist_ok=True)
-    dp_rank = parallel_state.get_data_parallel_rank()
-    if use_distributed_optimizer:
-        # Each data-parallel rank keeps its own shard of the optimizer state (exact resume with the same
-        # layout). megatron-core's save_parameter_state drops torch Adam's per-parameter "step", which the
-        # fallback optimizer (no apex/TE) keeps, so it cannot restore that optimizer.
-        torch.save(_dist_opt_shard_state(optimizer), shard / f"optim_dp{dp_rank:03d}.pt")
-    if dp_rank == 0:
-        state = {
+    metadata = _content_metadata(use_distributed_optimizer)
+    state = _sharded_state_dict(model_chunks, optimizer, metadata=metadata, is_loading=False)
+    dist_checkpointing.save(
+        state,
+        str(tmp / DIST_DIR),
+        sharded_strategy=dist_checkpointing.serialization.get_default_save_sharded_strategy("torch_dist"),
+        content_metadata=metadata,
+    )
+    torch.save({"layout": _layout(), "rng": get_rng_state()}, tmp / RNG_DIR / _rng_name())
+    if rank == 0:
+        run_state = {
+            "format": FORMAT,
             "iteration": iteration,
             "layout": _layout(),
-            "model": [
-                chunk.module.state_dict() if hasattr(chunk, "module") else chunk.state_dict()
-                for chunk in model_chunks
-            ],
-            "optimizer": optimizer.state_dict(),
+            "use_distributed_optimizer": use_distributed_optimizer,
             "scheduler": scheduler.state_dict(),
             "extra": extra,
         }
-        torch.save(state, shard / "model_optim_rng.pt")
-    torch.save(get_rng_state(), shard / f"rng_dp{dp_rank:03d}.pt")
+        torch.save(run_state, tmp / RUN_STATE)
     dist.barrier()
     if rank == 0:
         if final.exists():
@@ -126,6 +266,30 @@ def save_checkpoint(
     return final
 
 
+def _read_run_state(it_dir: Path) -> dict[str, Any]:
+    path = it_dir / RUN_STATE
+    if not path.is_file():
+        if not it_dir.is_dir():
+            raise FileNotFoundError(
+                f"{it_dir} not found although {it_dir.parent / TRACKER} names it: the checkpoint directory "
+                "is incomplete; fix the tracker file to name an iteration that exists, or delete it"
+            )
+        if any(it_dir.glob("mp_rank_*")):
+            raise ValueError(
+                f"{it_dir} was written by the old per-shard checkpoint format (mp_rank_*/model_optim_rng.pt), "
+                "which this version cannot read: resume with the mates-megatron release that wrote it, or "
+                "start the run again"
+            )
+        raise FileNotFoundError(f"{path} not found: {it_dir} is not a complete mates-megatron checkpoint")
+    run_state = torch.load(path, map_location="cpu", weights_only=False)
+    if run_state.get("format") != FORMAT:
+        raise ValueError(
+            f"{path} has format {run_state.get('format')!r}, this version reads {FORMAT!r}: resume with the "
+            "mates-megatron release that wrote it"
+        )
+    return run_state
+
+
 def load_checkpoint(
     load_dir: str | Path,
     *,
@@ -135,34 +299,59 @@ def load_checkpoint(
     use_distributed_optimizer: bool,
     iteration: int | None = None,
 ) -> tuple[int, dict[str, Any]] | None:
-    """Restore the latest (or the given) checkpoint in place; returns (iteration, extra) or None if none."""
+    """Restore the latest (or the given) checkpoint in place; returns (iteration, extra) or None if none.
+
+    The model and optimizer load into this run's TP/PP/DP layout whatever layout saved them; RNG states are
+    restored only when the layout is the same.
+    """
     if iteration is None:
         iteration = latest_iteration(load_dir)
         if iteration is None:
             return None
     it_dir = Path(load_dir) / f"iter_{iteration:07d}"
-    shard = it_dir / _shard_name()
-    path = shard / "model_optim_rng.pt"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} not found: the checkpoint in {load_dir} was saved with another tensor/pipeline layout "
-            "or is incomplete; resume with the layout it was saved with"
-        )
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if state["layout"] != _layout():
+    run_state = _read_run_state(it_dir)
+    if run_state["use_distributed_optimizer"] != use_distributed_optimizer:
         raise ValueError(
-            f"checkpoint {it_dir} was saved with layout {state['layout']}, this run has {_layout()}: "
-            "resume with the same TP, PP and DP sizes"
+            f"checkpoint {it_dir} was saved with use_distributed_optimizer="
+            f"{run_state['use_distributed_optimizer']}, this run has {use_distributed_optimizer}: their "
+            "optimizer states are stored differently; resume with the same use_distributed_optimizer"
         )
-    for chunk, sd in zip(model_chunks, state["model"], strict=True):
-        (chunk.module if hasattr(chunk, "module") else chunk).load_state_dict(sd)
-    optimizer.load_state_dict(state["optimizer"])
+    saved_layout, layout = run_state["layout"], _layout()
+    model_parallel = ("tp", "pp")
+    if use_distributed_optimizer and any(saved_layout[k] != layout[k] for k in model_parallel):
+        raise ValueError(
+            f"checkpoint {it_dir} was saved with the distributed optimizer at TP={saved_layout['tp']}, "
+            f"PP={saved_layout['pp']}; this run has TP={layout['tp']}, PP={layout['pp']}. The distributed "
+            f"optimizer's checkpoint ({DIST_OPT_SHARDING}) reshards over data parallelism only: resume with "
+            "the same TP and PP (any DP), or save without use_distributed_optimizer to change TP/PP"
+        )
+    dist_dir = str(it_dir / DIST_DIR)
+    metadata = dist_checkpointing.load_content_metadata(dist_dir)
     if use_distributed_optimizer:
-        dp_rank = parallel_state.get_data_parallel_rank()
-        _load_dist_opt_shard_state(
-            optimizer, torch.load(shard / f"optim_dp{dp_rank:03d}.pt", weights_only=False)
+        _allocate_torch_adam_state(optimizer)
+    state = _sharded_state_dict(model_chunks, optimizer, metadata=metadata, is_loading=True)
+    if saved_layout != layout and dist.get_rank() == 0:
+        _warn_reshaped(state, dist_dir)
+    state = dist_checkpointing.load(
+        state,
+        dist_dir,
+        sharded_strategy=dist_checkpointing.serialization.get_default_load_sharded_strategy(dist_dir),
+    )
+    for i, chunk in enumerate(model_chunks):
+        module = chunk.module if hasattr(chunk, "module") else chunk
+        module.load_state_dict(state["model" if len(model_chunks) == 1 else f"model{i}"])
+    _load_optimizer(optimizer, state["optimizer"], use_distributed_optimizer=use_distributed_optimizer)
+    scheduler.load_state_dict(run_state["scheduler"])
+    if saved_layout == layout:
+        rng = torch.load(it_dir / RNG_DIR / _rng_name(), map_location="cpu", weights_only=False)
+        set_rng_state(rng["rng"])
+    elif dist.get_rank() == 0:
+        log.warning(
+            "checkpoint %s was saved with layout %s, this run has %s: model and optimizer state were "
+            "resharded, but the per-rank RNG states cannot map to the new ranks and were NOT loaded "
+            "(dropout and other random draws continue from this run's seed, not the saved streams)",
+            it_dir,
+            saved_layout,
+            layout,
         )
-    scheduler.load_state_dict(state["scheduler"])
-    dp_rank = parallel_state.get_data_parallel_rank()
-    set_rng_state(torch.load(shard / f"rng_dp{dp_rank:03d}.pt", map_location="cpu", weights_only=False))
-    return iteration, state["extra"]
+    return iteration, run_state["extra"]

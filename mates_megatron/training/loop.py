@@ -1,8 +1,9 @@
 """A Megatron-Core pretraining loop: GPTModel + DDP + megatron optimizer + LR schedule, TP/PP/DP, checkpoints.
 
-It runs on GPUs as it is and on CPU in megatron-core CPU mode. The plugin attaches at two typed call points:
-``SampleOrder`` (which samples each step trains on) and ``TrainerHook`` (called at every step end, with its
-state saved in the checkpoint).
+It runs on GPUs as it is and on CPU in megatron-core CPU mode. It knows nothing of data selection: what it
+trains on comes from the edge (``training/build.py``) as a dataset, a ``SampleOrder`` (which samples each step
+trains on) and ``TrainerHook``s (called at every step end, their state saved in the checkpoint). It
+implements the plugin's host protocol (``mates_megatron.host.Host``): the hooks read the live run through it.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -25,102 +27,18 @@ from megatron.core.distributed import (
 )
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from mates_megatron.config import SelectionConfig
+from mates_megatron.host import ProcessGroups
 from mates_megatron.runtime.schedule import collate, evaluate, train_step
 from mates_megatron.training import checkpoint as ckpt
+from mates_megatron.training.config import TrainConfig
 from mates_megatron.training.data import TokenizerInfo, build_gpt_dataset, sequential_indices
-from mates_megatron.training.metrics import MetricsConfig, MetricsWriter
-from mates_megatron.training.model import GPTConfig, build_gpt_model
-from mates_megatron.training.parallel import ParallelConfig, initialize_parallel
+from mates_megatron.training.metrics import MetricsWriter
+from mates_megatron.training.model import build_gpt_model
+from mates_megatron.training.parallel import initialize_parallel
 
 log = logging.getLogger("mates_megatron.train")
-
-
-@dataclass
-class TrainConfig:
-    """A complete pretraining run (Megatron-LM argument names where one exists)."""
-
-    data_prefix: str
-    """Indexed dataset prefix (PREFIX.bin / PREFIX.idx / PREFIX.meta.json from `mates-megatron prepare`)."""
-    reference: str | None = None
-    """Reference-set JSONL ({"context", "target"} lines); its loss is evaluated every eval_interval steps."""
-    tokenizer: str | None = None
-    """Local tokenizer directory for the reference set (default: the one recorded in PREFIX.meta.json)."""
-    model: GPTConfig = field(default_factory=GPTConfig)
-    """Model shape."""
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    """TP/PP layout and CPU mode."""
-    micro_batch_size: int = 4
-    """Samples per micro-batch per data-parallel rank."""
-    global_batch_size: int = 16
-    """Samples per optimizer step over all data-parallel ranks."""
-    train_iters: int = 300
-    """Optimizer steps in the whole run."""
-    lr: float = 1e-3
-    """Peak learning rate."""
-    min_lr: float = 1e-4
-    """Learning rate at the end of the decay."""
-    lr_warmup_iters: int = 20
-    """Linear warm-up steps."""
-    lr_decay_style: str = "cosine"
-    """'constant', 'linear' or 'cosine' (megatron-core OptimizerParamScheduler)."""
-    weight_decay: float = 0.1
-    """AdamW decoupled weight decay."""
-    clip_grad: float = 1.0
-    """Gradient-norm clipping threshold (0 disables)."""
-    adam_beta1: float = 0.9
-    """Adam beta1."""
-    adam_beta2: float = 0.95
-    """Adam beta2."""
-    use_distributed_optimizer: bool = False
-    """Shard optimizer state over data-parallel ranks (megatron-core distributed optimizer)."""
-    seed: int = 1234
-    """Seed for weights, data order and every RNG."""
-    eval_interval: int = 50
-    """Steps between reference-set evaluations (also at step 0 and the last step)."""
-    log_interval: int = 10
-    """Steps between log lines."""
-    save: str | None = None
-    """Checkpoint directory to save into."""
-    save_interval: int = 0
-    """Steps between checkpoints (0: only at the end, if `save` is set)."""
-    load: str | None = None
-    """Checkpoint directory to resume from (the latest iteration in it)."""
-    exit_interval: int = 0
-    """Stop (after saving) once the iteration is a multiple of this (0: never); for resume tests."""
-    data_cache: str | None = None
-    """Where GPTDataset writes its index cache (default: beside the data prefix)."""
-    selection: SelectionConfig | None = None
-    """Train from a candidate pool through MatesSampler, one selection per round (None: Megatron order)."""
-    metrics: MetricsConfig = field(default_factory=MetricsConfig)
-    """TensorBoard / W&B scalars (training loss, reference loss, MATES rounds)."""
-
-    def __post_init__(self) -> None:
-        if self.micro_batch_size < 1:
-            raise ValueError(f"TrainConfig.micro_batch_size must be >= 1, got {self.micro_batch_size}")
-        if self.train_iters < 1:
-            raise ValueError(f"TrainConfig.train_iters must be >= 1, got {self.train_iters}")
-        if isinstance(self.metrics, dict):  # YAML gives a mapping
-            self.metrics = MetricsConfig(**self.metrics)
-        if self.selection is not None and self.selection.scored and not self.reference:
-            raise ValueError(
-                f"selection.selector={self.selection.selector!r} scores candidates by their influence on the "
-                "reference set: set reference (--reference PATH, e.g. LAMBADA as JSONL)"
-            )
-        if self.lr_decay_style not in ("constant", "linear", "cosine"):
-            raise ValueError(
-                f"TrainConfig.lr_decay_style={self.lr_decay_style!r}: use constant, linear or cosine"
-            )
-
-    def num_micro_batches(self, dp_size: int) -> int:
-        per_step = self.micro_batch_size * dp_size
-        if self.global_batch_size % per_step:
-            raise ValueError(
-                f"global_batch_size={self.global_batch_size} is not divisible by micro_batch_size x DP "
-                f"= {self.micro_batch_size} x {dp_size}; change --global-batch-size or --micro-batch-size"
-            )
-        return self.global_batch_size // per_step
 
 
 class SampleOrder(Protocol):
@@ -170,16 +88,15 @@ class SequentialOrder:
         pass
 
 
+DataProvider = Callable[["Trainer"], tuple[Any, SampleOrder, list[TrainerHook]]]
+"""Called once the model exists (before a resume): (dataset, sample order, hooks) to train with."""
+
+
 class Trainer:
     """Builds the model, optimizer, data and checkpointing for a TrainConfig and runs the loop."""
 
     def __init__(
-        self,
-        cfg: TrainConfig,
-        *,
-        order: SampleOrder | None = None,
-        hooks: list[TrainerHook] | None = None,
-        dataset=None,
+        self, cfg: TrainConfig, *, data: DataProvider | None = None, hooks: list[TrainerHook] | None = None
     ) -> None:
         self.cfg = cfg
         initialize_parallel(cfg.parallel, seed=cfg.seed)
@@ -196,42 +113,26 @@ class Trainer:
                 f"model vocab_size={cfg.model.vocab_size} is smaller than the data's tokenizer vocabulary "
                 f"({self.tokenizer_info.vocab_size}); set --vocab-size {self.tokenizer_info.vocab_size}"
             )
-        self.hooks: list[TrainerHook] = list(hooks or [])
-        self.selection = None
-        if cfg.selection is not None:
-            from mates_megatron.training.selection import build_selection
-
-            if order is not None or dataset is not None:
-                raise ValueError(
-                    "TrainConfig.selection builds its own pool and sampler: pass no order= or dataset="
-                )
-
-            tokenizer = None
-            if cfg.selection.scored and cfg.selection.pool == "indexed":
-                from mates_megatron.data.tokenizer import load_tokenizer
-
-                tokenizer = load_tokenizer(cfg.tokenizer or self.tokenizer_info.path)
-            self.selection = build_selection(
-                cfg.selection,
-                train_iters=cfg.train_iters,
-                global_batch_size=cfg.global_batch_size,
-                micro_batch_size=cfg.micro_batch_size,
-                seq_length=cfg.model.seq_length,
-                dp_rank=self.dp_rank,
-                dp_size=self.dp_size,
-                build_indexed_dataset=self._build_dataset,
-                write_files=dist.get_rank() == 0,
-                tokenizer=tokenizer,
-            )
-            self.dataset = self.selection.pool
-            self.order: SampleOrder = self.selection.sampler
-            self.hooks.insert(0, self.selection.hook)
+        self.groups = ProcessGroups.from_parallel_state()
+        self.forward_backward_func = get_forward_backward_func()
+        if data is not None:
+            self.dataset, self.order, data_hooks = data(self)
+            self.hooks: list[TrainerHook] = list(data_hooks)
         else:
-            self.dataset = dataset if dataset is not None else self._build_dataset()
-            self.order = order or SequentialOrder(
+            self.dataset = self.build_dataset()
+            self.order = SequentialOrder(
                 cfg.global_batch_size, cfg.micro_batch_size, self.dp_rank, self.dp_size
             )
-        self.reference_batches = self._build_reference()
+            self.hooks = []
+        self.hooks += list(hooks or [])
+        self.reference = self._load_reference()
+        self.reference_batches = (
+            None
+            if self.reference is None
+            else self.reference.micro_batches(
+                cfg.micro_batch_size, dp_rank=self.dp_rank, dp_size=self.dp_size
+            )
+        )
         self.iteration = 0
         self.consumed_samples = 0
         self.history: dict[str, list] = {
@@ -244,6 +145,22 @@ class Trainer:
         self.metrics_writer = MetricsWriter(cfg.metrics, enabled=dist.get_rank() == dist.get_world_size() - 1)
         if cfg.load:
             self._resume(cfg.load)
+
+    # -- the host protocol (mates_megatron.host.Host) -----------------------------------------------------
+    @property
+    def seq_length(self) -> int:
+        return self.cfg.model.seq_length
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.cfg.micro_batch_size
+
+    @property
+    def distributed_optimizer(self) -> bool:
+        return self.cfg.use_distributed_optimizer
+
+    def log_metrics(self, step: int, scalars: dict[str, float]) -> None:
+        self.metrics_writer.log(step, scalars)
 
     # -- construction -------------------------------------------------------------------------------------
     def _build_model_and_optimizer(self) -> None:
@@ -285,7 +202,7 @@ class Trainer:
             wd_incr_style="constant",
         )
 
-    def _build_dataset(self, num_samples: int | None = None):
+    def build_dataset(self, num_samples: int | None = None):
         cfg = self.cfg
         cache = cfg.data_cache or str(Path(cfg.data_prefix).parent / "cache")
         # Collective: megatron-core's builder writes the index cache on rank 0, then the others read it.
@@ -298,41 +215,14 @@ class Trainer:
             cache_dir=cache,
         )
 
-    def _build_reference(self):
+    def _load_reference(self):
         if not self.cfg.reference:
             return None
         from mates_megatron.data.tokenizer import load_tokenizer
         from mates_megatron.probe.reference import load_reference_set
 
         tok_path = self.cfg.tokenizer or self.tokenizer_info.path
-        ref = load_reference_set(self.cfg.reference, load_tokenizer(tok_path), self.cfg.model.seq_length)
-        self.reference_set = ref
-        # What the probes score against: the reported loss, or every token of the same examples.
-        sel = self.cfg.selection
-        self._probe_reference = (
-            ref.with_all_tokens() if sel is not None and sel.probe_tokens == "all" else ref
-        )
-        return ref.micro_batches(self.cfg.micro_batch_size, dp_rank=self.dp_rank, dp_size=self.dp_size)
-
-    # -- what the plugin reads ----------------------------------------------------------------------------
-    def probe_context(self):
-        """The live run for the probes: model, optimizer, scheduler and the whole reference set."""
-        from mates_megatron.probe.estimators import ProbeContext
-
-        if self.reference_batches is None:
-            raise ValueError("probing needs a reference set: set TrainConfig.reference (--reference PATH)")
-        return ProbeContext(
-            model_chunks=self.model_chunks,
-            optimizer=self.optimizer,
-            scheduler=self.scheduler,
-            reference=self._probe_reference.micro_batches(self.cfg.micro_batch_size),
-            seq_length=self.cfg.model.seq_length,
-            device=self.device,
-            distributed_optimizer=self.cfg.use_distributed_optimizer,
-        )
-
-    def log_metrics(self, step: int, scalars: dict[str, float]) -> None:
-        self.metrics_writer.log(step, scalars)
+        return load_reference_set(self.cfg.reference, load_tokenizer(tok_path), self.cfg.model.seq_length)
 
     # -- the loop -----------------------------------------------------------------------------------------
     def reference_loss(self) -> float:
@@ -344,6 +234,7 @@ class Trainer:
             self.reference_batches,
             seq_length=self.cfg.model.seq_length,
             device=self.device,
+            forward_backward_func=self.forward_backward_func,
         )
 
     def micro_batches(self, consumed_samples: int):

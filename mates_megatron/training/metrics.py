@@ -17,6 +17,13 @@ class MetricsConfig:
     wandb_exp_name: str | None = None
     """W&B run name (--wandb-exp-name)."""
 
+    def __post_init__(self) -> None:
+        if self.wandb_exp_name and not self.wandb_project:
+            raise ValueError(
+                f"MetricsConfig.wandb_exp_name={self.wandb_exp_name!r} names a W&B run but wandb_project is "
+                "not set, so nothing would be logged: set wandb_project (--wandb-project) too"
+            )
+
 
 class MetricsWriter:
     """Writes scalars to every configured sink; a no-op with none configured (and on non-logging ranks)."""

@@ -40,8 +40,27 @@ class GPTConfig:
     """Train in bf16 with fp32 master weights (GPU); CPU runs use fp32."""
 
     def __post_init__(self) -> None:
+        for name in (
+            "num_layers",
+            "hidden_size",
+            "num_attention_heads",
+            "seq_length",
+            "vocab_size",
+            "make_vocab_size_divisible_by",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"GPTConfig.{name}={getattr(self, name)} must be >= 1")
         if self.ffn_hidden_size is None:
             self.ffn_hidden_size = 4 * self.hidden_size
+        if self.ffn_hidden_size < 1:
+            raise ValueError(
+                f"GPTConfig.ffn_hidden_size={self.ffn_hidden_size} must be >= 1 (or null: 4 x hidden_size)"
+            )
+        for name in ("hidden_dropout", "attention_dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"GPTConfig.{name}={getattr(self, name)} must be in [0, 1)")
+        if self.init_method_std <= 0:
+            raise ValueError(f"GPTConfig.init_method_std={self.init_method_std} must be > 0")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"GPTConfig.hidden_size={self.hidden_size} is not divisible by "

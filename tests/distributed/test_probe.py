@@ -83,6 +83,7 @@ def _build(tp: int, pp: int, *, distopt: bool = False, weights=None):
 
 
 def _ctx(ddp, opt, sched, reference, distopt=False):
+    from mates_megatron.host import ProcessGroups
     from mates_megatron.probe.estimators import ProbeContext
 
     return ProbeContext(
@@ -92,6 +93,7 @@ def _ctx(ddp, opt, sched, reference, distopt=False):
         reference,
         SEQ,
         torch.device("cpu"),
+        ProcessGroups.from_parallel_state(),
         distributed_optimizer=distopt,
         show_progress=False,
     )
@@ -129,7 +131,12 @@ def _dp_scores_and_shares(weights, distopt):
     from mates_megatron.probe import estimators
 
     scores = _scores(1, 1, weights, distopt)
-    ctx = estimators.ProbeContext([], None, None, [], SEQ, torch.device("cpu"), distributed_optimizer=distopt)
+    from mates_megatron.host import ProcessGroups
+
+    groups = ProcessGroups.from_parallel_state()
+    ctx = estimators.ProbeContext(
+        [], None, None, [], SEQ, torch.device("cpu"), groups, distributed_optimizer=distopt
+    )
     return scores, estimators._my_share(6, ctx).tolist()
 
 
@@ -190,7 +197,7 @@ def _restore_check():
     run_schedule([ddp], [samples[4]], seq_length=SEQ, forward_only=False, device=torch.device("cpu"))
     before = _state(model, ddp, opt, sched)
     ctx = _ctx(ddp, opt, sched, reference)
-    for est in ESTIMATORS.values():
+    for _, est in ESTIMATORS.items():
         est(ctx).score(samples)
     after_probes = _same(before, _state(model, ddp, opt, sched))
     bad = _batch(np.full((1, SEQ + 1), VOCAB * 4))  # token ids past the vocabulary: the forward raises

@@ -15,9 +15,10 @@ ITERS, EVERY = 9, 3  # rounds 0 (random warm-up), 1 and 2 (scored at the ends of
 
 
 def _train(data, overrides):
-    from mates_megatron.pretrain import train_config_from_dict
+    from mates_megatron.configio import build
     from mates_megatron.select import RandomSelector
-    from mates_megatron.training.loop import Trainer
+    from mates_megatron.training.build import build_trainer
+    from mates_megatron.training.loop import TrainConfig
 
     cfg = {
         "data_prefix": data["prefix"],
@@ -36,18 +37,19 @@ def _train(data, overrides):
             "pool": "indexed",
             "select_every": EVERY,
             "selection_ratio": 0.25,
-            "selector": "mates",
+            "selector": "gumbel",
+            "scorer": "mates",
             "temperature": 0.5,
             "seed": 11,
             "warmup_steps": EVERY,
             "probe_samples": 16,
             "estimator": "oracle",
-            "influence": {"freeze_encoder": True, "features": "token_embeddings"},
+            "influence": {"model": "ridge", "ridge": {"features": "token_embeddings"}},
         },
         **overrides,
     }
-    trainer = Trainer(train_config_from_dict(cfg))
-    hook = trainer.selection.hook
+    trainer = build_trainer(build(TrainConfig, cfg, where="test"))
+    (hook,) = trainer.hooks
     served, published = [], {}
     order_fn, publish_fn = trainer.order.micro_batch_indices, hook.publish
 
@@ -70,7 +72,7 @@ def _train(data, overrides):
         "served": served,
         "published": published,
         "records": hook.records,
-        "oracle": {r: (o["ids"].tolist(), o["scores"].tolist()) for r, o in hook.oracle.items()},
+        "oracle": {r: (o["ids"].tolist(), o["scores"].tolist()) for r, o in hook.scorer.oracle.items()},
         "random_round": {
             r: sorted(RandomSelector().select(hook.rounds.candidates(r), k, seed=11, round_=r).tolist())
             for r in range(ITERS // EVERY)
@@ -98,7 +100,7 @@ def test_rounds_select_on_the_live_model_and_log_per_round(uninterrupted):
         rec = rank0["records"][r]
         assert rec["probes"] == 16 and rec["candidates"] == EVERY * 4 * 4
         assert np.isfinite([rec["oracle_mean"], rec["oracle_std"], rec["influence_spearman"]]).all()
-        assert set(rec["seconds"]) == {"probe", "text", "fit_and_score", "select", "total"}
+        assert set(rec["seconds"]) == {"probe", "text", "fit_and_score", "score", "select", "total"}
         assert abs(sum(rec["selected_share"].values()) - 1) < 1e-9
         ids, scores = rank0["oracle"][r]
         assert len(set(ids)) == 16 and rec["oracle_mean"] == pytest.approx(np.mean(scores))

@@ -15,8 +15,9 @@ ITERS, EVERY, STOP = 8, 3, 4  # the stop is inside round 1
 
 
 def _train(data, pool, overrides):
-    from mates_megatron.pretrain import train_config_from_dict
-    from mates_megatron.training.loop import Trainer
+    from mates_megatron.configio import build
+    from mates_megatron.training.build import build_trainer
+    from mates_megatron.training.loop import TrainConfig
 
     cfg = {
         "data_prefix": data["prefix"],
@@ -40,7 +41,7 @@ def _train(data, pool, overrides):
         },
         **overrides,
     }
-    trainer = Trainer(train_config_from_dict(cfg))
+    trainer = build_trainer(build(TrainConfig, cfg, where="test"))
     served = []
     order = trainer.order
     original = order.micro_batch_indices
@@ -52,7 +53,7 @@ def _train(data, pool, overrides):
 
     order.micro_batch_indices = record
     history = trainer.train()
-    return {"history": history, "served": served, "share": trainer.selection.hook.domain_share}
+    return {"history": history, "served": served, "share": trainer.hooks[0].domain_share}
 
 
 def _digest(folder):
@@ -90,4 +91,4 @@ def test_trains_from_pool_through_mates_sampler_and_resumes(small_embedded, tmp_
 
         store = SelectionStore(shards, "test")
         assert store.rounds() == [0, 1, 2]
-        assert sorted(store.load(1)[0].tolist()) == sorted(i for s in served[EVERY : 2 * EVERY] for i in s)
+        assert sorted(store.load(1).tolist()) == sorted(i for s in served[EVERY : 2 * EVERY] for i in s)

@@ -64,12 +64,13 @@ def test_report_when_mates_never_reaches_random():
     assert report["steps_to_random_final_ratio"] is None and report["wall_clock_ratio"] is None
 
 
-def test_run_configs_differ_only_in_the_selector():
-    cfg = {"seed": 1, "train_iters": 10, "selection": {"selector": "mates", "seed": 1, "temperature": 0.5}}
+def test_run_configs_differ_only_in_the_selector_and_scorer():
+    sel = {"selector": "gumbel", "scorer": "mates", "seed": 1, "temperature": 0.5}
+    cfg = {"seed": 1, "train_iters": 10, "selection": sel}
     runs = _run_configs(cfg, seed=7)
-    assert runs["random"]["selection"] == {"selector": "random", "seed": 7, "temperature": 0.5}
-    assert runs["mates"]["selection"] == {"selector": "mates", "seed": 7, "temperature": 0.5}
+    assert runs["random"]["selection"] == {**sel, "selector": "random", "scorer": "none", "seed": 7}
+    assert runs["mates"]["selection"] == {**sel, "seed": 7}
     assert runs["random"]["seed"] == runs["mates"]["seed"] == 7
     assert cfg["seed"] == 1  # the loaded config is not modified
-    with pytest.raises(ValueError, match="set it to 'mates'"):
+    with pytest.raises(ValueError, match="has no scorer: set scorer: mates"):
         _run_configs({"selection": {"selector": "random"}}, seed=None)

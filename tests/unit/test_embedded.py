@@ -14,9 +14,9 @@ from mates_megatron.data.embedded import (
     EmbeddedCorpusConfig,
     EmbeddedCorpusError,
     build_embedded_corpus,
-    check_embedded_data,
     lambada_example,
 )
+from mates_megatron.data.embedded_check import check_embedded_data
 
 CAP, REF = 50, 20
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import io
 import os
 import re
 import subprocess
@@ -18,8 +19,9 @@ import torch
 import yaml
 
 from mates_megatron.config import SelectionConfig
-from mates_megatron.influence.model import InfluenceConfig
+from mates_megatron.influence.config import FinetuneConfig, InfluenceConfig, RidgeConfig
 from mates_megatron.integrations import megatron_lm as mlm
+from mates_megatron.plugin import pool_num_samples
 from mates_megatron.pool.base import PoolError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -59,27 +61,33 @@ EVERY_FIELD = [
     "--mates-shards", "/data/shards",
     "--mates-select-every", "100",
     "--mates-selection-ratio", "0.25",
-    "--mates-selector", "mates",
+    "--mates-selector", "gumbel",
     "--mates-temperature", "0.7",
+    "--mates-scorer", "mates",
+    "--mates-scorer-options", "{}",
+    "--mates-imports", "json", "csv",
     "--mates-seed", "7",
     "--mates-run-name", "r1",
     "--mates-warmup-steps", "200",
     "--mates-probe-samples", "64",
     "--mates-estimator", "linearized",
     "--mates-probe-tokens", "all",
+    "--mates-influence-model", "ridge",
     "--mates-influence-model-path", "/models/bert",
     "--mates-influence-max-length", "128",
     "--mates-influence-max-chunks", "3",
-    "--mates-influence-lr", "1e-4",
-    "--mates-influence-head-lr", "2e-3",
-    "--mates-influence-epochs", "4",
-    "--mates-influence-batch-size", "8",
-    "--mates-influence-val-fraction", "0.2",
+    "--mates-influence-predict-batch-size", "8",
     "--mates-influence-seed", "3",
     "--no-mates-influence-warm-start",
-    "--mates-influence-freeze-encoder",
+    "--mates-influence-device", "cpu",
+    "--mates-influence-finetune-lr", "1e-4",
+    "--mates-influence-finetune-head-lr", "2e-3",
+    "--mates-influence-finetune-epochs", "4",
+    "--mates-influence-finetune-batch-size", "8",
+    "--mates-influence-finetune-val-fraction", "0.2",
     "--mates-influence-ridge-alphas", "0.5", "5",
-    "--mates-influence-features", "token_embeddings",
+    "--mates-influence-ridge-features", "token_embeddings",
+    "--mates-influence-ridge-folds", "4",
     "--mates-influence-ranks", "0", "1",
 ]  # fmt: skip
 
@@ -88,8 +96,11 @@ EVERY_FIELD_CONFIG = SelectionConfig(
     shards="/data/shards",
     select_every=100,
     selection_ratio=0.25,
-    selector="mates",
+    selector="gumbel",
     temperature=0.7,
+    scorer="mates",
+    scorer_options={},
+    imports=["json", "csv"],
     seed=7,
     run_name="r1",
     warmup_steps=200,
@@ -97,40 +108,52 @@ EVERY_FIELD_CONFIG = SelectionConfig(
     estimator="linearized",
     probe_tokens="all",
     influence=InfluenceConfig(
+        model="ridge",
         model_path="/models/bert",
         max_length=128,
         max_chunks=3,
-        lr=1e-4,
-        head_lr=2e-3,
-        epochs=4,
-        batch_size=8,
-        val_fraction=0.2,
+        predict_batch_size=8,
         seed=3,
         warm_start=False,
-        freeze_encoder=True,
-        ridge_alphas=(0.5, 5.0),
-        features="token_embeddings",
+        device="cpu",
+        finetune=FinetuneConfig(lr=1e-4, head_lr=2e-3, epochs=4, batch_size=8, val_fraction=0.2),
+        ridge=RidgeConfig(alphas=(0.5, 5.0), features="token_embeddings", folds=4),
     ),
     influence_ranks=[0, 1],
 )
 
 
+def _field_flags(cls, prefix: str) -> set[str]:
+    """The flag every (nested) field should have, spelled out independently of configio."""
+    out = set()
+    for f in dataclasses.fields(cls):
+        spelled = f"{prefix}{f.name.replace('_', '-')}"
+        sub = {"influence": InfluenceConfig, "finetune": FinetuneConfig, "ridge": RidgeConfig}.get(f.name)
+        out |= _field_flags(sub, f"{spelled}-") if sub else {spelled}
+    return out
+
+
 def test_every_config_field_has_a_flag():
     options = {s for a in parser()._actions for s in a.option_strings}
-    fields = [f.name for f in dataclasses.fields(SelectionConfig) if f.name != "influence"]
-    expected = {f"--mates-{n.replace('_', '-')}" for n in fields}
-    expected |= {f"--mates-influence-{f.name.replace('_', '-')}" for f in dataclasses.fields(InfluenceConfig)}
+    expected = _field_flags(SelectionConfig, "--mates-")
+    assert "--mates-influence-ridge-alphas" in expected and "--mates-influence-finetune-lr" in expected
     assert expected | {"--mates", "--mates-config", "--mates-reference"} <= options
-    assert {"--no-mates-influence-warm-start", "--no-mates-influence-freeze-encoder"} <= options
+    assert "--no-mates-influence-warm-start" in options
     # The argv above sets every one of them, so the next test compares every field.
     assert {a for a in EVERY_FIELD if a.startswith("--mates-")} | {"--mates-influence-warm-start"} >= expected
+    # Each flag's --help is its field's docstring.
+    help_ = {a.option_strings[0]: a.help for a in parser()._actions if a.option_strings}
+    assert help_["--mates-select-every"].startswith("Training steps per round")
+    assert "[default: 50]" in help_["--mates-select-every"]
 
 
 def test_flags_convert_to_the_config_built_directly():
     sel = mlm.mates_config_from_args(parse(*EVERY_FIELD))
     assert sel == EVERY_FIELD_CONFIG
-    assert isinstance(sel.influence, InfluenceConfig) and sel.influence.ridge_alphas == (0.5, 5.0)
+    assert isinstance(sel.influence, InfluenceConfig) and isinstance(sel.influence.ridge, RidgeConfig)
+    assert sel.influence.ridge.alphas == (0.5, 5.0)
     assert type(sel.select_every) is int and type(sel.temperature) is float
+    assert type(sel.influence.finetune.lr) is float
 
 
 def test_only_mates_gives_the_dataclass_defaults():
@@ -142,29 +165,40 @@ def test_without_mates_there_is_no_config():
     assert mlm.mates_config_from_args(argparse.Namespace()) is None
 
 
+def test_dict_flag_takes_a_json_or_yaml_mapping():
+    from mates_megatron import configio
+
+    flags = mlm.mates_flags()
+    (opt,) = [f for f in flags if f.flag == "--mates-scorer-options"]
+    args = parse("--mates-scorer-options", '{"window": 3, "name": "x"}')
+    assert configio.overrides_from_args(args, [opt]) == {"scorer_options": {"window": 3, "name": "x"}}
+    args = parse("--mates-scorer-options", "{window: 3}")
+    assert configio.overrides_from_args(args, [opt]) == {"scorer_options": {"window": 3}}
+    with pytest.raises(ValueError, match="--mates-scorer-options"):
+        mlm.mates_config_from_args(parse("--mates", "--mates-scorer-options", "[1, 2]"))
+
+
 @pytest.mark.parametrize(
     ("argv", "named"),
     [
-        (["--mates-selection-ratio", "1.5"], "--mates-selection-ratio 1.5"),
-        (["--mates-temperature", "-1"], "--mates-temperature -1.0"),
-        (["--mates-estimator", "exact"], "--mates-estimator exact"),
-        (["--mates-pool", "webdataset"], "--mates-shards (default None)"),
-        (["--mates-selector", "mates"], "--mates-warmup-steps (default 0)"),
-        (["--mates-influence-val-fraction", "1.5"], "--mates-influence-val-fraction 1.5"),
-        (["--mates-influence-ridge-alphas", "1", "-1"], "--mates-influence-ridge-alphas 1.0 -1.0"),
-        (["--mates-influence-features", "token_embeddings"], "--mates-influence-features token_embeddings"),
+        (["--mates-selection-ratio", "1.5"], "selection_ratio='1.5' (--mates-selection-ratio)"),
+        (["--mates-temperature", "-1"], "temperature='-1' (--mates-temperature)"),
+        (["--mates-estimator", "exact"], "estimator='exact' (--mates-estimator)"),
+        (["--mates-select-every", "ten"], "select_every='ten' (--mates-select-every)"),
+        (["--mates-select-every", "1.5"], "select_every='1.5' (--mates-select-every)"),
+        (["--mates-pool", "webdataset"], "shards (--mates-shards; default): SelectionConfig.shards is required with pool='webdataset'"),
+        (["--mates-selector", "gumbel"], "selector='gumbel' (--mates-selector), scorer (--mates-scorer; default)"),
+        (["--mates-influence-finetune-val-fraction", "1.5"],
+         "influence.finetune.val_fraction='1.5' (--mates-influence-finetune-val-fraction)"),
+        (["--mates-influence-ridge-alphas", "1", "-1"],
+         "influence.ridge.alphas=['1', '-1'] (--mates-influence-ridge-alphas)"),
+        (["--mates-influence-model", "lasso"], "influence.model='lasso' (--mates-influence-model)"),
     ],
-)
-def test_a_bad_value_names_its_flag_and_value(argv, named):
+)  # fmt: skip
+def test_a_bad_value_names_its_field_value_and_flag(argv, named):
     with pytest.raises(ValueError) as e:
         mlm.mates_config_from_args(parse("--mates", *argv))
-    assert str(e.value).startswith(named) or f", {named}" in str(e.value), str(e.value)
-
-
-def test_a_value_of_the_wrong_type_is_refused_by_the_parser(capsys):
-    with pytest.raises(SystemExit):
-        parse("--mates", "--mates-select-every", "ten")
-    assert "--mates-select-every" in capsys.readouterr().err
+    assert str(e.value).startswith("--mates arguments: ") and named in str(e.value), str(e.value)
 
 
 def _write(path: Path, data) -> Path:
@@ -177,23 +211,28 @@ def test_yaml_config_with_flag_overrides(tmp_path, wrapped):
     body = {
         "select_every": 10,
         "selection_ratio": 0.5,
-        "selector": "mates",
+        "selector": "gumbel",
+        "scorer": "mates",
         "warmup_steps": 10,
         "probe_samples": 32,
-        "influence": {"freeze_encoder": True, "ridge_alphas": [1, 2], "lr": "1e-4"},
+        "influence": {"model": "ridge", "ridge": {"alphas": [1, 2]}, "finetune": {"lr": "1e-4"}},
     }
     cfg = _write(tmp_path / "sel.yaml", {"selection": body} if wrapped else body)
     args = parse(
-        "--mates", "--mates-config", str(cfg), "--mates-temperature", "0.9", "--mates-influence-epochs", "2"
-    )
+        "--mates", "--mates-config", str(cfg), "--mates-temperature", "0.9",
+        "--mates-influence-finetune-epochs", "2",
+    )  # fmt: skip
     expected = SelectionConfig(
         select_every=10,
         selection_ratio=0.5,
-        selector="mates",
+        selector="gumbel",
+        scorer="mates",
         temperature=0.9,
         warmup_steps=10,
         probe_samples=32,
-        influence=InfluenceConfig(freeze_encoder=True, ridge_alphas=(1.0, 2.0), lr=1e-4, epochs=2),
+        influence=InfluenceConfig(
+            model="ridge", ridge=RidgeConfig(alphas=(1.0, 2.0)), finetune=FinetuneConfig(lr=1e-4, epochs=2)
+        ),
     )
     assert mlm.mates_config_from_args(args) == expected
     # A flag beats the file.
@@ -207,18 +246,21 @@ def test_yaml_config_with_flag_overrides(tmp_path, wrapped):
 @pytest.mark.parametrize(
     ("body", "named"),
     [
-        ({"select_evry": 10}, "unknown field 'select_evry'"),
-        ({"influence": {"epoch": 2}}, "unknown field 'influence.epoch'"),
-        ({"select_every": "ten"}, "select_every='ten' is not an int (flag --mates-select-every)"),
-        ({"influence": {"warm_start": "no"}}, "(flag --mates-influence-warm-start)"),
-        ({"selection_ratio": 2}, "--mates-selection-ratio 2.0 (from "),
+        ({"select_evry": 10}, "unknown field 'select_evry'; SelectionConfig has: pool, "),
+        ({"influence": {"epochs": 2}}, "unknown field 'influence.epochs'; InfluenceConfig has: model, "),
+        ({"influence": {"ridge": {"alpha": 2}}}, "unknown field 'influence.ridge.alpha'; RidgeConfig has: "),
+        ({"select_every": "ten"}, "select_every='ten' (--mates-select-every; from "),
+        ({"select_every": 2.5}, "select_every=2.5 (--mates-select-every; from "),
+        ({"influence": {"warm_start": "maybe"}}, "influence.warm_start='maybe' (--mates-influence-warm-start"),
+        ({"selection_ratio": 2}, "selection_ratio=2 (--mates-selection-ratio; from "),
+        ({"influence": [1]}, "influence=[1]: Input should be a dictionary or an instance of InfluenceConfig"),
     ],
-)
+)  # fmt: skip
 def test_yaml_errors_name_the_file_and_field(tmp_path, body, named):
     cfg = _write(tmp_path / "bad.yaml", {"selection": body})
     with pytest.raises(ValueError) as e:
         mlm.mates_config_from_args(parse("--mates", "--mates-config", str(cfg)))
-    assert named in str(e.value) and str(cfg) in str(e.value), str(e.value)
+    assert named in str(e.value) and str(e.value).startswith(f"--mates-config {cfg}: "), str(e.value)
 
 
 def test_megatron_arguments_are_checked_against_the_selection(tmp_path):
@@ -226,13 +268,11 @@ def test_megatron_arguments_are_checked_against_the_selection(tmp_path):
     ref.write_text('{"context": "a b", "target": " c"}\n')
     scored = [
         "--mates",
-        "--mates-selector",
-        "mates",
-        "--mates-select-every",
-        "50",
-        "--mates-warmup-steps",
-        "50",
-    ]
+        "--mates-selector", "gumbel",
+        "--mates-scorer", "mates",
+        "--mates-select-every", "50",
+        "--mates-warmup-steps", "50",
+    ]  # fmt: skip
     ok = mlm.mates_config_from_args(
         parse(*scored, "--mates-reference", str(ref), "--train-iters", "200", megatron=True)
     )
@@ -271,10 +311,30 @@ def test_train_split_is_sized_as_the_candidate_pool():
     assert mlm.mates_train_valid_test_num_samples(web, (200, 16, 8)) == (200, 16, 8)
 
 
-def test_module_imports_without_megatron_training(monkeypatch):
+def test_package_imports_without_megatron_training(monkeypatch):
     monkeypatch.setitem(sys.modules, "megatron.training", None)  # any import of it now raises ImportError
-    importlib.reload(mlm)
-    assert callable(mlm.add_mates_args) and callable(mlm.mates_step_end)
+    for name in [m for m in sys.modules if m.startswith("mates_megatron.integrations.megatron_lm")]:
+        monkeypatch.delitem(sys.modules, name)
+    fresh = importlib.import_module("mates_megatron.integrations.megatron_lm")
+    assert callable(fresh.add_mates_args) and callable(fresh.mates_step_end)
+
+
+def test_the_integration_never_imports_the_demo_trainer():
+    """The integration (and the config loader and sampler it uses) build the plugin from mates_megatron.plugin,
+    never from the demo trainer's mates_megatron.training."""
+    import ast
+
+    pkg = REPO / "mates_megatron"
+    paths = [*(pkg / "integrations").rglob("*.py"), pkg / "configio.py", pkg / "sampler.py"]
+    for path in paths:
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            assert not [n for n in names if n.startswith("mates_megatron.training")], (path, names)
 
 
 # -- the data loader on a real GPTDataset -------------------------------------------------------------------
@@ -298,7 +358,7 @@ def gpt_dataset(tmp_path_factory):
         builder.add_document(doc, [len(doc)])
     builder.finalize(f"{prefix}.idx")
     sel = selection()
-    need = mlm.pool_num_samples(sel, train_iters=ITERS, global_batch_size=GBS)
+    need = pool_num_samples(sel, train_iters=ITERS, global_batch_size=GBS)
     ds = build_gpt_dataset(
         prefix,
         seq_length=SEQ,
@@ -315,9 +375,17 @@ def selection(**kw) -> SelectionConfig:
     return SelectionConfig(**{"select_every": EVERY, "selection_ratio": 0.5, "seed": 5, **kw})
 
 
+def cpu_host(**kw) -> mlm.MegatronLMHost:
+    """A host without Megatron-LM's globals (the random selector reads none of it)."""
+    return mlm.MegatronLMHost(
+        device=torch.device("cpu"), seq_length=SEQ, micro_batch_size=MBS, groups=None,
+        forward_backward_func=None, **kw,
+    )  # fmt: skip
+
+
 def loader_for(ds, rank: int, *, consumed: int = 0, num_workers: int = 0, sel=None):
     sel = sel or selection()
-    loader, parts = mlm.build_mates_data_loader(
+    loader, plugin = mlm.build_mates_data_loader(
         sel,
         ds,
         train_iters=ITERS,
@@ -329,13 +397,11 @@ def loader_for(ds, rank: int, *, consumed: int = 0, num_workers: int = 0, sel=No
         dp_size=DP,
         num_workers=num_workers,
     )
-    state = mlm.MatesState(
-        sel=sel, parts=parts, global_batch_size=GBS, seq_length=SEQ, device=torch.device("cpu")
-    )
-    return loader, parts, state
+    state = mlm.MatesState(sel=sel, plugin=plugin, host=cpu_host(), global_batch_size=GBS)
+    return loader, plugin, state
 
 
-def run_steps(ds, it, parts, state, rank: int, steps: range) -> dict[int, list[int]]:
+def run_steps(ds, it, plugin, state, rank: int, steps: range) -> dict[int, list[int]]:
     """Megatron's loop on one rank: GBS / (MBS x DP) micro-batches per step, then the step-end call point."""
     served: dict[int, list[int]] = {}
     mlm.set_mates_state(state)
@@ -343,12 +409,17 @@ def run_steps(ds, it, parts, state, rank: int, steps: range) -> dict[int, list[i
         for k in range(GBS // (MBS * DP)):
             batch = next(it)
             start = (step - 1) * GBS + k * MBS * DP + rank * MBS
-            ids = parts.sampler.ids_at(np.arange(start, start + MBS))
+            ids = plugin.sampler.ids_at(np.arange(start, start + MBS))
             expected = torch.stack([torch.as_tensor(ds[int(i)]["tokens"]) for i in ids])
             assert torch.equal(batch["tokens"], expected)
             assert set(batch) >= {"tokens", "labels", "loss_mask", "position_ids"}
-            served.setdefault(parts.sampler.round_of(start), []).extend(ids.tolist())
-        mlm.mates_step_end(step, model=[], optimizer=None, opt_param_scheduler=None)
+            served.setdefault(plugin.sampler.round_of(start), []).extend(ids.tolist())
+        mlm.mates_step_end(step, model=["chunk"], optimizer="opt", opt_param_scheduler="sched")
+        assert (state.host.model_chunks, state.host.optimizer, state.host.scheduler) == (
+            ["chunk"],
+            "opt",
+            "sched",
+        )
     return served
 
 
@@ -356,17 +427,17 @@ def run_steps(ds, it, parts, state, rank: int, steps: range) -> dict[int, list[i
 def test_loader_serves_each_rounds_selection_across_boundaries(gpt_dataset, num_workers):
     by_round: dict[int, list[int]] = {}
     for rank in range(DP):
-        loader, parts, state = loader_for(gpt_dataset, rank, num_workers=num_workers)
+        loader, plugin, state = loader_for(gpt_dataset, rank, num_workers=num_workers)
         it = iter(loader)
         assert len(loader) == ITERS * GBS // (MBS * DP)
-        for r, ids in run_steps(gpt_dataset, it, parts, state, rank, range(1, ITERS + 1)).items():
+        for r, ids in run_steps(gpt_dataset, it, plugin, state, rank, range(1, ITERS + 1)).items():
             by_round.setdefault(r, []).extend(ids)
         with pytest.raises(StopIteration):
             next(it)
         # Served rounds are released at each boundary; after the last step none is held.
-        assert parts.sampler.published_rounds() == []
+        assert plugin.sampler.published_rounds() == []
     per_round = EVERY * GBS
-    rounds = parts.rounds
+    rounds = plugin.rounds
     assert sorted(by_round) == list(range(ITERS // EVERY))
     for r, ids in by_round.items():  # both ranks together: each id of the round's selection once
         assert len(ids) == per_round and len(set(ids)) == per_round
@@ -374,7 +445,7 @@ def test_loader_serves_each_rounds_selection_across_boundaries(gpt_dataset, num_
 
 
 def test_loader_stops_at_a_round_nobody_published(gpt_dataset):
-    loader, parts, _ = loader_for(gpt_dataset, 0)
+    loader, plugin, _ = loader_for(gpt_dataset, 0)
     it = iter(loader)
     for _ in range(EVERY * GBS // (MBS * DP)):  # round 0, then no step-end call
         next(it)
@@ -398,32 +469,65 @@ def collect(it, steps: range) -> list[torch.Tensor]:
 
 def test_state_beside_the_checkpoint_resumes_the_same_batches(gpt_dataset, tmp_path):
     rank, stop = 1, 3  # mid-round 1
-    loader, parts, state = loader_for(gpt_dataset, rank)
+    loader, plugin, state = loader_for(gpt_dataset, rank)
     it = iter(loader)
-    run_steps(gpt_dataset, it, parts, state, rank, range(1, stop + 1))
+    run_steps(gpt_dataset, it, plugin, state, rank, range(1, stop + 1))
     path = mlm.save_mates_state(tmp_path, stop)
-    assert path == tmp_path / f"iter_{stop:07d}" / "mates_state_rank00000.pt"
+    assert path == tmp_path / f"iter_{stop:07d}" / "mates_state.pt" and path.is_file()
     rest = collect(it, range(stop + 1, ITERS + 1))
 
-    resumed, parts2, state2 = loader_for(gpt_dataset, rank, consumed=stop * GBS)
+    resumed, plugin2, state2 = loader_for(gpt_dataset, rank, consumed=stop * GBS)
     mlm.set_mates_state(state2)
     assert mlm.load_mates_state(tmp_path, stop) == path
-    assert parts2.sampler.published_rounds() == [1]
+    assert plugin2.sampler.published_rounds() == [1]
     again = collect(iter(resumed), range(stop + 1, ITERS + 1))
     assert len(again) == len(rest) == (ITERS - stop) * GBS // (MBS * DP)
     assert all(torch.equal(a, b) for a, b in zip(again, rest, strict=True))
 
 
-def test_resume_refuses_a_changed_selection_or_missing_state(gpt_dataset, tmp_path):
-    _, parts, state = loader_for(gpt_dataset, 0)
+def test_the_state_is_the_same_on_every_rank_so_one_file_serves_all(gpt_dataset, tmp_path):
+    """Every data-parallel rank's plugin state is identical (no per-rank field): rank 0's file resumes rank 1."""
+    saved = []
+    for rank in range(DP):
+        loader, plugin, state = loader_for(gpt_dataset, rank)
+        run_steps(gpt_dataset, iter(loader), plugin, state, rank, range(1, 4))
+        buf = io.BytesIO()
+        torch.save(mlm.mates_state_dict(3), buf)
+        saved.append(buf.getvalue())
+    assert saved[0] == saved[1]
+    sampler_state = torch.load(io.BytesIO(saved[0]), weights_only=False)["sampler"]
+    assert not {"data_parallel_rank", "data_parallel_size", "micro_batch_size"} & set(sampler_state)
+
+
+def test_only_the_writer_rank_writes(gpt_dataset, tmp_path, monkeypatch):
+    from mates_megatron.integrations.megatron_lm import state as st
+
+    _, _, state = loader_for(gpt_dataset, 0)
+    mlm.set_mates_state(state)
+    monkeypatch.setattr(st, "_rank", lambda: 1)
+    path = mlm.save_mates_state(tmp_path, 2)
+    assert path == tmp_path / "iter_0000002" / "mates_state.pt" and not path.exists()
+    assert mlm.writer_rank(selection()) == 0
+    scored = selection(selector="gumbel", scorer="mates", warmup_steps=EVERY, influence_ranks=[2, 3])
+    assert mlm.writer_rank(scored) == 2  # rank 0 holds no influence model then
+    assert mlm.writer_rank(dataclasses.replace(scored, influence_ranks=[0, 3])) == 0
+
+
+def test_resume_refuses_a_changed_selection_missing_or_old_state(gpt_dataset, tmp_path):
+    _, _, state = loader_for(gpt_dataset, 0)
     mlm.set_mates_state(state)
     mlm.save_mates_state(tmp_path, 2)
     _, _, other = loader_for(gpt_dataset, 0, sel=selection(seed=6))
     mlm.set_mates_state(other)
     with pytest.raises(ValueError, match="--mates-seed 5"):
         mlm.load_mates_state(tmp_path, 2)
-    with pytest.raises(FileNotFoundError, match="mates_state_rank00000.pt"):
+    with pytest.raises(FileNotFoundError, match="iter_0000004/mates_state.pt"):
         mlm.load_mates_state(tmp_path, 4)
+    old = tmp_path / "iter_0000006"
+    old.mkdir()
+    (old / "mates_state_rank00000.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match="old per-rank format"):
+        mlm.load_mates_state(tmp_path, 6)
 
 
 def test_pool_must_be_large_enough_and_a_single_dataset(gpt_dataset):
@@ -449,20 +553,98 @@ class _Recorder:
         self.calls.append(a)
 
 
-def test_run_adapter_gives_the_probe_context_and_logs():
+def test_host_implements_the_protocol_and_logs():
+    from mates_megatron.host import Host
+    from mates_megatron.probe.estimators import ProbeContext
+    from mates_megatron.probe.reference import ReferenceSet
+
     tb, wb = _Recorder(), _Recorder()
-    ref = [{"tokens": torch.zeros(1, 4, dtype=torch.long)}]
-    run = mlm.MegatronLMRun(
-        model_chunks=["chunk"], optimizer="opt", scheduler="sched", reference=ref, seq_length=4,
-        device=torch.device("cpu"), distributed_optimizer=True, tensorboard_writer=tb, wandb_writer=wb,
-    )  # fmt: skip
-    ctx = run.probe_context()
-    assert (ctx.model_chunks, ctx.optimizer, ctx.scheduler, ctx.reference) == (["chunk"], "opt", "sched", ref)
-    assert ctx.distributed_optimizer and ctx.seq_length == 4
-    run.log_metrics(10, {"mates/oracle_mean": 1.5})
+    ref = ReferenceSet(np.zeros((3, SEQ + 1), dtype=np.int64), np.ones((3, SEQ), dtype=np.float32), "ref")
+    host = cpu_host(reference=ref, distributed_optimizer=True, tensorboard_writer=tb, wandb_writer=wb)
+    host.step(("chunk",), "opt", "sched")
+    assert isinstance(host, Host)
+    assert (host.model_chunks, host.optimizer, host.scheduler, host.reference) == (
+        ["chunk"],
+        "opt",
+        "sched",
+        ref,
+    )
+    host.log_metrics(10, {"mates/oracle_mean": 1.5})
     assert tb.calls == [("mates/oracle_mean", 1.5, 10)] and wb.calls == [({"mates/oracle_mean": 1.5}, 10)]
-    with pytest.raises(ValueError, match="--mates-reference"):
-        dataclasses.replace(run, reference=None).probe_context()
+    # The round builds the one ProbeContext from the host.
+    ctx = ProbeContext.from_host(host, ref.micro_batches(MBS))
+    assert (ctx.model_chunks, ctx.optimizer, ctx.seq_length) == (["chunk"], "opt", SEQ)
+
+
+def _scored_round_on_the_megatron_lm_host(data: dict, save_dir: str) -> dict:
+    """On each of 2 TP ranks: the Megatron-LM host over a real GPTModel/optimizer, a MATES round at the
+    boundary through mates_step_end, the state saved once and read back by every rank."""
+    import torch.distributed as dist
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from mates_megatron.configio import build
+    from mates_megatron.data.tokenizer import load_tokenizer
+    from mates_megatron.host import ProcessGroups
+    from mates_megatron.probe.reference import load_reference_set
+    from mates_megatron.training.config import TrainConfig
+    from mates_megatron.training.loop import Trainer
+
+    cfg = build(TrainConfig, {
+        "data_prefix": data["prefix"], "model": {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
+        "seq_length": 64}, "parallel": {"tensor_model_parallel_size": 2, "cpu": True}, "micro_batch_size": 2,
+        "global_batch_size": 4, "train_iters": 6, "lr": 3e-3, "lr_warmup_iters": 1, "seed": 5,
+    }, where="test")  # fmt: skip
+    trainer = Trainer(cfg)  # the live model, optimizer and scheduler that Megatron-LM would hand over
+    sel = SelectionConfig(
+        select_every=3, selection_ratio=0.25, selector="gumbel", scorer="mates", seed=11, warmup_steps=3,
+        probe_samples=12, estimator="oracle",
+        influence=InfluenceConfig(model="ridge", ridge=RidgeConfig(features="token_embeddings")),
+    )  # fmt: skip
+    tok = load_tokenizer(trainer.tokenizer_info.path)
+    host = mlm.MegatronLMHost(
+        device=torch.device("cpu"), seq_length=64, micro_batch_size=2, groups=ProcessGroups.from_parallel_state(),
+        forward_backward_func=get_forward_backward_func(),
+        reference=load_reference_set(data["reference"], tok, 64),
+    )  # fmt: skip
+    need = pool_num_samples(sel, train_iters=6, global_batch_size=4)
+    loader, plugin = mlm.build_mates_data_loader(
+        sel, trainer.build_dataset(need), train_iters=6, global_batch_size=4, micro_batch_size=2,
+        seq_length=64, consumed_samples=0, dp_rank=0, dp_size=1, tokenizer=tok, device=host.device,
+    )  # fmt: skip
+    mlm.set_mates_state(mlm.MatesState(sel=sel, plugin=plugin, host=host, global_batch_size=4))
+    it = iter(loader)
+    for step in (1, 2, 3):
+        for _ in range(2):
+            next(it)
+        before = [p.detach().clone() for p in trainer.model_chunks[0].parameters()]
+        mlm.mates_step_end(step, trainer.model_chunks, trainer.optimizer, trainer.scheduler)
+    after = list(trainer.model_chunks[0].parameters())
+    path = mlm.save_mates_state(save_dir, 3)
+    dist.barrier()
+    files = sorted(p.name for p in path.parent.iterdir())
+    published = plugin.sampler.ids_at(np.arange(12, 24)).tolist()
+    mlm.load_mates_state(save_dir, 3)  # every rank reads the one file
+    assert plugin.sampler.ids_at(np.arange(12, 24)).tolist() == published
+    return {
+        "published": published,
+        "records": sorted(plugin.hook.records),
+        "probes": plugin.hook.records[1]["probes"],
+        "unchanged": all(torch.equal(a, b) for a, b in zip(before, after, strict=True)),
+        "files": files,
+        "next": next(it)["tokens"].tolist(),
+    }
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_megatron_lm_host_runs_a_scored_round_and_saves_one_state(small_embedded, tmp_path):
+    from mates_megatron.compat.spawn import run_on_ranks
+
+    rank0, rank1 = run_on_ranks(_scored_round_on_the_megatron_lm_host, 2, small_embedded, str(tmp_path))
+    assert rank0["records"] == [1] and rank0["probes"] == 12
+    assert rank0["published"] == rank1["published"] and rank0["next"] == rank1["next"]  # TP ranks agree
+    assert rank0["unchanged"] and rank1["unchanged"]  # the round leaves the live model as it found it
+    assert rank0["files"] == ["mates_state.pt"]
 
 
 def test_megatron_tokenizer_adapter():
@@ -575,7 +757,8 @@ def test_paper_configs_hold_the_paper_setting(name, tmp_path):
     args = parse("--mates", "--mates-config", str(REPO / "configs" / name), "--mates-reference", str(ref),
                  "--train-iters", "50000", "--global-batch-size", "512", megatron=True)  # fmt: skip
     sel = mlm.mates_config_from_args(args)
-    assert (sel.selector, sel.select_every, sel.selection_ratio, sel.temperature) == (
+    assert (sel.selector, sel.scorer, sel.select_every, sel.selection_ratio, sel.temperature) == (
+        "gumbel",
         "mates",
         10000,
         0.2,
@@ -583,4 +766,4 @@ def test_paper_configs_hold_the_paper_setting(name, tmp_path):
     )
     assert sel.warmup_steps == 10000 and sel.probe_samples == 80000 and sel.pool == "indexed"
     # 5 rounds of 10,000 x 512 / 0.2 candidates.
-    assert mlm.pool_num_samples(sel, train_iters=50000, global_batch_size=512) == 128_000_000
+    assert pool_num_samples(sel, train_iters=50000, global_batch_size=512) == 128_000_000

@@ -93,6 +93,34 @@ def test_iter_follows_megatron_pretraining_sampler_order():
         assert got == expected
 
 
+def test_batches_and_published_end_are_the_iteration_that_loaders_share():
+    """``__iter__`` is ``batches(consumed_samples)``; ``published_end`` stops a loader before unchosen rounds."""
+    dp = 2
+    for d in range(dp):
+        s = _sampler(d, dp, consumed=GBS)
+        assert s.published_end(GBS) == 0  # nothing published: nothing to draw
+        s.publish(0, _selection(0))
+        s.publish(1, _selection(1))
+        assert s.published_end(GBS) == 2 * SPR and s.published_end(SPR) == 2 * SPR
+        assert s.published_end(2 * SPR) == 2 * SPR  # round 2 is not chosen yet
+        head = list(s.batches(GBS, s.published_end(GBS)))
+        assert len(head) == (2 * SPR - GBS) // (MBS * dp)
+        with pytest.raises(PoolError, match="round 2 has no published selection"):
+            list(s)  # __iter__ runs on to total_samples and reaches round 2
+        for r in range(2, -(-STEPS // STEPS_PER_ROUND)):
+            s.publish(r, _selection(r))
+        assert s.published_end(GBS) == STEPS * GBS  # capped at total_samples
+        assert list(s) == list(s.batches(GBS)) and list(s)[: len(head)] == head
+        # A stretch that does not start at the beginning gives the same batches as the whole run from there.
+        assert list(s.batches(SPR)) == list(s)[(SPR - GBS) // (MBS * dp) :]
+
+
+def test_publish_takes_no_broadcast_arguments():
+    import inspect
+
+    assert list(inspect.signature(MatesSampler.publish).parameters) == ["self", "round_", "selected"]
+
+
 @pytest.mark.parametrize("stop_step", [2, STEPS_PER_ROUND, STEPS_PER_ROUND + 1, 2 * STEPS_PER_ROUND])
 @pytest.mark.parametrize("dp_before, dp_after", [(1, 1), (2, 2), (2, 1), (1, 4)])
 def test_resume_from_state_dict_is_bit_identical(stop_step, dp_before, dp_after):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.stats import chisquare
 
-from mates_megatron.select import GumbelTopKSelector, RandomSelector, TopKSelector, build_selector
+from mates_megatron.select import SELECTORS, GumbelTopKSelector, RandomSelector, TopKSelector
 
 CANDIDATES = np.arange(100, 130, dtype=np.int32)
 
@@ -50,9 +50,9 @@ def test_standardized_temperature_is_scale_free():
     assert a.tolist() == b.tolist()
 
 
-@pytest.mark.parametrize("name", ["random", "topk", "mates"])
+@pytest.mark.parametrize("name", ["random", "topk", "gumbel"])
 def test_deterministic_distinct_and_within_candidates(name):
-    sel = build_selector(name)
+    sel = SELECTORS.get(name)()
     s = _scores()
     runs = [sel.select(CANDIDATES, 10, scores=s, seed=3, round_=5) for _ in range(3)]  # as on 3 ranks
     assert all(r.tolist() == runs[0].tolist() for r in runs)
@@ -77,17 +77,41 @@ def test_bad_scores_and_sizes():
         RandomSelector().select(CANDIDATES, 31, seed=0, round_=0)
     with pytest.raises(ValueError, match="needs one score per candidate"):
         TopKSelector().select(CANDIDATES, 3, scores=None)
-    with pytest.raises(ValueError, match="unknown selector 'best'"):
-        build_selector("best")
+    with pytest.raises(ValueError, match="unknown selector 'best'; registered: gumbel, random, topk"):
+        SELECTORS.get("best")
 
 
 def test_selection_config_builds_the_configured_selector():
     from mates_megatron.config import SelectionConfig
 
-    sel = SelectionConfig(selector="mates", temperature=0.25, warmup_steps=50).build_selector()
+    sel = SelectionConfig(
+        selector="gumbel", scorer="mates", temperature=0.25, warmup_steps=50
+    ).build_selector()
     assert isinstance(sel, GumbelTopKSelector) and sel.temperature == 0.25
     assert isinstance(SelectionConfig(selector="random").build_selector(), RandomSelector)
+    assert SELECTORS.get("gumbel").needs_scores and not SELECTORS.get("random").needs_scores
     with pytest.raises(ValueError, match="temperature=-1.0 must be >= 0"):
         SelectionConfig(temperature=-1.0)
     with pytest.raises(ValueError, match="selection_ratio=0 must be in"):
         SelectionConfig(selection_ratio=0)
+
+
+def test_selection_config_pairs_selectors_with_scorers():
+    from mates_megatron.config import SelectionConfig
+
+    with pytest.raises(ValueError, match="selector 'topk' ranks candidates by score: set scorer"):
+        SelectionConfig(selector="topk")
+    with pytest.raises(
+        ValueError, match="selector 'random' ignores scores, so scorer 'mates' would run for nothing"
+    ):
+        SelectionConfig(selector="random", scorer="mates", warmup_steps=50)
+    with pytest.raises(ValueError, match="scorer 'mates' scores candidates with the trained model"):
+        SelectionConfig(selector="gumbel", scorer="mates")
+    with pytest.raises(ValueError, match="is now two settings: selector: gumbel"):
+        SelectionConfig(selector="mates")
+    with pytest.raises(ValueError, match="SelectionConfig.scorer='best': choose one of"):
+        SelectionConfig(selector="topk", scorer="best")
+    with pytest.raises(ValueError, match="probe_samples=9: the influence model needs at least 10"):
+        SelectionConfig(selector="gumbel", scorer="mates", warmup_steps=50, probe_samples=9)
+    with pytest.raises(ValueError, match="cannot import 'no_such_module_here'"):
+        SelectionConfig(imports=["no_such_module_here"])

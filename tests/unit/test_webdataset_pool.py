@@ -60,7 +60,7 @@ def test_reads_samples_in_place(tmp_path):
     for gid, text, dom, ids in docs:
         assert pool.text(gid) == text
         assert pool.domains[pool.domain_ids(np.array([gid]))[0]] == dom
-        assert np.array_equal(pool.token_ids(gid), ids.astype(np.int32))
+        assert np.array_equal(pool.tokens(gid), ids.astype(np.int32))
         s = pool.training_sample(gid)
         row = np.zeros(SEQ + 1, dtype=np.int64)
         row[: min(len(ids), SEQ + 1)] = ids[: SEQ + 1]
@@ -69,9 +69,9 @@ def test_reads_samples_in_place(tmp_path):
     assert pool.domain_ids(np.array([0, 1, 3])).tolist() == [0, 1, 0]
     # Selections go beside the shards; the tars are never rewritten.
     store = SelectionStore(tmp_path, "run1")
-    store.save(0, np.array([3, 1, 2]), np.array([0.5, 1.0, 2.0]))
-    ids, w = store.load(0)
-    assert ids.dtype == np.int32 and ids.tolist() == [3, 1, 2] and w.tolist() == [0.5, 1.0, 2.0]
+    store.save(0, np.array([3, 1, 2]))
+    ids = store.load(0)
+    assert ids.dtype == np.int32 and ids.tolist() == [3, 1, 2]
     assert store.rounds() == [0]
     assert not list(store.dir.glob(".*"))  # no temporary files left behind
     assert {p.name: p.read_bytes() for p in tmp_path.glob("*.tar")} == before
@@ -144,7 +144,7 @@ def test_streaming_with_webdataset_matches_random_access(tmp_path):
     for sample in wds.WebDataset(urls, shardshuffle=False):
         gid = int(__import__("json").loads(sample["json"])["id"])
         assert sample["txt"].decode() == pool.text(gid)
-        assert np.array_equal(np.load(io.BytesIO(sample["ids.npy"])), pool.token_ids(gid))
+        assert np.array_equal(np.load(io.BytesIO(sample["ids.npy"])), pool.tokens(gid))
 
 
 def test_mates_sampler_drives_a_torch_dataloader_like_megatron(tmp_path):

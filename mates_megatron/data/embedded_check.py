@@ -1,0 +1,49 @@
+"""Check embedded data already on disk before a run trains on it (the launcher calls it)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mates_megatron.data.embedded import (
+    EMBEDDED_FORMAT,
+    EmbeddedCorpusError,
+    _dist_infos,
+    _machine,
+    _site_dirs,
+)
+
+
+def check_embedded_data(out_dir: str | Path) -> str | None:
+    """Check embedded data already in ``out_dir`` before a run trains on it.
+
+    Raises EmbeddedCorpusError, naming the rebuild command, when the manifest is missing or another
+    builder format wrote it. Returns a warning when it was gathered from another Python or other installed
+    packages (the data is consistent, but figures differ from a fresh build on this machine), else None.
+    """
+    out = Path(out_dir)
+    rebuild = f"rebuild it with `mates-megatron prepare --embedded --out {out}`"
+    path = out / "embedded_manifest.json"
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise EmbeddedCorpusError(f"{path} is missing or unreadable ({e}): {rebuild}") from None
+    if manifest.get("format") != EMBEDDED_FORMAT:
+        raise EmbeddedCorpusError(
+            f"{out} was built by another mates-megatron (embedded format {manifest.get('format')}, this "
+            f"version builds format {EMBEDDED_FORMAT}, a different corpus): {rebuild}. Runs checkpointed "
+            "on the old data cannot resume on the new (their pool fingerprint differs)"
+        )
+    now = _machine(_dist_infos(_site_dirs()))
+    then = {k: manifest.get("sources", {}).get(k) for k in now}
+    if then["distributions"] is None:
+        return f"{path} does not record the Python and packages it was gathered from; to be sure, {rebuild}"
+    if then != now:
+        added = sorted(set(now["distributions"]) - set(then["distributions"]))
+        removed = sorted(set(then["distributions"]) - set(now["distributions"]))
+        return (
+            f"{out} was gathered from other files than this machine has (Python {then['python']}, now "
+            f"{now['python']}; packages added {added}, removed {removed}): runs are consistent with it, but "
+            f"figures differ from a fresh build here; to match one, {rebuild}"
+        )
+    return None

