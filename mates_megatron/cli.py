@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mates_megatron.pretrain import silence_megatron_core_notices
+
+    silence_megatron_core_notices()  # prepare and the benches import megatron-core too
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if args.command is None:

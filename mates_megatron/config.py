@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from mates_megatron.influence.model import InfluenceConfig
+from mates_megatron.influence.config import InfluenceConfig
 
 
 @dataclass
