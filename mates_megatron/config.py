@@ -44,10 +44,12 @@ class SelectionConfig:
     probe_samples: int = 256
     """Probe samples per round (scorer 'mates'): drawn afresh (seeded) from the next round's candidates,
     scored on the live model, and used as the influence model's training pairs."""
-    estimator: str = "oracle"
-    """How probes are scored (mates_megatron.probe.estimators.ESTIMATORS): 'oracle' (one optimizer step, then
-    the reference loss: the paper), 'linearized' (its first-order form, one reference backward per round) or
-    'mirrored' (one reference step, forward only)."""
+    estimator: str = "linearized"
+    """How probes are scored (mates_megatron.probe.estimators.ESTIMATORS): 'linearized' (the oracle's
+    first-order form: one reference gradient per round and one gradient per probe; Spearman 0.998 against
+    the oracle in `bench probe`), 'oracle' (one optimizer step, then the whole reference loss, per probe: the
+    paper, and about a reference set's worth of forward passes per probe) or 'mirrored' (one reference step,
+    forward only)."""
     probe_tokens: str = "target"
     """Which reference tokens the probes' reference loss counts: 'target' (the LAMBADA form: the last word
     only, the same loss the run reports) or 'all' (every token of each reference example, context and target:
@@ -55,6 +57,10 @@ class SelectionConfig:
     only teaches word frequencies)."""
     influence: InfluenceConfig = field(default_factory=InfluenceConfig)
     """The data influence model and its fitting (scorer 'mates')."""
+    max_selection_cost: float = 0.1
+    """Largest projected selection cost per round, as a fraction of the round's training FLOPs, that the run
+    starts with (projected from the config and the model shape before the first step, see
+    mates_megatron.cost); raise it to spend more."""
     influence_ranks: list[int] | None = None
     """Global ranks that fit and run the influence model (default: all); scores reach every rank by broadcast."""
 
@@ -81,6 +87,11 @@ class SelectionConfig:
             raise ValueError(f"SelectionConfig.select_every must be >= 1, got {self.select_every}")
         if not 0 < self.selection_ratio <= 1:
             raise ValueError(f"SelectionConfig.selection_ratio={self.selection_ratio} must be in (0, 1]")
+        if not self.max_selection_cost > 0:
+            raise ValueError(
+                f"SelectionConfig.max_selection_cost={self.max_selection_cost} must be > 0 (a fraction of "
+                "training FLOPs, e.g. 0.1)"
+            )
         if self.temperature < 0:
             raise ValueError(f"SelectionConfig.temperature={self.temperature} must be >= 0 (0: exact top-k)")
         if self.probe_tokens not in ("target", "all"):

@@ -6,12 +6,15 @@ A host calls ``build_plugin`` once on every rank, serves batches through ``Plugi
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from mates_megatron.config import SelectionConfig
+from mates_megatron.cost import RoundCost, TransformerShape, check_round_cost
 from mates_megatron.hooks import MatesHook
 from mates_megatron.pool import POOLS, CandidatePool, PoolError, PoolRounds
 from mates_megatron.sampler import MatesSampler
@@ -24,6 +27,11 @@ class Plugin:
     rounds: PoolRounds
     sampler: MatesSampler
     hook: MatesHook
+    cost: RoundCost | None = None
+    """The projected cost of a scored round (None: no model shape given, or a scorer without a cost model)."""
+
+
+log = logging.getLogger(__name__)
 
 
 def pool_num_samples(sel: SelectionConfig, *, train_iters: int, global_batch_size: int) -> int:
@@ -44,14 +52,31 @@ def build_plugin(
     write_files: bool = False,
     tokenizer=None,
     device: torch.device | None = None,
+    model_shape: TransformerShape | None = None,
+    reference_rows: int = 0,
 ) -> Plugin:
     """Build the parts on this rank.
 
     ``build_indexed_dataset(num_samples)`` gives the host's GPTDataset (pool 'indexed'); ``tokenizer`` (the
     pretraining tokenizer) decodes candidates for scorers that read text; ``write_files``: this rank writes
     the selection files beside the data; ``device``: the training device (scorers' models run there).
+    ``model_shape`` (the GPT trained) and ``reference_rows`` (the probe reference set's size): the scorer's
+    round is projected against training and refused above ``max_selection_cost`` before anything is built.
     Collective when the scorer creates process groups (the 'mates' influence group).
     """
+    cost = None
+    if sel.scored and model_shape is not None:
+        cost = SCORERS.get(sel.scorer).projected_cost(
+            sel,
+            model=model_shape,
+            seq_length=seq_length,
+            global_batch_size=global_batch_size,
+            reference_rows=reference_rows,
+        )
+        if cost is not None:
+            if not dist.is_initialized() or dist.get_rank() == 0:
+                log.info("%s", cost.summary())
+            check_round_cost(cost, sel.max_selection_cost)
     n_rounds = math.ceil(train_iters / sel.select_every)
     per_round = sel.candidates_per_round(global_batch_size)
     pool = POOLS.get(sel.pool).from_config(
@@ -94,4 +119,4 @@ def build_plugin(
         warmup_rounds=sel.warmup_rounds,
         store=pool.selection_store(sel.run_name) if write_files else None,
     )
-    return Plugin(pool=pool, rounds=rounds, sampler=sampler, hook=hook)
+    return Plugin(pool=pool, rounds=rounds, sampler=sampler, hook=hook, cost=cost)

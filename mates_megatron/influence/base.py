@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,9 +52,11 @@ class InfluenceModel(ABC):
       ValueError) and returns the held-out (or cross-validated) Spearman/Pearson of the model it keeps.
     - ``predict(texts, *, group)`` returns a float64 array, one score per text in input order (on the
       z-scored scale of the fit's targets), identical on every member. RuntimeError before any fit or load.
+      ``texts`` is a ``Sequence[str]`` that may decode on access (``pool.CandidateTexts``): a member reads
+      only its contiguous block (``shard``), streams it in batches, keeps one float32 score per text, and
+      gathers the scores (``gather_rows``): host memory follows the member's shard, not the round.
     - ``fit_predict(texts, probe_positions, probe_scores, *, group)`` fits on ``texts[probe_positions]`` and
-      predicts every text; the default is ``fit`` then ``predict``, an implementation that can share work
-      between the two (the ridge model embeds every text once) overrides it.
+      predicts every text; the default is ``fit`` then ``predict``.
     - ``state_dict()`` is what a checkpoint must hold to predict again, as CPU tensors: what was fitted, not
       what loads from the pretrained files (a frozen encoder is not state); ``{}`` before any fit.
       ``load_state_dict(state)`` restores it (``{}``: nothing to restore).
@@ -67,16 +70,16 @@ class InfluenceModel(ABC):
         check_encoder_path(cfg)
 
     @abstractmethod
-    def fit(self, texts: list[str], scores: np.ndarray, *, group=None) -> FitResult: ...
+    def fit(self, texts: Sequence[str], scores: np.ndarray, *, group=None) -> FitResult: ...
 
     @abstractmethod
-    def predict(self, texts: list[str], *, group=None) -> np.ndarray: ...
+    def predict(self, texts: Sequence[str], *, group=None) -> np.ndarray: ...
 
     def fit_predict(
-        self, texts: list[str], probe_positions: np.ndarray, probe_scores: np.ndarray, *, group=None
+        self, texts: Sequence[str], probe_positions: np.ndarray, probe_scores: np.ndarray, *, group=None
     ) -> tuple[np.ndarray, FitResult]:
         """(predicted score of every text, fit report); see the class contract."""
-        result = self.fit([texts[i] for i in probe_positions], probe_scores, group=group)
+        result = self.fit([texts[int(i)] for i in probe_positions], probe_scores, group=group)
         return self.predict(texts, group=group), result
 
     @abstractmethod
@@ -114,7 +117,8 @@ def shard(n: int, group) -> tuple[int, int, int]:
 
 
 def gather_rows(out: torch.Tensor, n: int, group) -> np.ndarray:
-    """Every member's padded CPU block ``out`` concatenated in rank order, cut to n rows (all members)."""
+    """Every member's padded CPU block ``out`` concatenated in rank order, cut to n rows (all members).
+    Scores travel as float32 (about 100 MB for 25.6M candidates on every member)."""
     size = rank_size(group)[1]
     if size > 1:
         parts = [torch.zeros_like(out) for _ in range(size)]

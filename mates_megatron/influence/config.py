@@ -46,8 +46,9 @@ class FinetuneConfig:
 class RidgeConfig:
     """Model 'ridge': the pretrained encoder kept frozen, a linear head fitted in closed form.
 
-    Each candidate is embedded once, for the probes and the prediction alike: the cheap setting for CPU runs,
-    at some cost in ranking quality.
+    Probes are embedded to fit the head; every candidate is then embedded once, in a stream over this
+    member's shard, and only its score is kept: the cheap setting for CPU runs, at some cost in ranking
+    quality.
     """
 
     alphas: tuple[float, ...] = (0.1, 1.0, 10.0, 100.0)
@@ -95,6 +96,9 @@ class InfluenceConfig:
     device: str | None = None
     """Device that fits and runs the influence model ('cpu', 'cuda', 'cuda:1'); None: the training device
     that the runner is given (CPU when it is given none)."""
+    bf16: bool = True
+    """On a CUDA device that supports bf16, run the encoder under bf16 autocast (the accelerator's fast
+    path); scores are gathered as float32 either way. No effect on CPU, which runs float32."""
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     """Fields of model 'finetune'."""
     ridge: RidgeConfig = field(default_factory=RidgeConfig)

@@ -9,6 +9,7 @@ Weights load from a local path only; the default is all-MiniLM-L6-v2 from `gt-al
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -79,6 +80,12 @@ class EncoderRegressor(nn.Module):
     def device(self) -> torch.device:
         return self.head.weight.device
 
+    def autocast(self):
+        """bf16 autocast for the encoder on a CUDA device that supports it (``cfg.bf16``); else no-op."""
+        if self.cfg.bf16 and self.device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     def encode_texts(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, C, L] input ids and attention mask on CPU (C = the longest text's chunk count in the batch)."""
         tok, body = self.tokenizer, self.cfg.max_length - 2
@@ -107,8 +114,9 @@ class EncoderRegressor(nn.Module):
         hidden = torch.zeros(
             b * c, length, self.encoder.config.hidden_size, dtype=torch.float32, device=input_ids.device
         )
-        out = self.encoder(input_ids=flat_ids[keep], attention_mask=flat_mask[keep]).last_hidden_state
-        hidden = hidden.to(out.dtype).index_put((keep.nonzero().squeeze(1),), out)
+        with self.autocast():
+            out = self.encoder(input_ids=flat_ids[keep], attention_mask=flat_mask[keep]).last_hidden_state
+        hidden = hidden.index_put((keep.nonzero().squeeze(1),), out.float())
         m = flat_mask.view(b, c * length, 1).to(hidden.dtype)
         return (hidden.view(b, c * length, -1) * m).sum(1) / m.sum(1).clamp(min=1)
 

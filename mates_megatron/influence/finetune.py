@@ -1,7 +1,8 @@
 """Influence model 'finetune': the encoder and a linear head trained end to end on the probes (the paper).
 
 Data parallel over the influence group: each member takes its share of every batch, gradients are averaged
-over the group; prediction shards the texts in contiguous blocks and gathers the scores in input order.
+over the group; prediction reads and encodes only this member's contiguous block of the texts and gathers the
+float32 scores in input order.
 With ``group=None`` everything runs in this process. With ``warm_start`` a fit continues from the previous
 one; without, from the pretrained encoder and a zero head, as the reference implementation does every round.
 """
@@ -9,6 +10,7 @@ one; without, from the pretrained encoder and a zero head, as the reference impl
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -51,7 +53,7 @@ class FinetuneInfluenceModel(InfluenceModel):
             self.net = self._fresh()
         return fit(self.net, texts, scores, group=group)
 
-    def predict(self, texts: list[str], *, group=None) -> np.ndarray:
+    def predict(self, texts: Sequence[str], *, group=None) -> np.ndarray:
         if self.net is None:
             raise RuntimeError("the influence model has not been fitted: call fit or load_state_dict first")
         return predict(self.net, texts, group=group, batch_size=self.cfg.predict_batch_size)
@@ -152,12 +154,13 @@ def fit(net: EncoderRegressor, texts: list[str], scores: np.ndarray, *, group=No
 
 @torch.no_grad()
 def predict(
-    net: EncoderRegressor, texts: list[str], *, group=None, batch_size: int = 32, progress: bool = True
+    net: EncoderRegressor, texts: Sequence[str], *, group=None, batch_size: int = 32, progress: bool = True
 ) -> np.ndarray:
-    """Predicted (z-scored) influence of every text, in input order, on every member of ``group``."""
+    """Predicted (z-scored) influence of every text, in input order, on every member of ``group``: this
+    member reads and encodes only its contiguous shard of ``texts``; float32 scores are gathered."""
     net.eval()
     lo, hi, per = shard(len(texts), group)
-    out = torch.zeros(per, dtype=torch.float64)
+    out = torch.zeros(per, dtype=torch.float32)
     for s in tqdm(
         range(lo, hi, batch_size),
         desc="influence predict",
@@ -165,5 +168,5 @@ def predict(
         disable=not (progress and _show(group)),
     ):
         ids, mask = net.encode_texts(texts[s : min(s + batch_size, hi)])
-        out[s - lo : s - lo + ids.shape[0]] = net(ids.to(net.device), mask.to(net.device)).double().cpu()
-    return gather_rows(out, len(texts), group)
+        out[s - lo : s - lo + ids.shape[0]] = net(ids.to(net.device), mask.to(net.device)).float().cpu()
+    return gather_rows(out, len(texts), group).astype(np.float64)

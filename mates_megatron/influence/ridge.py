@@ -1,13 +1,16 @@
 """Influence model 'ridge': the pretrained encoder kept frozen, a linear head fitted in closed form.
 
-Texts are embedded by the frozen encoder (``ridge.features``), sharded over the influence group and gathered
-on every member; the head is ridge regression on those features, its strength chosen by cross-validated
-Spearman. ``fit_predict`` embeds every candidate once, for the probes and the prediction alike.
+The probes are embedded by the frozen encoder (``ridge.features``), sharded over the influence group, and their
+features gathered on every member ([probes, hidden]: small); the head is ridge regression on them, its strength
+chosen by cross-validated Spearman. Prediction streams over this member's contiguous shard of the candidates,
+embedding a batch and keeping only its float32 scores, so host memory follows the shard's scores and not
+[candidates, hidden]; the scores are gathered on every member.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -43,26 +46,28 @@ class RidgeInfluenceModel(InfluenceModel):
             self.net = EncoderRegressor(self.cfg).to(self.device).requires_grad_(False)
         return self.net
 
-    def embed(self, texts: list[str], *, group=None) -> np.ndarray:
+    def embed(self, texts: Sequence[str], *, group=None) -> np.ndarray:
         """The frozen features [n, hidden] (float64) of every text, on every member of ``group``."""
         return embed(self._network(), texts, group=group, batch_size=self.cfg.predict_batch_size)
 
-    def fit(self, texts: list[str], scores: np.ndarray, *, group=None) -> FitResult:
+    def fit(self, texts: Sequence[str], scores: np.ndarray, *, group=None) -> FitResult:
         check_pairs(len(texts), scores, "fit_ridge")
         return fit_ridge(self._network(), self.embed(texts, group=group), scores)
 
-    def predict(self, texts: list[str], *, group=None) -> np.ndarray:
+    def predict(self, texts: Sequence[str], *, group=None) -> np.ndarray:
         if self.net is None:
             raise RuntimeError("the influence model has not been fitted: call fit or load_state_dict first")
-        return apply_head(self.net, self.embed(texts, group=group))
-
-    def fit_predict(
-        self, texts: list[str], probe_positions: np.ndarray, probe_scores: np.ndarray, *, group=None
-    ) -> tuple[np.ndarray, FitResult]:
-        check_pairs(len(probe_positions), probe_scores, "fit_ridge")
-        feats = self.embed(texts, group=group)
-        result = fit_ridge(self._network(), feats[probe_positions], probe_scores)
-        return apply_head(self.net, feats), result
+        net, bs = self.net, self.cfg.predict_batch_size
+        net.eval()
+        w = net.head.weight.detach().double().cpu().numpy()[0]
+        b = float(net.head.bias.detach())
+        lo, hi, per = shard(len(texts), group)
+        out = torch.zeros(per, dtype=torch.float32)
+        show = rank_size(group)[0] == 0
+        for s in tqdm(range(lo, hi, bs), desc="influence predict", leave=False, disable=not show):
+            feats = features(net, texts[s : min(s + bs, hi)])
+            out[s - lo : s - lo + len(feats)] = torch.from_numpy(feats @ w + b)
+        return gather_rows(out, len(texts), group).astype(np.float64)
 
     def state_dict(self) -> dict[str, Any]:
         if self.net is None:
@@ -76,30 +81,26 @@ class RidgeInfluenceModel(InfluenceModel):
 
 
 @torch.no_grad()
-def embed(net: EncoderRegressor, texts: list[str], *, group=None, batch_size: int = 32) -> np.ndarray:
-    """Features [n, hidden] (float64) of every text by ``net.cfg.ridge.features``, on every member of
-    ``group``: mean-pooled encoder states, or mean input token embeddings."""
+def features(net: EncoderRegressor, texts: Sequence[str]) -> np.ndarray:
+    """Features [len(texts), hidden] (float64, CPU) of one batch by ``net.cfg.ridge.features``: mean-pooled
+    encoder states, or mean input token embeddings."""
+    if net.cfg.ridge.features == "token_embeddings":
+        return net.embed_tokens(list(texts)).double().cpu().numpy()
+    ids, mask = net.encode_texts(list(texts))
+    return net.embed(ids.to(net.device), mask.to(net.device)).double().cpu().numpy()
+
+
+def embed(net: EncoderRegressor, texts: Sequence[str], *, group=None, batch_size: int = 32) -> np.ndarray:
+    """Features [n, hidden] (float64) of every text, sharded over ``group`` and gathered on every member:
+    for the probes of a fit, never for a whole round (``predict`` streams)."""
     net.eval()
     lo, hi, per = shard(len(texts), group)
     out = torch.zeros(per, net.encoder.config.hidden_size, dtype=torch.float64)
-    static = net.cfg.ridge.features == "token_embeddings"
     show = rank_size(group)[0] == 0
     for s in tqdm(range(lo, hi, batch_size), desc="influence embed", leave=False, disable=not show):
-        chunk = texts[s : min(s + batch_size, hi)]
-        if static:
-            out[s - lo : s - lo + len(chunk)] = net.embed_tokens(chunk).double().cpu()
-        else:
-            ids, mask = net.encode_texts(chunk)
-            out[s - lo : s - lo + ids.shape[0]] = (
-                net.embed(ids.to(net.device), mask.to(net.device)).double().cpu()
-            )
+        chunk = features(net, texts[s : min(s + batch_size, hi)])
+        out[s - lo : s - lo + len(chunk)] = torch.from_numpy(chunk)
     return gather_rows(out, len(texts), group)
-
-
-def apply_head(net: EncoderRegressor, features: np.ndarray) -> np.ndarray:
-    """The head's predictions on precomputed features (float64)."""
-    w = net.head.weight.detach().double().cpu().numpy()[0]
-    return features @ w + float(net.head.bias.detach())
 
 
 def ridge_solve(x: np.ndarray, y: np.ndarray, alpha: float) -> tuple[np.ndarray, float]:
@@ -111,7 +112,7 @@ def ridge_solve(x: np.ndarray, y: np.ndarray, alpha: float) -> tuple[np.ndarray,
     return w, float(y0 - mu @ w)
 
 
-def fit_ridge(net: EncoderRegressor, features: np.ndarray, scores: np.ndarray) -> FitResult:
+def fit_ridge(net: EncoderRegressor, feats: np.ndarray, scores: np.ndarray) -> FitResult:
     """Fit the head of a frozen-encoder network in closed form on precomputed ``embed`` features.
 
     Targets are z-scored. Each of ``ridge.alphas`` is scored by ``ridge.folds``-fold cross-validation (the
@@ -120,22 +121,22 @@ def fit_ridge(net: EncoderRegressor, features: np.ndarray, scores: np.ndarray) -
     """
     cfg = net.cfg
     alphas, folds = cfg.ridge.alphas, cfg.ridge.folds
-    scores = check_pairs(len(features), scores, "fit_ridge")
+    scores = check_pairs(len(feats), scores, "fit_ridge")
     target = (scores - scores.mean()) / (scores.std() or 1.0)
     fold_of = np.random.default_rng([cfg.seed, 7]).permutation(len(scores)) % folds
     history, best = [], (-math.inf, math.nan, 0)
     for i, alpha in enumerate(alphas):
         pred = np.zeros(len(scores))
         for f in range(folds):
-            w, b = ridge_solve(features[fold_of != f], target[fold_of != f], alpha)
-            pred[fold_of == f] = features[fold_of == f] @ w + b
+            w, b = ridge_solve(feats[fold_of != f], target[fold_of != f], alpha)
+            pred[fold_of == f] = feats[fold_of == f] @ w + b
         sp, pe = spearman(pred, scores), pearson(pred, scores)
         history.append({"alpha": alpha, "spearman": sp, "pearson": pe})
         if sp > best[0]:
             best = (sp, pe, i)
     if math.isinf(best[0]):  # no strength gave a defined Spearman (constant predictions): report it as such
         best = (math.nan, math.nan, 0)
-    w, b = ridge_solve(features, target, alphas[best[2]])
+    w, b = ridge_solve(feats, target, alphas[best[2]])
     net.head.weight.data.copy_(torch.from_numpy(w).float().view(1, -1))
     net.head.bias.data.fill_(b)
     return FitResult(spearman=best[0], pearson=best[1], best=best[2], history=history)

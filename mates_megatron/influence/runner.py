@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -19,7 +20,7 @@ class InfluenceRunner:
     """Owns the influence model (built by name from ``cfg.model``) and its process group.
 
     ``ranks`` (default: all) form the side group that fits and predicts; scores then reach every rank of
-    the world by a broadcast from the group's first rank. ``device`` is the training device; the influence
+    the world by a broadcast from the group's first rank over a gloo group of the world. ``device`` is the training device; the influence
     model runs there unless ``cfg.device`` names another (CPU when neither is given). Collective at
     construction (the group is created on every rank).
     """
@@ -40,6 +41,9 @@ class InfluenceRunner:
             else (list(range(dist.get_world_size())) if self.distributed else [0])
         )
         self.group = influence_group(self.ranks) if self.distributed else None
+        subset = self.distributed and len(self.ranks) < dist.get_world_size()
+        # Scores reach non-members over gloo (CPU tensors), never on the default group, which is NCCL on GPUs.
+        self.world_group = influence_group() if subset else None
         self.member = not self.distributed or dist.get_rank() in self.ranks
         self.model: InfluenceModel | None = (
             build_influence_model(cfg, device=self.device) if self.member else None
@@ -48,26 +52,30 @@ class InfluenceRunner:
         self.rounds_fitted = 0
 
     def score_round(
-        self, texts: list[str], probe_positions: np.ndarray, probe_scores: np.ndarray
+        self, texts: Sequence[str], probe_positions: np.ndarray, probe_scores: np.ndarray
     ) -> tuple[np.ndarray, float, float]:
         """Fit on the probes (``texts[probe_positions]`` with their oracle scores), predict every text.
 
         Returns (predicted scores, held-out Spearman, held-out Pearson), identical on every rank of the world
-        (collective over the world). Non-members may pass an empty ``texts`` (they never read them).
+        (collective over the world). ``texts`` may decode on access (``pool.CandidateTexts``): a member reads
+        the probes and its own shard only; a non-member reads nothing and may pass an empty sequence.
         """
-        out = torch.zeros(0, dtype=torch.float64)
+        pred = torch.zeros(0, dtype=torch.float32)
+        stats = torch.zeros(2, dtype=torch.float64)
         if self.member:
-            pred, result = self.model.fit_predict(texts, probe_positions, probe_scores, group=self.group)
-            out = torch.from_numpy(np.concatenate([pred, [result.spearman, result.pearson]]))
-        if self.distributed and len(self.ranks) < dist.get_world_size():
-            size = torch.tensor([len(out)], dtype=torch.long)
-            dist.broadcast(size, src=self.ranks[0])  # non-members do not know the pool's size
+            scores, result = self.model.fit_predict(texts, probe_positions, probe_scores, group=self.group)
+            pred = torch.from_numpy(scores.astype(np.float32))  # float32 already on the wire (gather_rows)
+            stats = torch.tensor([result.spearman, result.pearson], dtype=torch.float64)
+        if self.world_group is not None:
+            src, group = self.ranks[0], self.world_group
+            size = torch.tensor([len(pred)], dtype=torch.long)
+            dist.broadcast(size, src=src, group=group)  # non-members do not know the pool's size
             if not self.member:
-                out = torch.zeros(int(size), dtype=torch.float64)
-            dist.broadcast(out, src=self.ranks[0])
+                pred = torch.zeros(int(size), dtype=torch.float32)
+            dist.broadcast(pred, src=src, group=group)
+            dist.broadcast(stats, src=src, group=group)
         self.rounds_fitted += 1  # on every rank: a checkpoint of any rank tells how many rounds were fitted
-        arr = out.numpy()
-        return arr[:-2].copy(), float(arr[-2]), float(arr[-1])
+        return pred.numpy().astype(np.float64), float(stats[0]), float(stats[1])
 
     def state_dict(self) -> dict[str, Any]:
         """Rounds fitted (on every rank) and the model's state (None before the first fit and on

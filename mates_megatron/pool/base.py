@@ -7,6 +7,7 @@ from its own slice of a seeded permutation of the ids, so no round depends on sh
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Protocol, runtime_checkable
@@ -72,6 +73,26 @@ class CandidatePool(Protocol):
 
 
 POOLS: Registry[type] = Registry("pool")
+
+
+class CandidateTexts(Sequence[str]):
+    """The texts of a round's candidates, decoded when read (an int gives a str, a slice a list).
+
+    What scorers hand the influence model: each member of the influence group reads the probes and its own
+    contiguous shard, so no rank holds the text of every candidate of a 25.6M-candidate round.
+    """
+
+    def __init__(self, pool: CandidatePool, ids: np.ndarray) -> None:
+        self.pool = pool
+        self.ids = np.asarray(ids)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self.pool.text(int(g)) for g in self.ids[i]]
+        return self.pool.text(int(self.ids[i]))
 
 
 @dataclass(frozen=True)

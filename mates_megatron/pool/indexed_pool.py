@@ -15,6 +15,9 @@ import numpy as np
 
 from mates_megatron.pool.base import POOLS, PoolError
 
+_FINGERPRINT_SPAN = 1 << 20
+"""Bytes hashed at each end of the ``.idx`` and the ``.bin`` for the pool fingerprint."""
+
 
 @POOLS.register("indexed")
 class IndexedPool:
@@ -52,6 +55,7 @@ class IndexedPool:
 
         self._domains = json.loads(meta.read_text()).get("domains", []) if meta.is_file() else []
         self._first_doc: np.ndarray | None = None
+        self._fingerprint: str | None = None
 
     @property
     def num_candidates(self) -> int:
@@ -93,11 +97,22 @@ class IndexedPool:
         return self._tokenizer.decode(np.asarray(s["tokens"]).tolist())
 
     def fingerprint(self) -> str:
-        h = hashlib.sha256()
-        with open(f"{self.prefix}.idx", "rb") as f:
-            h.update(f.read())
-        h.update(str(len(self.dataset)).encode())
-        return "indexed:" + h.hexdigest()[:32]
+        """The sizes of ``.idx`` and ``.bin``, a hash of the first and last MiB of each (the ``.idx`` header
+        with dtype and counts, the ends of its arrays; the first and last documents' tokens) and the sample
+        count; computed once. Reading the whole files at every save and load does not scale to a paper pool,
+        and an mtime would refuse a resume from a copy of the same data on another machine. A change in the
+        middle of the ``.bin`` that keeps every document's length is not seen."""
+        if self._fingerprint is None:
+            h = hashlib.sha256(str(len(self.dataset)).encode())
+            for path in (Path(f"{self.prefix}.idx"), Path(f"{self.prefix}.bin")):
+                size = path.stat().st_size
+                h.update(f":{size}:".encode())
+                with path.open("rb") as f:
+                    h.update(f.read(_FINGERPRINT_SPAN))
+                    f.seek(max(size - _FINGERPRINT_SPAN, 0))
+                    h.update(f.read(_FINGERPRINT_SPAN))
+            self._fingerprint = "indexed:" + h.hexdigest()[:32]
+        return self._fingerprint
 
     def __getitem__(self, gid: int) -> dict[str, np.ndarray]:
         return self.training_sample(gid)

@@ -74,8 +74,8 @@ def read_manifest(shards_dir: Path) -> list[dict]:
     return entries
 
 
-def verify_shard(shards_dir: Path, entry: dict) -> Path:
-    """Check a shard against its manifest entry (existence, size, sha256) before reading it."""
+def check_shard(shards_dir: Path, entry: dict) -> Path:
+    """Cheap start-up check of a shard against its manifest entry: it exists and has the recorded size."""
     path = shards_dir / entry["name"]
     if not path.is_file():
         raise PoolError(
@@ -83,13 +83,26 @@ def verify_shard(shards_dir: Path, entry: dict) -> Path:
             "`mates-megatron prepare` to rebuild the shards and manifest"
         )
     size = path.stat().st_size
-    if size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
-        raise PoolError(
-            f"shard {path} changed since the manifest was written (size {size} vs {entry['bytes']} bytes "
-            "or sha256 differs): training on it would not be the recorded pool; restore the original shard "
-            "or re-run `mates-megatron prepare` to rebuild the shards and manifest"
-        )
+    if size != entry["bytes"]:
+        raise _changed(path, f"size {size} vs {entry['bytes']} bytes")
     return path
+
+
+def verify_shard(shards_dir: Path, entry: dict) -> Path:
+    """Full check (existence, size, sha256); callers run it on a shard's first read, not at start-up, so that
+    a 25.6M-candidate pool does not hash every shard on every rank before the first step."""
+    path = check_shard(shards_dir, entry)
+    if sha256_file(path) != entry["sha256"]:
+        raise _changed(path, "sha256 differs")
+    return path
+
+
+def _changed(path: Path, how: str) -> PoolError:
+    return PoolError(
+        f"shard {path} changed since the manifest was written ({how}): training on it would not be the "
+        "recorded pool; restore the original shard or re-run `mates-megatron prepare` to rebuild the shards "
+        "and manifest"
+    )
 
 
 class SelectionStore:

@@ -1,9 +1,10 @@
 """Candidate pool over WebDataset tar shards (as `mates-megatron prepare` writes them), read in place.
 
 Each tar sample (key K: K.txt, K.json with {"id", "domain"}, K.ids.npy with int32 token ids) is one
-candidate. Random access for the sampler uses an offset index built once per shard with tarfile (keys split
-with webdataset's own ``base_plus_ext`` naming rule); sequential streaming for whole-pool scoring goes
-through ``webdataset.WebDataset``. Shards are checked against the manifest before their first read.
+candidate. Random access (the sampler and the round's scorers) uses an offset index built once per shard with
+tarfile (keys split with webdataset's own ``base_plus_ext`` naming rule). At start-up each shard's existence and size are checked against the
+manifest and its tar headers and small .json members are indexed; its sha256 is verified when this process
+first reads a sample from it (hashing every shard on every rank at start-up does not scale to a paper pool).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 from webdataset.tariterators import base_plus_ext
 
 from mates_megatron.pool.base import POOLS, PoolError
-from mates_megatron.pool.manifest import SelectionStore, read_manifest, verify_shard
+from mates_megatron.pool.manifest import SelectionStore, check_shard, read_manifest, verify_shard
 
 _FIX_CORRUPT = "re-create it with `mates-megatron prepare` or restore it from its source"
 
@@ -66,8 +67,12 @@ class WebDatasetPool:
         self._domains: list[str] = []
         seen = np.zeros(n, dtype=bool)
         for si, entry in enumerate(self._entries):
-            path = verify_shard(self.dir, entry)
-            count = self._index_shard(si, path, seen)
+            path = check_shard(self.dir, entry)  # sha256 on the shard's first read (``_read``), not here
+            try:
+                count = self._index_shard(si, path, seen)
+            except PoolError:
+                verify_shard(self.dir, entry)  # a changed shard is named as changed, not as corrupt
+                raise
             if count == 0:
                 raise PoolError(
                     f"shard {path} holds no samples; remove it from {self.dir} and re-run prepare"
@@ -82,6 +87,7 @@ class WebDatasetPool:
                 f"candidate ids in {self.dir} are not 0..{n - 1}: ids {np.flatnonzero(~seen)[:5]} missing"
             )
         self._files: dict[int, io.BufferedReader] = {}
+        """Open shards, each checked against its manifest sha256 when this process first opened it."""
 
     def _index_shard(self, si: int, path: Path, seen: np.ndarray) -> int:
         members: dict[str, dict[str, tarfile.TarInfo]] = {}
@@ -104,7 +110,12 @@ class WebDatasetPool:
                                 f"shard {path}: sample {key!r} has no {what}; every sample needs .txt, .json "
                                 f"and .ids.npy; {_FIX_CORRUPT}"
                             )
-                    meta = json.loads(tf.extractfile(fields["json"]).read())
+                    try:
+                        meta = json.loads(tf.extractfile(fields["json"]).read())
+                    except ValueError as e:
+                        raise PoolError(
+                            f"shard {path}: sample {key!r} has unreadable .json ({e}); {_FIX_CORRUPT}"
+                        ) from e
                     gid = int(meta["id"])
                     if not 0 <= gid < len(seen) or seen[gid]:
                         raise PoolError(
@@ -143,7 +154,8 @@ class WebDatasetPool:
         si = int(self._shard[gid])
         f = self._files.get(si)
         if f is None:
-            f = self._files[si] = open(self.dir / self._entries[si]["name"], "rb")  # noqa: SIM115
+            path = verify_shard(self.dir, self._entries[si])
+            f = self._files[si] = open(path, "rb")  # noqa: SIM115
         off, size = where[gid]
         f.seek(int(off))
         data = f.read(int(size))

@@ -24,6 +24,7 @@ from mates_megatron.registry import Registry
 
 if TYPE_CHECKING:
     from mates_megatron.config import SelectionConfig
+    from mates_megatron.cost import RoundCost
     from mates_megatron.host import Host
     from mates_megatron.pool.base import CandidatePool
 
@@ -87,6 +88,13 @@ class Scorer(ABC):
         from mates_megatron.configio import build
 
         return build(cls.Config, selection.scorer_options, where="selection.scorer_options")
+
+    @classmethod
+    def projected_cost(cls, selection: SelectionConfig, **shape: Any) -> RoundCost | None:
+        """The round's projected FLOPs against training's (``mates_megatron.cost``), from the config and
+        ``shape`` (model: TransformerShape, seq_length, global_batch_size, reference_rows); None when this
+        scorer has no cost model (nothing is checked then)."""
+        return None
 
     @abstractmethod
     def score(self, round_input: RoundInput) -> Scores:

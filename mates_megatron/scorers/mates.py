@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from mates_megatron.pool.base import CandidateTexts
 from mates_megatron.probe.estimators import ESTIMATORS, ProbeContext
 from mates_megatron.runtime.schedule import collate
 from mates_megatron.scorers.base import SCORERS, RoundInput, Scorer, Scores
@@ -41,6 +42,12 @@ class MatesScorer(Scorer):
                 f"{MIN_PROBES} (text, score) pairs per round; the paper uses thousands"
             )
 
+    @classmethod
+    def projected_cost(cls, selection, **shape: Any):
+        from mates_megatron.cost import project_mates_round
+
+        return project_mates_round(selection, **shape)
+
     def probe_positions(self, round_: int, n: int) -> np.ndarray:
         """The round's probe samples: a seeded draw of positions into its candidates."""
         rng = np.random.default_rng([self.selection.seed, round_, 0x9B0BE])
@@ -61,9 +68,8 @@ class MatesScorer(Scorer):
         probes = ESTIMATORS.get(sel.estimator)(ctx).score(batches)
         seconds["probe"] = time.perf_counter() - t
         t = time.perf_counter()
-        texts = [pool.text(int(g)) for g in cands] if self.influence.member else []
-        seconds["text"] = time.perf_counter() - t
-        t = time.perf_counter()
+        # Decoded on access: each influence member reads the probes and its own shard, streaming.
+        texts = CandidateTexts(pool, cands)
         scores, sp, pe = self.influence.score_round(texts, positions, probes.scores)
         seconds["fit_and_score"] = time.perf_counter() - t
         self.oracle[r.round] = {"ids": cands[positions].copy(), "scores": probes.scores.copy()}

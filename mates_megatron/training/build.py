@@ -17,6 +17,7 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     sel = cfg.selection
 
     def data(trainer: Trainer):
+        from mates_megatron.cost import TransformerShape
         from mates_megatron.plugin import build_plugin
 
         tokenizer = None
@@ -25,6 +26,10 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
 
             # Indexed candidates are token ids: scorers that read text decode them.
             tokenizer = load_tokenizer(cfg.tokenizer or trainer.tokenizer_info.path)
+        m = cfg.model
+        shape = TransformerShape(
+            m.num_layers, m.hidden_size, m.ffn_hidden_size or 4 * m.hidden_size, m.vocab_size
+        )
         plugin = build_plugin(
             sel,
             train_iters=cfg.train_iters,
@@ -37,6 +42,8 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
             write_files=dist.get_rank() == 0,
             tokenizer=tokenizer,
             device=trainer.device,
+            model_shape=shape,
+            reference_rows=len(trainer.reference) if trainer.reference is not None else 0,
         )
         return plugin.pool, plugin.sampler, [plugin.hook]
 

@@ -115,6 +115,7 @@ class Trainer:
             )
         self.groups = ProcessGroups.from_parallel_state()
         self.forward_backward_func = get_forward_backward_func()
+        self.reference = self._load_reference()  # before ``data``: the plugin projects its cost from it
         if data is not None:
             self.dataset, self.order, data_hooks = data(self)
             self.hooks: list[TrainerHook] = list(data_hooks)
@@ -125,7 +126,6 @@ class Trainer:
             )
             self.hooks = []
         self.hooks += list(hooks or [])
-        self.reference = self._load_reference()
         self.reference_batches = (
             None
             if self.reference is None

@@ -415,3 +415,49 @@ def test_score_round_is_identical_on_every_rank_and_equals_one_process():
     assert subset[1][3] == [] and subset[1][4] is None  # rank 1 holds no model
     for pred, _, _, _, restored in [one, *both, subset[0]]:
         np.testing.assert_allclose(restored, pred, rtol=0, atol=1e-9)
+
+
+class _RecordingTexts:
+    """A lazily read text sequence (like ``pool.CandidateTexts``) that records which positions were read."""
+
+    def __init__(self, texts):
+        self.texts, self.read = texts, set()
+
+    def __len__(self):
+        return len(self.texts)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            positions = range(*i.indices(len(self.texts)))
+            self.read.update(positions)
+            return [self.texts[k] for k in positions]
+        self.read.add(int(i))
+        return self.texts[int(i)]
+
+
+def _reads(texts, positions, target, model):
+    from mates_megatron.influence.runner import InfluenceRunner
+
+    torch.set_num_threads(1)
+    runner = InfluenceRunner(
+        _cfg(model, max_length=32, finetune_epochs=1, finetune_batch_size=8), device="cpu"
+    )
+    recording = _RecordingTexts(texts)
+    pred, _, _ = runner.score_round(recording, positions, target[positions])
+    return sorted(recording.read), pred
+
+
+@pytest.mark.parametrize("model", ["ridge", "finetune"])
+def test_each_member_reads_only_the_probes_and_its_own_shard(model):
+    """The sharded influence stage: a member decodes its contiguous block of the round and the probes,
+    never the whole round, and every member still gets every score (float32 on the wire)."""
+    texts, target = _synthetic(41, seed=9)
+    positions = np.arange(0, 41, 4)  # 11 probes, spread over both shards
+    (read0, pred0), (read1, pred1) = run_on_ranks(_reads, 2, texts, positions, target, model)
+    assert read0 == sorted(set(range(0, 21)) | set(positions.tolist()))
+    assert read1 == sorted(set(range(21, 41)) | set(positions.tolist()))
+    assert pred0.tolist() == pred1.tolist() and pred0.dtype == np.float64 and len(pred0) == 41
+    assert np.array_equal(pred0, pred0.astype(np.float32).astype(np.float64))  # gathered as float32
+    if model == "ridge":  # deterministic: equals one process reading a plain list
+        one = run_on_ranks(_score_round, 1, texts, positions, target, None)[0][0]
+        np.testing.assert_allclose(pred0, one, rtol=0, atol=1e-6)

@@ -44,6 +44,9 @@ def _train(data, overrides):
             "warmup_steps": EVERY,
             "probe_samples": 16,
             "estimator": "oracle",
+            # The oracle's mechanics at toy size: each probe evaluates the whole reference set, which costs
+            # several times the round's training (refused at the 0.1 default, as it should be at scale).
+            "max_selection_cost": 50.0,
             "influence": {"model": "ridge", "ridge": {"features": "token_embeddings"}},
         },
         **overrides,
@@ -100,7 +103,7 @@ def test_rounds_select_on_the_live_model_and_log_per_round(uninterrupted):
         rec = rank0["records"][r]
         assert rec["probes"] == 16 and rec["candidates"] == EVERY * 4 * 4
         assert np.isfinite([rec["oracle_mean"], rec["oracle_std"], rec["influence_spearman"]]).all()
-        assert set(rec["seconds"]) == {"probe", "text", "fit_and_score", "score", "select", "total"}
+        assert set(rec["seconds"]) == {"probe", "fit_and_score", "score", "select", "total"}
         assert abs(sum(rec["selected_share"].values()) - 1) < 1e-9
         ids, scores = rank0["oracle"][r]
         assert len(set(ids)) == 16 and rec["oracle_mean"] == pytest.approx(np.mean(scores))

@@ -70,7 +70,8 @@ EVERY_FIELD = [
     "--mates-run-name", "r1",
     "--mates-warmup-steps", "200",
     "--mates-probe-samples", "64",
-    "--mates-estimator", "linearized",
+    "--mates-estimator", "mirrored",
+    "--mates-max-selection-cost", "0.5",
     "--mates-probe-tokens", "all",
     "--mates-influence-model", "ridge",
     "--mates-influence-model-path", "/models/bert",
@@ -80,6 +81,7 @@ EVERY_FIELD = [
     "--mates-influence-seed", "3",
     "--no-mates-influence-warm-start",
     "--mates-influence-device", "cpu",
+    "--no-mates-influence-bf16",
     "--mates-influence-finetune-lr", "1e-4",
     "--mates-influence-finetune-head-lr", "2e-3",
     "--mates-influence-finetune-epochs", "4",
@@ -105,7 +107,8 @@ EVERY_FIELD_CONFIG = SelectionConfig(
     run_name="r1",
     warmup_steps=200,
     probe_samples=64,
-    estimator="linearized",
+    estimator="mirrored",
+    max_selection_cost=0.5,
     probe_tokens="all",
     influence=InfluenceConfig(
         model="ridge",
@@ -116,6 +119,7 @@ EVERY_FIELD_CONFIG = SelectionConfig(
         seed=3,
         warm_start=False,
         device="cpu",
+        bf16=False,
         finetune=FinetuneConfig(lr=1e-4, head_lr=2e-3, epochs=4, batch_size=8, val_fraction=0.2),
         ridge=RidgeConfig(alphas=(0.5, 5.0), features="token_embeddings", folds=4),
     ),
@@ -140,7 +144,8 @@ def test_every_config_field_has_a_flag():
     assert expected | {"--mates", "--mates-config", "--mates-reference"} <= options
     assert "--no-mates-influence-warm-start" in options
     # The argv above sets every one of them, so the next test compares every field.
-    assert {a for a in EVERY_FIELD if a.startswith("--mates-")} | {"--mates-influence-warm-start"} >= expected
+    negated = {"--mates-influence-warm-start", "--mates-influence-bf16"}  # given as --no-... (default true)
+    assert {a for a in EVERY_FIELD if a.startswith("--mates-")} | negated >= expected
     # Each flag's --help is its field's docstring.
     help_ = {a.option_strings[0]: a.help for a in parser()._actions if a.option_strings}
     assert help_["--mates-select-every"].startswith("Training steps per round")

@@ -77,14 +77,68 @@ def test_reads_samples_in_place(tmp_path):
     assert {p.name: p.read_bytes() for p in tmp_path.glob("*.tar")} == before
 
 
-def test_shard_changed_since_manifest(tmp_path):
+def _text_offset(shard: Path, key: str) -> int:
+    with tarfile.open(shard) as tf:
+        return tf.getmember(f"{key}.txt").offset_data
+
+
+def test_shard_changed_since_manifest_is_refused_at_its_first_read(tmp_path, monkeypatch):
     _write_shards(tmp_path)
-    with (tmp_path / "shard-000001.tar").open("r+b") as f:
-        f.seek(600)
+    shard = tmp_path / "shard-000001.tar"
+    with shard.open("r+b") as f:  # one byte of a document's text: same size, tar headers intact
+        f.seek(_text_offset(shard, "0000000012"))
         f.write(b"X")
+    import mates_megatron.pool.manifest as manifest
+
+    hashed = []
+    real = manifest.sha256_file
+    monkeypatch.setattr(
+        manifest, "sha256_file", lambda path, *a: hashed.append(Path(path).name) or real(path)
+    )
+    pool = WebDatasetPool(tmp_path, seq_length=SEQ)  # start-up checks sizes and indexes; it hashes nothing
+    assert hashed == []
+    assert pool.text(3) == next(t for g, t, _, _ in _docs(25) if g == 3)  # shard 0 is intact
+    pool.text(4)
+    assert hashed == ["shard-000000.tar"]  # verified once, on its first read
     with pytest.raises(
-        PoolError, match=r"shard-000001.tar changed since the manifest.*restore the original shard"
+        PoolError,
+        match=r"shard-000001.tar changed since the manifest.*sha256 differs.*restore the original shard",
     ):
+        pool.tokens(15)
+
+
+def test_shard_of_another_size_is_refused_at_start_up(tmp_path):
+    _write_shards(tmp_path)
+    with (tmp_path / "shard-000001.tar").open("ab") as f:
+        f.write(b"\0" * 512)
+    with pytest.raises(
+        PoolError, match=r"shard-000001.tar changed since the manifest.*\(size \d+ vs \d+ bytes\)"
+    ):
+        WebDatasetPool(tmp_path, seq_length=SEQ)
+
+
+def test_changed_json_is_named_as_a_changed_shard(tmp_path):
+    _write_shards(tmp_path)
+    shard = tmp_path / "shard-000001.tar"
+    with tarfile.open(shard) as tf:
+        at = tf.getmember("0000000012.json").offset_data
+    with shard.open("r+b") as f:
+        f.seek(at)
+        f.write(b"X")  # the index cannot parse it; the checksum says why
+    with pytest.raises(PoolError, match=r"shard-000001.tar changed since the manifest.*sha256 differs"):
+        WebDatasetPool(tmp_path, seq_length=SEQ)
+
+
+def test_unreadable_json_in_a_recorded_shard(tmp_path):
+    shards = _write_shards(tmp_path)
+    shard = tmp_path / "shard-000001.tar"
+    with tarfile.open(shard) as tf:
+        at = tf.getmember("0000000012.json").offset_data
+    with shard.open("r+b") as f:
+        f.seek(at)
+        f.write(b"X")
+    write_manifest(tmp_path, shards)  # recorded as it is now: the shard itself is bad
+    with pytest.raises(PoolError, match=r"shard-000001.tar: sample '0000000012' has unreadable .json"):
         WebDatasetPool(tmp_path, seq_length=SEQ)
 
 

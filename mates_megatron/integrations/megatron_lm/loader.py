@@ -147,13 +147,16 @@ def build_mates_data_loader(
     write_files: bool = False,
     plugin=None,
     worker_init_fn=None,
+    model_shape=None,
+    reference_rows: int = 0,
 ):
     """(MatesDataLoader, Plugin) for a Megatron-LM train split (``plugin`` given: reuse it).
 
     pool='indexed' takes its candidates from ``train_ds`` (a GPTDataset at least ``pool_num_samples``
     long) and serves ``train_ds[id]`` as Megatron builds it; other pools serve their own samples and leave
     ``train_ds`` unused. ``tokenizer`` decodes indexed candidates for scorers that read text. Collective
-    when ``plugin`` is None and the scorer creates process groups.
+    when ``plugin`` is None and the scorer creates process groups. ``model_shape`` and ``reference_rows``:
+    the scorer's round is projected and checked against ``max_selection_cost`` (see build_plugin).
     """
     if plugin is None:
         from mates_megatron.plugin import build_plugin
@@ -170,6 +173,8 @@ def build_mates_data_loader(
             write_files=write_files,
             tokenizer=tokenizer,
             device=device,
+            model_shape=model_shape,
+            reference_rows=reference_rows,
         )
     loader = MatesDataLoader(
         train_ds if sel.pool_is_host_dataset else plugin.pool,

@@ -189,6 +189,7 @@ def mates_train_data_loader(train_ds, consumed_samples: int):
     from megatron.training import get_args
     from megatron.training.dist_signal_handler import DistributedSignalHandler
 
+    from mates_megatron.cost import TransformerShape
     from mates_megatron.integrations.megatron_lm.args import mates_config_from_args
     from mates_megatron.integrations.megatron_lm.host import (
         MegatronTextTokenizer,
@@ -231,6 +232,13 @@ def mates_train_data_loader(train_ds, consumed_samples: int):
         tokenizer=text_tok if decode else None,
         device=host.device,
         write_files=_rank() == 0,
+        model_shape=TransformerShape(
+            args.num_layers,
+            args.hidden_size,
+            args.ffn_hidden_size or 4 * args.hidden_size,
+            getattr(args, "padded_vocab_size", None) or getattr(args, "vocab_size", None) or 0,
+        ),
+        reference_rows=len(host.reference) if host.reference is not None else 0,
         **common,
     )
     set_mates_state(MatesState(sel=sel, plugin=plugin, host=host, global_batch_size=args.global_batch_size))
