@@ -156,6 +156,13 @@ class SelectionConfig:
         return POOLS.get(self.pool).host_dataset
 
     @property
+    def state_rank(self) -> int:
+        """The rank whose plugin state is complete: 0, or the first influence rank when rank 0 fits no
+        influence model (the weights are the same on every member, and absent elsewhere)."""
+        ranks = self.influence_ranks if self.scored else None
+        return 0 if not ranks or 0 in ranks else min(ranks)
+
+    @property
     def warmup_rounds(self) -> int:
         return self.warmup_steps // self.select_every if self.scored else 0
 

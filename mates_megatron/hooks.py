@@ -66,6 +66,7 @@ class MatesHook:
         scorer: Scorer | None = None,
         warmup_rounds: int = 0,
         store: SelectionStore | None = None,
+        state_rank: int = 0,
     ) -> None:
         self.pool, self.rounds, self.sampler, self.selector = pool, rounds, sampler, selector
         self.select_every, self.seed, self.train_iters = select_every, seed, train_iters
@@ -74,6 +75,9 @@ class MatesHook:
         self.scorer = scorer if selector.needs_scores else None
         self.warmup_rounds = warmup_rounds if self.scorer is not None else 0
         self.store = store
+        self.state_rank = state_rank
+        """The rank whose ``state_dict`` is complete (holds the influence model): a host saving the state
+        from one rank saves this one's."""
         """Where published selections are also written (rank 0 only; None: checkpoint only)."""
         self.domain_share: dict[int, dict[str, float]] = {}
         self.records: dict[int, dict[str, Any]] = {}

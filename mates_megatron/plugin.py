@@ -118,5 +118,6 @@ def build_plugin(
         scorer=scorer,
         warmup_rounds=sel.warmup_rounds,
         store=pool.selection_store(sel.run_name) if write_files else None,
+        state_rank=sel.state_rank,
     )
     return Plugin(pool=pool, rounds=rounds, sampler=sampler, hook=hook, cost=cost)

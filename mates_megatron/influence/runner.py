@@ -20,9 +20,9 @@ class InfluenceRunner:
     """Owns the influence model (built by name from ``cfg.model``) and its process group.
 
     ``ranks`` (default: all) form the side group that fits and predicts; scores then reach every rank of
-    the world by a broadcast from the group's first rank over a gloo group of the world. ``device`` is the training device; the influence
-    model runs there unless ``cfg.device`` names another (CPU when neither is given). Collective at
-    construction (the group is created on every rank).
+    the world by a broadcast from the group's first rank over a gloo group of the world. ``device`` is the
+    training device; the influence model runs there unless ``cfg.device`` names another (CPU when neither is
+    given). Collective at construction (the groups are created on every rank).
     """
 
     def __init__(

@@ -1,10 +1,11 @@
 """Candidate pool over WebDataset tar shards (as `mates-megatron prepare` writes them), read in place.
 
 Each tar sample (key K: K.txt, K.json with {"id", "domain"}, K.ids.npy with int32 token ids) is one
-candidate. Random access (the sampler and the round's scorers) uses an offset index built once per shard with
-tarfile (keys split with webdataset's own ``base_plus_ext`` naming rule). At start-up each shard's existence and size are checked against the
-manifest and its tar headers and small .json members are indexed; its sha256 is verified when this process
-first reads a sample from it (hashing every shard on every rank at start-up does not scale to a paper pool).
+candidate. Random access (the sampler and the round's scorers) uses an offset index built once per shard
+with tarfile (keys split with webdataset's own ``base_plus_ext`` naming rule). At start-up each shard's
+existence and size are checked against the manifest, and its tar headers and small .json members are
+indexed; its sha256 is verified when this process first reads a sample from it (hashing every shard on every
+rank at start-up does not scale to a paper pool).
 """
 
 from __future__ import annotations

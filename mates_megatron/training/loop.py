@@ -54,7 +54,9 @@ class SampleOrder(Protocol):
 
 
 class TrainerHook(Protocol):
-    """Called at every step end; its state is saved with the checkpoint (MatesHook implements this)."""
+    """Called at every step end; its state is saved with the checkpoint (MatesHook implements this).
+
+    An optional ``state_rank: int`` names the rank whose ``state_dict`` is complete (default 0)."""
 
     def on_step_end(self, trainer: Trainer, iteration: int, metrics: dict[str, float]) -> None: ...
 
@@ -313,11 +315,22 @@ class Trainer:
             log.info("iteration %6d | reference loss %.4f", self.iteration, loss)
 
     # -- checkpoints --------------------------------------------------------------------------------------
+    @staticmethod
+    def _hook_state(hook: TrainerHook) -> dict[str, Any]:
+        """The hook's state as its ``state_rank`` holds it (rank 0 writes the run state; e.g. the influence
+        model lives only on influence ranks). Collective over the world group."""
+        state, src = hook.state_dict(), getattr(hook, "state_rank", 0)
+        if src != 0:
+            box = [state]
+            dist.broadcast_object_list(box, src=src)
+            state = box[0]
+        return state
+
     def save(self) -> None:
         extra = {
             "consumed_samples": self.consumed_samples,
             "order": self.order.state_dict(),
-            "hooks": [h.state_dict() for h in self.hooks],
+            "hooks": [self._hook_state(h) for h in self.hooks],
             "history": self.history,
         }
         path = ckpt.save_checkpoint(

@@ -15,6 +15,8 @@ ITERS, EVERY = 9, 3  # rounds 0 (random warm-up), 1 and 2 (scored at the ends of
 
 
 def _train(data, overrides):
+    overrides = dict(overrides)
+    selection = overrides.pop("selection", {})
     from mates_megatron.configio import build
     from mates_megatron.select import RandomSelector
     from mates_megatron.training.build import build_trainer
@@ -48,6 +50,7 @@ def _train(data, overrides):
             # several times the round's training (refused at the 0.1 default, as it should be at scale).
             "max_selection_cost": 50.0,
             "influence": {"model": "ridge", "ridge": {"features": "token_embeddings"}},
+            **selection,
         },
         **overrides,
     }
@@ -76,6 +79,7 @@ def _train(data, overrides):
         "published": published,
         "records": hook.records,
         "oracle": {r: (o["ids"].tolist(), o["scores"].tolist()) for r, o in hook.scorer.oracle.items()},
+        "influence_state": hook.scorer.influence.state_dict(),
         "random_round": {
             r: sorted(RandomSelector().select(hook.rounds.candidates(r), k, seed=11, round_=r).tolist())
             for r in range(ITERS // EVERY)
@@ -138,3 +142,20 @@ def test_resume_repeats_selections_and_batches(small_embedded, tmp_path, uninter
     assert resumed["records"][1]["influence_spearman"] == full["records"][1]["influence_spearman"]
     assert resumed["history"]["loss"] == full["history"]["loss"]
     assert resumed["history"]["reference_loss"] == full["history"]["reference_loss"]
+
+
+def test_checkpoint_holds_the_influence_model_when_rank_0_fits_none(small_embedded, tmp_path):
+    """Rank 0 writes the run state; with influence_ranks=[1] the fitted head lives on rank 1 only, and the
+    checkpoint must carry that one."""
+    import torch
+
+    save = tmp_path / "ckpt"
+    overrides = {"save": str(save), "exit_interval": EVERY, "selection": {"influence_ranks": [1]}}
+    ranks = run_on_ranks(_train, 2, small_embedded, overrides)
+    assert ranks[0]["influence_state"]["model"] is None  # rank 0 fits no influence model
+    held = ranks[1]["influence_state"]["model"]
+    assert held and ranks[1]["influence_state"]["rounds_fitted"] == 1
+    run_state = torch.load(save / f"iter_{EVERY:07d}" / "run_state.pt", weights_only=False)
+    saved = run_state["extra"]["hooks"][0]["scorer"]["influence"]
+    assert saved["rounds_fitted"] == 1 and saved["model"].keys() == held.keys()
+    assert all(torch.equal(saved["model"][k], held[k]) for k in held)

@@ -131,10 +131,11 @@ def _check_megatron_args(sel: SelectionConfig, args: argparse.Namespace) -> None
             f"--dataloader-type {args.dataloader_type}: MATES serves its own sample order; "
             "use --dataloader-type single"
         )
-    if has("non_persistent_ckpt_type") == "local":
+    if has("non_persistent_save_interval"):
         raise ValueError(
-            "--non-persistent-ckpt-type local: MATES state is written beside checkpoints in --save; "
-            "use global non-persistent checkpoints"
+            f"--non-persistent-save-interval {args.non_persistent_save_interval}: MATES state (the rounds, the "
+            "sampler's position, the influence model) is saved with persistent checkpoints in --save only, and a "
+            "resume from a non-persistent one would serve other batches; drop it and use --save-interval"
         )
     if not sel.scored:
         return
@@ -152,13 +153,45 @@ def _check_megatron_args(sel: SelectionConfig, args: argparse.Namespace) -> None
         if has("mates_reference") and not Path(args.mates_reference).is_file():
             raise ValueError(f"--mates-reference {args.mates_reference}: no such file")
     if _reads_live_model(sel):
-        for name in ("overlap_grad_reduce", "overlap_param_gather"):
-            if has(name):
-                raise ValueError(
-                    f"--{name.replace('_', '-')}: MATES probes step one replica on one sample with the data-"
-                    "parallel gradient sync switched off, but overlapped communication is started from "
-                    f"backward/forward hooks; drop --{name.replace('_', '-')} with --mates-scorer {sel.scorer}"
-                )
+        _check_probe_args(sel, args)
+
+
+_INTERLEAVED = (
+    "the probe step runs the non-interleaved schedule with one data iterator, and the interleaved one needs "
+    "one per model chunk; drop it (no virtual pipeline stages)"
+)
+_OVERLAP = (
+    "probes step one replica on one sample with the data-parallel gradient sync switched off, but overlapped "
+    "communication is started from backward/forward hooks; drop it"
+)
+# Megatron-LM settings under which a probe on the live model would be wrong or hang: why, and the fix.
+_PROBE_REFUSALS = {
+    "virtual_pipeline_model_parallel_size": _INTERLEAVED,
+    "num_layers_per_virtual_pipeline_stage": _INTERLEAVED,
+    "calculate_per_token_loss": "finalize_model_grads all-reduces the token count over the data-parallel group "
+    "while each replica probes its own sample (a wrong scale, and a hang when the probes do not divide "
+    "evenly); drop it",
+    "fp16": "every probe step would update the dynamic loss scaler, which the snapshot does not restore; "
+    "train with --bf16",
+    "num_microbatches_with_partial_activation_checkpoints": "the schedule then calls the forward step with a "
+    "third argument that the probe's forward step does not take; drop it",
+    "overlap_grad_reduce": _OVERLAP,
+    "overlap_param_gather": _OVERLAP,
+}
+
+
+def _check_probe_args(sel: SelectionConfig, args: argparse.Namespace) -> None:
+    """Settings that break probes on the live model (scorers that read it), refused with the fix."""
+    has = args.__dict__.get
+    for name, why in _PROBE_REFUSALS.items():
+        if has(name):
+            raise ValueError(f"--{name.replace('_', '-')} with --mates-scorer {sel.scorer}: {why}")
+    if (has("context_parallel_size") or 1) > 1:
+        raise ValueError(
+            f"--context-parallel-size {args.context_parallel_size} with --mates-scorer {sel.scorer}: probe "
+            "batches are not split over context-parallel ranks (get_batch_on_this_cp_rank); use "
+            "--context-parallel-size 1"
+        )
 
 
 def _reads_live_model(sel: SelectionConfig) -> bool:

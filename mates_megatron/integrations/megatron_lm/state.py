@@ -124,10 +124,8 @@ def _rank() -> int:
 
 
 def writer_rank(sel: SelectionConfig) -> int:
-    """The rank that writes the state: 0, or the first influence rank when rank 0 fits no influence model
-    (the others hold no influence-model weights, and the weights are the same on every member)."""
-    ranks = sel.influence_ranks if sel.scored else None
-    return 0 if not ranks or 0 in ranks else min(ranks)
+    """The rank that writes the state: the one whose state is complete (``SelectionConfig.state_rank``)."""
+    return sel.state_rank
 
 
 def mates_state_path(checkpoint_dir: str | Path, iteration: int, *, release: bool = False) -> Path:
