@@ -9,7 +9,7 @@ Counted in FLOPs (a multiply-add is 2) from the config and the model shapes, wit
 - every probe sample and every reference row is a full ``seq_length`` row (reference rows are padded to it);
 - a candidate is ``seq_length`` tokens of the encoder's tokenizer too, cut at max_length x max_chunks;
 - optimizer steps, the ridge solve, token-embedding lookups and communication are left out (small next to the
-  passes at paper scale; the note of each run gives the measured seconds beside the projection).
+  passes at paper scale; each round's log gives the measured seconds per phase beside the projection).
 
 tests/unit/test_cost.py checks the counts against torch's FLOP counter on the real GPT and encoder.
 """

@@ -75,10 +75,10 @@ class MatesHook:
         self.scorer = scorer if selector.needs_scores else None
         self.warmup_rounds = warmup_rounds if self.scorer is not None else 0
         self.store = store
+        """Where published selections are also written (rank 0 only; None: checkpoint only)."""
         self.state_rank = state_rank
         """The rank whose ``state_dict`` is complete (holds the influence model): a host saving the state
         from one rank saves this one's."""
-        """Where published selections are also written (rank 0 only; None: checkpoint only)."""
         self.domain_share: dict[int, dict[str, float]] = {}
         self.records: dict[int, dict[str, Any]] = {}
         """Per scored round: what the scorer reported, the time per phase and the selected domain shares."""

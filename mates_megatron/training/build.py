@@ -27,9 +27,8 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
             # Indexed candidates are token ids: scorers that read text decode them.
             tokenizer = load_tokenizer(cfg.tokenizer or trainer.tokenizer_info.path)
         m = cfg.model
-        shape = TransformerShape(
-            m.num_layers, m.hidden_size, m.ffn_hidden_size or 4 * m.hidden_size, m.vocab_size
-        )
+        tp = cfg.parallel.tensor_model_parallel_size
+        shape = TransformerShape(m.num_layers, m.hidden_size, m.ffn_hidden_size, m.padded_vocab_size(tp))
         plugin = build_plugin(
             sel,
             train_iters=cfg.train_iters,

@@ -558,10 +558,10 @@ def test_only_the_writer_rank_writes(gpt_dataset, tmp_path, monkeypatch):
     monkeypatch.setattr(st, "_rank", lambda: 1)
     path = mlm.save_mates_state(tmp_path, 2)
     assert path == tmp_path / "iter_0000002" / "mates_state.pt" and not path.exists()
-    assert mlm.writer_rank(selection()) == 0
+    assert selection().state_rank == 0
     scored = selection(selector="gumbel", scorer="mates", warmup_steps=EVERY, influence_ranks=[2, 3])
-    assert mlm.writer_rank(scored) == 2  # rank 0 holds no influence model then
-    assert mlm.writer_rank(dataclasses.replace(scored, influence_ranks=[0, 3])) == 0
+    assert scored.state_rank == 2  # rank 0 holds no influence model then
+    assert dataclasses.replace(scored, influence_ranks=[0, 3]).state_rank == 0
 
 
 def test_resume_refuses_a_changed_selection_missing_or_old_state(gpt_dataset, tmp_path):

@@ -44,7 +44,6 @@ from mates_megatron.integrations.megatron_lm.state import (
     mates_train_data_loader,
     save_mates_state,
     set_mates_state,
-    writer_rank,
 )
 
 __all__ = [
@@ -66,5 +65,4 @@ __all__ = [
     "mates_train_valid_test_num_samples",
     "save_mates_state",
     "set_mates_state",
-    "writer_rank",
 ]

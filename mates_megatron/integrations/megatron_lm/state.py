@@ -123,11 +123,6 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def writer_rank(sel: SelectionConfig) -> int:
-    """The rank that writes the state: the one whose state is complete (``SelectionConfig.state_rank``)."""
-    return sel.state_rank
-
-
 def mates_state_path(checkpoint_dir: str | Path, iteration: int, *, release: bool = False) -> Path:
     """``DIR/iter_NNNNNNN/mates_state.pt`` (Megatron-LM's iteration directory name)."""
     sub = "release" if release else f"iter_{iteration:07d}"
@@ -143,7 +138,7 @@ def save_mates_state(save_dir: str | Path, iteration: int, *, release: bool = Fa
         log.warning("no MATES state yet at iteration %d: the checkpoint carries none", iteration)
         return None
     path = mates_state_path(save_dir, iteration, release=release)
-    if _rank() == writer_rank(_STATE.sel):
+    if _rank() == _STATE.plugin.hook.state_rank:  # the rank whose state holds the influence model
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         torch.save(mates_state_dict(iteration), tmp)
@@ -230,11 +225,9 @@ def mates_train_data_loader(train_ds, consumed_samples: int):
         tokenizer=text_tok if decode else None,
         device=host.device,
         write_files=_rank() == 0,
+        # validate_args has set ffn_hidden_size, and the tokenizer build padded_vocab_size, by now.
         model_shape=TransformerShape(
-            args.num_layers,
-            args.hidden_size,
-            args.ffn_hidden_size or 4 * args.hidden_size,
-            getattr(args, "padded_vocab_size", None) or getattr(args, "vocab_size", None) or 0,
+            args.num_layers, args.hidden_size, args.ffn_hidden_size, args.padded_vocab_size
         ),
         reference_rows=len(host.reference) if host.reference is not None else 0,
         **common,
