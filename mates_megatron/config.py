@@ -63,6 +63,15 @@ class SelectionConfig:
     mates_megatron.cost); raise it to spend more."""
     influence_ranks: list[int] | None = None
     """Global ranks that fit and run the influence model (default: all); scores reach every rank by broadcast."""
+    probe_lead_steps: int = 0
+    """Probe round r this many steps before it starts (at step r * select_every - probe_lead_steps) and publish
+    its selection when it starts; 0: probe at the round boundary. The selection depends on the model at the
+    probe step, so a lead makes it that many steps older."""
+    asynchronous: bool = False
+    """Run the influence stage (fit and predict, scorer 'mates') in side processes, one per influence rank,
+    while training goes on for probe_lead_steps; training waits (logged as the round's stall) when it is
+    late. The selection is the synchronous one, whatever the timing. The pool must pickle; the workers meet
+    at this host's address (set MATES_INFLUENCE_WORKER_ADDR where that is not reachable from other nodes)."""
 
     def __post_init__(self) -> None:
         from mates_megatron.pool import POOLS
@@ -123,10 +132,39 @@ class SelectionConfig:
                 f"scorer {self.scorer!r} scores candidates with the trained model, but round 0 is chosen "
                 f"before training starts: set warmup_steps to at least select_every ({self.select_every})"
             )
+        self._check_lead(scorer)
         if self.influence_ranks is not None and (not self.influence_ranks or min(self.influence_ranks) < 0):
             raise ValueError(
                 f"SelectionConfig.influence_ranks={self.influence_ranks} must be a non-empty list of ranks"
             )
+
+    def _check_lead(self, scorer) -> None:
+        if self.probe_lead_steps < 0:
+            raise ValueError(f"SelectionConfig.probe_lead_steps={self.probe_lead_steps} must be >= 0")
+        if self.probe_lead_steps and not self.scored:
+            raise ValueError(
+                f"SelectionConfig.probe_lead_steps={self.probe_lead_steps} prepares scored rounds ahead, but "
+                "scorer is 'none': set it to 0"
+            )
+        # The first scored round's first step (round 0 is always chosen at random, before training).
+        first = max(self.warmup_steps // self.select_every, 1) * self.select_every
+        if self.probe_lead_steps >= first:
+            raise ValueError(
+                f"SelectionConfig.probe_lead_steps={self.probe_lead_steps}: the first scored round starts at step "
+                f"{first}, so its probes would come before the first training step; use at most {first - 1} "
+                "(or raise warmup_steps)"
+            )
+        if self.asynchronous:
+            if not getattr(scorer, "has_influence_stage", False):
+                raise ValueError(
+                    f"SelectionConfig.asynchronous runs the influence stage beside training, and scorer "
+                    f"{self.scorer!r} has none: set asynchronous: false"
+                )
+            if self.probe_lead_steps < 1:
+                raise ValueError(
+                    "SelectionConfig.asynchronous needs probe_lead_steps >= 1: the influence stage runs while "
+                    "those steps train (e.g. select_every // 2); with 0 training would wait for all of it"
+                )
 
     @property
     def scored(self) -> bool:

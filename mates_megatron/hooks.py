@@ -10,6 +10,12 @@ then:
     select  : the selector (Gumbel-top-k for MATES) picks samples_per_round of them, seeded by (seed, r)
     publish : MatesSampler serves them from the first step of round r
 
+With ``probe_lead_steps`` L > 0, round r is probed at the end of step r * select_every - L and published at
+the end of step r * select_every; with ``asynchronous`` the influence stage (fit, predict) runs in side
+processes during those L steps, and the publishing step waits for it (the round's ``stall``). The selection
+depends only on the model at the probe step and the seeds, never on timing. A checkpoint taken between the
+probe and the publishing step first waits for the round (``settle``) and saves its selection.
+
 Every rank ends with the same selection (the scorer's contract). The scorer's randomness runs inside an
 isolated RNG scope seeded by (seed, round), so training's RNG streams never see it and a resumed run
 repeats it exactly. The hook reads the job only through the ``Host`` protocol (``mates_megatron.host``).
@@ -32,7 +38,7 @@ from mates_megatron.pool.base import CandidatePool, PoolRounds
 from mates_megatron.pool.manifest import SelectionStore
 from mates_megatron.runtime.rng import get_rng_state, set_rng_state
 from mates_megatron.sampler import MatesSampler
-from mates_megatron.scorers.base import RoundInput, Scorer
+from mates_megatron.scorers.base import PendingScores, RoundInput, Scorer
 from mates_megatron.select import RandomSelector, Selector
 
 log = logging.getLogger("mates_megatron.hooks")
@@ -67,6 +73,7 @@ class MatesHook:
         warmup_rounds: int = 0,
         store: SelectionStore | None = None,
         state_rank: int = 0,
+        probe_lead_steps: int = 0,
     ) -> None:
         self.pool, self.rounds, self.sampler, self.selector = pool, rounds, sampler, selector
         self.select_every, self.seed, self.train_iters = select_every, seed, train_iters
@@ -79,6 +86,11 @@ class MatesHook:
         self.state_rank = state_rank
         """The rank whose ``state_dict`` is complete (holds the influence model): a host saving the state
         from one rank saves this one's."""
+        self.probe_lead_steps = probe_lead_steps
+        self._pending: dict[int, tuple[PendingScores, float]] = {}
+        """Rounds probed and not yet finished: their pending scores and the seconds their probe took."""
+        self._chosen: dict[int, np.ndarray] = {}
+        """Rounds finished ahead of their first step (a checkpoint between probe and publish): saved."""
         self.domain_share: dict[int, dict[str, float]] = {}
         self.records: dict[int, dict[str, Any]] = {}
         """Per scored round: what the scorer reported, the time per phase and the selected domain shares."""
@@ -98,50 +110,90 @@ class MatesHook:
         counts = np.bincount(dom[dom >= 0], minlength=len(self.pool.domains))
         return {name: float(c) / len(ids) for name, c in zip(self.pool.domains, counts, strict=True)}
 
-    def run_round(self, host: Host, round_: int) -> np.ndarray:
-        """Score -> select for ``round_`` on the live model; returns the selection."""
-        cands = self.rounds.candidates(round_)
-        k = self.sampler.samples_per_round
-        if self.scorer is None or round_ < self.warmup_rounds:
-            return RandomSelector().select(cands, k, seed=self.seed, round_=round_)
+    def _scored(self, round_: int) -> bool:
+        return self.scorer is not None and round_ >= self.warmup_rounds
+
+    def begin_round(self, host: Host, round_: int) -> None:
+        """Probe ``round_`` on the live model now; its influence stage may go on beside training."""
         t = time.perf_counter()
+        inp = RoundInput(round_, self.rounds.candidates(round_), self.pool, host, self.seed)
         with isolated_rng(self.seed * 1_000_003 + round_):
-            result = self.scorer.score(RoundInput(round_, cands, self.pool, host, self.seed))
+            pending = self.scorer.begin(inp)
+        self._pending[round_] = (pending, time.perf_counter() - t)
+
+    def finish_round(self, round_: int) -> np.ndarray:
+        """Wait for ``round_``'s scores and select; returns the selection (collective over the world)."""
+        pending, begin_seconds = self._pending.pop(round_)
+        cands = self.rounds.candidates(round_)
+        t = time.perf_counter()
+        result = pending.result()
+        stall = time.perf_counter() - t
         scores = np.asarray(result.scores, dtype=np.float64)
         if scores.shape != cands.shape:
             raise ValueError(
                 f"scorer {type(self.scorer).__name__} returned {scores.shape[0]} scores for {len(cands)} "
                 "candidates: it must return one per candidate, in their order"
             )
-        seconds = {"score": time.perf_counter() - t}
         t = time.perf_counter()
-        chosen = self.selector.select(cands, k, scores=scores, seed=self.seed, round_=round_)
-        seconds["select"] = time.perf_counter() - t
+        chosen = self.selector.select(cands, self.sampler.samples_per_round, scores=scores, seed=self.seed,
+                                      round_=round_)  # fmt: skip
+        seconds = {"score": begin_seconds + stall, "stall": stall, "select": time.perf_counter() - t}
+        seconds["total"] = seconds["score"] + seconds["select"]
         record = {"round": round_, "candidates": int(len(cands)), **result.record}
         record["seconds"] = {**record.get("seconds", {}), **seconds}
         self.records[round_] = record
         return chosen
 
+    def run_round(self, host: Host, round_: int) -> np.ndarray:
+        """Score -> select for ``round_`` on the live model now; returns the selection."""
+        if not self._scored(round_):
+            cands = self.rounds.candidates(round_)
+            return RandomSelector().select(
+                cands, self.sampler.samples_per_round, seed=self.seed, round_=round_
+            )
+        if round_ not in self._pending:
+            self.begin_round(host, round_)
+        return self.finish_round(round_)
+
+    def settle(self) -> None:
+        """Finish every probed round now (before a checkpoint: its selection is then saved). Collective:
+        every rank calls it at the same step."""
+        for round_ in sorted(self._pending):
+            self._chosen[round_] = self.finish_round(round_)
+
+    def close(self) -> None:
+        """Stop the scorer's side processes (asynchronous rounds); they also stop when this process exits."""
+        if self.scorer is not None:
+            self.scorer.close()
+
     def on_step_end(self, host: Host, iteration: int, metrics: dict[str, float]) -> None:
-        if iteration % self.select_every or iteration >= self.train_iters:
+        if iteration >= self.train_iters:
             return
-        round_ = iteration // self.select_every
-        t = time.perf_counter()
-        self.publish(round_, self.run_round(host, round_))
-        if round_ in self.records:
-            rec = self.records[round_]
-            rec["seconds"]["total"] = time.perf_counter() - t
-            rec["selected_share"] = self.domain_share[round_]
-            host.log_metrics(iteration, self.round_metrics(round_))
-            if dist.is_initialized() and dist.get_rank() == 0:
-                log.info(
-                    "round %d | %s | %.1f s (%s) | share %s",
-                    round_,
-                    ", ".join(f"{k} {v:.5g}" for k, v in rec.items() if _scalar(v) and k != "round"),
-                    rec["seconds"]["total"],
-                    ", ".join(f"{k} {v:.1f}" for k, v in rec["seconds"].items() if k != "total"),
-                    ", ".join(f"{k} {v:.2f}" for k, v in rec["selected_share"].items()),
-                )
+        if iteration % self.select_every == 0:
+            round_ = iteration // self.select_every
+            chosen = self._chosen.pop(round_, None)
+            self.publish(round_, chosen if chosen is not None else self.run_round(host, round_))
+            if round_ in self.records:
+                self._log_round(host, iteration, round_)
+        ahead = iteration + self.probe_lead_steps
+        if self.probe_lead_steps and ahead % self.select_every == 0 and ahead < self.train_iters:
+            round_ = ahead // self.select_every
+            if self._scored(round_) and round_ not in self._pending and round_ not in self._chosen:
+                self.begin_round(host, round_)
+
+    def _log_round(self, host: Host, iteration: int, round_: int) -> None:
+        rec = self.records[round_]
+        rec["selected_share"] = self.domain_share[round_]
+        host.log_metrics(iteration, self.round_metrics(round_))
+        if dist.is_initialized() and dist.get_rank() == 0:
+            log.info(
+                "round %d | %s | %.1f s (%s) | share %s",
+                round_,
+                ", ".join(f"{k} {v:.5g}" for k, v in rec.items() if _scalar(v) and k != "round"),
+                rec["seconds"]["total"],
+                ", ".join(f"{k} {v:.1f}" for k, v in rec["seconds"].items() if k != "total"),
+                ", ".join(f"{k} {v:.2f}" for k, v in rec["selected_share"].items()),
+            )
 
     def round_metrics(self, round_: int) -> dict[str, float]:
         """Flat scalars of a scored round for TensorBoard / W&B: ``mates/<record key>``."""
@@ -152,7 +204,12 @@ class MatesHook:
         return out
 
     def selection_seconds(self) -> float:
+        """Seconds the training process spent on selection (probes, waiting for scores, selecting)."""
         return float(sum(r["seconds"].get("total", 0.0) for r in self.records.values()))
+
+    def stall_seconds(self) -> float:
+        """Seconds training waited for scores at the rounds' first steps (asynchronous: the lateness)."""
+        return float(sum(r["seconds"].get("stall", 0.0) for r in self.records.values()))
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready: every round's domain shares and every scored round's record."""
@@ -163,12 +220,19 @@ class MatesHook:
             "selected_share_by_domain": [self.domain_share[r] for r in sorted(self.domain_share)],
             "rounds": [self.records[r] for r in sorted(self.records)],
             "selection_seconds": self.selection_seconds(),
+            "stall_seconds": self.stall_seconds(),
         }
 
     # -- checkpoint ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        if self._pending:
+            raise RuntimeError(
+                f"MatesHook.state_dict with round(s) {sorted(self._pending)} probed and not finished: the host "
+                "calls settle() on every rank before saving"
+            )
         return {
             "pool": self.pool.fingerprint(),
+            "chosen": self._chosen,
             "domain_share": self.domain_share,
             "records": self.records,
             "scorer": self.scorer.state_dict() if self.scorer is not None else None,
@@ -182,6 +246,8 @@ class MatesHook:
             )
         self.domain_share = state["domain_share"]
         self.records = state.get("records", {})
+        self._chosen = state.get("chosen", {})
+        self._pending = {}
         if self.scorer is not None and state.get("scorer") is not None:
             self.scorer.load_state_dict(state["scorer"])
 

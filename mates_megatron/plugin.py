@@ -106,7 +106,7 @@ def build_plugin(
     scorer = None
     if sel.scored:
         cls = SCORERS.get(sel.scorer)
-        scorer = cls(cls.options(sel), selection=sel, device=device)
+        scorer = cls(cls.options(sel), selection=sel, device=device, pool=pool)
     hook = MatesHook(
         pool=pool,
         rounds=rounds,
@@ -119,5 +119,6 @@ def build_plugin(
         warmup_rounds=sel.warmup_rounds,
         store=pool.selection_store(sel.run_name) if write_files else None,
         state_rank=sel.state_rank,
+        probe_lead_steps=sel.probe_lead_steps,
     )
     return Plugin(pool=pool, rounds=rounds, sampler=sampler, hook=hook, cost=cost)

@@ -70,6 +70,13 @@ def _run_influence_bench(a) -> int:
     return 0
 
 
+def _run_round_bench(a) -> int:
+    from mates_megatron.bench.round import bench_round
+
+    _write(bench_round(a.sizes, ranks=a.ranks, seq_length=a.seq_length, probes=a.probes), a.out)
+    return 0
+
+
 def _quality(probes: int, epochs: int) -> dict:
     from mates_megatron.bench.influence_quality import bench_influence_quality
 
@@ -99,6 +106,17 @@ def add_bench_parser(sub) -> None:
     inf.add_argument("--max-length", type=int, default=512)
     inf.add_argument("--out", type=Path, default=None)
     inf.set_defaults(func=_run_influence_bench)
+    rd = bsub.add_parser(
+        "round",
+        help="one round after the probes at growing candidate counts (seconds per phase, peak RSS per rank) "
+        "and the paper rounds projected",
+    )
+    rd.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000, 4_000_000])
+    rd.add_argument("--ranks", type=int, default=2, help="processes (the influence group), gloo")
+    rd.add_argument("--seq-length", type=int, default=128, help="tokens per synthetic candidate")
+    rd.add_argument("--probes", type=int, default=1024)
+    rd.add_argument("--out", type=Path, default=None)
+    rd.set_defaults(func=_run_round_bench)
     q = bsub.add_parser(
         "influence-quality", help="held-out Spearman: ridge on frozen embeddings vs fine-tuned, cold vs warm"
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,6 +15,8 @@ from mates_megatron.influence.config import InfluenceConfig
 from mates_megatron.influence.encoder import resolve_device
 from mates_megatron.influence.group import influence_group
 from mates_megatron.influence.registry import build_influence_model
+from mates_megatron.influence.worker import InfluenceWorker, worker_address
+from mates_megatron.runtime.rng import get_host_rng_state
 
 
 class InfluenceRunner:
@@ -23,6 +26,11 @@ class InfluenceRunner:
     the world by a broadcast from the group's first rank over a gloo group of the world. ``device`` is the
     training device; the influence model runs there unless ``cfg.device`` names another (CPU when neither is
     given). Collective at construction (the groups are created on every rank).
+
+    ``pool`` given: asynchronous. Each member starts an ``InfluenceWorker`` (a side process that holds its
+    model; the workers form their own world) and ``submit`` returns while the worker fits and predicts;
+    ``collect`` waits for the scores. Otherwise ``submit`` computes in this process and ``collect`` returns
+    at once. Both give the same scores.
     """
 
     def __init__(
@@ -31,6 +39,8 @@ class InfluenceRunner:
         *,
         ranks: list[int] | None = None,
         device: str | torch.device | None = None,
+        pool=None,
+        imports: list[str] | None = None,
     ) -> None:
         self.cfg = cfg
         self.device = resolve_device(cfg.device, device)
@@ -45,27 +55,76 @@ class InfluenceRunner:
         # Scores reach non-members over gloo (CPU tensors), never on the default group, which is NCCL on GPUs.
         self.world_group = influence_group() if subset else None
         self.member = not self.distributed or dist.get_rank() in self.ranks
-        self.model: InfluenceModel | None = (
-            build_influence_model(cfg, device=self.device) if self.member else None
-        )
-        """The influence model on members of the group; None elsewhere."""
+        self.worker: InfluenceWorker | None = None
+        """Asynchronous: this member's side process, which holds its model."""
+        self.worker_delay = 0.0
+        """Seconds each worker sleeps before a fit (tests: an artificially slow influence rank)."""
+        self.model: InfluenceModel | None = None
+        """Synchronous: the influence model on members of the group; None elsewhere."""
+        if pool is not None:
+            self.worker = self._start_worker(pool, imports)
+        elif self.member:
+            self.model = build_influence_model(cfg, device=self.device)
         self.rounds_fitted = 0
+        self._pending: tuple[np.ndarray, float, float, float] | None = None
+        self._submitted = False
 
-    def score_round(
-        self, texts: Sequence[str], probe_positions: np.ndarray, probe_scores: np.ndarray
-    ) -> tuple[np.ndarray, float, float]:
-        """Fit on the probes (``texts[probe_positions]`` with their oracle scores), predict every text.
+    def _start_worker(self, pool, imports) -> InfluenceWorker | None:
+        world = None
+        if self.distributed and len(self.ranks) > 1:
+            box = [worker_address() if dist.get_rank() == self.ranks[0] else None]
+            dist.broadcast_object_list(box, src=self.ranks[0], group=self.world_group or self.group)
+            if self.member:
+                world = (self.ranks.index(dist.get_rank()), len(self.ranks), box[0])
+        if not self.member:
+            return None
+        return InfluenceWorker(self.cfg, pool=pool, device=self.device, imports=imports, world=world)
 
-        Returns (predicted scores, held-out Spearman, held-out Pearson), identical on every rank of the world
-        (collective over the world). ``texts`` may decode on access (``pool.CandidateTexts``): a member reads
-        the probes and its own shard only; a non-member reads nothing and may pass an empty sequence.
+    def submit(
+        self, ids: np.ndarray, texts: Sequence[str], probe_positions: np.ndarray, probe_scores: np.ndarray
+    ) -> None:
+        """Start fitting on the probes (``texts[probe_positions]`` with their oracle scores) and predicting
+        every candidate (``ids``, read as ``texts``).
+
+        ``texts`` may decode on access (``pool.CandidateTexts``): a member reads the probes and its own shard
+        only; a non-member reads nothing and may pass an empty sequence. A worker reads ``ids`` from its own
+        copy of the pool. Synchronous: collective over the influence group. The fit starts from the caller's
+        RNG state (a worker is given it), so both modes give the same scores.
         """
-        pred = torch.zeros(0, dtype=torch.float32)
-        stats = torch.zeros(2, dtype=torch.float64)
-        if self.member:
+        if self._submitted:
+            raise RuntimeError("InfluenceRunner.submit: the previous round was not collected")
+        self._submitted = True
+        if self.worker is not None:
+            self.worker.submit(
+                ids, probe_positions, probe_scores, get_host_rng_state(), delay=self.worker_delay
+            )
+        elif self.model is not None:
+            t = time.perf_counter()
             scores, result = self.model.fit_predict(texts, probe_positions, probe_scores, group=self.group)
-            pred = torch.from_numpy(scores.astype(np.float32))  # float32 already on the wire (gather_rows)
-            stats = torch.tensor([result.spearman, result.pearson], dtype=torch.float64)
+            self._pending = (
+                scores.astype(np.float32),
+                result.spearman,
+                result.pearson,
+                time.perf_counter() - t,
+            )
+
+    @property
+    def in_flight(self) -> bool:
+        return self._submitted
+
+    def collect(self) -> tuple[np.ndarray, float, float, float]:
+        """(predicted scores, held-out Spearman, held-out Pearson, the members' fit-and-predict seconds) of
+        the submitted round, identical on every rank of the world; waits for the workers (collective)."""
+        if not self._submitted:
+            raise RuntimeError("InfluenceRunner.collect: nothing was submitted")
+        self._submitted = False
+        pred = torch.zeros(0, dtype=torch.float32)
+        stats = torch.zeros(3, dtype=torch.float64)
+        if self.member:
+            scores, sp, pe, seconds = self.worker.result() if self.worker is not None else self._pending
+            self._pending = None
+            pred = torch.from_numpy(scores)  # float32 already on the wire (gather_rows)
+            stats = torch.tensor([sp, pe, seconds], dtype=torch.float64)
         if self.world_group is not None:
             src, group = self.ranks[0], self.world_group
             size = torch.tensor([len(pred)], dtype=torch.long)
@@ -75,15 +134,31 @@ class InfluenceRunner:
             dist.broadcast(pred, src=src, group=group)
             dist.broadcast(stats, src=src, group=group)
         self.rounds_fitted += 1  # on every rank: a checkpoint of any rank tells how many rounds were fitted
-        return pred.numpy().astype(np.float64), float(stats[0]), float(stats[1])
+        return pred.numpy().astype(np.float64), float(stats[0]), float(stats[1]), float(stats[2])
+
+    def score_round(
+        self, texts: Sequence[str], probe_positions: np.ndarray, probe_scores: np.ndarray, ids=None
+    ) -> tuple[np.ndarray, float, float]:
+        """``submit`` then ``collect``: (predicted scores, held-out Spearman, held-out Pearson)."""
+        self.submit(ids, texts, probe_positions, probe_scores)
+        return self.collect()[:3]
 
     def state_dict(self) -> dict[str, Any]:
         """Rounds fitted (on every rank) and the model's state (None before the first fit and on
         non-members)."""
-        model = self.model.state_dict() if self.model is not None else None
+        if self._submitted:
+            raise RuntimeError("InfluenceRunner.state_dict with a round in flight: collect it first")
+        holder = self.worker or self.model
+        model = holder.state_dict() if holder is not None else None
         return {"rounds_fitted": self.rounds_fitted, "model": model or None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rounds_fitted = int(state["rounds_fitted"])
-        if state["model"] is not None and self.member:
-            self.model.load_state_dict(state["model"])
+        holder = self.worker or self.model
+        if state["model"] is not None and holder is not None:
+            holder.load_state_dict(state["model"])
+
+    def close(self) -> None:
+        """Stop the worker (asynchronous); nothing to do otherwise."""
+        if self.worker is not None:
+            self.worker.close()

@@ -6,6 +6,12 @@ ranks broadcasts). It is called once per scored round at the step boundary befor
 scope seeded by (seed, round), so any randomness it draws repeats exactly on resume. It must leave the
 host's model, optimizer and RNG streams as it found them.
 
+A scored round may be prepared ahead (``SelectionConfig.probe_lead_steps``): ``begin`` reads the live model
+at the probe step and returns a ``PendingScores``; the round's ``result()`` is taken at the round's first
+step. The default ``begin`` scores at once; a scorer with work that needs no live model (the 'mates'
+influence stage) may leave it running in a side process until ``result()``. Both are called on every rank
+at the same steps.
+
 A scorer declares what it needs (``needs``) so the configuration is refused early when the run cannot
 provide it: 'live_model' (it reads the model being trained: the first round must be a warm-up round),
 'reference' (the probe reference set), 'text' (candidates' text: an indexed pool needs the tokenizer),
@@ -55,6 +61,21 @@ class Scores:
     """JSON-ready numbers for the round's record (logged as ``mates/<key>`` when scalar)."""
 
 
+class PendingScores:
+    """A round's scores, ready now (``PendingScores(scores)``) or when ``finish`` returns them."""
+
+    def __init__(self, scores: Scores | None = None, *, finish=None) -> None:
+        if (scores is None) == (finish is None):
+            raise ValueError("PendingScores takes the scores or a finish callable, not both")
+        self._scores, self._finish = scores, finish
+
+    def result(self) -> Scores:
+        """The scores (waits for the side work; collective over the world when it gathers)."""
+        if self._scores is None:
+            self._scores, self._finish = self._finish(), None
+        return self._scores
+
+
 class Scorer(ABC):
     """Base class: subclass, set ``needs`` (and ``Config``), implement ``score``, register by name."""
 
@@ -99,6 +120,14 @@ class Scorer(ABC):
     @abstractmethod
     def score(self, round_input: RoundInput) -> Scores:
         """One score per candidate of the round (see the module contract)."""
+
+    def begin(self, round_input: RoundInput) -> PendingScores:
+        """Start the round at its probe step; ``result()`` is taken when the round starts."""
+        return PendingScores(self.score(round_input))
+
+    def close(self) -> None:
+        """Release side processes (asynchronous influence workers); nothing by default."""
+        return None
 
     def state_dict(self) -> dict[str, Any]:
         """What the scorer carries across rounds (saved with the checkpoint); {} when stateless."""

@@ -15,7 +15,7 @@ import numpy as np
 from mates_megatron.pool.base import CandidateTexts
 from mates_megatron.probe.estimators import ESTIMATORS, ProbeContext
 from mates_megatron.runtime.schedule import collate
-from mates_megatron.scorers.base import SCORERS, RoundInput, Scorer, Scores
+from mates_megatron.scorers.base import SCORERS, PendingScores, RoundInput, Scorer, Scores
 
 MIN_PROBES = 10
 
@@ -23,13 +23,26 @@ MIN_PROBES = 10
 @SCORERS.register("mates")
 class MatesScorer(Scorer):
     needs: ClassVar[frozenset[str]] = frozenset({"live_model", "reference", "text"})
+    has_influence_stage: ClassVar[bool] = True
+    """Its fit and predict need no live model and can run asynchronously (``SelectionConfig.asynchronous``)."""
 
-    def __init__(self, config=None, *, selection, device=None, **_: Any) -> None:
+    def __init__(self, config=None, *, selection, device=None, pool=None, **_: Any) -> None:
         super().__init__(config, selection=selection, device=device)
         from mates_megatron.influence.runner import InfluenceRunner
 
+        if selection.asynchronous and pool is None:
+            raise ValueError(
+                "SelectionConfig.asynchronous: the 'mates' scorer needs the pool for its influence workers "
+                "(build it through mates_megatron.plugin.build_plugin, or pass pool=)"
+            )
         # Collective: the influence model's process group is created here, on every rank.
-        self.influence = InfluenceRunner(selection.influence, ranks=selection.influence_ranks, device=device)
+        self.influence = InfluenceRunner(
+            selection.influence,
+            ranks=selection.influence_ranks,
+            device=device,
+            pool=pool if selection.asynchronous else None,
+            imports=selection.imports,
+        )
         self.oracle: dict[int, dict[str, np.ndarray]] = {}
         """Per scored round: the probed candidate ids and their probe scores."""
 
@@ -54,6 +67,10 @@ class MatesScorer(Scorer):
         return np.sort(rng.choice(n, size=min(self.selection.probe_samples, n), replace=False))
 
     def score(self, r: RoundInput) -> Scores:
+        return self.begin(r).result()
+
+    def begin(self, r: RoundInput) -> PendingScores:
+        """Probe on the live model now; the influence stage runs on (asynchronous: beside training)."""
         sel, cands, pool = self.selection, r.candidates, r.pool
         seconds: dict[str, float] = {}
         t = time.perf_counter()
@@ -67,23 +84,29 @@ class MatesScorer(Scorer):
         ctx = ProbeContext.from_host(r.host, reference.micro_batches(r.host.micro_batch_size))
         probes = ESTIMATORS.get(sel.estimator)(ctx).score(batches)
         seconds["probe"] = time.perf_counter() - t
-        t = time.perf_counter()
         # Decoded on access: each influence member reads the probes and its own shard, streaming.
-        texts = CandidateTexts(pool, cands)
-        scores, sp, pe = self.influence.score_round(texts, positions, probes.scores)
-        seconds["fit_and_score"] = time.perf_counter() - t
+        self.influence.submit(cands, CandidateTexts(pool, cands), positions, probes.scores)
         self.oracle[r.round] = {"ids": cands[positions].copy(), "scores": probes.scores.copy()}
-        record = {
-            "probes": int(len(positions)),
-            "estimator": probes.method,
-            "reference_loss_before": probes.loss_before,
-            "oracle_mean": float(probes.scores.mean()),
-            "oracle_std": float(probes.scores.std()),
-            "influence_spearman": sp,
-            "influence_pearson": pe,
-            "seconds": seconds,
-        }
-        return Scores(scores, record)
+
+        def finish() -> Scores:
+            scores, sp, pe, fit_seconds = self.influence.collect()
+            seconds["fit_and_score"] = fit_seconds
+            record = {
+                "probes": int(len(positions)),
+                "estimator": probes.method,
+                "reference_loss_before": probes.loss_before,
+                "oracle_mean": float(probes.scores.mean()),
+                "oracle_std": float(probes.scores.std()),
+                "influence_spearman": sp,
+                "influence_pearson": pe,
+                "seconds": seconds,
+            }
+            return Scores(scores, record)
+
+        return PendingScores(finish=finish)
+
+    def close(self) -> None:
+        self.influence.close()
 
     def state_dict(self) -> dict[str, Any]:
         return {"oracle": self.oracle, "influence": self.influence.state_dict()}

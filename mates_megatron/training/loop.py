@@ -56,7 +56,8 @@ class SampleOrder(Protocol):
 class TrainerHook(Protocol):
     """Called at every step end; its state is saved with the checkpoint (MatesHook implements this).
 
-    An optional ``state_rank: int`` names the rank whose ``state_dict`` is complete (default 0)."""
+    An optional ``state_rank: int`` names the rank whose ``state_dict`` is complete (default 0); an optional
+    ``settle()`` is called on every rank before ``state_dict`` (work in flight finishes first)."""
 
     def on_step_end(self, trainer: Trainer, iteration: int, metrics: dict[str, float]) -> None: ...
 
@@ -319,6 +320,8 @@ class Trainer:
     def _hook_state(hook: TrainerHook) -> dict[str, Any]:
         """The hook's state as its ``state_rank`` holds it (rank 0 writes the run state; e.g. the influence
         model lives only on influence ranks). Collective over the world group."""
+        if hasattr(hook, "settle"):
+            hook.settle()
         state, src = hook.state_dict(), getattr(hook, "state_rank", 0)
         if src != 0:
             box = [state]

@@ -17,6 +17,7 @@ ITERS, EVERY = 9, 3  # rounds 0 (random warm-up), 1 and 2 (scored at the ends of
 def _train(data, overrides):
     overrides = dict(overrides)
     selection = overrides.pop("selection", {})
+    worker_delay = overrides.pop("worker_delay", 0.0)
     from mates_megatron.configio import build
     from mates_megatron.select import RandomSelector
     from mates_megatron.training.build import build_trainer
@@ -56,6 +57,7 @@ def _train(data, overrides):
     }
     trainer = build_trainer(build(TrainConfig, cfg, where="test"))
     (hook,) = trainer.hooks
+    hook.scorer.influence.worker_delay = worker_delay
     served, published = [], {}
     order_fn, publish_fn = trainer.order.micro_batch_indices, hook.publish
 
@@ -80,6 +82,7 @@ def _train(data, overrides):
         "records": hook.records,
         "oracle": {r: (o["ids"].tolist(), o["scores"].tolist()) for r, o in hook.scorer.oracle.items()},
         "influence_state": hook.scorer.influence.state_dict(),
+        "workers": hook.scorer.influence.worker is not None,
         "random_round": {
             r: sorted(RandomSelector().select(hook.rounds.candidates(r), k, seed=11, round_=r).tolist())
             for r in range(ITERS // EVERY)
@@ -107,7 +110,7 @@ def test_rounds_select_on_the_live_model_and_log_per_round(uninterrupted):
         rec = rank0["records"][r]
         assert rec["probes"] == 16 and rec["candidates"] == EVERY * 4 * 4
         assert np.isfinite([rec["oracle_mean"], rec["oracle_std"], rec["influence_spearman"]]).all()
-        assert set(rec["seconds"]) == {"probe", "fit_and_score", "score", "select", "total"}
+        assert set(rec["seconds"]) == {"probe", "fit_and_score", "score", "stall", "select", "total"}
         assert abs(sum(rec["selected_share"].values()) - 1) < 1e-9
         ids, scores = rank0["oracle"][r]
         assert len(set(ids)) == 16 and rec["oracle_mean"] == pytest.approx(np.mean(scores))
@@ -159,3 +162,52 @@ def test_checkpoint_holds_the_influence_model_when_rank_0_fits_none(small_embedd
     saved = run_state["extra"]["hooks"][0]["scorer"]["influence"]
     assert saved["rounds_fitted"] == 1 and saved["model"].keys() == held.keys()
     assert all(torch.equal(saved["model"][k], held[k]) for k in held)
+
+
+LEAD = {"probe_lead_steps": 1}  # round r is probed at the end of step 3r - 1 and published at the end of 3r
+
+
+@pytest.fixture(scope="module")
+def probed_ahead(small_embedded):
+    return run_on_ranks(_train, 2, small_embedded, {"selection": LEAD})
+
+
+def test_asynchronous_rounds_select_what_synchronous_rounds_select(
+    small_embedded, probed_ahead, uninterrupted
+):
+    """The influence stage in side processes (one per influence rank, with their own gloo world), each
+    sleeping 4 s before its fit: training goes on for the lead step, then waits; the selections, probes,
+    influence model, batches and losses are the synchronous run's, bit for bit."""
+    sync = probed_ahead[0]
+    slow = run_on_ranks(
+        _train, 2, small_embedded, {"selection": {**LEAD, "asynchronous": True}, "worker_delay": 4.0}
+    )
+    assert slow[0]["workers"] and not sync["workers"]
+    assert slow[0]["published"] == slow[1]["published"] == sync["published"]
+    assert slow[0]["served"] == sync["served"]
+    assert slow[0]["oracle"] == sync["oracle"]
+    assert slow[0]["history"]["loss"] == sync["history"]["loss"]
+    for r in (1, 2):
+        assert slow[0]["records"][r]["influence_spearman"] == sync["records"][r]["influence_spearman"]
+        # Training waited for the slow workers, and logged it.
+        assert slow[0]["records"][r]["seconds"]["stall"] > 1.0
+        assert sync["records"][r]["seconds"]["stall"] < 0.5
+    held, ref = slow[0]["influence_state"]["model"], sync["influence_state"]["model"]
+    assert held.keys() == ref.keys() and all((held[k] == ref[k]).all() for k in ref)
+    # Probing one step ahead selects on a model one step older than at the boundary: another selection.
+    (full, _), _ = uninterrupted
+    assert sync["published"][2] != full["published"][2]
+
+
+def test_asynchronous_resume_between_probe_and_publish(small_embedded, probed_ahead, tmp_path):
+    """Stopped at step 5 (round 2 probed, its influence stage in flight): the checkpoint waits for it and
+    saves the selection, and the resumed run publishes it at step 6 and trains exactly as without a stop."""
+    save = str(tmp_path / "ckpt")
+    sel = {"selection": {**LEAD, "asynchronous": True}}
+    first = run_on_ranks(_train, 2, small_embedded, {**sel, "save": save, "exit_interval": 5})[0]
+    resumed = run_on_ranks(_train, 2, small_embedded, {**sel, "load": save})[0]
+    sync = probed_ahead[0]
+    assert first["served"] + resumed["served"] == sync["served"]
+    assert resumed["published"] == {2: sync["published"][2]}  # published from the checkpoint, not redone
+    assert resumed["oracle"] == sync["oracle"]
+    assert resumed["history"]["loss"] == sync["history"]["loss"]

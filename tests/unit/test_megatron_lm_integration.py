@@ -98,6 +98,8 @@ EVERY_FIELD = [
     "--mates-influence-ridge-features", "token_embeddings",
     "--mates-influence-ridge-folds", "4",
     "--mates-influence-ranks", "0", "1",
+    "--mates-probe-lead-steps", "50",
+    "--mates-asynchronous",
 ]  # fmt: skip
 
 EVERY_FIELD_CONFIG = SelectionConfig(
@@ -131,6 +133,8 @@ EVERY_FIELD_CONFIG = SelectionConfig(
         ridge=RidgeConfig(alphas=(0.5, 5.0), features="token_embeddings", folds=4),
     ),
     influence_ranks=[0, 1],
+    probe_lead_steps=50,
+    asynchronous=True,
 )
 
 

@@ -115,3 +115,26 @@ def test_selection_config_pairs_selectors_with_scorers():
         SelectionConfig(selector="gumbel", scorer="mates", warmup_steps=50, probe_samples=9)
     with pytest.raises(ValueError, match="cannot import 'no_such_module_here'"):
         SelectionConfig(imports=["no_such_module_here"])
+
+
+def test_selection_config_refuses_leads_and_asynchronous_rounds_it_cannot_run():
+    from mates_megatron.config import SelectionConfig
+
+    mates = {"selector": "gumbel", "scorer": "mates", "select_every": 50, "warmup_steps": 100}
+    assert SelectionConfig(**mates, probe_lead_steps=99, asynchronous=True).asynchronous
+    with pytest.raises(ValueError, match="the first scored round starts at step 100, so its probes would "
+                       "come before the first training step; use at most 99"):  # fmt: skip
+        SelectionConfig(**mates, probe_lead_steps=100)
+    with pytest.raises(ValueError, match="asynchronous needs probe_lead_steps >= 1"):
+        SelectionConfig(**mates, asynchronous=True)
+    with pytest.raises(ValueError, match="probe_lead_steps=5 prepares scored rounds ahead, but scorer is"):
+        SelectionConfig(probe_lead_steps=5)
+    with pytest.raises(ValueError, match="probe_lead_steps=-1 must be >= 0"):
+        SelectionConfig(**mates, probe_lead_steps=-1)
+    from mates_megatron.scorers.base import SCORERS, NoScorer
+
+    if "stage_free" not in SCORERS:
+        SCORERS.register("stage_free")(type("StageFree", (NoScorer,), {}))
+    with pytest.raises(ValueError, match="scorer 'stage_free' has none: set asynchronous: false"):
+        SelectionConfig(**{**mates, "scorer": "stage_free"}, probe_lead_steps=1, asynchronous=True)
+    assert SelectionConfig(**{**mates, "scorer": "stage_free"}, probe_lead_steps=1).probe_lead_steps == 1

@@ -138,6 +138,7 @@ def save_mates_state(save_dir: str | Path, iteration: int, *, release: bool = Fa
         log.warning("no MATES state yet at iteration %d: the checkpoint carries none", iteration)
         return None
     path = mates_state_path(save_dir, iteration, release=release)
+    _STATE.plugin.hook.settle()  # on every rank: a round probed ahead finishes and its selection is saved
     if _rank() == _STATE.plugin.hook.state_rank:  # the rank whose state holds the influence model
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
