@@ -180,11 +180,14 @@ class SelectionConfig:
 
     @property
     def needs_text_decoding(self) -> bool:
-        """Whether the host must pass its tokenizer: the scorer reads text and the pool holds token ids."""
+        """Whether the host must pass its pretraining tokenizer: the scorer reads text and the pool holds
+        token ids, or the influence encoder reads the pool's ids (``influence.pass_token_ids``, checked
+        against it)."""
         from mates_megatron.pool import POOLS
         from mates_megatron.scorers import SCORERS
 
-        return "text" in SCORERS.get(self.scorer).needs and POOLS.get(self.pool).decodes_text
+        reads_text = "text" in SCORERS.get(self.scorer).needs
+        return reads_text and (POOLS.get(self.pool).decodes_text or self.influence.pass_token_ids)
 
     @property
     def pool_is_host_dataset(self) -> bool:

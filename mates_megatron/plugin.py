@@ -64,6 +64,8 @@ def build_plugin(
     round is projected against training and refused above ``max_selection_cost`` before anything is built.
     Collective when the scorer creates process groups (the 'mates' influence group).
     """
+    if sel.scored and sel.influence.pass_token_ids:
+        check_same_vocabulary(tokenizer, sel.influence)
     cost = None
     if sel.scored and model_shape is not None:
         cost = SCORERS.get(sel.scorer).projected_cost(
@@ -122,3 +124,34 @@ def build_plugin(
         probe_lead_steps=sel.probe_lead_steps,
     )
     return Plugin(pool=pool, rounds=rounds, sampler=sampler, hook=hook, cost=cost)
+
+
+def _vocabulary(tok) -> dict[str, int] | None:
+    if tok is None:
+        return None
+    if hasattr(tok, "get_vocab"):  # transformers
+        return dict(tok.get_vocab())
+    vocab = getattr(tok, "vocab", None)  # Megatron-LM's tokenizers (MegatronTextTokenizer passes it on)
+    return dict(vocab) if vocab is not None else None
+
+
+def check_same_vocabulary(tokenizer, influence) -> None:
+    """Refuse ``influence.pass_token_ids`` unless the pretraining tokenizer's vocabulary is the encoder's:
+    otherwise the encoder would read ids that mean other tokens."""
+    from mates_megatron.data.tokenizer import load_tokenizer
+
+    mine = _vocabulary(tokenizer)
+    if mine is None:
+        raise ValueError(
+            "influence.pass_token_ids: the pretraining tokenizer is needed to check that its vocabulary is the "
+            "influence encoder's, and the host gave none (or one without a vocabulary); set "
+            "influence.pass_token_ids: false"
+        )
+    encoder = _vocabulary(load_tokenizer(influence.resolved_path()))
+    if mine != encoder:
+        differ = len(set(mine.items()) ^ set(encoder.items()))
+        raise ValueError(
+            f"influence.pass_token_ids: the pool's tokenizer ({len(mine)} tokens) is not the influence encoder's "
+            f"({len(encoder)} tokens at {influence.resolved_path()}; {differ} entries differ), so its ids mean "
+            "other tokens there; set influence.pass_token_ids: false (candidates are then decoded to text)"
+        )

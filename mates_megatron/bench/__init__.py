@@ -71,9 +71,14 @@ def _run_influence_bench(a) -> int:
 
 
 def _run_round_bench(a) -> int:
-    from mates_megatron.bench.round import bench_round
+    from mates_megatron.bench.rounds import bench_round
 
-    _write(bench_round(a.sizes, ranks=a.ranks, seq_length=a.seq_length, probes=a.probes), a.out)
+    _write(
+        bench_round(
+            a.sizes, ranks=a.ranks, seq_length=a.seq_length, probes=a.probes, token_ids=a.pass_token_ids
+        ),
+        a.out,
+    )
     return 0
 
 
@@ -115,6 +120,9 @@ def add_bench_parser(sub) -> None:
     rd.add_argument("--ranks", type=int, default=2, help="processes (the influence group), gloo")
     rd.add_argument("--seq-length", type=int, default=128, help="tokens per synthetic candidate")
     rd.add_argument("--probes", type=int, default=1024)
+    rd.add_argument(
+        "--pass-token-ids", action="store_true", help="the encoder reads candidate ids, not decoded text"
+    )
     rd.add_argument("--out", type=Path, default=None)
     rd.set_defaults(func=_run_round_bench)
     q = bsub.add_parser(

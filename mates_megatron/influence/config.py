@@ -99,6 +99,12 @@ class InfluenceConfig:
     bf16: bool = True
     """On a CUDA device that supports bf16, run the encoder under bf16 autocast (the accelerator's fast
     path); scores are gathered as float32 either way. No effect on CPU, which runs float32."""
+    pass_token_ids: bool = False
+    """Give the encoder the pool's token ids instead of decoding each candidate and tokenising the text
+    again: for a pool tokenised with the encoder's own vocabulary (checked against the pretraining tokenizer
+    at start-up). It saves the per-candidate decode and tokenise, most of a CPU round in `bench round`. Off by
+    default: the README's demo figures were measured on decoded text, and a window that starts inside a word
+    tokenises differently once decoded."""
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     """Fields of model 'finetune'."""
     ridge: RidgeConfig = field(default_factory=RidgeConfig)

@@ -86,10 +86,21 @@ class EncoderRegressor(nn.Module):
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def encode_texts(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B, C, L] input ids and attention mask on CPU (C = the longest text's chunk count in the batch)."""
+    def token_ids(self, items: list) -> list[list[int]]:
+        """Each item's token ids: a str is tokenised (no special tokens); an int array is already ids of this
+        encoder's vocabulary (a pool read with ``pass_token_ids``) and is taken as it is."""
+        items = list(items)
+        if all(isinstance(t, str) for t in items):
+            return self.tokenizer(items, add_special_tokens=False)["input_ids"]
+        if any(isinstance(t, str) for t in items):
+            raise TypeError("a batch mixes texts and token-id arrays: give one or the other")
+        return [[int(x) for x in t] for t in items]
+
+    def encode_texts(self, texts: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, C, L] input ids and attention mask on CPU (C = the longest text's chunk count in the batch).
+        ``texts``: strings, or token-id arrays in this encoder's vocabulary (``token_ids``)."""
         tok, body = self.tokenizer, self.cfg.max_length - 2
-        ids = tok(list(texts), add_special_tokens=False)["input_ids"]
+        ids = self.token_ids(texts)
         chunked = []
         for t in ids:
             t = t[: body * self.cfg.max_chunks] or [tok.unk_token_id]
@@ -121,10 +132,10 @@ class EncoderRegressor(nn.Module):
         return (hidden.view(b, c * length, -1) * m).sum(1) / m.sum(1).clamp(min=1)
 
     @torch.no_grad()
-    def embed_tokens(self, texts: list[str]) -> torch.Tensor:
+    def embed_tokens(self, texts: list) -> torch.Tensor:
         """Mean input word embedding of every token of each text (features='token_embeddings'): [B, hidden]."""
         table = self.encoder.get_input_embeddings().weight
-        ids = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        ids = self.token_ids(texts)
         out = torch.zeros(len(ids), table.shape[1], dtype=table.dtype, device=table.device)
         for b, t in enumerate(ids):
             if t:

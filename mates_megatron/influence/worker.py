@@ -35,7 +35,7 @@ log = logging.getLogger("mates_megatron.influence.worker")
 def _serve(conn, cfg: InfluenceConfig, pool, device: str, imports: list[str], threads: int, world) -> None:
     """The worker's loop: one request at a time from the training rank that started it."""
     from mates_megatron.influence.registry import build_influence_model
-    from mates_megatron.pool.base import CandidateTexts
+    from mates_megatron.pool.base import candidate_inputs
     from mates_megatron.registry import import_modules
 
     torch.set_num_threads(threads)
@@ -61,7 +61,7 @@ def _serve(conn, cfg: InfluenceConfig, pool, device: str, imports: list[str], th
                 if payload["delay"]:
                     time.sleep(payload["delay"])  # tests: an artificially slow influence rank
                 set_host_rng_state(payload["rng"])
-                texts = CandidateTexts(pool, payload["ids"])
+                texts = candidate_inputs(pool, payload["ids"], token_ids=cfg.pass_token_ids)
                 scores, result = model.fit_predict(
                     texts, payload["positions"], payload["scores"], group=group
                 )

@@ -95,6 +95,21 @@ class CandidateTexts(Sequence[str]):
         return self.pool.text(int(self.ids[i]))
 
 
+class CandidateTokens(CandidateTexts):
+    """The token ids of a round's candidates (int arrays, read on access): what the influence encoder reads
+    instead of text when the pool is tokenised with its own vocabulary (``influence.pass_token_ids``)."""
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self.pool.tokens(int(g)) for g in self.ids[i]]
+        return self.pool.tokens(int(self.ids[i]))
+
+
+def candidate_inputs(pool: CandidatePool, ids: np.ndarray, *, token_ids: bool) -> CandidateTexts:
+    """What the influence model reads for candidates ``ids``: their token ids or their text."""
+    return (CandidateTokens if token_ids else CandidateTexts)(pool, ids)
+
+
 @dataclass(frozen=True)
 class PoolRounds:
     """How a pool is split into rounds: round r selects among ``candidates_per_round`` ids of its own.

@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from mates_megatron.pool.base import CandidateTexts
+from mates_megatron.pool.base import candidate_inputs
 from mates_megatron.probe.estimators import ESTIMATORS, ProbeContext
 from mates_megatron.runtime.schedule import collate
 from mates_megatron.scorers.base import SCORERS, PendingScores, RoundInput, Scorer, Scores
@@ -84,8 +84,9 @@ class MatesScorer(Scorer):
         ctx = ProbeContext.from_host(r.host, reference.micro_batches(r.host.micro_batch_size))
         probes = ESTIMATORS.get(sel.estimator)(ctx).score(batches)
         seconds["probe"] = time.perf_counter() - t
-        # Decoded on access: each influence member reads the probes and its own shard, streaming.
-        self.influence.submit(cands, CandidateTexts(pool, cands), positions, probes.scores)
+        # Read on access: each influence member reads the probes and its own shard, streaming.
+        inputs = candidate_inputs(pool, cands, token_ids=sel.influence.pass_token_ids)
+        self.influence.submit(cands, inputs, positions, probes.scores)
         self.oracle[r.round] = {"ids": cands[positions].copy(), "scores": probes.scores.copy()}
 
         def finish() -> Scores:

@@ -10,7 +10,7 @@ pytestmark = [pytest.mark.distributed]
 
 
 def test_bench_round_reports_phases_memory_and_the_paper_projection():
-    from mates_megatron.bench.round import PAPER_CANDIDATES, PAPER_RANKS, SyntheticTokenPool, bench_round
+    from mates_megatron.bench.rounds import PAPER_CANDIDATES, PAPER_RANKS, SyntheticTokenPool, bench_round
 
     sizes = [2_000, 8_000, 16_000]
     r = bench_round(sizes, ranks=2, seq_length=32, probes=64, batch_size=64)

@@ -20,7 +20,7 @@ CFG = InfluenceConfig(model="ridge", ridge=RidgeConfig(features="token_embedding
 def _pool(n=96):
     from transformers import AutoTokenizer
 
-    from mates_megatron.bench.round import SyntheticTokenPool
+    from mates_megatron.bench.rounds import SyntheticTokenPool
 
     tok = AutoTokenizer.from_pretrained(str(CFG.resolved_path()), local_files_only=True)
     return SyntheticTokenPool(n, 24, tok, seed=4)

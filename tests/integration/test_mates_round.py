@@ -164,7 +164,12 @@ def test_checkpoint_holds_the_influence_model_when_rank_0_fits_none(small_embedd
     assert all(torch.equal(saved["model"][k], held[k]) for k in held)
 
 
-LEAD = {"probe_lead_steps": 1}  # round r is probed at the end of step 3r - 1 and published at the end of 3r
+# Round r is probed at the end of step 3r - 1 and published at the end of 3r. The encoder reads the pool's
+# token ids (the embedded data is tokenised with MiniLM's vocabulary), in this process and in the workers.
+LEAD = {
+    "probe_lead_steps": 1,
+    "influence": {"model": "ridge", "ridge": {"features": "token_embeddings"}, "pass_token_ids": True},
+}
 
 
 @pytest.fixture(scope="module")

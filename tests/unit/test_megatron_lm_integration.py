@@ -88,6 +88,7 @@ EVERY_FIELD = [
     "--mates-influence-seed", "3",
     "--no-mates-influence-warm-start",
     "--mates-influence-device", "cpu",
+    "--mates-influence-pass-token-ids",
     "--no-mates-influence-bf16",
     "--mates-influence-finetune-lr", "1e-4",
     "--mates-influence-finetune-head-lr", "2e-3",
@@ -128,6 +129,7 @@ EVERY_FIELD_CONFIG = SelectionConfig(
         seed=3,
         warm_start=False,
         device="cpu",
+        pass_token_ids=True,
         bf16=False,
         finetune=FinetuneConfig(lr=1e-4, head_lr=2e-3, epochs=4, batch_size=8, val_fraction=0.2),
         ridge=RidgeConfig(alphas=(0.5, 5.0), features="token_embeddings", folds=4),
@@ -631,9 +633,10 @@ def test_host_implements_the_protocol_and_logs():
     assert (ctx.model_chunks, ctx.optimizer, ctx.seq_length) == (["chunk"], "opt", SEQ)
 
 
-def _scored_round_on_the_megatron_lm_host(data: dict, save_dir: str) -> dict:
+def _scored_round_on_the_megatron_lm_host(data: dict, save_dir: str, ahead: dict | None = None) -> dict:
     """On each of 2 TP ranks: the Megatron-LM host over a real GPTModel/optimizer, a MATES round at the
-    boundary through mates_step_end, the state saved once and read back by every rank."""
+    boundary through mates_step_end, the state saved once and read back by every rank. ``ahead``: the round
+    is probed at step 2 (probe_lead_steps 1, optionally asynchronous) and a checkpoint is saved right after."""
     import torch.distributed as dist
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -653,7 +656,7 @@ def _scored_round_on_the_megatron_lm_host(data: dict, save_dir: str) -> dict:
     sel = SelectionConfig(
         select_every=3, selection_ratio=0.25, selector="gumbel", scorer="mates", seed=11, warmup_steps=3,
         probe_samples=12, estimator="oracle",
-        influence=InfluenceConfig(model="ridge", ridge=RidgeConfig(features="token_embeddings")),
+        influence=InfluenceConfig(model="ridge", ridge=RidgeConfig(features="token_embeddings")), **(ahead or {}),
     )  # fmt: skip
     tok = load_tokenizer(trainer.tokenizer_info.path)
     host = mlm.MegatronLMHost(
@@ -673,6 +676,8 @@ def _scored_round_on_the_megatron_lm_host(data: dict, save_dir: str) -> dict:
             next(it)
         before = [p.detach().clone() for p in trainer.model_chunks[0].parameters()]
         mlm.mates_step_end(step, trainer.model_chunks, trainer.optimizer, trainer.scheduler)
+        if ahead and step == 2:  # round 1 probed, its influence stage maybe in flight: the save waits for it
+            mlm.save_mates_state(save_dir, 2)
     after = list(trainer.model_chunks[0].parameters())
     path = mlm.save_mates_state(save_dir, 3)
     dist.barrier()
@@ -680,7 +685,14 @@ def _scored_round_on_the_megatron_lm_host(data: dict, save_dir: str) -> dict:
     published = plugin.sampler.ids_at(np.arange(12, 24)).tolist()
     mlm.load_mates_state(save_dir, 3)  # every rank reads the one file
     assert plugin.sampler.ids_at(np.arange(12, 24)).tolist() == published
+    workers = plugin.hook.scorer.influence.worker is not None
     return {
+        "workers": workers,
+        "saved_ahead": torch.load(
+            path.parent.parent / f"iter_{2:07d}" / "mates_state.pt", weights_only=False
+        )["hook"]["chosen"][1].tolist()
+        if ahead
+        else None,
         "published": published,
         "records": sorted(plugin.hook.records),
         "probes": plugin.hook.records[1]["probes"],
@@ -700,6 +712,32 @@ def test_megatron_lm_host_runs_a_scored_round_and_saves_one_state(small_embedded
     assert rank0["published"] == rank1["published"] and rank0["next"] == rank1["next"]  # TP ranks agree
     assert rank0["unchanged"] and rank1["unchanged"]  # the round leaves the live model as it found it
     assert rank0["files"] == ["mates_state.pt"]
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_megatron_lm_host_runs_asynchronous_rounds_and_saves_a_round_in_flight(small_embedded, tmp_path):
+    """Probed one step ahead, the influence stage in a worker per rank over the host's own GPTDataset pool:
+    the checkpoint saved between probe and publish holds the round's selection, which is what the round
+    then serves, and what the synchronous run with the same lead serves."""
+    from mates_megatron.compat.spawn import run_on_ranks
+
+    lead = {"probe_lead_steps": 1}
+    sync = run_on_ranks(_scored_round_on_the_megatron_lm_host, 2, small_embedded, str(tmp_path / "s"), lead)[
+        0
+    ]
+    both = run_on_ranks(
+        _scored_round_on_the_megatron_lm_host,
+        2,
+        small_embedded,
+        str(tmp_path / "a"),
+        {**lead, "asynchronous": True},
+    )
+    assert both[0]["workers"] and not sync["workers"]
+    assert both[0]["published"] == both[1]["published"] == sync["published"]
+    assert both[0]["next"] == sync["next"] and both[0]["unchanged"]
+    # The saved selection (sorted by the selector) is the one served from step 3.
+    assert sorted(both[0]["saved_ahead"]) == sorted(both[0]["published"]) == sorted(sync["saved_ahead"])
 
 
 def test_megatron_tokenizer_adapter():

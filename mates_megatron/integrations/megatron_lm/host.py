@@ -103,6 +103,11 @@ class MegatronTextTokenizer:
     def decode(self, ids) -> str:
         return self.tokenizer.detokenize(list(ids))
 
+    @property
+    def vocab(self) -> dict[str, int] | None:
+        """Megatron's vocabulary (token -> id), for the check of ``influence.pass_token_ids``."""
+        return getattr(self.tokenizer, "vocab", None)
+
 
 def megatron_tokenizer(args):
     """Megatron-LM's tokenizer (built by ``initialize_megatron``, else from the arguments)."""

@@ -58,14 +58,14 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def _round_on_rank(n: int, seq_length: int, probes: int, batch_size: int) -> dict:
+def _round_on_rank(n: int, seq_length: int, probes: int, batch_size: int, token_ids: bool = False) -> dict:
     """One round of ``n`` candidates on this rank of the world (the influence group = the world)."""
     import torch.distributed as dist
 
     from mates_megatron.influence.config import InfluenceConfig, RidgeConfig
     from mates_megatron.influence.group import influence_group
     from mates_megatron.influence.registry import build_influence_model
-    from mates_megatron.pool.base import CandidateTexts, PoolRounds
+    from mates_megatron.pool.base import PoolRounds, candidate_inputs
     from mates_megatron.sampler import MatesSampler
     from mates_megatron.select import GumbelTopKSelector
 
@@ -73,7 +73,10 @@ def _round_on_rank(n: int, seq_length: int, probes: int, batch_size: int) -> dic
     rss: dict[str, int] = {}
     group = influence_group() if dist.get_world_size() > 1 else None
     cfg = InfluenceConfig(
-        model="ridge", ridge=RidgeConfig(features="token_embeddings"), predict_batch_size=batch_size
+        model="ridge",
+        ridge=RidgeConfig(features="token_embeddings"),
+        predict_batch_size=batch_size,
+        pass_token_ids=token_ids,
     )
     model = build_influence_model(cfg)
     model._network()  # load the encoder before the clock starts
@@ -86,7 +89,7 @@ def _round_on_rank(n: int, seq_length: int, probes: int, batch_size: int) -> dic
     rss["split"] = _peak_rss()
 
     t = time.perf_counter()
-    texts = CandidateTexts(pool, cands)
+    texts = candidate_inputs(pool, cands, token_ids=token_ids)
     positions = np.sort(np.random.default_rng(2).choice(n, size=min(probes, n), replace=False))
     # A probe score the token-embedding features can partly predict: the mean token id, plus noise.
     target = np.array([pool.tokens(int(cands[i])).mean() for i in positions])
@@ -139,15 +142,19 @@ def bench_round(
     probes: int = 1024,
     batch_size: int = 256,
     check_ranks: int = 1,
+    token_ids: bool = False,
 ) -> dict:
     """Run one round per size on ``ranks`` processes (and the middle size on ``check_ranks`` to separate
-    per-round from per-shard memory); project the paper round's memory and FLOPs."""
+    per-round from per-shard memory); project the paper round's memory and FLOPs. ``token_ids``: the encoder
+    reads the candidates' ids (``influence.pass_token_ids``) instead of their decoded text."""
     from mates_megatron.compat.spawn import run_on_ranks
 
     runs = []
     for n in sizes:
         t = time.perf_counter()
-        per_rank = run_on_ranks(_round_on_rank, ranks, n, seq_length, probes, batch_size, timeout=7200)
+        per_rank = run_on_ranks(
+            _round_on_rank, ranks, n, seq_length, probes, batch_size, token_ids, timeout=7200
+        )
         wall = time.perf_counter() - t
         runs.append({"candidates": n, "ranks": ranks, "wall_seconds": wall, "per_rank": per_rank})
         worst = max(r["peak_rss_bytes"] for r in per_rank)
@@ -155,7 +162,9 @@ def bench_round(
             f"round of {n:,} candidates on {ranks} ranks: {wall:.1f} s, peak RSS {worst / 2**30:.2f} GiB/rank"
         )
     mid = sizes[len(sizes) // 2]
-    check = run_on_ranks(_round_on_rank, check_ranks, mid, seq_length, probes, batch_size, timeout=7200)
+    check = run_on_ranks(
+        _round_on_rank, check_ranks, mid, seq_length, probes, batch_size, token_ids, timeout=7200
+    )
     print(f"round of {mid:,} candidates on {check_ranks} rank(s): peak RSS "
           f"{max(r['peak_rss_bytes'] for r in check) / 2**30:.2f} GiB/rank")  # fmt: skip
 
@@ -177,6 +186,7 @@ def bench_round(
         "seq_length": seq_length,
         "probes": probes,
         "influence_model": "ridge on MiniLM token embeddings (CPU: no encoder pass per candidate)",
+        "reads": "token ids (pass_token_ids)" if token_ids else "decoded text",
         "seconds_per_phase": [_mean_phases(run["per_rank"]) for run in runs],
         "wall_seconds": [round(run["wall_seconds"], 2) for run in runs],
         "peak_rss_bytes": [int(p) for p in peak],
