@@ -187,12 +187,12 @@ def bench_round(
         "probes": probes,
         "influence_model": "ridge on MiniLM token embeddings (CPU: no encoder pass per candidate)",
         "reads": "token ids (pass_token_ids)" if token_ids else "decoded text",
-        "seconds_per_phase": [_mean_phases(run["per_rank"]) for run in runs],
+        "seconds_per_phase": [_slowest_phases(run["per_rank"]) for run in runs],
         "wall_seconds": [round(run["wall_seconds"], 2) for run in runs],
         "peak_rss_bytes": [int(p) for p in peak],
         "rss_after_phase": [run["per_rank"][0]["rss_after_phase"] for run in runs],
         "candidates_per_second": [
-            round(s / sum(_mean_phases(run["per_rank"]).values()), 1)
+            round(s / sum(_slowest_phases(run["per_rank"]).values()), 1)
             for s, run in zip(sizes, runs, strict=True)
         ],
         "memory_model": {
@@ -215,7 +215,7 @@ def bench_round(
     }
 
 
-def _mean_phases(per_rank: list[dict]) -> dict[str, float]:
+def _slowest_phases(per_rank: list[dict]) -> dict[str, float]:
     """Each phase's seconds, the slowest rank's (the round waits for it)."""
     phases = per_rank[0]["seconds"]
     return {k: round(max(r["seconds"][k] for r in per_rank), 3) for k in phases}

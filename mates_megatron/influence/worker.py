@@ -14,9 +14,7 @@ asynchronously); each worker reads the probes and its own shard only.
 
 from __future__ import annotations
 
-import logging
 import os
-import pickle
 import time
 import traceback
 from typing import Any
@@ -28,8 +26,6 @@ import torch.multiprocessing as mp
 
 from mates_megatron.influence.config import InfluenceConfig
 from mates_megatron.runtime.rng import set_host_rng_state
-
-log = logging.getLogger("mates_megatron.influence.worker")
 
 
 def _serve(conn, cfg: InfluenceConfig, pool, device: str, imports: list[str], threads: int, world) -> None:
@@ -96,15 +92,6 @@ class InfluenceWorker:
         imports: list[str] | None = None,
         world: tuple[int, int, str] | None = None,
     ) -> None:
-        try:
-            size = len(pickle.dumps(pool))
-        except Exception as e:  # noqa: BLE001 - any pickling failure means the same fix
-            raise ValueError(
-                f"selection.asynchronous: the pool ({type(pool).__name__}) cannot be sent to the influence "
-                f"worker process ({type(e).__name__}: {e}); set selection.asynchronous: false"
-            ) from e
-        # The worker holds its own copy of the pool's index (an indexed pool: the GPTDataset's sample arrays).
-        log.info("influence worker: starting; the pool goes to it as %.1f MB", size / 1e6)
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
         self.process = ctx.Process(
@@ -113,7 +100,15 @@ class InfluenceWorker:
             name="mates-influence-worker",
             daemon=True,
         )
-        self.process.start()
+        try:  # spawn pickles the pool here, once: the worker holds its own copy of the pool's index
+            self.process.start()
+        except Exception as e:  # noqa: BLE001 - any pickling failure means the same fix
+            self._conn.close()
+            child.close()
+            raise ValueError(
+                f"selection.asynchronous: the pool ({type(pool).__name__}) cannot be sent to the influence "
+                f"worker process ({type(e).__name__}: {e}); set selection.asynchronous: false"
+            ) from e
         child.close()
         self._busy = False
         self._reply("start")
