@@ -13,10 +13,21 @@ class SelectionConfig:
     """Where candidates come from, how they are scored and how each round's training data is chosen."""
 
     pool: str = "indexed"
-    """Pool backend (mates_megatron.pool.POOLS): 'indexed' (the run's Megatron .bin/.idx through GPTDataset)
-    or 'webdataset'."""
+    """Pool backend (mates_megatron.pool.POOLS): 'indexed' (the run's Megatron .bin/.idx through GPTDataset),
+    'webdataset' or 'energon' (a Megatron-Energon prepared WebDataset; `pip install 'mates-megatron[energon]'`)."""
     shards: str | None = None
-    """Directory of WebDataset tar shards with manifest.json (pool='webdataset')."""
+    """Directory of WebDataset tar shards with manifest.json (pool='webdataset'), or the root of an
+    Energon-prepared dataset, the directory holding .nv-meta/ (pool='energon')."""
+    energon_split: str = "train"
+    """Split of the Energon dataset whose samples are the candidates (pool='energon'): a split part of its
+    .nv-meta/split.yaml."""
+    energon_text_field: str = "text"
+    """Field of each Energon sample holding the document's text (pool='energon'): an attribute of the sample
+    type its dataset.yaml declares ('text' for TextSample), or for a CrudeWebdataset a part in Energon's field
+    syntax ('txt', 'json[text]')."""
+    energon_domain_field: str | None = None
+    """Where an Energon sample's domain comes from (pool='energon'): a part in Energon's field syntax
+    ('json[domain]', 'domain.txt'), '__shard__' (each shard is one domain), or None (unknown)."""
     select_every: int = 50
     """Training steps per round; a new selection is served every select_every steps."""
     selection_ratio: float = 0.2
@@ -180,14 +191,17 @@ class SelectionConfig:
 
     @property
     def needs_text_decoding(self) -> bool:
-        """Whether the host must pass its pretraining tokenizer: the scorer reads text and the pool holds
-        token ids, or the influence encoder reads the pool's ids (``influence.pass_token_ids``, checked
-        against it)."""
+        """Whether the host must pass its pretraining tokenizer: the pool tokenises text itself (a pool
+        class with ``tokenizes_text``, e.g. 'energon'), or the scorer reads text and the pool holds token ids,
+        or the influence encoder reads the pool's ids (``influence.pass_token_ids``, checked against it)."""
         from mates_megatron.pool import POOLS
         from mates_megatron.scorers import SCORERS
 
+        pool = POOLS.get(self.pool)
+        if getattr(pool, "tokenizes_text", False):
+            return True
         reads_text = "text" in SCORERS.get(self.scorer).needs
-        return reads_text and (POOLS.get(self.pool).decodes_text or self.influence.pass_token_ids)
+        return reads_text and (pool.decodes_text or self.influence.pass_token_ids)
 
     @property
     def pool_is_host_dataset(self) -> bool:

@@ -7,8 +7,8 @@
 # LAMBADA, the data influence model is fitted and the next 10k steps train on the best 20% of their
 # candidates (Gumbel-top-k, temperature 0.5). Selection settings: configs/paper_${MODEL_SIZE}.yaml.
 #
-# Needs: Megatron-LM at tag core_v0.16.1 with patches/megatron-lm-core_v0.16.1-mates.patch applied, and this
-# package installed in the same Python environment (see examples/megatron_lm/README.md).
+# Needs: Megatron-LM at tag core_v0.16.1 (or core_v0.19.0) with patches/megatron-lm-<tag>-mates.patch applied,
+# and this package installed in the same Python environment (see examples/megatron_lm/README.md).
 #
 # Environment:
 #   MEGATRON_LM_DIR  patched Megatron-LM checkout (required)
@@ -31,7 +31,7 @@ need() {
     [[ -n "${!1:-}" ]] || fail "set $1: $2"
 }
 
-need MEGATRON_LM_DIR "a Megatron-LM checkout at core_v0.16.1 with the MATES patch applied"
+need MEGATRON_LM_DIR "a Megatron-LM checkout at core_v0.16.1 or core_v0.19.0 with its MATES patch applied"
 need DATA_PATH "the indexed dataset prefix (PREFIX.bin and PREFIX.idx, GPT-NeoX tokens)"
 need REFERENCE "the reference set JSONL (LAMBADA as {\"context\", \"target\"} lines)"
 need CHECKPOINT_DIR "where checkpoints (and the MATES state beside them) are written and resumed from"
@@ -39,7 +39,7 @@ need CHECKPOINT_DIR "where checkpoints (and the MATES state beside them) are wri
 REPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 MODEL_SIZE="${MODEL_SIZE:-410m}"
 MATES_CONFIG="$REPO_DIR/configs/paper_${MODEL_SIZE}.yaml"
-PATCH="patches/megatron-lm-core_v0.16.1-mates.patch"
+PATCH="patches/megatron-lm-core_v0.16.1-mates.patch" # core_v0.19.0: patches/megatron-lm-core_v0.19.0-mates.patch
 
 [[ -f "$MEGATRON_LM_DIR/pretrain_gpt.py" ]] || fail "MEGATRON_LM_DIR=$MEGATRON_LM_DIR has no pretrain_gpt.py"
 grep -q add_mates_args "$MEGATRON_LM_DIR/pretrain_gpt.py" \

@@ -21,11 +21,14 @@ import yaml
 from mates_megatron.config import SelectionConfig
 from mates_megatron.influence.config import FinetuneConfig, InfluenceConfig, RidgeConfig
 from mates_megatron.integrations import megatron_lm as mlm
+from mates_megatron.integrations.megatron_lm.versions import PATCHES as SUPPORTED
+from mates_megatron.integrations.megatron_lm.versions import check_megatron_core_version, patch_name
 from mates_megatron.plugin import pool_num_samples
 from mates_megatron.pool.base import PoolError
 
 REPO = Path(__file__).resolve().parents[2]
 PATCH = REPO / "patches" / "megatron-lm-core_v0.16.1-mates.patch"
+PATCHES = {tag: REPO / patch_name(tag) for tag in SUPPORTED.values()}
 SCRIPT = REPO / "examples" / "megatron_lm" / "pretrain_gpt_mates.sh"
 
 
@@ -66,6 +69,9 @@ EVERY_FIELD = [
     "--mates",
     "--mates-pool", "webdataset",
     "--mates-shards", "/data/shards",
+    "--mates-energon-split", "val",
+    "--mates-energon-text-field", "caption",
+    "--mates-energon-domain-field", "json[domain]",
     "--mates-select-every", "100",
     "--mates-selection-ratio", "0.25",
     "--mates-selector", "gumbel",
@@ -106,6 +112,9 @@ EVERY_FIELD = [
 EVERY_FIELD_CONFIG = SelectionConfig(
     pool="webdataset",
     shards="/data/shards",
+    energon_split="val",
+    energon_text_field="caption",
+    energon_domain_field="json[domain]",
     select_every=100,
     selection_ratio=0.25,
     selector="gumbel",
@@ -756,25 +765,34 @@ def test_megatron_tokenizer_adapter():
 # -- the patch, the launch script and the configs ------------------------------------------------------------
 
 
-def _patch_parts() -> tuple[str, str]:
-    text = PATCH.read_text()
+def _patch_parts(patch: Path) -> tuple[str, str]:
+    text = patch.read_text()
     i = text.index("diff --git ")
     return text[:i], text[i:]
 
 
-def test_patch_header_names_tag_commit_and_reasons():
-    header, body = _patch_parts()
-    tag = re.search(r"^Target:\s+NVIDIA/Megatron-LM tag (\S+)$", header, re.M).group(1)
+def test_each_supported_release_has_its_patch():
+    assert set(PATCHES) == {"core_v0.16.1", "core_v0.19.0"} and PATCH in PATCHES.values()
+    assert sorted(p.name for p in (REPO / "patches").glob("*.patch")) == sorted(
+        p.name for p in PATCHES.values()
+    )
+
+
+@pytest.mark.parametrize("tag", sorted(PATCHES))
+def test_patch_header_names_tag_commit_and_reasons(tag):
+    header, body = _patch_parts(PATCHES[tag])
+    assert re.search(r"^Target:\s+NVIDIA/Megatron-LM tag (\S+)$", header, re.M).group(1) == tag
     sha = re.search(r"^Commit:\s+(\S+)$", header, re.M).group(1)
     assert re.fullmatch(r"[0-9a-f]{40}", sha)
-    assert PATCH.name == f"megatron-lm-{tag}-mates.patch"
+    assert patch_name(tag) in header  # its apply/check commands name the file itself
     # git apply would read these as patch lines.
     assert not [ln for ln in header.splitlines() if ln.startswith(("--- ", "+++ ", "@@", "diff "))]
     assert header.count("Delete with:") == 4
 
 
-def test_patch_touches_only_megatron_and_pretrain_gpt():
-    _, body = _patch_parts()
+@pytest.mark.parametrize("tag", sorted(PATCHES))
+def test_patch_touches_only_megatron_and_pretrain_gpt(tag):
+    _, body = _patch_parts(PATCHES[tag])
     files = re.findall(r"^diff --git a/(\S+) b/(\S+)$", body, re.M)
     assert files and all(a == b for a, b in files)
     paths = {a for a, _ in files}
@@ -795,16 +813,68 @@ def test_patch_touches_only_megatron_and_pretrain_gpt():
     assert all(callable(getattr(mlm, name)) for name in called)
 
 
-@pytest.mark.skipif(not os.environ.get("MEGATRON_LM_DIR"), reason="set MEGATRON_LM_DIR to a clean checkout")
-def test_patch_applies_to_megatron_lm_checkout():
-    header, _ = _patch_parts()
+@pytest.mark.skipif(
+    not os.environ.get("MEGATRON_LM_DIR"), reason="set MEGATRON_LM_DIR to a Megatron-LM clone"
+)
+@pytest.mark.parametrize("tag", sorted(PATCHES))
+def test_patch_applies_to_its_megatron_lm_tag(tag, tmp_path):
+    """``git apply --check`` of each patch on a clean worktree of its tag (the clone itself is not touched)."""
+    header, _ = _patch_parts(PATCHES[tag])
     sha = re.search(r"^Commit:\s+(\S+)$", header, re.M).group(1)
-    mlm_dir = os.environ["MEGATRON_LM_DIR"]
-    head = subprocess.run(["git", "-C", mlm_dir, "rev-parse", "HEAD"], capture_output=True, text=True)
-    check = subprocess.run(
-        ["git", "-C", mlm_dir, "apply", "--check", str(PATCH)], capture_output=True, text=True
+    git = ["git", "-C", os.environ["MEGATRON_LM_DIR"]]
+    rev = subprocess.run([*git, "rev-parse", f"{tag}^{{commit}}"], capture_output=True, text=True)
+    assert rev.stdout.strip() == sha, f"the clone has no tag {tag} at {sha}: git fetch --tags"
+    tree = tmp_path / "tree"
+    subprocess.run([*git, "worktree", "add", "--detach", str(tree), tag], check=True, capture_output=True)
+    try:
+        check = subprocess.run(
+            ["git", "-C", str(tree), "apply", "--check", str(PATCHES[tag])], capture_output=True, text=True
+        )
+        assert check.returncode == 0, check.stderr
+    finally:
+        subprocess.run([*git, "worktree", "remove", "--force", str(tree)], capture_output=True)
+
+
+@pytest.mark.parametrize("version", ["0.16.0", "0.16.1", "0.19.0", "0.19.1rc0"])
+def test_supported_megatron_core_versions_name_their_patch(version):
+    assert (
+        check_megatron_core_version(version) == {"0.16": "core_v0.16.1", "0.19": "core_v0.19.0"}[version[:4]]
     )
-    assert check.returncode == 0, f"HEAD {head.stdout.strip()} (patch targets {sha}): {check.stderr}"
+
+
+@pytest.mark.parametrize("version", ["0.15.3", "0.17.1", "0.18.2", "0.20.0"])
+def test_other_megatron_core_versions_are_refused_with_the_fix(version):
+    with pytest.raises(RuntimeError) as e:
+        check_megatron_core_version(version)
+    msg = str(e.value)
+    assert f"megatron-core {version}" in msg and "0.16.x" in msg and "0.19.x" in msg
+    assert "patches/megatron-lm-core_v0.19.0-mates.patch" in msg and "patches/README.md" in msg
+
+
+def test_the_installed_megatron_core_is_supported():
+    from megatron.core import __version__
+
+    assert check_megatron_core_version() == check_megatron_core_version(__version__)
+
+
+def test_cpu_launcher_refuses_a_megatron_imported_from_elsewhere(tmp_path):
+    """The launcher runs the checkout's megatron (PYTHONPATH), never an installed megatron-core wheel."""
+    script = tmp_path / "pretrain_gpt.py"
+    script.write_text("raise SystemExit('must not run')\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "mates_megatron.integrations.megatron_lm.cpu", str(script)],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 1 and f"PYTHONPATH={tmp_path}" in out.stderr, out.stderr
+    out = subprocess.run(
+        [sys.executable, "-m", "mates_megatron.integrations.megatron_lm.cpu", str(tmp_path / "nope.py")],
+        capture_output=True,
+        text=True,
+    )
+    assert (
+        out.returncode == 1 and "usage: python -m mates_megatron.integrations.megatron_lm.cpu" in out.stderr
+    )
 
 
 def test_launch_script_checks_its_environment():

@@ -22,7 +22,8 @@ class MegatronLMHost:
     """``mates_megatron.host.Host`` for Megatron-LM (one per process, updated at every step end)."""
 
     device: torch.device
-    """This rank's CUDA device (the influence model runs there too unless configured otherwise)."""
+    """This rank's CUDA device, or the CPU in CPU mode (the influence model runs there too unless configured
+    otherwise)."""
     seq_length: int
     """--seq-length."""
     micro_batch_size: int
@@ -68,13 +69,16 @@ def megatron_lm_host(args, *, reference_tokenizer=None) -> MegatronLMHost:
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.training import get_tensorboard_writer, get_wandb_writer
 
+    from mates_megatron.compat.cpu import is_cpu_mode
+
     reference = None
     if getattr(args, "mates_reference", None):
         from mates_megatron.probe.reference import load_reference_set
 
         reference = load_reference_set(args.mates_reference, reference_tokenizer, args.seq_length)
     return MegatronLMHost(
-        device=torch.device("cuda", torch.cuda.current_device()),
+        # CPU mode (``mates_megatron.integrations.megatron_lm.cpu``) runs Megatron-LM on CPU over gloo.
+        device=torch.device("cpu") if is_cpu_mode() else torch.device("cuda", torch.cuda.current_device()),
         seq_length=args.seq_length,
         micro_batch_size=args.micro_batch_size,
         groups=ProcessGroups.from_parallel_state(),

@@ -63,6 +63,11 @@ class MatesDataLoader:
             pin_memory=self.pin_memory,
             collate_fn=self.collate_fn,
             worker_init_fn=self.worker_init_fn,
+            # An iterator draws its workers' base seed from this generator: the default one would take a draw
+            # from torch's global RNG each time a loader starts (here at every resume, not in the run that
+            # goes on), and where dropout draws from that RNG too (CPU mode) a resumed run would train on
+            # other dropout masks. The batches do not depend on it (the sampler orders them).
+            generator=torch.Generator().manual_seed(0),
         )
 
     def __iter__(self) -> Iterator:

@@ -191,11 +191,13 @@ def mates_train_data_loader(train_ds, consumed_samples: int):
         megatron_tokenizer,
     )
     from mates_megatron.integrations.megatron_lm.loader import build_mates_data_loader
+    from mates_megatron.integrations.megatron_lm.versions import check_megatron_core_version
 
     args = get_args()
     sel = mates_config_from_args(args)
     if sel is None:
         raise ValueError("mates_train_data_loader is for --mates runs")
+    check_megatron_core_version()
     worker_init_fn = None
     if args.exit_signal_handler and args.num_workers > 0:
 
