@@ -75,6 +75,22 @@ class CandidatePool(Protocol):
 POOLS: Registry[type] = Registry("pool")
 
 
+def document_sample(ids: np.ndarray, seq_length: int, pad_id: int) -> dict[str, np.ndarray]:
+    """One training sequence from a document's token ids (pools with one document per candidate): its first
+    seq_length + 1 tokens; padding (if shorter) is masked out of the loss."""
+    ids = ids[: seq_length + 1]
+    row = np.full(seq_length + 1, pad_id, dtype=np.int64)
+    row[: len(ids)] = ids
+    mask = np.zeros(seq_length, dtype=np.float32)
+    mask[: max(len(ids) - 1, 0)] = 1.0
+    return {
+        "tokens": row[:-1],
+        "labels": row[1:],
+        "loss_mask": mask,
+        "position_ids": np.arange(seq_length, dtype=np.int64),
+    }
+
+
 class CandidateTexts(Sequence[str]):
     """The texts of a round's candidates, decoded when read (an int gives a str, a slice a list).
 

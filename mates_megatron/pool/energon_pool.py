@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from mates_megatron.pool.base import POOLS, PoolError
+from mates_megatron.pool.base import POOLS, PoolError, document_sample
 from mates_megatron.pool.manifest import SelectionStore
 
 SHARD_DOMAIN = "__shard__"
@@ -375,17 +375,7 @@ class EnergonPool:
 
     def training_sample(self, gid: int) -> dict[str, np.ndarray]:
         """The document's first seq_length + 1 tokens; padding (if shorter) is masked out of the loss."""
-        ids = self.tokens(gid)[: self.seq_length + 1]
-        row = np.full(self.seq_length + 1, self.pad_id, dtype=np.int64)
-        row[: len(ids)] = ids
-        mask = np.zeros(self.seq_length, dtype=np.float32)
-        mask[: max(len(ids) - 1, 0)] = 1.0
-        return {
-            "tokens": row[:-1],
-            "labels": row[1:],
-            "loss_mask": mask,
-            "position_ids": np.arange(self.seq_length, dtype=np.int64),
-        }
+        return document_sample(self.tokens(gid), self.seq_length, self.pad_id)
 
     def fingerprint(self) -> str:
         """A hash of Energon's index of the split: dataset.yaml, the split, its shards' names, counts and

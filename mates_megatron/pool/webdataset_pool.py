@@ -19,7 +19,7 @@ from typing import ClassVar
 import numpy as np
 from webdataset.tariterators import base_plus_ext
 
-from mates_megatron.pool.base import POOLS, PoolError
+from mates_megatron.pool.base import POOLS, PoolError, document_sample
 from mates_megatron.pool.manifest import SelectionStore, check_shard, read_manifest, verify_shard
 
 _FIX_CORRUPT = "re-create it with `mates-megatron prepare` or restore it from its source"
@@ -172,17 +172,7 @@ class WebDatasetPool:
 
     def training_sample(self, gid: int) -> dict[str, np.ndarray]:
         """The document's first seq_length + 1 tokens; padding (if shorter) is masked out of the loss."""
-        ids = self.tokens(gid)[: self.seq_length + 1]
-        row = np.full(self.seq_length + 1, self.pad_id, dtype=np.int64)
-        row[: len(ids)] = ids
-        mask = np.zeros(self.seq_length, dtype=np.float32)
-        mask[: max(len(ids) - 1, 0)] = 1.0
-        return {
-            "tokens": row[:-1],
-            "labels": row[1:],
-            "loss_mask": mask,
-            "position_ids": np.arange(self.seq_length, dtype=np.int64),
-        }
+        return document_sample(self.tokens(gid), self.seq_length, self.pad_id)
 
     def fingerprint(self) -> str:
         return "wds:" + ",".join(e["sha256"][:16] for e in self._entries)
