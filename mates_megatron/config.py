@@ -33,13 +33,16 @@ class SelectionConfig:
     selection_ratio: float = 0.2
     """Fraction of a round's candidates that it trains on (the round's pool is 1/ratio x its batches)."""
     selector: str = "random"
-    """Selector (mates_megatron.select.SELECTORS): random, topk or gumbel (Gumbel-top-k, MATES)."""
+    """Selector (mates_megatron.select.SELECTORS): random, topk, gumbel (Gumbel-top-k, MATES) or importance
+    (Gumbel-top-k on raw log importance weights at temperature 1: DSIR's resampling, with scorer 'dsir')."""
     temperature: float = 0.5
     """Gumbel-top-k temperature (selector 'gumbel'), applied to scores z-scored within the round."""
     scorer: str = "none"
     """Scorer (mates_megatron.scorers.SCORERS) that gives every candidate of a round a score for the
-    selector: 'none' (score-free selectors), 'mates' (probes on the live model + data influence model) or
-    one of your own."""
+    selector: 'none' (score-free selectors), 'mates' (probes on the live model + data influence model),
+    'static' (MATES's influence model fitted at the first scored round only, then reused), 'dsir' (hashed
+    n-gram importance weights toward the probe reference), 'classifier' (probe reference vs pool, hashed
+    n-grams + logistic regression) or one of your own."""
     scorer_options: dict[str, Any] = field(default_factory=dict)
     """Fields of the scorer's own config dataclass (``Scorer.Config``), for scorers that have one."""
     imports: list[str] = field(default_factory=list)
@@ -68,6 +71,11 @@ class SelectionConfig:
     only teaches word frequencies)."""
     influence: InfluenceConfig = field(default_factory=InfluenceConfig)
     """The data influence model and its fitting (scorer 'mates')."""
+    min_influence_spearman: float = 0.1
+    """Poor-fit guard (scorers 'mates', 'static'): a round whose influence model's cross-validated Spearman
+    against the probes is below this (or undefined) is not selected by its scores: it falls back to a uniform
+    random draw of the round (seeded like the warm-up rounds), logged as the round's ``fallback``. -1 turns the
+    guard off."""
     max_selection_cost: float = 0.1
     """Largest projected selection cost per round, as a fraction of the round's training FLOPs, that the run
     starts with (projected from the config and the model shape before the first step, see
@@ -111,6 +119,11 @@ class SelectionConfig:
             raise ValueError(
                 f"SelectionConfig.max_selection_cost={self.max_selection_cost} must be > 0 (a fraction of "
                 "training FLOPs, e.g. 0.1)"
+            )
+        if not -1 <= self.min_influence_spearman <= 1:
+            raise ValueError(
+                f"SelectionConfig.min_influence_spearman={self.min_influence_spearman} must be in [-1, 1] "
+                "(-1: no guard)"
             )
         if self.temperature < 0:
             raise ValueError(f"SelectionConfig.temperature={self.temperature} must be >= 0 (0: exact top-k)")

@@ -1,15 +1,33 @@
-"""`mates-megatron demo`: a random-selection run and a MATES run on the embedded data, then a report.
+"""`mates-megatron demo`: the arms of the evidence, same model, budget and seeds, on the embedded data.
 
-Both runs use the same config (model, budget, seeds, TP=2 CPU by default); only the selector differs. Each is
-a real `torchrun` job of `mates_megatron.pretrain`, so its progress streams to the terminal. The report:
+Every arm is the config run once under torchrun (``mates_megatron.pretrain``, so its progress streams to the
+terminal) with only its selection changed:
 
-- ``steps_to_random_final_ratio``: training steps (warm-up included) the MATES run needs to reach the random
-  run's final reference loss, over the random run's steps. The crossing is interpolated linearly between the
-  two evaluations around it; a run that never reaches it gets ``null`` (and the demo says so).
-- ``wall_clock_ratio``: the MATES run's wall-clock seconds up to that crossing, selection included, over the
-  random run's training seconds (both summed from per-step times, evaluation excluded).
-- ``selection_overhead_fraction``: the MATES run's selection seconds over its training seconds without
-  selection (1.0: selection costs as much as training).
+- ``random``: a uniform draw per round (the control every ratio is read against);
+- ``mates``: the config as written (probes on the live model + the influence model, Gumbel-top-k);
+- ``static``: MATES's influence model fitted once, at the first scored round, then reused (the paper's
+  static comparison);
+- ``dsir``: importance resampling toward the probe reference on hashed n-grams (Xie et al. 2023);
+- ``classifier``: a quality classifier, probe reference vs pool, on hashed n-grams, top-k (DCLM style);
+- ``mates_target`` / ``mates_all``: MATES with the probes' reference loss on the target words only (the
+  paper's LAMBADA oracle) or on every reference token (chosen by name only, to settle ``probe_tokens``).
+
+The model-free arms (dsir, classifier) select from the first round (they need no trained model); the
+model-aware ones keep the config's random warm-up.
+
+The headline is read from a held-out evaluation set (``--headline``, an ``eval_sets`` key of the config;
+by default the language-modelling loss on held-out documents of the reference domain, from source files
+that neither the pool nor the probe reference draws from), never from the probe reference itself. Curves
+are smoothed by the trailing mean of the last ``SMOOTH`` evaluations before anything is read from them:
+
+- ``final_heldout_loss``: the smoothed loss at the last step (the mean of the last SMOOTH evaluations);
+- ``steps_to_random_final_heldout_ratio``: the first step where the arm's smoothed curve reaches random's
+  final, linear between evaluations, over random's steps (None: never reached);
+- ``wall_clock_ratio``: the arm's wall-clock seconds up to that step, selection included, over random's
+  training seconds (both summed from per-step times, evaluation excluded).
+
+The probe-set figures (the same three, on ``reference_loss``) stay as a secondary line, and the MATES arm's
+today's keys (``steps_to_random_final_ratio`` etc., on the probe reference, unsmoothed) are kept.
 """
 
 from __future__ import annotations
@@ -24,26 +42,53 @@ from typing import Any
 import numpy as np
 import yaml
 
+ARMS = ("random", "mates", "static", "dsir", "classifier")
+PROBE_TOKEN_ARMS = ("mates_target", "mates_all")
+"""MATES with ``probe_tokens`` forced to 'target' or 'all' (named explicitly; not part of 'all')."""
+DEFAULT_ARMS = ("random", "mates")
+SMOOTH = 3
+"""Evaluations averaged (trailing) before a curve is read: one evaluation moves by about 0.1 nats."""
+
 
 def add_demo_parser(sub) -> None:
     p = sub.add_parser(
         "demo",
-        help="random selection vs MATES on the embedded data (CPU, TP=2): report.json and report.png",
+        help="random selection vs MATES (and the static baselines) on the embedded data: report.json/png",
         description=(
-            "Runs the config twice under torchrun, once with selector 'random' and once as configured "
-            "(MATES), with the same model, budget and seeds; writes OUT/report.json and OUT/report.png."
+            "Runs the config once per arm under torchrun (random, mates and, with --arms, static, dsir, "
+            "classifier), with the same model, budget and seeds; writes OUT/report.json and OUT/report.png."
         ),
     )
     p.add_argument("--config", type=Path, default=Path("configs/demo_cpu.yaml"), help="YAML run config")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory")
-    p.add_argument("--seed", type=int, default=None, help="seed of both runs (training and selection)")
+    p.add_argument("--seed", type=int, default=None, help="seed of every run (training and selection)")
+    p.add_argument(
+        "--arms",
+        default=",".join(DEFAULT_ARMS),
+        help=f"comma-separated arms among {', '.join(ARMS + PROBE_TOKEN_ARMS)}, or 'all' (the first "
+        f"{len(ARMS)}; default: %(default)s); random is always run (every ratio is read against it)",
+    )
+    p.add_argument(
+        "--headline",
+        default="heldout/python_docs",
+        help="the eval_sets key the headline is read from (default: %(default)s)",
+    )
     p.add_argument(
         "--nproc-per-node", type=int, default=None, help="processes (default: TP x PP of the config)"
     )
     p.set_defaults(func=run_demo)
 
 
-def _run_configs(cfg: dict[str, Any], seed: int | None) -> dict[str, dict[str, Any]]:
+def parse_arms(text: str) -> list[str]:
+    names = list(ARMS) if text.strip() == "all" else [a.strip() for a in text.split(",") if a.strip()]
+    known = ARMS + PROBE_TOKEN_ARMS
+    unknown = [a for a in names if a not in known]
+    if unknown:
+        raise ValueError(f"unknown arm(s) {unknown} in --arms: choose among {', '.join(known)} or 'all'")
+    return ["random"] + [a for a in known if a in names and a != "random"]
+
+
+def _run_configs(cfg: dict[str, Any], seed: int | None, arms=DEFAULT_ARMS) -> dict[str, dict[str, Any]]:
     sel = cfg.get("selection") or {}
     if sel.get("scorer", "none") == "none":
         raise ValueError(
@@ -52,9 +97,17 @@ def _run_configs(cfg: dict[str, Any], seed: int | None) -> dict[str, dict[str, A
     if seed is not None:
         cfg = {**cfg, "seed": seed, "selection": {**sel, "seed": seed}}
         sel = cfg["selection"]
-    # The control: the same run with a score-free selector (no probes, no influence model).
-    random_cfg = {**cfg, "selection": {**sel, "selector": "random", "scorer": "none"}}
-    return {"random": random_cfg, "mates": cfg}
+    free = {"scorer_options": {}, "warmup_steps": 0}  # model-free: select from the first round
+    selections = {
+        "random": {**sel, "selector": "random", "scorer": "none", "scorer_options": {}},
+        "mates": sel,
+        "static": {**sel, "scorer": "static"},
+        "dsir": {**sel, **free, "selector": "importance", "scorer": "dsir"},
+        "classifier": {**sel, **free, "selector": "topk", "scorer": "classifier"},
+        "mates_target": {**sel, "probe_tokens": "target"},
+        "mates_all": {**sel, "probe_tokens": "all"},
+    }
+    return {a: {**cfg, "selection": selections[a]} for a in parse_arms(",".join(arms))}
 
 
 def crossing_step(steps: list[int], losses: list[float], target: float) -> float | None:
@@ -77,35 +130,88 @@ def _seconds_until(seconds: list[float], step: float) -> float:
     return t
 
 
-def build_report(random_run: dict[str, Any], mates_run: dict[str, Any]) -> dict[str, Any]:
+def smooth(values: list[float], k: int = SMOOTH) -> list[float]:
+    """Trailing mean over the last ``k`` values (fewer at the start)."""
+    return [float(np.mean(values[max(0, i - k + 1) : i + 1])) for i in range(len(values))]
+
+
+def _curve_figures(run: dict[str, Any], curve: list[float], random_curve: list[float], random_run) -> dict:
+    """Final (smoothed) loss, steps and wall-clock ratio to random's final, for one curve of one arm."""
+    sm, rsm = smooth(curve), smooth(random_curve)
+    random_steps = random_run["eval_step"][-1]
+    cross = crossing_step(run["eval_step"], sm, rsm[-1])
+    return {
+        "final": sm[-1],
+        "steps_to_random_final": cross,
+        "steps_ratio": None if cross is None else cross / random_steps,
+        "wall_clock_ratio": None
+        if cross is None
+        else _seconds_until(run["seconds"], cross) / float(sum(random_run["seconds"])),
+    }
+
+
+def _arm(run: dict[str, Any], random_run: dict[str, Any], headline: str) -> dict[str, Any]:
+    evals = run.get("eval", {})
+    if headline not in evals:
+        raise ValueError(
+            f"evaluation set {headline!r} was not logged (logged: {sorted(evals) or 'none'}); set eval_sets in "
+            "the config (`prepare --embedded` writes heldout.jsonl) or pass --headline"
+        )
+    held = _curve_figures(run, evals[headline], random_run["eval"][headline], random_run)
+    probe = _curve_figures(run, run["reference_loss"], random_run["reference_loss"], random_run)
+    sel = run.get("selection") or {}
+    rounds = sel.get("rounds", [])
+    return {
+        "eval_step": run["eval_step"],
+        "heldout_loss": evals[headline],
+        "final_heldout_loss": held["final"],
+        "steps_to_random_final_heldout": held["steps_to_random_final"],
+        "steps_to_random_final_heldout_ratio": held["steps_ratio"],
+        "wall_clock_ratio": held["wall_clock_ratio"],
+        "final_eval": {k: smooth(v)[-1] for k, v in sorted(evals.items())},
+        "reference_loss": run["reference_loss"],
+        "final_reference_loss": probe["final"],
+        "steps_to_random_final_reference_ratio": probe["steps_ratio"],
+        "train_seconds": float(sum(run["seconds"])),
+        "selection_seconds": float(sel.get("selection_seconds", 0.0)),
+        "selected_share_by_domain": sel.get("selected_share_by_domain", []),
+        "scored_rounds": [r["round"] for r in rounds],
+        "influence_spearman": [r.get("influence_spearman") for r in rounds],
+        "fallback_rounds": [r["round"] for r in rounds if r.get("fallback")],
+        "oracle_by_domain": [r.get("oracle_by_domain") for r in rounds],
+    }
+
+
+def build_report(runs: dict[str, dict[str, Any]], headline: str = "heldout/python_docs") -> dict[str, Any]:
+    """The report of every arm run (``runs["random"]`` required), read from the headline evaluation set."""
+    random_run = runs["random"]
+    arms = {name: _arm(run, random_run, headline) for name, run in runs.items()}
+    any_sel = next((r["selection"] for r in runs.values() if r.get("selection")), {})
+    report: dict[str, Any] = {
+        "headline_eval": headline,
+        "smoothing_evaluations": SMOOTH,
+        "random_final_heldout_loss": arms["random"]["final_heldout_loss"],
+        "arms": arms,
+        "domains": any_sel.get("domains", []),
+        "select_every": any_sel.get("select_every"),
+    }
+    if "mates" in runs:
+        report.update(_probe_set_figures(random_run, runs["mates"]))
+    return report
+
+
+def _probe_set_figures(random_run: dict[str, Any], mates_run: dict[str, Any]) -> dict[str, Any]:
+    """MATES against random on the probe reference, unsmoothed (the figures of earlier reports)."""
     sel = mates_run["selection"]
     target = random_run["reference_loss"][-1]
     cross = crossing_step(mates_run["eval_step"], mates_run["reference_loss"], target)
-    random_steps = random_run["eval_step"][-1]
     random_seconds = float(sum(random_run["seconds"]))
     mates_seconds = float(sum(mates_run["seconds"]))
     selection_seconds = float(sel["selection_seconds"])
     return {
-        "random": {
-            "steps": random_run["eval_step"],
-            "reference_loss": random_run["reference_loss"],
-            "train_seconds": random_seconds,
-        },
-        "mates": {
-            "steps": mates_run["eval_step"],
-            "reference_loss": mates_run["reference_loss"],
-            "influence_spearman": [r["influence_spearman"] for r in sel["rounds"]],
-            "scored_rounds": [r["round"] for r in sel["rounds"]],
-            "selected_share_by_domain": sel["selected_share_by_domain"],
-            "seconds_per_phase": [r["seconds"] for r in sel["rounds"]],
-            "train_seconds": mates_seconds,
-            "selection_seconds": selection_seconds,
-        },
-        "domains": sel["domains"],
-        "select_every": sel["select_every"],
         "random_final_reference_loss": target,
         "mates_steps_to_random_final": cross,
-        "steps_to_random_final_ratio": None if cross is None else cross / random_steps,
+        "steps_to_random_final_ratio": None if cross is None else cross / random_run["eval_step"][-1],
         "wall_clock_ratio": None
         if cross is None
         else _seconds_until(mates_run["seconds"], cross) / random_seconds,
@@ -119,15 +225,19 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")  # files only; no display on a training node
     import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_share) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for name in ("random", "mates"):
-        ax_loss.plot(report[name]["steps"], report[name]["reference_loss"], marker=".", label=name)
-    ax_loss.axhline(report["random_final_reference_loss"], color="grey", lw=0.8, ls="--")
-    if report["mates_steps_to_random_final"] is not None:
-        ax_loss.axvline(report["mates_steps_to_random_final"], color="grey", lw=0.8, ls=":")
-    ax_loss.set(xlabel="training step", ylabel="reference loss", title="Reference loss")
-    ax_loss.legend()
-    shares = report["mates"]["selected_share_by_domain"]
+    arms = report["arms"]
+    fig, (ax_held, ax_ref, ax_share) = plt.subplots(1, 3, figsize=(17, 4.5))
+    for name, arm in arms.items():
+        (line,) = ax_held.plot(arm["eval_step"], smooth(arm["heldout_loss"]), marker=".", label=name)
+        ax_held.plot(arm["eval_step"], arm["heldout_loss"], color=line.get_color(), lw=0.5, alpha=0.4)
+        ax_ref.plot(arm["eval_step"], arm["reference_loss"], marker=".", label=name)
+    ax_held.axhline(report["random_final_heldout_loss"], color="grey", lw=0.8, ls="--")
+    ax_held.set(xlabel="training step", ylabel="loss", title=f"Held-out: {report['headline_eval']} "
+                f"(mean of {report['smoothing_evaluations']})")  # fmt: skip
+    ax_held.legend()
+    ax_ref.set(xlabel="training step", ylabel="loss", title="Probe reference (what the probes score on)")
+    ax_ref.legend()
+    shares = arms.get("mates", arms["random"])["selected_share_by_domain"]
     rounds = np.arange(len(shares))
     bottom = np.zeros(len(shares))
     for dom in report["domains"]:
@@ -136,13 +246,32 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
         bottom += vals
     ax_share.set(
         xlabel=f"round ({report['select_every']} steps each)", ylabel="share of selected samples",
-        title="MATES selection per domain",
+        title=("MATES" if "mates" in arms else "random") + " selection per domain",
     )  # fmt: skip
     ax_share.set_xticks(rounds)
     ax_share.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The arms as a text table (what the demo prints at the end)."""
+
+    def f(v, fmt=".3f"):
+        return "never" if v is None else format(v, fmt)
+
+    lines = [
+        f"{'arm':<11} {'held-out final':>14} {'steps ratio':>11} {'wall ratio':>10} "
+        f"{'probe-set final':>15} {'probe steps ratio':>17}"
+    ]
+    for name, a in report["arms"].items():
+        lines.append(
+            f"{name:<11} {a['final_heldout_loss']:>14.4f} {f(a['steps_to_random_final_heldout_ratio']):>11} "
+            f"{f(a['wall_clock_ratio'], '.2f'):>10} {a['final_reference_loss']:>15.4f} "
+            f"{f(a['steps_to_random_final_reference_ratio']):>17}"
+        )
+    return "\n".join(lines)
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -153,7 +282,9 @@ def run_demo(args: argparse.Namespace) -> int:
               file=sys.stderr)  # fmt: skip
         return 2
     try:
-        configs = _run_configs(yaml.safe_load(args.config.read_text()) or {}, args.seed)
+        configs = _run_configs(
+            yaml.safe_load(args.config.read_text()) or {}, args.seed, parse_arms(args.arms)
+        )
     except ValueError as e:
         print(f"error: {args.config}: {e}", file=sys.stderr)
         return 2
@@ -162,26 +293,21 @@ def run_demo(args: argparse.Namespace) -> int:
     for i, (name, cfg) in enumerate(configs.items(), 1):
         cfg_path, metrics_path = args.out / f"{name}.yaml", args.out / f"{name}.json"
         cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-        print(f"[demo] run {i}/2: {name} selection ({cfg_path})", flush=True)
+        print(f"[demo] run {i}/{len(configs)}: {name} ({cfg_path})", flush=True)
         rc = launch_pretrain(cfg_path, ["--metrics-out", str(metrics_path)], args.nproc_per_node)
         if rc:
             print(f"error: the {name} run failed (exit code {rc}); see its output above", file=sys.stderr)
             return rc
         runs[name] = json.loads(metrics_path.read_text())
-    report = build_report(runs["random"], runs["mates"])
+    try:
+        report = build_report(runs, args.headline)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     (args.out / "report.json").write_text(json.dumps(report, indent=1))
     plot_report(report, args.out / "report.png")
-    ratio = report["steps_to_random_final_ratio"]
-    print(
-        f"[demo] random final reference loss {report['random_final_reference_loss']:.4f}; MATES reaches it "
-        + (
-            f"at step {report['mates_steps_to_random_final']:.1f}: steps ratio {ratio:.3f}, "
-            f"wall-clock ratio {report['wall_clock_ratio']:.3f}"
-            if ratio is not None
-            else "never (no speed-up in this run)"
-        )
-        + f"; selection overhead {report['selection_overhead_fraction']:.2f}x training",
-        flush=True,
-    )
+    print(f"[demo] held-out set {args.headline}, curves smoothed over {SMOOTH} evaluations; ratios against "
+          f"random's final held-out loss {report['random_final_heldout_loss']:.4f}:", flush=True)  # fmt: skip
+    print(format_table(report), flush=True)
     print(f"[demo] wrote {args.out / 'report.json'} and {args.out / 'report.png'}", flush=True)
     return 0

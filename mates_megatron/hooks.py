@@ -135,11 +135,16 @@ class MatesHook:
                 "candidates: it must return one per candidate, in their order"
             )
         t = time.perf_counter()
-        chosen = self.selector.select(cands, self.sampler.samples_per_round, scores=scores, seed=self.seed,
-                                      round_=round_)  # fmt: skip
+        # A scorer that flags its scores as unusable (a poor influence fit) gets the warm-up rounds' draw.
+        selector = RandomSelector() if result.fallback else self.selector
+        chosen = selector.select(cands, self.sampler.samples_per_round, scores=scores, seed=self.seed,
+                                 round_=round_)  # fmt: skip
         seconds = {"score": begin_seconds + stall, "stall": stall, "select": time.perf_counter() - t}
         seconds["total"] = seconds["score"] + seconds["select"]
         record = {"round": round_, "candidates": int(len(cands)), **result.record}
+        record["fallback"] = result.fallback
+        if result.fallback and dist.is_initialized() and dist.get_rank() == 0:
+            log.warning("round %d: selected at random instead of by scores: %s", round_, result.fallback)
         record["seconds"] = {**record.get("seconds", {}), **seconds}
         self.records[round_] = record
         return chosen
@@ -199,6 +204,7 @@ class MatesHook:
         """Flat scalars of a scored round for TensorBoard / W&B: ``mates/<record key>``."""
         rec = self.records[round_]
         out = {f"mates/{k}": float(v) for k, v in rec.items() if _scalar(v) and k != "candidates"}
+        out["mates/fallback"] = float(bool(rec.get("fallback")))
         out.update({f"mates/seconds/{k}": v for k, v in rec["seconds"].items()})
         out.update({f"mates/selected_share/{k}": v for k, v in self.domain_share[round_].items()})
         return out

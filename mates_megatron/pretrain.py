@@ -42,6 +42,8 @@ RUN_FLAGS: dict[str, str] = {
     "--bf16": "model.bf16",
     "--data-path": "data_prefix",
     "--reference": "reference",
+    "--eval-sets": "eval_sets",
+    "--eval-micro-batch-size": "eval_micro_batch_size",
     "--tokenizer": "tokenizer",
     "--micro-batch-size": "micro_batch_size",
     "--global-batch-size": "global_batch_size",

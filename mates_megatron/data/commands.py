@@ -21,9 +21,10 @@ def add_prepare_parser(subparsers) -> None:
             'Tokenise a JSONL corpus ({"text": ..., "domain": optional} per line) with a local tokenizer into '
             "PREFIX.bin/.idx (megatron-core IndexedDataset), PREFIX.domains.npy, PREFIX.meta.json and "
             "PREFIX-shards/shard-*.tar (WebDataset, with manifest.json). With --embedded, first gather the "
-            "embedded default corpus (stdlib docstrings and code, license texts, package READMEs, junk) and a "
-            "held-out LAMBADA-style reference set from this machine's files into --out, then prepare it to "
-            "OUT/train."
+            "embedded default corpus (stdlib docstrings and code, license texts, package READMEs, junk), the "
+            "LAMBADA-style probe reference (reference.jsonl) and held-out evaluation sets from other source files "
+            "(eval_lambada.jsonl, heldout.jsonl) from this machine's files into --out, then prepare the corpus "
+            "to OUT/train."
         ),
         epilog=(
             "examples:\n"
@@ -119,3 +120,7 @@ def _print_summary(prepared: PreparedCorpus, built: dict | None) -> None:
     if built is not None:
         print(f"corpus:          {built['corpus']}")
         print(f"reference set:   {built['reference']} ({built['reference_examples']} examples)")
+        print(f"eval set:        {built['eval_lambada']} ({built['eval_examples']} examples)")
+        held = built["heldout_docs_per_domain"]
+        per_domain = ", ".join(f"{name} {n}" for name, n in held.items())
+        print(f"held-out docs:   {built['heldout']} ({sum(held.values())} documents: {per_domain})")

@@ -4,66 +4,86 @@ Nothing text-like is committed to the repository. Domains:
 
 - python_docs:  docstrings of the Python standard library (parsed with ``ast``, never imported)
 - python_code:  source of standard-library functions and classes
-- licenses:     license texts of the installed packages and of Python itself (exact duplicates dropped)
-- package_docs: the long descriptions (READMEs) in the installed packages' METADATA
+- licenses:     license texts of the gathered distributions and of Python itself (exact duplicates dropped)
+- package_docs: the long descriptions (READMEs) in the gathered distributions' METADATA
 - junk:         deliberately low quality: word-shuffled text, one phrase repeated, character noise
 
-The reference set is LAMBADA-style (context, final word) and comes from ``reference_domain`` documents
-held out of the corpus. For a given seed and set of installed files the output is byte-identical.
+The gathered distributions are the dependency closure of mates-megatron's *core* requirements (extras and
+requirements whose environment markers do not hold are skipped; mates-megatron itself is left out), not
+whatever else site-packages holds, so installing an extra does not change the corpus.
+
+Every document keeps its source: the stdlib ``.py`` file (python_docs, python_code, relative to the stdlib
+directory) or the distribution (licenses, package_docs; ``python`` for Python's own LICENSE.txt). Held-out
+text is split off before the per-domain cap, by source wherever possible, so a source that feeds an
+evaluation set feeds nothing to the corpus:
+
+- the ``reference_domain``'s sources (seeded shuffle of the sorted list) go, in that order, to the probe
+  reference set (``reference.jsonl``) until it has ``reference_size`` examples, then to the evaluation
+  group (``eval_lambada.jsonl``, ``eval_size`` examples, and that domain's ``heldout_docs_reference_domain``
+  held-out documents, other documents than the examples') until both are full; the rest is the pool's;
+- every other domain holds out ``heldout_docs_per_domain`` documents (``heldout.jsonl``): by source (stdlib
+  files, whole distributions) when the pool keeps at least half of the domain, else single documents;
+  junk's are newly generated.
+
+python_docs and python_code share their sources (a file's docstrings are also in its code), and so do
+licenses and package_docs: a source held out in one is left out of the other's pool too, and no corpus
+document is an exact copy (whitespace aside) of a held-out one.
+Files written: ``corpus.jsonl`` ({"text", "domain"}), ``reference.jsonl`` and ``eval_lambada.jsonl``
+({"context", "target"}, LAMBADA form), ``heldout.jsonl`` ({"text", "domain"}) and ``embedded_manifest.json``.
+For a given seed and set of installed files the output is byte-identical.
 """
 
 from __future__ import annotations
 
-import ast
 import json
-import platform
 import random
 import re
-import site
-import string
-import sysconfig
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from tqdm import tqdm
+from mates_megatron.data.embedded_sources import (  # noqa: F401  (re-exported: tests, embedded_check)
+    _ROOT_DISTRIBUTION,
+    Doc,
+    EmbeddedCorpusError,
+    _chunks,
+    _dependency_closure,
+    _file_docs_and_code,
+    _junk,
+    _licenses,
+    _machine,
+    _package_docs,
+    _python_sources,
+    _sha256,
+    _stdlib_root,
+    _write_jsonl,
+)
 
 DOMAINS = ("python_docs", "python_code", "licenses", "package_docs", "junk")
 REAL_DOMAINS = DOMAINS[:-1]
-_SKIP_DIRS = {
-    "test",
-    "tests",
-    "idlelib",
-    "lib2to3",
-    "site-packages",
-    "dist-packages",
-    "turtledemo",
-    "__pycache__",
-}
-_LICENSE_PREFIXES = ("LICENSE", "LICENCE", "COPYING")
-
-
-EMBEDDED_FORMAT = 1
+EMBEDDED_FORMAT = 2
 """Bump whenever the builder writes other files for the same config and machine: ``check_embedded_data``
 refuses data of another format instead of training on a corpus this version would not build."""
 
 
-class EmbeddedCorpusError(RuntimeError):
-    """The machine lacks the files a domain of the embedded corpus is gathered from."""
-
-
 @dataclass
 class EmbeddedCorpusConfig:
-    """How much of each domain to gather, and the reference set."""
+    """How much of each domain to gather, the reference (probe) set and the held-out evaluation sets."""
 
     seed: int = 1234
-    """Seed of every random choice (held-out reference docs, per-domain sampling, junk, corpus order)."""
+    """Seed of every random choice (source splits, per-domain sampling, junk, corpus order)."""
     max_docs_per_domain: int = 6000
-    """Cap per domain (a seeded sample when a domain has more)."""
+    """Cap per domain of the corpus (a seeded sample when a domain has more)."""
     reference_size: int = 256
-    """Reference examples (context, target), from documents held out of the corpus."""
+    """Probe reference examples (context, target), from sources held out of the corpus."""
     reference_domain: str = "python_docs"
-    """Domain the reference set is drawn from (any domain but junk)."""
+    """Domain the reference set, the eval set and most held-out documents are drawn from (any but junk)."""
+    eval_size: int = 128
+    """Evaluation examples (eval_lambada.jsonl), from other held-out sources than the reference set's."""
+    heldout_docs_reference_domain: int = 64
+    """Held-out documents of the reference domain (heldout.jsonl), from the evaluation sources."""
+    heldout_docs_per_domain: int = 16
+    """Held-out documents of every other domain, junk included (heldout.jsonl)."""
     min_chars: int = 200
     """Shortest document; shorter consecutive pieces of one source file are merged."""
     max_chars: int = 2000
@@ -84,6 +104,12 @@ class EmbeddedCorpusConfig:
                 f"EmbeddedCorpusConfig.reference_size={self.reference_size}: must be >= 1 "
                 "(the probe needs a reference set)"
             )
+        for name in ("eval_size", "heldout_docs_reference_domain", "heldout_docs_per_domain"):
+            if getattr(self, name) < 1:
+                raise ValueError(
+                    f"EmbeddedCorpusConfig.{name}={getattr(self, name)}: must be >= 1 "
+                    "(the evaluation sets need examples of every domain)"
+                )
         if self.min_chars < 1:
             raise ValueError(f"EmbeddedCorpusConfig.min_chars={self.min_chars}: must be >= 1")
         if self.max_chars <= self.min_chars:
@@ -91,169 +117,6 @@ class EmbeddedCorpusConfig:
                 f"EmbeddedCorpusConfig.max_chars={self.max_chars}: must be greater than "
                 f"min_chars={self.min_chars} (e.g. 10 * min_chars)"
             )
-
-
-# ----------------------------------------------------------------------------------------------- chunking
-
-
-def _chunks(pieces: Iterable[str], lo: int, hi: int) -> Iterator[str]:
-    """Merge consecutive pieces into docs of ``lo..hi`` characters; split overlong pieces at line breaks.
-
-    A trailing remainder shorter than ``lo`` is dropped (it would be a fragment, not a document).
-    """
-    buf = ""
-    for piece in pieces:
-        piece = piece.strip()
-        if not piece:
-            continue
-        while len(piece) > hi:
-            if len(buf) >= lo:
-                yield buf
-            buf = ""
-            cut = piece.rfind("\n", lo, hi)
-            if cut <= 0:
-                cut = piece.rfind(" ", lo, hi)
-            cut = cut if cut > 0 else hi
-            head, piece = piece[:cut].strip(), piece[cut:].strip()
-            if len(head) >= lo:
-                yield head
-        if buf and len(buf) + 2 + len(piece) > hi:
-            if len(buf) >= lo:
-                yield buf
-            buf = ""
-        buf = f"{buf}\n\n{piece}" if buf else piece
-    if len(buf) >= lo:
-        yield buf
-
-
-def _dedup(docs: Iterable[str]) -> list[str]:
-    """Keep the first copy of each text (compared with whitespace collapsed)."""
-    seen: set[str] = set()
-    out = []
-    for doc in docs:
-        key = " ".join(doc.split())
-        if key not in seen:
-            seen.add(key)
-            out.append(doc)
-    return out
-
-
-# ----------------------------------------------------------------------------------------------- sources
-
-
-def _stdlib_root() -> Path:
-    return Path(sysconfig.get_paths()["stdlib"])
-
-
-def _stdlib_files(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*.py") if not _SKIP_DIRS & set(p.relative_to(root).parts[:-1]))
-
-
-def _file_docs_and_code(source: str) -> tuple[list[str], list[str]]:
-    """Docstrings (module, classes, functions) in source order, and top-level def/class sources."""
-    tree = ast.parse(source)
-    docs: list[tuple[int, str]] = []
-    stack: list[ast.AST] = [tree]
-    while stack:
-        node = stack.pop()
-        doc = ast.get_docstring(node, clean=True)
-        if doc and len(doc.split()) >= 5:
-            docs.append((getattr(node, "lineno", 0), doc))
-        stack += [
-            n
-            for n in ast.iter_child_nodes(node)
-            if isinstance(n, ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
-        ]
-    # ast.get_source_segment re-splits the whole file on every call (quadratic over a file's defs, 90% of
-    # the build time): slice whole lines instead. Top-level defs start at column 0, so whole lines are exact.
-    lines = source.splitlines()
-    code = []
-    for node in tree.body:
-        if isinstance(node, ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
-            first = min([node.lineno] + [d.lineno for d in node.decorator_list])
-            code.append("\n".join(lines[first - 1 : node.end_lineno]))
-    return [d for _, d in sorted(docs, key=lambda x: x[0])], code
-
-
-def _python_sources(cfg: EmbeddedCorpusConfig, root: Path) -> tuple[list[str], list[str], int]:
-    docs, code, n_files = [], [], 0
-    for path in tqdm(_stdlib_files(root), desc="embedded: stdlib", unit="file", leave=False):
-        try:
-            file_docs, file_code = _file_docs_and_code(path.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
-            continue  # e.g. files written for another Python version
-        n_files += 1
-        docs += _chunks(file_docs, cfg.min_chars, cfg.max_chars)
-        code += _chunks(file_code, cfg.min_chars, cfg.max_chars)
-    return _dedup(docs), _dedup(code), n_files
-
-
-def _site_dirs() -> list[Path]:
-    dirs = {Path(p) for p in [*site.getsitepackages(), site.getusersitepackages()]}
-    return sorted(d for d in dirs if d.is_dir())
-
-
-def _dist_infos(site_dirs: list[Path]) -> list[Path]:
-    return [info for d in site_dirs for info in sorted(d.glob("*.dist-info")) if info.is_dir()]
-
-
-def _read_text(path: Path) -> str | None:
-    try:
-        return path.read_text(encoding="utf-8")
-    except (UnicodeDecodeError, OSError):
-        return None
-
-
-def _licenses(cfg: EmbeddedCorpusConfig, infos: list[Path]) -> tuple[list[str], int]:
-    files: list[Path] = []
-    for info in tqdm(infos, desc="embedded: licenses", unit="pkg", leave=False):
-        files += sorted(
-            p for p in info.rglob("*") if p.is_file() and p.name.upper().startswith(_LICENSE_PREFIXES)
-        )
-    py_license = _stdlib_root() / "LICENSE.txt"
-    if py_license.is_file():
-        files.append(py_license)
-    docs = []
-    for f in files:
-        text = _read_text(f)
-        if text:
-            docs += _chunks(re.split(r"\n\s*\n", text), cfg.min_chars, cfg.max_chars)
-    # Many packages ship the same MIT/BSD/Apache text: keep one copy of each.
-    return _dedup(docs), len(files)
-
-
-def _package_docs(cfg: EmbeddedCorpusConfig, infos: list[Path]) -> tuple[list[str], int]:
-    docs, n_files = [], 0
-    for info in tqdm(infos, desc="embedded: package docs", unit="pkg", leave=False):
-        text = _read_text(info / "METADATA")
-        if not text:
-            continue
-        n_files += 1
-        _, _, body = text.partition("\n\n")  # the headers end at the first blank line
-        docs += _chunks(re.split(r"\n\s*\n", body), cfg.min_chars, cfg.max_chars)
-    return _dedup(docs), n_files
-
-
-def _junk(sources: list[str], n: int, rng: random.Random, cfg: EmbeddedCorpusConfig) -> list[str]:
-    """Three kinds in turn: real words in random order, one short phrase repeated, character noise."""
-    words = [w for doc in sources for w in doc.split()]
-    alphabet = string.ascii_letters + string.punctuation + "    "
-    out = []
-    for i in range(n):
-        length = rng.randint(cfg.min_chars, cfg.max_chars)
-        kind = i % 3
-        if kind == 0:
-            text = ""
-            while len(text) < length:
-                text += " ".join(rng.choice(words) for _ in range(32)) + " "
-        elif kind == 1:
-            phrase = " ".join(rng.choice(words) for _ in range(rng.randint(2, 5)))
-            text = " ".join([phrase] * (length // (len(phrase) + 1) + 1))
-        else:
-            text = "".join(rng.choice(alphabet) for _ in range(length))
-        text = text[:length].strip()
-        out.append(text if len(text) >= cfg.min_chars else text.ljust(cfg.min_chars, "."))
-    return out
 
 
 # ----------------------------------------------------------------------------------------------- reference
@@ -290,37 +153,156 @@ def lambada_example(doc: str, max_context_chars: int = 1000, look_back: int = 8)
     return None
 
 
+# ----------------------------------------------------------------------------------------------- splits
+
+
+def _by_source(docs: list[Doc]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for source, text in docs:
+        out.setdefault(source, []).append(text)
+    return out
+
+
+def _shuffled(sources: Iterable[str], rng: random.Random) -> list[str]:
+    order = sorted(sources)
+    rng.shuffle(order)
+    return order
+
+
+@dataclass
+class _ReferenceSplit:
+    probe_sources: list[str]
+    eval_sources: list[str]
+    pool_sources: list[str]
+    reference: list[dict[str, str]]
+    eval_examples: list[dict[str, str]]
+    heldout: list[str]
+
+
+def _split_reference(
+    cfg: EmbeddedCorpusConfig, docs: list[Doc], rng: random.Random, where: str
+) -> _ReferenceSplit:
+    """Split the reference domain's sources into probe, evaluation and pool groups (see the module docstring).
+
+    Sources are taken in seeded order, each whole, only as many as the probe and evaluation sets need. In the
+    evaluation group a document with a LAMBADA example goes to the eval set, any other to the held-out
+    documents, whichever of the two is proportionally further behind, so both see the same sources.
+    """
+    groups = _by_source(docs)
+    order = _shuffled(groups, rng)
+    pos = 0
+    probe: list[str] = []
+    reference: list[dict[str, str]] = []
+    while len(reference) < cfg.reference_size and pos < len(order):
+        probe.append(order[pos])
+        reference += filter(None, map(lambada_example, groups[order[pos]]))
+        pos += 1
+    if len(reference) < cfg.reference_size:
+        raise EmbeddedCorpusError(
+            f"only {len(reference)} reference examples could be drawn from {cfg.reference_domain!r} "
+            f"({where}); lower EmbeddedCorpusConfig.reference_size"
+        )
+    evals: list[str] = []
+    examples: list[dict[str, str]] = []
+    heldout: list[str] = []
+    n_eval, n_held = cfg.eval_size, cfg.heldout_docs_reference_domain
+    while (len(examples) < n_eval or len(heldout) < n_held) and pos < len(order):
+        evals.append(order[pos])
+        for doc in groups[order[pos]]:
+            ex = lambada_example(doc) if len(examples) < n_eval else None
+            if ex and (len(heldout) >= n_held or len(examples) * n_held <= len(heldout) * n_eval):
+                examples.append(ex)
+            elif len(heldout) < n_held:
+                heldout.append(doc)
+        pos += 1
+    if len(examples) < n_eval or len(heldout) < n_held:
+        raise EmbeddedCorpusError(
+            f"after the reference set, only {len(examples)} evaluation examples and {len(heldout)} held-out "
+            f"documents could be drawn from {cfg.reference_domain!r} ({where}); lower "
+            "EmbeddedCorpusConfig.eval_size or heldout_docs_reference_domain"
+        )
+    if pos == len(order):
+        raise EmbeddedCorpusError(
+            f"the reference and evaluation sets used every source of {cfg.reference_domain!r}, none is left "
+            "for the corpus; lower EmbeddedCorpusConfig.reference_size, eval_size or heldout_docs_reference_domain"
+        )
+    return _ReferenceSplit(
+        probe_sources=sorted(probe),
+        eval_sources=sorted(evals),
+        pool_sources=sorted(order[pos:]),
+        reference=reference[: cfg.reference_size],
+        eval_examples=examples,
+        heldout=heldout,
+    )
+
+
+def _hold_out(
+    name: str, docs: list[Doc], n: int, withheld: set[str], rng: random.Random
+) -> tuple[list[str], str, list[str]]:
+    """``n`` held-out documents of a domain other than the reference domain: (texts, "source" or "document",
+    the sources held out whole).
+
+    By source when possible: whole sources (stdlib files, distributions), not yet withheld, in seeded order
+    until they hold ``n`` documents, provided the pool keeps at least half of the domain's documents (a few
+    distributions may hold most of the license or README text). Else ``n`` single documents, a seeded sample.
+    """
+    candidates = [(s, t) for s, t in docs if s not in withheld]
+    groups = _by_source(candidates)
+    taken: list[str] = []
+    texts: list[str] = []
+    for source in _shuffled(groups, rng):
+        if len(texts) >= n:
+            break
+        taken.append(source)
+        texts += groups[source]
+    if len(texts) >= n and len(candidates) - len(texts) >= max(len(candidates) / 2, 1):
+        return texts[:n], "source", sorted(taken)
+    if len(candidates) <= n:
+        raise EmbeddedCorpusError(
+            f"embedded domain {name!r} has {len(candidates)} documents: too few to hold out "
+            f"{n} and keep some for the corpus; lower EmbeddedCorpusConfig.heldout_docs_per_domain"
+        )
+    return rng.sample([t for _, t in candidates], n), "document", []
+
+
+def _key(text: str) -> str:
+    return " ".join(text.split())
+
+
 # ----------------------------------------------------------------------------------------------- build
 
 
 def build_embedded_corpus(cfg: EmbeddedCorpusConfig, out_dir: str | Path) -> dict:
-    """Gather the embedded corpus and its reference set into ``out_dir``.
+    """Gather the embedded corpus, its reference set and its held-out evaluation sets into ``out_dir``.
 
     Writes ``corpus.jsonl`` ({"text", "domain"} per line, domains interleaved in seeded order),
-    ``reference.jsonl`` ({"context", "target"} per line) and ``embedded_manifest.json`` (config, counts,
-    sources). Returns {"corpus": Path, "reference": Path, "manifest": Path, "docs_per_domain": {domain: n},
-    "reference_examples": n}. Raises EmbeddedCorpusError if a domain finds no text on this machine.
+    ``reference.jsonl`` (probe set) and ``eval_lambada.jsonl`` ({"context", "target"} per line),
+    ``heldout.jsonl`` ({"text", "domain"}, domains in ``DOMAINS`` order) and ``embedded_manifest.json``
+    (config, counts, source splits, distributions, sha256 of each written file). Returns {"corpus",
+    "reference", "eval_lambada", "heldout", "manifest": Path, "docs_per_domain": {domain: n},
+    "heldout_docs_per_domain": {domain: n}, "reference_examples": n, "eval_examples": n}. Raises
+    EmbeddedCorpusError if a domain finds no text on this machine or is too small for the held-out sets.
     """
     out = Path(out_dir)
     rng = random.Random(cfg.seed)
     stdlib = _stdlib_root()
-    site_dirs = _site_dirs()
-    infos = _dist_infos(site_dirs)
+    dists = _dependency_closure()
 
     python_docs, python_code, n_py = _python_sources(cfg, stdlib)
-    licenses, n_lic = _licenses(cfg, infos)
-    package_docs, n_meta = _package_docs(cfg, infos)
+    licenses, n_lic = _licenses(cfg, dists)
+    package_docs, n_meta = _package_docs(cfg, dists)
     by_domain = {
         "python_docs": python_docs,
         "python_code": python_code,
         "licenses": licenses,
         "package_docs": package_docs,
     }
+    gathered = f"the dependency closure of {_ROOT_DISTRIBUTION}'s core requirements"
     where = {
         "python_docs": f"docstrings of the .py files under {stdlib}",
         "python_code": f"function/class definitions of the .py files under {stdlib}",
-        "licenses": f"LICENSE*/LICENCE*/COPYING* files of *.dist-info in {[str(d) for d in site_dirs]}",
-        "package_docs": f"*.dist-info/METADATA descriptions in {[str(d) for d in site_dirs]}",
+        "licenses": f"LICENSE*/LICENCE*/COPYING* files of the *.dist-info of {gathered}, and Python's LICENSE.txt",
+        "package_docs": f"METADATA descriptions of {gathered}",
     }
     for name, docs in by_domain.items():
         if not docs:
@@ -329,73 +311,104 @@ def build_embedded_corpus(cfg: EmbeddedCorpusConfig, out_dir: str | Path) -> dic
                 "files or build your own corpus and run `mates-megatron prepare --input FILE.jsonl`"
             )
 
-    # Hold the reference documents out before capping, so they can never reach the corpus.
-    pool = by_domain[cfg.reference_domain]
-    rng.shuffle(pool)
-    reference = []
-    while pool and len(reference) < cfg.reference_size:
-        ex = lambada_example(pool.pop())
-        if ex:
-            reference.append(ex)
-    if len(reference) < cfg.reference_size:
-        raise EmbeddedCorpusError(
-            f"only {len(reference)} reference examples could be drawn from {cfg.reference_domain!r} "
-            f"({where[cfg.reference_domain]}); lower EmbeddedCorpusConfig.reference_size"
-        )
-    if not pool:
-        raise EmbeddedCorpusError(
-            f"the reference set used every document of {cfg.reference_domain!r}, none is left for the "
-            "corpus; lower EmbeddedCorpusConfig.reference_size"
-        )
+    # Split held-out text off by source before capping, so it can never reach the corpus. Sources are shared
+    # by python_docs/python_code (stdlib files) and by licenses/package_docs (distributions): one ``withheld``.
+    split = _split_reference(cfg, by_domain[cfg.reference_domain], rng, where[cfg.reference_domain])
+    withheld = {*split.probe_sources, *split.eval_sources}
+    heldout: dict[str, list[str]] = {cfg.reference_domain: split.heldout}
+    heldout_how: dict[str, dict] = {}
     for name, docs in by_domain.items():
-        if len(docs) > cfg.max_docs_per_domain:
-            by_domain[name] = rng.sample(docs, cfg.max_docs_per_domain)
-    real = [d for docs in by_domain.values() for d in docs]
-    # About one document in nine is junk: enough for selection to find, not enough to dominate.
-    by_domain["junk"] = _junk(real, min(cfg.max_docs_per_domain, max(len(real) // 8, 1)), rng, cfg)
+        if name == cfg.reference_domain:
+            continue
+        texts, how, sources = _hold_out(name, docs, cfg.heldout_docs_per_domain, withheld, rng)
+        heldout[name] = texts
+        heldout_how[name] = {"by": how, "sources": sources}
+        withheld.update(sources)
+    # Exact copies across domains (a docstring alone in a function's code, a README quoting a license) too.
+    held_text = {_key(t) for texts in heldout.values() for t in texts}
+    held_text |= {_key(t) for s, t in by_domain[cfg.reference_domain] if s in withheld}
+    for name, docs in by_domain.items():
+        pool = [(s, t) for s, t in docs if s not in withheld and _key(t) not in held_text]
+        if not pool:
+            raise EmbeddedCorpusError(
+                f"the held-out sets used every document of {name!r}, none is left for the corpus; lower "
+                "EmbeddedCorpusConfig.heldout_docs_per_domain (or reference_size, eval_size)"
+            )
+        by_domain[name] = pool
+    pool_sources = {name: len({s for s, _ in docs}) for name, docs in by_domain.items()}
+    # The reference domain's pool group, less the sources another domain held out (python_code's files).
+    ref_pool = [s for s in split.pool_sources if s not in withheld]
 
-    rows = [{"text": t, "domain": name} for name, docs in by_domain.items() for t in docs]
+    texts_by_domain: dict[str, list[str]] = {}
+    for name, docs in by_domain.items():
+        texts = [t for _, t in docs]
+        texts_by_domain[name] = (
+            rng.sample(texts, cfg.max_docs_per_domain) if len(texts) > cfg.max_docs_per_domain else texts
+        )
+    real = [d for docs in texts_by_domain.values() for d in docs]
+    # About one document in nine is junk: enough for selection to find, not enough to dominate.
+    texts_by_domain["junk"] = _junk(real, min(cfg.max_docs_per_domain, max(len(real) // 8, 1)), rng, cfg)
+    heldout["junk"] = _junk(real, cfg.heldout_docs_per_domain, rng, cfg)  # new random docs
+    heldout_how["junk"] = {"by": "generated", "sources": []}
+
+    rows = [{"text": t, "domain": name} for name, docs in texts_by_domain.items() for t in docs]
     rng.shuffle(rows)
+    heldout_rows = [{"text": t, "domain": name} for name in DOMAINS for t in heldout[name]]
     out.mkdir(parents=True, exist_ok=True)
-    corpus, ref_path, manifest_path = (
-        out / "corpus.jsonl",
-        out / "reference.jsonl",
-        out / "embedded_manifest.json",
-    )
-    _write_jsonl(corpus, rows)
-    _write_jsonl(ref_path, reference)
-    counts = {name: len(docs) for name, docs in by_domain.items()}
+    paths = {
+        "corpus": out / "corpus.jsonl",
+        "reference": out / "reference.jsonl",
+        "eval_lambada": out / "eval_lambada.jsonl",
+        "heldout": out / "heldout.jsonl",
+    }
+    _write_jsonl(paths["corpus"], rows)
+    _write_jsonl(paths["reference"], split.reference)
+    _write_jsonl(paths["eval_lambada"], split.eval_examples)
+    _write_jsonl(paths["heldout"], heldout_rows)
+    counts = {name: len(docs) for name, docs in texts_by_domain.items()}
+    heldout_counts = {name: len(heldout[name]) for name in DOMAINS}
     manifest = {
         "format": EMBEDDED_FORMAT,
         "config": asdict(cfg),
         "docs_per_domain": counts,
-        "chars_per_domain": {name: sum(map(len, docs)) for name, docs in by_domain.items()},
-        "reference_examples": len(reference),
+        "chars_per_domain": {name: sum(map(len, docs)) for name, docs in texts_by_domain.items()},
+        "reference_examples": len(split.reference),
+        "eval_examples": len(split.eval_examples),
+        "heldout_docs_per_domain": heldout_counts,
+        "splits": {
+            "reference_domain": cfg.reference_domain,
+            "files": {
+                "probe": len(split.probe_sources),
+                "eval": len(split.eval_sources),
+                "pool": len(ref_pool),
+                "held_out_for_other_domains": len(split.pool_sources) - len(ref_pool),
+            },
+            "probe_sources": split.probe_sources,
+            "eval_sources": split.eval_sources,
+            "pool_sources": ref_pool,
+            "heldout": {name: heldout_how[name] for name in DOMAINS if name in heldout_how},
+            "pool_sources_per_domain": pool_sources,
+        },
         "sources": {
             **where,
             "junk": "generated from the words of the other domains (seeded)",
-            "files": {"stdlib_py": n_py, "license_files": n_lic, "metadata_files": n_meta},
-            **_machine(infos),
+            "files": {
+                "stdlib_py": n_py,
+                "license_files": n_lic,
+                "metadata_files": n_meta,
+                "distributions": len(dists),
+            },
+            **_machine(dists),
         },
+        "sha256": {path.name: _sha256(path) for path in paths.values()},
     }
+    manifest_path = out / "embedded_manifest.json"
     manifest_path.write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
     return {
-        "corpus": corpus,
-        "reference": ref_path,
+        **paths,
         "manifest": manifest_path,
         "docs_per_domain": counts,
-        "reference_examples": len(reference),
+        "heldout_docs_per_domain": heldout_counts,
+        "reference_examples": len(split.reference),
+        "eval_examples": len(split.eval_examples),
     }
-
-
-def _machine(infos: list[Path]) -> dict:
-    """What the gathered text depends on besides the config: the Python (stdlib) and the installed packages."""
-    return {"python": platform.python_version(), "distributions": [info.name for info in infos]}
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    tmp.replace(path)

@@ -8,9 +8,8 @@ from pathlib import Path
 from mates_megatron.data.embedded import (
     EMBEDDED_FORMAT,
     EmbeddedCorpusError,
-    _dist_infos,
+    _dependency_closure,
     _machine,
-    _site_dirs,
 )
 
 
@@ -18,8 +17,10 @@ def check_embedded_data(out_dir: str | Path) -> str | None:
     """Check embedded data already in ``out_dir`` before a run trains on it.
 
     Raises EmbeddedCorpusError, naming the rebuild command, when the manifest is missing or another
-    builder format wrote it. Returns a warning when it was gathered from another Python or other installed
-    packages (the data is consistent, but figures differ from a fresh build on this machine), else None.
+    builder format wrote it. Returns a warning when it was gathered from another Python or from other
+    distributions or versions than the dependency closure of mates-megatron's core requirements has on this
+    machine now (the data is consistent, but figures differ from a fresh build here), else None. Packages
+    outside that closure (extras, anything else installed) do not matter: the builder does not read them.
     """
     out = Path(out_dir)
     rebuild = f"rebuild it with `mates-megatron prepare --embedded --out {out}`"
@@ -34,7 +35,10 @@ def check_embedded_data(out_dir: str | Path) -> str | None:
             f"version builds format {EMBEDDED_FORMAT}, a different corpus): {rebuild}. Runs checkpointed "
             "on the old data cannot resume on the new (their pool fingerprint differs)"
         )
-    now = _machine(_dist_infos(_site_dirs()))
+    try:
+        now = _machine(_dependency_closure())
+    except EmbeddedCorpusError as e:
+        return f"cannot compare {out} with this machine ({e}); to be sure, {rebuild}"
     then = {k: manifest.get("sources", {}).get(k) for k in now}
     if then["distributions"] is None:
         return f"{path} does not record the Python and packages it was gathered from; to be sure, {rebuild}"
@@ -43,7 +47,7 @@ def check_embedded_data(out_dir: str | Path) -> str | None:
         removed = sorted(set(then["distributions"]) - set(now["distributions"]))
         return (
             f"{out} was gathered from other files than this machine has (Python {then['python']}, now "
-            f"{now['python']}; packages added {added}, removed {removed}): runs are consistent with it, but "
+            f"{now['python']}; distributions added {added}, removed {removed}): runs are consistent with it, but "
             f"figures differ from a fresh build here; to match one, {rebuild}"
         )
     return None

@@ -108,6 +108,24 @@ class InfluenceRunner:
                 time.perf_counter() - t,
             )
 
+    def predict_only(self, ids: np.ndarray, texts: Sequence[str]) -> tuple[np.ndarray, float, float, float]:
+        """Score every candidate with the model as last fitted, without fitting (synchronous runners only);
+        returns what ``collect`` returns, with NaN for the fit statistics."""
+        if self.worker is not None:
+            raise RuntimeError("InfluenceRunner.predict_only runs synchronously: build it without a pool")
+        if self.rounds_fitted == 0:
+            raise RuntimeError(
+                "InfluenceRunner.predict_only before any fit: there is no model to predict with"
+            )
+        self._submitted = True
+        if self.model is not None:
+            t = time.perf_counter()
+            scores = self.model.predict(texts, group=self.group)
+            self._pending = (scores.astype(np.float32), float("nan"), float("nan"), time.perf_counter() - t)
+        pred, _, _, seconds = self.collect()
+        self.rounds_fitted -= 1  # collect counts a fit; this was none
+        return pred, float("nan"), float("nan"), seconds
+
     @property
     def in_flight(self) -> bool:
         return self._submitted

@@ -74,15 +74,15 @@ def make_batch(tokens: np.ndarray, loss_mask: np.ndarray) -> Batch:
     }
 
 
-def load_reference_set(path: str | Path, tokenizer, seq_length: int, *, pad_id: int = 0) -> ReferenceSet:
-    """Read and tokenise a reference JSONL. Contexts longer than the window are cut from the left."""
+def read_jsonl(path: str | Path, what: str = "reference set") -> list[tuple[int, dict]]:
+    """(line number, object) of every non-blank line; a line that is not a UTF-8 JSON object names itself."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
-            f'reference set {path} not found: pass a JSONL of {{"context", "target"}} lines '
+            f'{what} {path} not found: pass a JSONL of {{"context", "target"}} or {{"text"}} lines '
             "(`mates-megatron prepare --embedded --out DIR` writes DIR/reference.jsonl)"
         )
-    rows, masks = [], []
+    out = []
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, 1):
             if not raw.strip():
@@ -91,26 +91,43 @@ def load_reference_set(path: str | Path, tokenizer, seq_length: int, *, pad_id: 
                 obj = json.loads(raw.decode("utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise ValueError(f"{path} line {lineno}: not a UTF-8 JSON object ({e})") from e
-            if isinstance(obj, dict) and "target" in obj and "context" in obj:
-                ctx = tokenizer(obj["context"], add_special_tokens=False)["input_ids"]
-                tgt = tokenizer(obj["target"], add_special_tokens=False)["input_ids"]
-            elif isinstance(obj, dict) and "text" in obj:
-                ctx, tgt = [], tokenizer(obj["text"], add_special_tokens=False)["input_ids"]
-            else:
-                raise ValueError(
-                    f'{path} line {lineno}: expected {{"context": ..., "target": ...}} or {{"text": ...}}'
-                )
-            if not tgt:
-                raise ValueError(f"{path} line {lineno}: the target tokenises to nothing")
-            seq = (ctx + tgt)[-(seq_length + 1) :]
-            n_tgt = min(len(tgt), len(seq) - 1)
-            row = np.full(seq_length + 1, pad_id, dtype=np.int64)
-            row[: len(seq)] = seq
-            mask = np.zeros(seq_length, dtype=np.float32)
-            # Label i is token i+1: the last n_tgt labels of the sequence are the target tokens.
-            mask[len(seq) - 1 - n_tgt : len(seq) - 1] = 1.0
-            rows.append(row)
-            masks.append(mask)
-    if not rows:
-        raise ValueError(f"reference set {path} is empty: it needs at least one example")
-    return ReferenceSet(tokens=np.stack(rows), loss_mask=np.stack(masks), path=str(path))
+            if not isinstance(obj, dict):
+                raise ValueError(f'{path} line {lineno}: expected {{"context", "target"}} or {{"text"}}')
+            out.append((lineno, obj))
+    return out
+
+
+def encode_examples(
+    rows: list[tuple[int, dict]], path: str | Path, tokenizer, seq_length: int, *, pad_id: int = 0
+) -> ReferenceSet:
+    """Tokenise (line number, example) rows; contexts longer than the window are cut from the left."""
+    tokens, masks = [], []
+    for lineno, obj in rows:
+        if "target" in obj and "context" in obj:
+            ctx = tokenizer(obj["context"], add_special_tokens=False)["input_ids"]
+            tgt = tokenizer(obj["target"], add_special_tokens=False)["input_ids"]
+        elif "text" in obj:
+            ctx, tgt = [], tokenizer(obj["text"], add_special_tokens=False)["input_ids"]
+        else:
+            raise ValueError(
+                f'{path} line {lineno}: expected {{"context": ..., "target": ...}} or {{"text": ...}}'
+            )
+        if not tgt:
+            raise ValueError(f"{path} line {lineno}: the target tokenises to nothing")
+        seq = (ctx + tgt)[-(seq_length + 1) :]
+        n_tgt = min(len(tgt), len(seq) - 1)
+        row = np.full(seq_length + 1, pad_id, dtype=np.int64)
+        row[: len(seq)] = seq
+        mask = np.zeros(seq_length, dtype=np.float32)
+        # Label i is token i+1: the last n_tgt labels of the sequence are the target tokens.
+        mask[len(seq) - 1 - n_tgt : len(seq) - 1] = 1.0
+        tokens.append(row)
+        masks.append(mask)
+    if not tokens:
+        raise ValueError(f"{path} is empty: it needs at least one example")
+    return ReferenceSet(tokens=np.stack(tokens), loss_mask=np.stack(masks), path=str(path))
+
+
+def load_reference_set(path: str | Path, tokenizer, seq_length: int, *, pad_id: int = 0) -> ReferenceSet:
+    """Read and tokenise a reference JSONL. Contexts longer than the window are cut from the left."""
+    return encode_examples(read_jsonl(path), path, tokenizer, seq_length, pad_id=pad_id)

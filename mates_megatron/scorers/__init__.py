@@ -1,5 +1,7 @@
 """Scorers registered by name (``selection.scorer``); see ``base.Scorer`` for the contract."""
 
+from mates_megatron.scorers import classifier as _classifier  # noqa: F401  (registers 'classifier')
+from mates_megatron.scorers import dsir as _dsir  # noqa: F401  (registers 'dsir' and selector 'importance')
 from mates_megatron.scorers import mates as _mates  # noqa: F401  (registers 'mates')
 from mates_megatron.scorers.base import SCORERS, NoScorer, RoundInput, Scorer, Scores
 

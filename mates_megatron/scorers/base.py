@@ -59,6 +59,9 @@ class Scores:
     """float64 per candidate, lower = more useful."""
     record: dict[str, Any] = field(default_factory=dict)
     """JSON-ready numbers for the round's record (logged as ``mates/<key>`` when scalar)."""
+    fallback: str | None = None
+    """Why these scores must not be used (e.g. a poor influence fit): the round then takes a uniform random
+    draw instead, seeded by (seed, round), and records the reason; None: select by the scores."""
 
 
 class PendingScores:

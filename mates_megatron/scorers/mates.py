@@ -20,6 +20,32 @@ from mates_megatron.scorers.base import SCORERS, PendingScores, RoundInput, Scor
 MIN_PROBES = 10
 
 
+def oracle_by_domain(pool, ids: np.ndarray, scores: np.ndarray) -> dict[str, dict[str, float]]:
+    """Per domain of the probed candidates: how many, their mean oracle score and its standard error (what
+    the live model prefers this round, before the influence model generalises it)."""
+    dom = pool.domain_ids(ids)
+    names = list(pool.domains)
+    out = {}
+    for d in np.unique(dom):
+        s = scores[dom == d]
+        name = names[int(d)] if 0 <= d < len(names) else "unknown"
+        se = float(s.std(ddof=1) / np.sqrt(len(s))) if len(s) > 1 else float("nan")
+        out[name] = {"n": int(len(s)), "mean": float(s.mean()), "se": se}
+    return out
+
+
+def poor_fit(spearman: float, threshold: float) -> str | None:
+    """The guard's reason when the influence fit is too poor to select by (None: select by the scores)."""
+    if threshold <= -1:
+        return None
+    if not np.isfinite(spearman) or spearman < threshold:
+        return (
+            f"the influence model's cross-validated Spearman {spearman:.3f} is below "
+            f"selection.min_influence_spearman={threshold}"
+        )
+    return None
+
+
 @SCORERS.register("mates")
 class MatesScorer(Scorer):
     needs: ClassVar[frozenset[str]] = frozenset({"live_model", "reference", "text"})
@@ -88,6 +114,7 @@ class MatesScorer(Scorer):
         inputs = candidate_inputs(pool, cands, token_ids=sel.influence.pass_token_ids)
         self.influence.submit(cands, inputs, positions, probes.scores)
         self.oracle[r.round] = {"ids": cands[positions].copy(), "scores": probes.scores.copy()}
+        by_domain = oracle_by_domain(pool, cands[positions], probes.scores)
 
         def finish() -> Scores:
             scores, sp, pe, fit_seconds = self.influence.collect()
@@ -100,9 +127,10 @@ class MatesScorer(Scorer):
                 "oracle_std": float(probes.scores.std()),
                 "influence_spearman": sp,
                 "influence_pearson": pe,
+                "oracle_by_domain": by_domain,
                 "seconds": seconds,
             }
-            return Scores(scores, record)
+            return Scores(scores, record, fallback=poor_fit(sp, sel.min_influence_spearman))
 
         return PendingScores(finish=finish)
 
@@ -116,3 +144,57 @@ class MatesScorer(Scorer):
         self.oracle = state["oracle"]
         if state.get("influence") is not None:
             self.influence.load_state_dict(state["influence"])
+
+
+@SCORERS.register("static")
+class StaticScorer(MatesScorer):
+    """The paper's static comparison (its Figure 5): the MATES influence model fitted once, on the probes of
+    the first scored round, then reused to score every later round without new probes, so the selection
+    follows the model as it was at that round rather than the model being trained.
+
+    Its fit is MATES's (same probes, estimator and influence model), so only the updating differs. The
+    first round's poor-fit guard applies to every round (they all use that fit). Synchronous only: with no
+    probes after the first round there is nothing to overlap with training.
+    """
+
+    @classmethod
+    def check_config(cls, selection) -> None:
+        super().check_config(selection)
+        if selection.asynchronous:
+            raise ValueError(
+                "scorer 'static' fits once and then only predicts: set asynchronous: false (nothing to overlap)"
+            )
+
+    def __init__(self, config=None, *, selection, device=None, pool=None, **kw: Any) -> None:
+        super().__init__(config, selection=selection, device=device, pool=pool, **kw)
+        self.fit_round: int | None = None
+        self.fit_spearman = float("nan")
+
+    def begin(self, r: RoundInput) -> PendingScores:
+        if self.fit_round is None:
+            pending = super().begin(r)
+
+            def first() -> Scores:
+                out = pending.result()
+                self.fit_round, self.fit_spearman = r.round, out.record["influence_spearman"]
+                out.record["fit_round"] = r.round
+                return out
+
+            return PendingScores(finish=first)
+        t = time.perf_counter()
+        inputs = candidate_inputs(r.pool, r.candidates, token_ids=self.selection.influence.pass_token_ids)
+        scores, _, _, _ = self.influence.predict_only(r.candidates, inputs)
+        record = {
+            "fit_round": self.fit_round,
+            "influence_spearman": self.fit_spearman,
+            "seconds": {"fit_and_score": time.perf_counter() - t},
+        }
+        fallback = poor_fit(self.fit_spearman, self.selection.min_influence_spearman)
+        return PendingScores(Scores(scores, record, fallback=fallback))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "fit_round": self.fit_round, "fit_spearman": self.fit_spearman}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.fit_round, self.fit_spearman = state["fit_round"], float(state["fit_spearman"])

@@ -18,6 +18,12 @@ class TrainConfig:
     """Indexed dataset prefix (PREFIX.bin / PREFIX.idx / PREFIX.meta.json from `mates-megatron prepare`)."""
     reference: str | None = None
     """Reference-set JSONL ({"context", "target"} lines); its loss is evaluated every eval_interval steps."""
+    eval_sets: dict[str, str] = field(default_factory=dict)
+    """Named evaluation sets apart from the probe reference: name -> JSONL of {"context", "target"} or
+    {"text"} lines, optionally with "domain"; each is evaluated every eval_interval and logged as
+    eval/<name> and eval/<name>/<domain> (``training/evalsets.py``)."""
+    eval_micro_batch_size: int = 0
+    """Rows per evaluation forward pass per data-parallel rank (0: micro_batch_size); larger is faster."""
     tokenizer: str | None = None
     """Local tokenizer directory for the reference set (default: the one recorded in PREFIX.meta.json)."""
     model: GPTConfig = field(default_factory=GPTConfig)
@@ -76,7 +82,7 @@ class TrainConfig:
         for name in ("train_iters", "global_batch_size", "eval_interval", "log_interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("save_interval", "exit_interval", "lr_warmup_iters"):
+        for name in ("save_interval", "exit_interval", "lr_warmup_iters", "eval_micro_batch_size"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.min_lr <= self.lr:
@@ -97,6 +103,9 @@ class TrainConfig:
                 f"selection.scorer={self.selection.scorer!r} scores candidates by their influence on the "
                 "reference set: set reference (--reference PATH, e.g. LAMBADA as JSONL)"
             )
+        from mates_megatron.training.evalsets import check_names
+
+        check_names(self.eval_sets)
         if self.lr_decay_style not in ("constant", "linear", "cosine"):
             raise ValueError(
                 f"TrainConfig.lr_decay_style={self.lr_decay_style!r}: use constant, linear or cosine"

@@ -34,6 +34,7 @@ from mates_megatron.runtime.schedule import collate, evaluate, train_step
 from mates_megatron.training import checkpoint as ckpt
 from mates_megatron.training.config import TrainConfig
 from mates_megatron.training.data import TokenizerInfo, build_gpt_dataset, sequential_indices
+from mates_megatron.training.evalsets import EvalSets
 from mates_megatron.training.metrics import MetricsWriter
 from mates_megatron.training.model import build_gpt_model
 from mates_megatron.training.parallel import initialize_parallel
@@ -129,21 +130,22 @@ class Trainer:
             )
             self.hooks = []
         self.hooks += list(hooks or [])
+        eval_mbs = cfg.eval_micro_batch_size or cfg.micro_batch_size
         self.reference_batches = (
             None
             if self.reference is None
-            else self.reference.micro_batches(
-                cfg.micro_batch_size, dp_rank=self.dp_rank, dp_size=self.dp_size
-            )
+            else self.reference.micro_batches(eval_mbs, dp_rank=self.dp_rank, dp_size=self.dp_size)
         )
+        self.eval_sets = EvalSets.load(cfg, self.tokenizer_info.path, eval_mbs, self.dp_rank, self.dp_size)
         self.iteration = 0
         self.consumed_samples = 0
-        self.history: dict[str, list] = {
+        self.history: dict[str, Any] = {
             "step": [],
             "loss": [],
             "seconds": [],  # wall-clock seconds of the step, selection work at its end included
             "eval_step": [],
             "reference_loss": [],
+            "eval": {},  # "<set>" and "<set>/<domain>" -> loss at each eval_step
         }
         self.metrics_writer = MetricsWriter(cfg.metrics, enabled=dist.get_rank() == dist.get_world_size() - 1)
         if cfg.load:
@@ -228,6 +230,18 @@ class Trainer:
         return load_reference_set(self.cfg.reference, load_tokenizer(tok_path), self.cfg.model.seq_length)
 
     # -- the loop -----------------------------------------------------------------------------------------
+    def eval_set_losses(self) -> dict[str, float]:
+        """Every evaluation set's loss, whole and per domain (fp32, no dropout), identical on every rank."""
+        return self.eval_sets.losses(
+            lambda batches: evaluate(
+                self.model_chunks,
+                batches,
+                seq_length=self.cfg.model.seq_length,
+                device=self.device,
+                forward_backward_func=self.forward_backward_func,
+            )
+        )
+
     def reference_loss(self) -> float:
         """Mean target-token loss on the reference set (fp32, no dropout), identical on every rank."""
         if self.reference_batches is None:
@@ -265,7 +279,8 @@ class Trainer:
         cfg = self.cfg
         is_logger = dist.get_rank() == dist.get_world_size() - 1
         tokens_per_step = cfg.global_batch_size * cfg.model.seq_length
-        if self.reference_batches is not None and self.iteration == 0:
+        evaluates = self.reference_batches is not None or bool(self.eval_sets)
+        if evaluates and self.iteration == 0:
             self._record_eval()
         t_last, it_last = time.perf_counter(), self.iteration
         while self.iteration < cfg.train_iters:
@@ -298,7 +313,7 @@ class Trainer:
             if self.iteration % cfg.log_interval == 0:
                 t_last, it_last = time.perf_counter(), self.iteration
             last = self.iteration == cfg.train_iters
-            if self.reference_batches is not None and (self.iteration % cfg.eval_interval == 0 or last):
+            if evaluates and (self.iteration % cfg.eval_interval == 0 or last):
                 self._record_eval()
             stop = cfg.exit_interval and self.iteration % cfg.exit_interval == 0
             if cfg.save and ((cfg.save_interval and self.iteration % cfg.save_interval == 0) or last or stop):
@@ -308,12 +323,21 @@ class Trainer:
         return self.history
 
     def _record_eval(self) -> None:
-        loss = self.reference_loss()
         self.history["eval_step"].append(self.iteration)
-        self.history["reference_loss"].append(loss)
-        self.metrics_writer.log(self.iteration, {"eval/reference_loss": loss})
+        scalars, shown = {}, []
+        if self.reference_batches is not None:
+            loss = self.reference_loss()
+            self.history["reference_loss"].append(loss)
+            scalars["eval/reference_loss"] = loss
+            shown.append(f"reference loss {loss:.4f}")
+        for key, loss in self.eval_set_losses().items():
+            self.history["eval"].setdefault(key, []).append(loss)
+            scalars[f"eval/{key}"] = loss
+            if "/" not in key:
+                shown.append(f"{key} {loss:.4f}")
+        self.metrics_writer.log(self.iteration, scalars)
         if dist.get_rank() == dist.get_world_size() - 1:
-            log.info("iteration %6d | reference loss %.4f", self.iteration, loss)
+            log.info("iteration %6d | %s", self.iteration, " | ".join(shown))
 
     # -- checkpoints --------------------------------------------------------------------------------------
     @staticmethod
@@ -371,5 +395,6 @@ class Trainer:
         for hook, state in zip(self.hooks, extra["hooks"], strict=True):
             hook.load_state_dict(state)
         self.history = extra["history"]
+        self.history.setdefault("eval", {})  # a checkpoint of a run without evaluation sets
         if dist.get_rank() == 0:
             log.info("resumed from %s at iteration %d", load_dir, self.iteration)

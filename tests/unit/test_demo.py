@@ -6,13 +6,27 @@ import json
 
 import pytest
 
-from mates_megatron.demo import _run_configs, build_report, crossing_step, plot_report
+from mates_megatron.demo import (
+    ARMS,
+    _run_configs,
+    build_report,
+    crossing_step,
+    format_table,
+    parse_arms,
+    plot_report,
+)
 
 SHARES = [{"code": 0.7, "docs": 0.3}, {"code": 0.4, "docs": 0.6}]
 
 
-def _run(losses, seconds, selection=None):
-    run = {"eval_step": [0, 10, 20, 30, 40], "reference_loss": losses, "seconds": seconds}
+def _run(losses, seconds, selection=None, held=None):
+    held = losses if held is None else held
+    run = {
+        "eval_step": [0, 10, 20, 30, 40],
+        "reference_loss": losses,
+        "eval": {"held": held, "held/docs": [1.0] * 5},
+        "seconds": seconds,
+    }
     if selection is not None:
         run["selection"] = selection
     return run
@@ -44,33 +58,88 @@ def test_report_ratios(tmp_path):
     seconds = [1.0] * 40
     seconds[19] += 10.0
     mates_run = _run([6.0, 4.8, 4.2, 3.8, 3.6], seconds, _selection(10.0))
-    report = build_report(random_run, mates_run)
+    report = build_report({"random": random_run, "mates": mates_run}, "held")
     assert report["mates_steps_to_random_final"] == pytest.approx(25.0)
     assert report["steps_to_random_final_ratio"] == pytest.approx(25 / 40)
     assert report["wall_clock_ratio"] == pytest.approx((25 + 10) / 40)
     assert report["selection_overhead_fraction"] == pytest.approx(10 / 40)
-    assert report["mates"]["selected_share_by_domain"] == SHARES
-    assert report["mates"]["influence_spearman"] == [0.5]
+    mates = report["arms"]["mates"]
+    assert mates["selected_share_by_domain"] == SHARES
+    assert mates["influence_spearman"] == [0.5] and mates["fallback_rounds"] == []
     json.dumps(report)  # JSON-ready
     plot_report(report, tmp_path / "report.png")
     assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "mates" in format_table(report)
+
+
+def test_heldout_figures_are_read_from_smoothed_curves():
+    # Held-out curves, smoothed over 3 evaluations: random [6, 5.5, 5.1667, 4.6667, 4.3333] ends at 13/3;
+    # the arm's smoothed curve [6, 5, 4.5, 4.1333, 3.9] crosses 13/3 between steps 20 (4.5) and 30 (4.1333).
+    random_run = _run([9.0] * 5, [1.0] * 40, held=[6.0, 5.0, 4.5, 4.5, 4.0])
+    arm_run = _run([9.0] * 5, [2.0] * 40, _selection(0.0), held=[6.0, 4.0, 3.5, 4.9, 3.3])
+    report = build_report({"random": random_run, "dsir": arm_run}, "held")
+    arm = report["arms"]["dsir"]
+    assert report["random_final_heldout_loss"] == pytest.approx(13 / 3)
+    assert arm["final_heldout_loss"] == pytest.approx((3.5 + 4.9 + 3.3) / 3)
+    cross = 20 + 10 * (4.5 - 13 / 3) / (4.5 - (4.0 + 3.5 + 4.9) / 3)
+    assert arm["steps_to_random_final_heldout"] == pytest.approx(cross)
+    assert arm["steps_to_random_final_heldout_ratio"] == pytest.approx(cross / 40)
+    assert arm["wall_clock_ratio"] == pytest.approx(2 * cross / 40)
+    assert arm["final_eval"]["held/docs"] == pytest.approx(1.0)
+    # Random's own smoothed curve reaches its final at its last step.
+    assert report["arms"]["random"]["steps_to_random_final_heldout_ratio"] == pytest.approx(1.0)
+    assert "steps_to_random_final_ratio" not in report  # the probe-set MATES figures need a mates arm
+
+
+def test_report_names_a_missing_headline_set():
+    runs = {"random": _run([6.0] * 5, [1.0] * 40), "mates": _run([6.0] * 5, [1.0] * 40, _selection(0.0))}
+    with pytest.raises(ValueError, match="evaluation set 'other' was not logged"):
+        build_report(runs, "other")
 
 
 def test_report_when_mates_never_reaches_random():
     report = build_report(
-        _run([6.0, 5.0, 4.5, 4.2, 4.0], [1.0] * 40),
-        _run([6.0, 5.0, 4.6, 4.3, 4.1], [1.0] * 40, _selection(0.0)),
+        {
+            "random": _run([6.0, 5.0, 4.5, 4.2, 4.0], [1.0] * 40),
+            "mates": _run([6.0, 5.0, 4.6, 4.3, 4.1], [1.0] * 40, _selection(0.0), held=[6.0] * 5),
+        },
+        "held",
     )
     assert report["steps_to_random_final_ratio"] is None and report["wall_clock_ratio"] is None
+    assert report["arms"]["mates"]["steps_to_random_final_heldout_ratio"] is None
+    assert "never" in format_table(report)
 
 
-def test_run_configs_differ_only_in_the_selector_and_scorer():
-    sel = {"selector": "gumbel", "scorer": "mates", "seed": 1, "temperature": 0.5}
+def test_run_configs_differ_only_in_the_selection():
+    sel = {"selector": "gumbel", "scorer": "mates", "seed": 1, "temperature": 0.5, "warmup_steps": 20}
     cfg = {"seed": 1, "train_iters": 10, "selection": sel}
-    runs = _run_configs(cfg, seed=7)
-    assert runs["random"]["selection"] == {**sel, "selector": "random", "scorer": "none", "seed": 7}
-    assert runs["mates"]["selection"] == {**sel, "seed": 7}
-    assert runs["random"]["seed"] == runs["mates"]["seed"] == 7
+    runs = _run_configs(cfg, seed=7, arms=ARMS)
+    assert list(runs) == list(ARMS)
+    seeded = {**sel, "seed": 7}
+    assert runs["random"]["selection"] == {
+        **seeded,
+        "selector": "random",
+        "scorer": "none",
+        "scorer_options": {},
+    }
+    assert runs["mates"]["selection"] == seeded
+    assert runs["static"]["selection"] == {**seeded, "scorer": "static"}
+    free = {"scorer_options": {}, "warmup_steps": 0}
+    assert runs["dsir"]["selection"] == {**seeded, **free, "selector": "importance", "scorer": "dsir"}
+    assert runs["classifier"]["selection"] == {**seeded, **free, "selector": "topk", "scorer": "classifier"}
+    assert all(r["seed"] == 7 and r["train_iters"] == 10 for r in runs.values())
+    tokens = _run_configs(cfg, seed=None, arms=["mates_target", "mates_all"])
+    assert tokens["mates_target"]["selection"] == {**sel, "probe_tokens": "target"}
+    assert tokens["mates_all"]["selection"] == {**sel, "probe_tokens": "all"}
     assert cfg["seed"] == 1  # the loaded config is not modified
     with pytest.raises(ValueError, match="has no scorer: set scorer: mates"):
         _run_configs({"selection": {"selector": "random"}}, seed=None)
+
+
+def test_parse_arms():
+    assert parse_arms("mates") == ["random", "mates"]  # random is always run: the ratios read against it
+    assert parse_arms("dsir, random,mates") == ["random", "mates", "dsir"]
+    assert parse_arms("all") == list(ARMS)
+    assert parse_arms("mates_target,mates") == ["random", "mates", "mates_target"]
+    with pytest.raises(ValueError, match=r"unknown arm\(s\) \['best'\]"):
+        parse_arms("mates,best")

@@ -77,7 +77,11 @@ def test_bad_scores_and_sizes():
         RandomSelector().select(CANDIDATES, 31, seed=0, round_=0)
     with pytest.raises(ValueError, match="needs one score per candidate"):
         TopKSelector().select(CANDIDATES, 3, scores=None)
-    with pytest.raises(ValueError, match="unknown selector 'best'; registered: gumbel, random, topk"):
+    import mates_megatron.scorers  # noqa: F401  (registers the 'importance' selector of scorer 'dsir')
+
+    with pytest.raises(
+        ValueError, match="unknown selector 'best'; registered: gumbel, importance, random, topk"
+    ):
         SELECTORS.get("best")
 
 
@@ -138,3 +142,31 @@ def test_selection_config_refuses_leads_and_asynchronous_rounds_it_cannot_run():
     with pytest.raises(ValueError, match="scorer 'stage_free' has none: set asynchronous: false"):
         SelectionConfig(**{**mates, "scorer": "stage_free"}, probe_lead_steps=1, asynchronous=True)
     assert SelectionConfig(**{**mates, "scorer": "stage_free"}, probe_lead_steps=1).probe_lead_steps == 1
+
+
+def test_poor_fit_guard_reason():
+    from mates_megatron.scorers.mates import poor_fit
+
+    assert poor_fit(0.5, 0.1) is None
+    assert "Spearman 0.050 is below selection.min_influence_spearman=0.1" in poor_fit(0.05, 0.1)
+    assert "Spearman nan" in poor_fit(float("nan"), 0.1)  # a constant prediction has no rank correlation
+    assert poor_fit(float("nan"), -1) is None  # -1: the guard is off
+
+
+def test_oracle_by_domain_against_numpy():
+    from mates_megatron.scorers.mates import oracle_by_domain
+
+    class Pool:
+        domains = ["a", "b", "c"]
+
+        def domain_ids(self, ids):
+            return np.asarray(ids) % 3
+
+    ids = np.arange(10)
+    scores = np.linspace(-1.0, 1.0, 10)
+    out = oracle_by_domain(Pool(), ids, scores)
+    assert sorted(out) == ["a", "b", "c"]
+    for d, name in enumerate("abc"):
+        s = scores[ids % 3 == d]
+        assert out[name]["n"] == len(s) and out[name]["mean"] == pytest.approx(s.mean())
+        assert out[name]["se"] == pytest.approx(np.std(s, ddof=1) / np.sqrt(len(s)))
