@@ -135,9 +135,12 @@ def smooth(values: list[float], k: int = SMOOTH) -> list[float]:
     return [float(np.mean(values[max(0, i - k + 1) : i + 1])) for i in range(len(values))]
 
 
-def _curve_figures(run: dict[str, Any], curve: list[float], random_curve: list[float], random_run) -> dict:
-    """Final (smoothed) loss, steps and wall-clock ratio to random's final, for one curve of one arm."""
-    sm, rsm = smooth(curve), smooth(random_curve)
+def _curve_figures(
+    run: dict[str, Any], curve: list[float], random_curve: list[float], random_run, k: int = SMOOTH
+) -> dict:
+    """Final loss, steps and wall-clock ratio to random's final, for one curve of one arm, each curve
+    smoothed over ``k`` evaluations (1: as logged)."""
+    sm, rsm = smooth(curve, k), smooth(random_curve, k)
     random_steps = random_run["eval_step"][-1]
     cross = crossing_step(run["eval_step"], sm, rsm[-1])
     return {
@@ -202,19 +205,16 @@ def build_report(runs: dict[str, dict[str, Any]], headline: str = "heldout/pytho
 
 def _probe_set_figures(random_run: dict[str, Any], mates_run: dict[str, Any]) -> dict[str, Any]:
     """MATES against random on the probe reference, unsmoothed (the figures of earlier reports)."""
-    sel = mates_run["selection"]
-    target = random_run["reference_loss"][-1]
-    cross = crossing_step(mates_run["eval_step"], mates_run["reference_loss"], target)
-    random_seconds = float(sum(random_run["seconds"]))
+    fig = _curve_figures(
+        mates_run, mates_run["reference_loss"], random_run["reference_loss"], random_run, k=1
+    )
     mates_seconds = float(sum(mates_run["seconds"]))
-    selection_seconds = float(sel["selection_seconds"])
+    selection_seconds = float(mates_run["selection"]["selection_seconds"])
     return {
-        "random_final_reference_loss": target,
-        "mates_steps_to_random_final": cross,
-        "steps_to_random_final_ratio": None if cross is None else cross / random_run["eval_step"][-1],
-        "wall_clock_ratio": None
-        if cross is None
-        else _seconds_until(mates_run["seconds"], cross) / random_seconds,
+        "random_final_reference_loss": random_run["reference_loss"][-1],
+        "mates_steps_to_random_final": fig["steps_to_random_final"],
+        "steps_to_random_final_ratio": fig["steps_ratio"],
+        "wall_clock_ratio": fig["wall_clock_ratio"],
         "selection_overhead_fraction": selection_seconds / max(mates_seconds - selection_seconds, 1e-9),
     }
 

@@ -122,9 +122,7 @@ class InfluenceRunner:
             t = time.perf_counter()
             scores = self.model.predict(texts, group=self.group)
             self._pending = (scores.astype(np.float32), float("nan"), float("nan"), time.perf_counter() - t)
-        pred, _, _, seconds = self.collect()
-        self.rounds_fitted -= 1  # collect counts a fit; this was none
-        return pred, float("nan"), float("nan"), seconds
+        return self._share()
 
     @property
     def in_flight(self) -> bool:
@@ -135,6 +133,12 @@ class InfluenceRunner:
         the submitted round, identical on every rank of the world; waits for the workers (collective)."""
         if not self._submitted:
             raise RuntimeError("InfluenceRunner.collect: nothing was submitted")
+        out = self._share()
+        self.rounds_fitted += 1  # on every rank: a checkpoint of any rank tells how many rounds were fitted
+        return out
+
+    def _share(self) -> tuple[np.ndarray, float, float, float]:
+        """The members' pending (scores, Spearman, Pearson, seconds), broadcast to every rank of the world."""
         self._submitted = False
         pred = torch.zeros(0, dtype=torch.float32)
         stats = torch.zeros(3, dtype=torch.float64)
@@ -151,7 +155,6 @@ class InfluenceRunner:
                 pred = torch.zeros(int(size), dtype=torch.float32)
             dist.broadcast(pred, src=src, group=group)
             dist.broadcast(stats, src=src, group=group)
-        self.rounds_fitted += 1  # on every rank: a checkpoint of any rank tells how many rounds were fitted
         return pred.numpy().astype(np.float64), float(stats[0]), float(stats[1]), float(stats[2])
 
     def score_round(
