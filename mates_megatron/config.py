@@ -71,6 +71,13 @@ class SelectionConfig:
     only teaches word frequencies)."""
     influence: InfluenceConfig = field(default_factory=InfluenceConfig)
     """The data influence model and its fitting (scorer 'mates')."""
+    influence_rounds: int = 1
+    """Scorer 'mates': fit each round's influence model on the probes of this round and of the previous
+    influence_rounds - 1 scored rounds, each round's probe scores z-scored within their round (the probes of
+    past rounds are read again from the pool by id, and predicted once more beside the candidates). 1: this
+    round's probes only (the paper). More rounds smooth the selection across rounds: a round whose oracle has
+    little to say (a small spread between domains) no longer decides the whole selection alone, at the cost
+    of following the live model's newest preference more slowly."""
     min_influence_spearman: float = 0.1
     """Poor-fit guard (scorers 'mates', 'static'): a round whose influence model's cross-validated Spearman
     against the probes is below this (or undefined) is not selected by its scores: it falls back to a uniform
@@ -124,6 +131,11 @@ class SelectionConfig:
             raise ValueError(
                 f"SelectionConfig.min_influence_spearman={self.min_influence_spearman} must be in [-1, 1] "
                 "(-1: no guard)"
+            )
+        if self.influence_rounds < 1:
+            raise ValueError(
+                f"SelectionConfig.influence_rounds={self.influence_rounds} must be >= 1 (1: this round's "
+                "probes only, the paper)"
             )
         if self.temperature < 0:
             raise ValueError(f"SelectionConfig.temperature={self.temperature} must be >= 0 (0: exact top-k)")

@@ -113,11 +113,12 @@ def project_mates_round(
     static = inf.model == "ridge" and inf.ridge.features == "token_embeddings"
     if static:  # a mean of looked-up rows: hidden adds per token
         enc = float(encoder.hidden_size * tokens)
+    pairs = probes * sel.influence_rounds  # past rounds' probes are fitted on again, and predicted again
     if inf.model == "finetune":
-        val = max(3, round(probes * inf.finetune.val_fraction))
-        fit = inf.finetune.epochs * ((probes - val) * 3.0 * enc + val * enc)
+        val = max(3, round(pairs * inf.finetune.val_fraction))
+        fit = inf.finetune.epochs * ((pairs - val) * 3.0 * enc + val * enc)
     else:
-        fit = probes * enc
+        fit = pairs * enc
     assumptions = [
         "forward FLOPs/token = 2 x non-embedding weights + 2 x vocab x hidden (GPT logits) + "
         "4 x layers x context x hidden; backward = 2 x forward",
@@ -130,7 +131,7 @@ def project_mates_round(
         assumptions.append("token-embedding features: one add per hidden unit per token, no encoder pass")
     return RoundCost(
         training=training,
-        phases={"probe": probe, "fit": fit, "predict": candidates * enc},
+        phases={"probe": probe, "fit": fit, "predict": (candidates + pairs - probes) * enc},
         counts={
             "probes": probes,
             "reference_rows": ref,
@@ -145,7 +146,7 @@ def project_mates_round(
 _LEVERS = {
     "probe": "fewer probe_samples or reference rows, or estimator: linearized (the oracle runs the whole "
     "reference set once per probe)",
-    "fit": "fewer probe_samples or influence finetune epochs",
+    "fit": "fewer probe_samples, influence_rounds or influence finetune epochs",
     "predict": "a smaller influence encoder, a lower influence max_length x max_chunks, or ridge features: "
     "token_embeddings",
 }

@@ -34,6 +34,37 @@ def oracle_by_domain(pool, ids: np.ndarray, scores: np.ndarray) -> dict[str, dic
     return out
 
 
+def _zscore(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    return (x - x.mean()) / (x.std() or 1.0)
+
+
+def fit_pairs(
+    oracle: dict[int, dict[str, np.ndarray]],
+    rounds: int,
+    round_: int,
+    cands: np.ndarray,
+    positions: np.ndarray,
+    scores: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]:
+    """What the influence model is fitted on and predicts in ``round_``: (ids, fit positions into them, fit
+    scores, rounds fitted on). ``oracle``: the earlier scored rounds' probe ids and scores.
+
+    ``rounds`` (``SelectionConfig.influence_rounds``) = 1, or no earlier scored round: the round's candidates
+    and its probes, unchanged. Otherwise the probes of the last ``rounds - 1`` earlier scored rounds are
+    appended after the candidates, and every round's scores are z-scored within their round (the oracle's
+    scale shrinks as the model trains, so raw scores would let the earliest round dominate the fit).
+    """
+    past = sorted(p for p in oracle if p < round_)[-(rounds - 1) :] if rounds > 1 else []
+    if not past:
+        return cands, positions, scores, [round_]
+    extra = np.concatenate([oracle[p]["ids"] for p in past])
+    ids = np.concatenate([cands, extra])
+    fit_positions = np.concatenate([positions, len(cands) + np.arange(len(extra))])
+    fit_scores = np.concatenate([_zscore(scores)] + [_zscore(oracle[p]["scores"]) for p in past])
+    return ids, fit_positions, fit_scores, [*past, round_]
+
+
 def poor_fit(spearman: float, threshold: float) -> str | None:
     """The guard's reason when the influence fit is too poor to select by (None: select by the scores)."""
     if threshold <= -1:
@@ -110,17 +141,23 @@ class MatesScorer(Scorer):
         ctx = ProbeContext.from_host(r.host, reference.micro_batches(r.host.micro_batch_size))
         probes = ESTIMATORS.get(sel.estimator)(ctx).score(batches)
         seconds["probe"] = time.perf_counter() - t
+        ids, fit_positions, fit_scores, fit_rounds = fit_pairs(
+            self.oracle, sel.influence_rounds, r.round, cands, positions, probes.scores
+        )
         # Read on access: each influence member reads the probes and its own shard, streaming.
-        inputs = candidate_inputs(pool, cands, token_ids=sel.influence.pass_token_ids)
-        self.influence.submit(cands, inputs, positions, probes.scores)
+        inputs = candidate_inputs(pool, ids, token_ids=sel.influence.pass_token_ids)
+        self.influence.submit(ids, inputs, fit_positions, fit_scores)
         self.oracle[r.round] = {"ids": cands[positions].copy(), "scores": probes.scores.copy()}
         by_domain = oracle_by_domain(pool, cands[positions], probes.scores)
 
         def finish() -> Scores:
             scores, sp, pe, fit_seconds = self.influence.collect()
+            scores = scores[: len(cands)]  # past rounds' probes, appended for the fit, are not candidates
             seconds["fit_and_score"] = fit_seconds
             record = {
                 "probes": int(len(positions)),
+                "fit_rounds": fit_rounds,
+                "fit_pairs": int(len(fit_positions)),
                 "estimator": probes.method,
                 "reference_loss_before": probes.loss_before,
                 "oracle_mean": float(probes.scores.mean()),

@@ -85,3 +85,21 @@ def test_poor_fit_falls_back_to_the_random_draw(small_embedded):
         assert rank0["published"][r] == rank0["random_round"][r]
         assert "below selection.min_influence_spearman=1.0" in rank0["records"][r]["fallback"]
         assert rank0["records"][r]["probes"] == 16  # the round was probed and fitted, then not used
+
+
+def test_influence_fit_across_rounds_resumes_to_the_same_selection(small_embedded, tmp_path):
+    """influence_rounds=2: round 2's influence model is fitted on round 1's probes too (read again from the
+    pool), and a run resumed between the rounds (round 1's probes restored from the checkpoint) selects the
+    same round 2."""
+    smoothed = {"selection": {"influence_rounds": 2}}
+    full = run_on_ranks(_train, 2, small_embedded, smoothed)
+    rank0 = full[0]
+    assert rank0["published"] == full[1]["published"]
+    assert rank0["records"][1]["fit_rounds"] == [1] and rank0["records"][1]["fit_pairs"] == 16
+    assert rank0["records"][2]["fit_rounds"] == [1, 2] and rank0["records"][2]["fit_pairs"] == 32
+    save = str(tmp_path / "ckpt")
+    first = run_on_ranks(_train, 2, small_embedded, {**smoothed, "save": save, "exit_interval": EVERY + 1})[0]
+    resumed = run_on_ranks(_train, 2, small_embedded, {**smoothed, "load": save})[0]
+    assert first["served"] + resumed["served"] == rank0["served"]
+    assert resumed["published"][2] == rank0["published"][2]
+    assert resumed["records"][2]["fit_rounds"] == [1, 2]

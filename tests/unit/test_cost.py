@@ -102,6 +102,10 @@ def test_round_phases_count_what_each_estimator_runs():
     assert static.phases["predict"] == 320 * 100 * ENC.hidden_size
     tuned = _project(_sel(influence={"model": "finetune", "max_length": 64, "finetune": {"epochs": 2}}))
     assert tuned.phases["fit"] > 2 * 16 * e  # epochs of forward and backward on the training split
+    # influence_rounds=3: two earlier rounds' probes are fitted on again and predicted beside the candidates.
+    smoothed = _project(_sel(estimator="linearized", influence_rounds=3))
+    assert smoothed.phases["fit"] == 48 * e and smoothed.phases["predict"] == (320 + 32) * e
+    assert smoothed.phases["probe"] == lin.phases["probe"]  # no new probes
 
 
 def test_refusal_names_the_field_the_flag_and_the_largest_phase():

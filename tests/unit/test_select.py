@@ -170,3 +170,36 @@ def test_oracle_by_domain_against_numpy():
         s = scores[ids % 3 == d]
         assert out[name]["n"] == len(s) and out[name]["mean"] == pytest.approx(s.mean())
         assert out[name]["se"] == pytest.approx(np.std(s, ddof=1) / np.sqrt(len(s)))
+
+
+def test_fit_pairs_appends_earlier_rounds_probes_z_scored_within_their_round():
+    from mates_megatron.scorers.mates import fit_pairs
+
+    rng = np.random.default_rng(0)
+    oracle = {
+        r: {"ids": np.arange(100 * r, 100 * r + 4), "scores": rng.normal(3.0 * r, r, 4)} for r in (1, 2, 3)
+    }
+    cands, positions, scores = np.arange(1000, 1010), np.array([1, 4, 7]), np.array([0.5, -1.0, 2.0])
+    # One round (the paper), or a first scored round: the round's own pairs, untouched.
+    for rounds, oracle_ in ((1, oracle), (3, {})):
+        ids, pos, fit, used = fit_pairs(oracle_, rounds, 4, cands, positions, scores)
+        assert ids is cands and pos is positions and fit is scores and used == [4]
+    ids, pos, fit, used = fit_pairs(oracle, 3, 4, cands, positions, scores)
+    assert used == [2, 3, 4]  # the last two earlier scored rounds, oldest first
+    assert ids.tolist() == cands.tolist() + list(range(200, 204)) + list(range(300, 304))
+    assert pos.tolist() == [1, 4, 7, 10, 11, 12, 13, 14, 15, 16, 17]
+    z = lambda x: (x - x.mean()) / x.std()  # noqa: E731
+    expected = np.concatenate([z(scores), z(oracle[2]["scores"]), z(oracle[3]["scores"])])
+    np.testing.assert_allclose(fit, expected, rtol=1e-12)
+    # Later rounds are never fitted on (a resumed run's oracle may hold them), and constant scores stay finite.
+    oracle[5] = {"ids": np.arange(4), "scores": np.ones(4)}
+    oracle[3]["scores"] = np.ones(4)
+    ids, pos, fit, used = fit_pairs(oracle, 9, 4, cands, positions, scores)
+    assert used == [1, 2, 3, 4] and np.isfinite(fit).all() and (fit[-4:] == 0).all()
+
+
+def test_influence_rounds_must_be_positive():
+    from mates_megatron.config import SelectionConfig
+
+    with pytest.raises(ValueError, match=r"influence_rounds=0 must be >= 1 \(1: this round's probes only"):
+        SelectionConfig(scorer="mates", selector="gumbel", influence_rounds=0)
