@@ -10,7 +10,9 @@ terminal) with only its selection changed:
 - ``dsir``: importance resampling toward the probe reference on hashed n-grams (Xie et al. 2023);
 - ``classifier``: a quality classifier, probe reference vs pool, on hashed n-grams, top-k (DCLM style);
 - ``mates_target`` / ``mates_all``: MATES with the probes' reference loss on the target words only (the
-  paper's LAMBADA oracle) or on every reference token (chosen by name only, to settle ``probe_tokens``).
+  paper's LAMBADA oracle) or on every reference token (chosen by name only, to settle ``probe_tokens``);
+- ``mates_single``: MATES with ``influence_rounds: 1``, each round's influence model fitted on that round's
+  probes alone (the paper; chosen by name only, to compare with the config's fit across rounds).
 
 The model-free arms (dsir, classifier) select from the first round (they need no trained model); the
 model-aware ones keep the config's random warm-up.
@@ -43,8 +45,9 @@ import numpy as np
 import yaml
 
 ARMS = ("random", "mates", "static", "dsir", "classifier")
-PROBE_TOKEN_ARMS = ("mates_target", "mates_all")
-"""MATES with ``probe_tokens`` forced to 'target' or 'all' (named explicitly; not part of 'all')."""
+VARIANT_ARMS = ("mates_target", "mates_all", "mates_single")
+"""MATES with ``probe_tokens`` forced to 'target' or 'all', or ``influence_rounds`` to 1 (named explicitly;
+not part of 'all')."""
 DEFAULT_ARMS = ("random", "mates")
 SMOOTH = 3
 """Evaluations averaged (trailing) before a curve is read: one evaluation moves by about 0.1 nats."""
@@ -65,7 +68,7 @@ def add_demo_parser(sub) -> None:
     p.add_argument(
         "--arms",
         default=",".join(DEFAULT_ARMS),
-        help=f"comma-separated arms among {', '.join(ARMS + PROBE_TOKEN_ARMS)}, or 'all' (the first "
+        help=f"comma-separated arms among {', '.join(ARMS + VARIANT_ARMS)}, or 'all' (the first "
         f"{len(ARMS)}; default: %(default)s); random is always run (every ratio is read against it)",
     )
     p.add_argument(
@@ -81,7 +84,7 @@ def add_demo_parser(sub) -> None:
 
 def parse_arms(text: str) -> list[str]:
     names = list(ARMS) if text.strip() == "all" else [a.strip() for a in text.split(",") if a.strip()]
-    known = ARMS + PROBE_TOKEN_ARMS
+    known = ARMS + VARIANT_ARMS
     unknown = [a for a in names if a not in known]
     if unknown:
         raise ValueError(f"unknown arm(s) {unknown} in --arms: choose among {', '.join(known)} or 'all'")
@@ -106,6 +109,7 @@ def _run_configs(cfg: dict[str, Any], seed: int | None, arms=DEFAULT_ARMS) -> di
         "classifier": {**sel, **free, "selector": "topk", "scorer": "classifier"},
         "mates_target": {**sel, "probe_tokens": "target"},
         "mates_all": {**sel, "probe_tokens": "all"},
+        "mates_single": {**sel, "influence_rounds": 1},
     }
     return {a: {**cfg, "selection": selections[a]} for a in parse_arms(",".join(arms))}
 

@@ -128,9 +128,10 @@ def test_run_configs_differ_only_in_the_selection():
     assert runs["dsir"]["selection"] == {**seeded, **free, "selector": "importance", "scorer": "dsir"}
     assert runs["classifier"]["selection"] == {**seeded, **free, "selector": "topk", "scorer": "classifier"}
     assert all(r["seed"] == 7 and r["train_iters"] == 10 for r in runs.values())
-    tokens = _run_configs(cfg, seed=None, arms=["mates_target", "mates_all"])
-    assert tokens["mates_target"]["selection"] == {**sel, "probe_tokens": "target"}
-    assert tokens["mates_all"]["selection"] == {**sel, "probe_tokens": "all"}
+    variants = _run_configs(cfg, seed=None, arms=["mates_target", "mates_all", "mates_single"])
+    assert variants["mates_target"]["selection"] == {**sel, "probe_tokens": "target"}
+    assert variants["mates_all"]["selection"] == {**sel, "probe_tokens": "all"}
+    assert variants["mates_single"]["selection"] == {**sel, "influence_rounds": 1}
     assert cfg["seed"] == 1  # the loaded config is not modified
     with pytest.raises(ValueError, match="has no scorer: set scorer: mates"):
         _run_configs({"selection": {"selector": "random"}}, seed=None)
@@ -141,5 +142,6 @@ def test_parse_arms():
     assert parse_arms("dsir, random,mates") == ["random", "mates", "dsir"]
     assert parse_arms("all") == list(ARMS)
     assert parse_arms("mates_target,mates") == ["random", "mates", "mates_target"]
+    assert parse_arms("mates_single,mates") == ["random", "mates", "mates_single"]
     with pytest.raises(ValueError, match=r"unknown arm\(s\) \['best'\]"):
         parse_arms("mates,best")
