@@ -77,7 +77,8 @@ class SelectionConfig:
     past rounds are read again from the pool by id, and predicted once more beside the candidates). 1: this
     round's probes only (the paper). More rounds smooth the selection across rounds: a round whose oracle has
     little to say (a small spread between domains) no longer decides the whole selection alone, at the cost
-    of following the live model's newest preference more slowly."""
+    of following the live model's newest preference more slowly. The poor-fit guard reads the fit's
+    cross-validated Spearman over all its pairs: rounds that disagree lower it."""
     min_influence_spearman: float = 0.1
     """Poor-fit guard (scorers 'mates', 'static'): a round whose influence model's cross-validated Spearman
     against the probes is below this (or undefined) is not selected by its scores: it falls back to a uniform
