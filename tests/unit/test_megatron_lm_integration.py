@@ -87,6 +87,7 @@ EVERY_FIELD = [
     "--mates-max-selection-cost", "0.5",
     "--mates-probe-tokens", "all",
     "--mates-min-influence-spearman", "0.3",
+    "--mates-influence-rounds", "3",
     "--mates-influence-model", "ridge",
     "--mates-influence-model-path", "/models/bert",
     "--mates-influence-max-length", "128",
@@ -131,6 +132,7 @@ EVERY_FIELD_CONFIG = SelectionConfig(
     max_selection_cost=0.5,
     probe_tokens="all",
     min_influence_spearman=0.3,
+    influence_rounds=3,
     influence=InfluenceConfig(
         model="ridge",
         model_path="/models/bert",
