@@ -91,11 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     from mates_megatron.bench import add_bench_parser
     from mates_megatron.data.commands import add_prepare_parser
     from mates_megatron.demo import add_demo_parser
+    from mates_megatron.ot.commands import add_value_parser
 
     add_prepare_parser(sub)
     _add_pretrain_parser(sub)
     add_demo_parser(sub)
     add_bench_parser(sub)
+    add_value_parser(sub)
     return parser
 
 

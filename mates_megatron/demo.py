@@ -9,12 +9,16 @@ terminal) with only its selection changed:
   static comparison);
 - ``dsir``: importance resampling toward the probe reference on hashed n-grams (Xie et al. 2023);
 - ``classifier``: a quality classifier, probe reference vs pool, on hashed n-grams, top-k (DCLM style);
+- ``lava`` / ``gotd``: optimal-transport values toward the probe reference on the influence encoder's
+  embeddings (LAVA's calibrated gradient, least harmful first; GOT-D's calibrated potential, most negative
+  first), top-k; ``lookalike`` (by name only): nearest to the reference in the same embedding. They embed at
+  128 encoder tokens per candidate (``max_length``) to keep the CPU demo's embedding time down;
 - ``mates_target`` / ``mates_all``: MATES with the probes' reference loss on the target words only (the
   paper's LAMBADA oracle) or on every reference token (chosen by name only, to settle ``probe_tokens``);
 - ``mates_single``: MATES with ``influence_rounds: 1``, each round's influence model fitted on that round's
   probes alone (the paper; chosen by name only, to compare with the config's fit across rounds).
 
-The model-free arms (dsir, classifier) select from the first round (they need no trained model); the
+The model-free arms (dsir, classifier, lava, gotd, lookalike) select from the first round (they need no trained model); the
 model-aware ones keep the config's random warm-up.
 
 The headline is read from a held-out evaluation set (``--headline``, an ``eval_sets`` key of the config;
@@ -44,8 +48,8 @@ from typing import Any
 import numpy as np
 import yaml
 
-ARMS = ("random", "mates", "static", "dsir", "classifier")
-VARIANT_ARMS = ("mates_target", "mates_all", "mates_single")
+ARMS = ("random", "mates", "static", "dsir", "classifier", "lava", "gotd")
+VARIANT_ARMS = ("mates_target", "mates_all", "mates_single", "lookalike")
 """MATES with ``probe_tokens`` forced to 'target' or 'all', or ``influence_rounds`` to 1 (named explicitly;
 not part of 'all')."""
 DEFAULT_ARMS = ("random", "mates")
@@ -59,7 +63,7 @@ def add_demo_parser(sub) -> None:
         help="random selection vs MATES (and the static baselines) on the embedded data: report.json/png",
         description=(
             "Runs the config once per arm under torchrun (random, mates and, with --arms, static, dsir, "
-            "classifier), with the same model, budget and seeds; writes OUT/report.json and OUT/report.png."
+            "classifier, lava, gotd), with the same model, budget and seeds; writes OUT/report.json and OUT/report.png."
         ),
     )
     p.add_argument("--config", type=Path, default=Path("configs/demo_cpu.yaml"), help="YAML run config")
@@ -107,6 +111,10 @@ def _run_configs(cfg: dict[str, Any], seed: int | None, arms=DEFAULT_ARMS) -> di
         "static": {**sel, "scorer": "static"},
         "dsir": {**sel, **free, "selector": "importance", "scorer": "dsir"},
         "classifier": {**sel, **free, "selector": "topk", "scorer": "classifier"},
+        **{
+            a: {**sel, **free, "selector": "topk", "scorer": a, "scorer_options": {"max_length": 128}}
+            for a in ("lava", "gotd", "lookalike")
+        },
         "mates_target": {**sel, "probe_tokens": "target"},
         "mates_all": {**sel, "probe_tokens": "all"},
         "mates_single": {**sel, "influence_rounds": 1},

@@ -63,6 +63,7 @@ RUN_FLAGS: dict[str, str] = {
     "--save": "save",
     "--save-interval": "save_interval",
     "--load": "load",
+    "--pretrained-checkpoint": "pretrained_checkpoint",
     "--exit-interval": "exit_interval",
     "--data-cache-path": "data_cache",
     "--tensorboard-dir": "metrics.tensorboard_dir",

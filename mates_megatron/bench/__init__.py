@@ -88,6 +88,20 @@ def _quality(probes: int, epochs: int) -> dict:
     return bench_influence_quality(probes=probes, epochs=epochs)
 
 
+def _run_ot_bench(a) -> int:
+    from mates_megatron.bench.ot import bench_ot
+
+    _write(
+        bench_ot(
+            a.data, a.config, a.work, seed=a.seed, max_length=a.max_length, scale=a.scale,
+            base_iters=a.base_iters, continue_iters=a.continue_iters, skip_training=a.skip_training,
+            scale_max_iter=a.scale_max_iter,
+        ),
+        a.out,
+    )  # fmt: skip
+    return 0
+
+
 def add_bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks that print and write figures")
     bsub = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
@@ -132,6 +146,26 @@ def add_bench_parser(sub) -> None:
     q.add_argument("--epochs", type=int, default=3)
     q.add_argument("--out", type=Path, default=None)
     q.set_defaults(func=lambda a: _write(_quality(a.probes, a.epochs), a.out) or 0)
+    o = bsub.add_parser(
+        "ot",
+        help="LAVA flip recall / junk AUC, GOT-D continued training vs look-alike, dsir, random; Sinkhorn at 1M",
+    )
+    o.add_argument(
+        "--data", type=Path, default=Path("data/embedded"), help="prepared embedded data directory"
+    )
+    o.add_argument("--config", type=Path, default=Path("configs/demo_cpu.yaml"), help="the model and budget")
+    o.add_argument("--work", type=Path, default=Path("runs/bench_ot"), help="runs, checkpoints, embeddings")
+    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--max-length", type=int, default=128, help="encoder tokens per document")
+    o.add_argument(
+        "--scale", type=int, default=1_000_000, help="candidates of the Sinkhorn scale run (0: skip)"
+    )
+    o.add_argument("--scale-max-iter", type=int, default=1000, help="full Sinkhorn passes at most at scale")
+    o.add_argument("--base-iters", type=int, default=160, help="pretraining steps on the random mix")
+    o.add_argument("--continue-iters", type=int, default=40, help="continued-training steps per arm")
+    o.add_argument("--skip-training", action="store_true", help="LAVA figures and the scale run only")
+    o.add_argument("--out", type=Path, default=None)
+    o.set_defaults(func=_run_ot_bench)
 
 
 def main(argv: list[str] | None = None) -> int:

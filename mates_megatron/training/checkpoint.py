@@ -19,6 +19,9 @@ state is saved in megatron-core's ``dp_reshardable`` form: it resumes at any DP 
 
 The iteration directory is written under a temporary name and renamed once every rank has written, so a
 crash mid-save never leaves a directory that looks complete.
+
+``load_model_weights`` reads the model weights alone (any layout, as above) to start a new run from a saved
+one: Megatron-LM's ``--pretrained-checkpoint`` with ``--finetune`` (``TrainConfig.pretrained_checkpoint``).
 """
 
 from __future__ import annotations
@@ -77,22 +80,41 @@ def _content_metadata(use_distributed_optimizer: bool) -> dict[str, Any]:
     return metadata
 
 
-def _sharded_state_dict(model_chunks, optimizer, *, metadata: dict[str, Any], is_loading: bool) -> dict:
-    """Model chunks under 'model' ('model0', 'model1', ... with virtual pipelining) and the optimizer."""
-    # The process group cannot be saved in the content metadata: add it to a copy for this process only.
-    metadata = {
-        **metadata,
-        "dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True),
-    }
+def _process_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
+    """The content metadata with this process's data-parallel group added (a group cannot be saved in it)."""
+    return {**metadata, "dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True)}
+
+
+def _model_key(i: int, model_chunks) -> str:
+    return "model" if len(model_chunks) == 1 else f"model{i}"
+
+
+def _unwrap(chunk):
+    return chunk.module if hasattr(chunk, "module") else chunk
+
+
+def _model_sharded_state_dict(model_chunks, *, metadata: dict[str, Any]) -> dict[str, Any]:
+    """Model chunks under 'model' ('model0', 'model1', ... with virtual pipelining)."""
+    metadata = _process_metadata(metadata)
     state: dict[str, Any] = {}
     for i, chunk in enumerate(model_chunks):
-        module = chunk.module if hasattr(chunk, "module") else chunk
         if len(model_chunks) > 1:
             parallel_state.set_virtual_pipeline_model_parallel_rank(i)
-        state["model" if len(model_chunks) == 1 else f"model{i}"] = module.sharded_state_dict(
-            metadata=metadata
-        )
-    state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading, metadata=metadata)
+        state[_model_key(i, model_chunks)] = _unwrap(chunk).sharded_state_dict(metadata=metadata)
+    return state
+
+
+def _load_model_state(model_chunks, state: dict[str, Any]) -> None:
+    for i, chunk in enumerate(model_chunks):
+        _unwrap(chunk).load_state_dict(state[_model_key(i, model_chunks)])
+
+
+def _sharded_state_dict(model_chunks, optimizer, *, metadata: dict[str, Any], is_loading: bool) -> dict:
+    """Model chunks under 'model' ('model0', 'model1', ... with virtual pipelining) and the optimizer."""
+    state = _model_sharded_state_dict(model_chunks, metadata=metadata)
+    state["optimizer"] = optimizer.sharded_state_dict(
+        state, is_loading=is_loading, metadata=_process_metadata(metadata)
+    )
     return state
 
 
@@ -337,9 +359,7 @@ def load_checkpoint(
         dist_dir,
         sharded_strategy=dist_checkpointing.serialization.get_default_load_sharded_strategy(dist_dir),
     )
-    for i, chunk in enumerate(model_chunks):
-        module = chunk.module if hasattr(chunk, "module") else chunk
-        module.load_state_dict(state["model" if len(model_chunks) == 1 else f"model{i}"])
+    _load_model_state(model_chunks, state)
     _load_optimizer(optimizer, state["optimizer"], use_distributed_optimizer=use_distributed_optimizer)
     scheduler.load_state_dict(run_state["scheduler"])
     if saved_layout == layout:
@@ -355,3 +375,41 @@ def load_checkpoint(
             layout,
         )
     return iteration, run_state["extra"]
+
+
+def load_model_weights(load_dir: str | Path, *, model_chunks, optimizer=None) -> int:
+    """Load the model weights alone of the latest checkpoint in `load_dir`; returns its iteration.
+
+    Megatron-LM's ``--pretrained-checkpoint`` with ``--finetune``: nothing else of the saved run is read
+    (optimizer, scheduler, iteration, consumed samples, sampler and hook state, RNG all stay as this run
+    built them). The weights load into this run's TP/PP/DP layout whatever layout saved them, with or
+    without the distributed optimizer. Collective over the world group. Give the `optimizer` when it keeps
+    main (fp32) copies of the parameters (bf16 training): they are refreshed from the loaded weights, as
+    Megatron-LM does, or its first step would start from the initial weights.
+    """
+    iteration = latest_iteration(load_dir)
+    if iteration is None:
+        missing = "" if Path(load_dir).is_dir() else "; the directory does not exist"
+        raise FileNotFoundError(
+            f"pretrained_checkpoint {load_dir} holds no checkpoint (no {TRACKER} in it{missing}): set it to "
+            f"the `save` directory of the run to start from (the one holding {TRACKER} and iter_*/), or "
+            "unset pretrained_checkpoint to start from freshly initialised weights"
+        )
+    it_dir = Path(load_dir) / f"iter_{iteration:07d}"
+    _read_run_state(it_dir)  # a complete checkpoint of this format
+    dist_dir = str(it_dir / DIST_DIR)
+    state = _model_sharded_state_dict(
+        model_chunks, metadata=dist_checkpointing.load_content_metadata(dist_dir)
+    )
+    if dist.get_rank() == 0:
+        _warn_reshaped(state, dist_dir)
+    # The checkpoint's optimizer tensors are not asked for: the default strictness ignores them.
+    state = dist_checkpointing.load(
+        state,
+        dist_dir,
+        sharded_strategy=dist_checkpointing.serialization.get_default_load_sharded_strategy(dist_dir),
+    )
+    _load_model_state(model_chunks, state)
+    if optimizer is not None:
+        optimizer.reload_model_params()
+    return iteration

@@ -66,6 +66,11 @@ class TrainConfig:
     """Steps between checkpoints (0: only at the end, if `save` is set)."""
     load: str | None = None
     """Checkpoint directory to resume from (the latest iteration in it)."""
+    pretrained_checkpoint: str | None = None
+    """Checkpoint directory whose model weights initialise a run that has no checkpoint to resume from in
+    `load` (weights only: the optimizer, scheduler, iteration, consumed samples, sampler/hook state and RNG
+    start fresh, as Megatron-LM's --pretrained-checkpoint with --finetune). Used to continue training a
+    pretrained model on newly selected data."""
     exit_interval: int = 0
     """Stop (after saving) once the iteration is a multiple of this (0: never); for resume tests."""
     data_cache: str | None = None

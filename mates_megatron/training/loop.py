@@ -148,8 +148,11 @@ class Trainer:
             "eval": {},  # "<set>" and "<set>/<domain>" -> loss at each eval_step
         }
         self.metrics_writer = MetricsWriter(cfg.metrics, enabled=dist.get_rank() == dist.get_world_size() - 1)
-        if cfg.load:
-            self._resume(cfg.load)
+        # A checkpoint in `load` wins (a restarted run continues exactly); without one the run starts from
+        # pretrained_checkpoint's weights, if given (Megatron-LM's --pretrained-checkpoint with --finetune).
+        resumed = bool(cfg.load) and self._resume(cfg.load)
+        if not resumed and cfg.pretrained_checkpoint:
+            self._load_pretrained(cfg.pretrained_checkpoint)
 
     # -- the host protocol (mates_megatron.host.Host) -----------------------------------------------------
     @property
@@ -372,7 +375,8 @@ class Trainer:
         if dist.get_rank() == 0:
             log.info("saved checkpoint %s", path)
 
-    def _resume(self, load_dir: str) -> None:
+    def _resume(self, load_dir: str) -> bool:
+        """Restore the whole run from the latest checkpoint in load_dir; False if it holds none."""
         loaded = ckpt.load_checkpoint(
             load_dir,
             model_chunks=self.model_chunks,
@@ -382,8 +386,11 @@ class Trainer:
         )
         if loaded is None:
             if dist.get_rank() == 0:
-                log.info("no checkpoint in %s: starting from scratch", load_dir)
-            return
+                start = (
+                    "the weights of pretrained_checkpoint" if self.cfg.pretrained_checkpoint else "scratch"
+                )
+                log.info("no checkpoint in %s: starting from %s", load_dir, start)
+            return False
         self.iteration, extra = loaded
         self.consumed_samples = extra["consumed_samples"]
         self.order.load_state_dict(extra["order"])
@@ -398,3 +405,12 @@ class Trainer:
         self.history.setdefault("eval", {})  # a checkpoint of a run without evaluation sets
         if dist.get_rank() == 0:
             log.info("resumed from %s at iteration %d", load_dir, self.iteration)
+        return True
+
+    def _load_pretrained(self, load_dir: str) -> None:
+        """Initialise the model weights (only) from the latest checkpoint in load_dir; the run starts at 0."""
+        iteration = ckpt.load_model_weights(
+            load_dir, model_chunks=self.model_chunks, optimizer=self.optimizer
+        )
+        if dist.get_rank() == 0:
+            log.info("initialised weights from %s iteration %d", load_dir, iteration)

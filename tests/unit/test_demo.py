@@ -127,8 +127,12 @@ def test_run_configs_differ_only_in_the_selection():
     free = {"scorer_options": {}, "warmup_steps": 0}
     assert runs["dsir"]["selection"] == {**seeded, **free, "selector": "importance", "scorer": "dsir"}
     assert runs["classifier"]["selection"] == {**seeded, **free, "selector": "topk", "scorer": "classifier"}
+    ot = {**seeded, **free, "selector": "topk", "scorer_options": {"max_length": 128}}
+    assert runs["lava"]["selection"] == {**ot, "scorer": "lava"}
+    assert runs["gotd"]["selection"] == {**ot, "scorer": "gotd"}
     assert all(r["seed"] == 7 and r["train_iters"] == 10 for r in runs.values())
-    variants = _run_configs(cfg, seed=None, arms=["mates_target", "mates_all", "mates_single"])
+    variants = _run_configs(cfg, seed=None, arms=["mates_target", "mates_all", "mates_single", "lookalike"])
+    assert variants["lookalike"]["selection"]["scorer"] == "lookalike"
     assert variants["mates_target"]["selection"] == {**sel, "probe_tokens": "target"}
     assert variants["mates_all"]["selection"] == {**sel, "probe_tokens": "all"}
     assert variants["mates_single"]["selection"] == {**sel, "influence_rounds": 1}
@@ -143,5 +147,6 @@ def test_parse_arms():
     assert parse_arms("all") == list(ARMS)
     assert parse_arms("mates_target,mates") == ["random", "mates", "mates_target"]
     assert parse_arms("mates_single,mates") == ["random", "mates", "mates_single"]
+    assert parse_arms("gotd,lava,lookalike") == ["random", "lava", "gotd", "lookalike"]
     with pytest.raises(ValueError, match=r"unknown arm\(s\) \['best'\]"):
         parse_arms("mates,best")

@@ -1,0 +1,139 @@
+"""LAVA (Just et al., ICLR 2023) as a scorer ('lava'): each candidate's calibrated OT gradient toward the
+probe reference, from the streamed Sinkhorn component (``mates_megatron.ot``). Higher = more harmful, so the
+score is the value itself and ``selector: topk`` keeps the least harmful.
+
+Feature-only for unlabelled text (the cost is half the squared distance of the influence encoder's
+normalised embeddings); with ``labelled: true`` the cost adds ``label_weight`` times the label distance
+between the candidate's domain (the pool's domain ids) and the reference example's ``"domain"`` key
+(``ot.valuation.lava_values``): LAVA's class-wise mode, for classification data whose classes are domains.
+Model-free, so it needs no warm-up; it reads the reference and the candidates' text.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from mates_megatron.ot import SinkhornConfig
+from mates_megatron.ot.valuation import lava_values
+from mates_megatron.scorers.base import SCORERS, RoundInput, Scorer, Scores
+from mates_megatron.scorers.embedding import Embedder, check_features
+
+
+@dataclass
+class OTScorerConfig:
+    """Options shared by the OT scorers (``selection.scorer_options``)."""
+
+    epsilon: float = 0.05
+    """Entropic regularisation of the transport (absolute; squared distances of unit vectors lie in [0, 4])."""
+    features: str = "encoder"
+    """Encoder features: 'encoder' (mean-pooled hidden states) or 'token_embeddings'."""
+    max_length: int | None = None
+    """Encoder tokens per chunk (None: selection.influence.max_length)."""
+    batch_size: int = 32
+    """Texts embedded at a time."""
+    block_size: int = 16384
+    """Candidates per Sinkhorn block (memory O(block_size x reference))."""
+    max_iter: int = 1000
+    """Sinkhorn passes at most."""
+    tol: float = 1e-3
+    """Sinkhorn stopping tolerance (L1 error of the reference marginal)."""
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        check_features(self.features, name)
+        SinkhornConfig(epsilon=self.epsilon, block_size=self.block_size, max_iter=self.max_iter, tol=self.tol)
+        if self.batch_size < 1:
+            raise ValueError(f"{name}.batch_size={self.batch_size} must be >= 1")
+        if self.max_length is not None and self.max_length < 8:
+            raise ValueError(f"{name}.max_length={self.max_length} must be >= 8 (or null)")
+
+    def sinkhorn(self, seed: int, **kw: Any) -> SinkhornConfig:
+        return SinkhornConfig(
+            epsilon=self.epsilon, block_size=self.block_size, max_iter=self.max_iter, tol=self.tol,
+            seed=seed, **kw,
+        )  # fmt: skip
+
+
+@dataclass
+class LavaConfig(OTScorerConfig):
+    """Options of the 'lava' scorer."""
+
+    labelled: bool = False
+    """Class-wise cost: candidates' pool domains against the reference's "domain" keys."""
+    label_weight: float = 3.0
+    """Weight of the label distance in the cost (labelled mode)."""
+    label_epsilon: float = 0.5
+    """Entropic regularisation of the label distances (a larger one debiases small class samples)."""
+    max_per_class: int = 1000
+    """Points per class the label distances are computed on (a seeded sample; the transport uses all)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.label_weight >= 0 or not self.label_epsilon > 0 or self.max_per_class < 1:
+            raise ValueError(
+                f"LavaConfig needs label_weight >= 0, label_epsilon > 0, max_per_class >= 1; got "
+                f"{self.label_weight}, {self.label_epsilon}, {self.max_per_class}"
+            )
+
+
+def reference_domains(reference: Any, names: list[str]) -> np.ndarray:
+    """The reference examples' "domain" keys as indices into the pool's domain names."""
+    from mates_megatron.probe.reference import read_jsonl
+
+    out = []
+    for lineno, obj in read_jsonl(reference.path):
+        d = obj.get("domain")
+        if d not in names:
+            raise ValueError(
+                f'{reference.path} line {lineno}: LAVA\'s labelled mode needs a "domain" key naming one of '
+                f"the pool's domains {names}, got {d!r}; set scorer_options.labelled: false for feature-only"
+            )
+        out.append(names.index(d))
+    return np.asarray(out, dtype=np.int64)
+
+
+@SCORERS.register("lava")
+class LavaScorer(Scorer):
+    """Score = the LAVA value (calibrated OT gradient toward the reference; lower = more useful)."""
+
+    needs: ClassVar[frozenset[str]] = frozenset({"reference", "text"})
+    Config = LavaConfig
+
+    def __init__(self, config: LavaConfig | None = None, *, selection, device=None, **_: Any) -> None:
+        super().__init__(config or LavaConfig(), selection=selection, device=device)
+        c = self.config
+        self.embedder = Embedder(
+            selection, features=c.features, batch_size=c.batch_size, max_length=c.max_length, device=device
+        )
+
+    def score(self, r: RoundInput) -> Scores:
+        c, t = self.config, time.perf_counter()
+        y = self.embedder.reference(r.host.reference, scorer="lava")
+        x = self.embedder.candidates(r.pool, r.candidates)
+        t_embed = time.perf_counter() - t
+        labels = {}
+        if c.labelled:
+            labels = dict(
+                x_labels=r.pool.domain_ids(np.asarray(r.candidates)).astype(np.int64),
+                y_labels=reference_domains(r.host.reference, list(r.pool.domains)),
+            )
+        values, res, _ = lava_values(
+            x, y, c.sinkhorn(r.seed, cost_scale=0.5), label_weight=c.label_weight,
+            label_epsilon=c.label_epsilon, max_per_class=c.max_per_class, **labels,
+        )  # fmt: skip
+        return Scores(values, ot_record(res, t_embed, time.perf_counter() - t))
+
+
+def ot_record(res, t_embed: float, total: float) -> dict[str, Any]:
+    """The round record of an OT scorer."""
+    return {
+        "ot_value": res.value,
+        "sinkhorn_iterations": res.iterations,
+        "sinkhorn_marginal_error": res.marginal_error,
+        "sinkhorn_converged": res.converged,
+        "seconds": {"embed": t_embed, "sinkhorn": res.seconds, "score": total},
+    }

@@ -1,0 +1,59 @@
+"""The look-alike baseline ('lookalike'): candidates nearest to the reference in the influence encoder's
+embedding, score = minus the mean cosine similarity to the ``k`` nearest reference examples. What GOT-D is
+compared against: data that resembles the target, rather than data that moves the distribution toward it.
+Use ``selector: topk``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from mates_megatron.scorers.base import SCORERS, RoundInput, Scorer, Scores
+from mates_megatron.scorers.embedding import Embedder, check_features
+
+
+@dataclass
+class LookalikeConfig:
+    """Options of the 'lookalike' scorer."""
+
+    k: int = 10
+    """Nearest reference examples averaged."""
+    features: str = "encoder"
+    """Encoder features: 'encoder' (mean-pooled hidden states) or 'token_embeddings'."""
+    max_length: int | None = None
+    """Encoder tokens per chunk (None: selection.influence.max_length)."""
+    batch_size: int = 32
+    """Texts embedded (and scored) at a time."""
+
+    def __post_init__(self) -> None:
+        check_features(self.features, "LookalikeConfig")
+        if self.k < 1 or self.batch_size < 1:
+            raise ValueError(
+                f"LookalikeConfig needs k >= 1 and batch_size >= 1, got {self.k}, {self.batch_size}"
+            )
+
+
+@SCORERS.register("lookalike")
+class LookalikeScorer(Scorer):
+    needs: ClassVar[frozenset[str]] = frozenset({"reference", "text"})
+    Config = LookalikeConfig
+
+    def __init__(self, config: LookalikeConfig | None = None, *, selection, device=None, **_: Any) -> None:
+        super().__init__(config or LookalikeConfig(), selection=selection, device=device)
+        c = self.config
+        self.embedder = Embedder(
+            selection, features=c.features, batch_size=c.batch_size, max_length=c.max_length, device=device
+        )
+
+    def score(self, r: RoundInput) -> Scores:
+        t = time.perf_counter()
+        y = self.embedder.reference(r.host.reference, scorer="lookalike")
+        x = self.embedder.candidates(r.pool, r.candidates)
+        k = min(self.config.k, len(y))
+        sim = x @ y.T  # unit vectors: cosine similarity
+        top = -np.partition(-sim, k - 1, axis=1)[:, :k]
+        return Scores(-top.mean(1).astype(np.float64), {"seconds": {"score": time.perf_counter() - t}})
