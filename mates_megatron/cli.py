@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     from mates_megatron.bench import add_bench_parser
     from mates_megatron.data.commands import add_prepare_parser
     from mates_megatron.demo import add_demo_parser
+    from mates_megatron.mixture.commands import add_mixture_parser
     from mates_megatron.ot.commands import add_value_parser
 
     add_prepare_parser(sub)
@@ -98,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo_parser(sub)
     add_bench_parser(sub)
     add_value_parser(sub)
+    add_mixture_parser(sub)
     return parser
 
 

@@ -37,6 +37,14 @@ class SelectionConfig:
     (Gumbel-top-k on raw log importance weights at temperature 1: DSIR's resampling, with scorer 'dsir')."""
     temperature: float = 0.5
     """Gumbel-top-k temperature (selector 'gumbel'), applied to scores z-scored within the round."""
+    mixture_weights: str | None = None
+    """Domain-weight file that selector 'mixture' serves (written by `mates-megatron mixture fit|predict`, or
+    by hand; see mates_megatron.mixture.weights): each round's selection follows its weights, drawn from
+    per-domain streams. Re-read at every round boundary: append a schedule entry to change the weights of
+    rounds not yet drawn."""
+    mixture_when_short: str = "redistribute"
+    """Selector 'mixture', when a domain has fewer candidates left than its quota: 'redistribute' (it gives
+    what it has and the rest goes to the domains with data left, by weight; logged) or 'error' (stop)."""
     scorer: str = "none"
     """Scorer (mates_megatron.scorers.SCORERS) that gives every candidate of a round a score for the
     selector: 'none' (score-free selectors), 'mates' (probes on the live model + data influence model),
@@ -119,6 +127,15 @@ class SelectionConfig:
                     f"SelectionConfig.{name}={getattr(self, name)!r}: choose one of {', '.join(registry.names())}"
                 )
         POOLS.get(self.pool).check_config(self)
+        if (self.selector == "mixture") != bool(self.mixture_weights):
+            raise ValueError(
+                "selector 'mixture' needs mixture_weights (a domain-weight file), and mixture_weights is read by "
+                f"selector 'mixture' only; got selector={self.selector!r}, mixture_weights={self.mixture_weights!r}"
+            )
+        if self.mixture_when_short not in ("redistribute", "error"):
+            raise ValueError(
+                f"SelectionConfig.mixture_when_short={self.mixture_when_short!r}: use 'redistribute' or 'error'"
+            )
         if self.select_every < 1:
             raise ValueError(f"SelectionConfig.select_every must be >= 1, got {self.select_every}")
         if not 0 < self.selection_ratio <= 1:
@@ -247,13 +264,20 @@ class SelectionConfig:
     def warmup_rounds(self) -> int:
         return self.warmup_steps // self.select_every if self.scored else 0
 
-    def build_selector(self):
-        """The configured selector; one with a ``temperature`` field gets the configured temperature."""
+    def build_selector(self, pool=None):
+        """The configured selector; one with a ``temperature`` field gets the configured temperature, one with
+        a ``from_config(sel, pool)`` classmethod (e.g. 'mixture', which reads the pool's domains) is built by it."""
         from dataclasses import fields
 
         from mates_megatron.select import SELECTORS
 
         cls = SELECTORS.get(self.selector)
+        if hasattr(cls, "from_config"):
+            if pool is None:
+                raise ValueError(
+                    f"selector {self.selector!r} is built on the pool: pass build_selector(pool=...)"
+                )
+            return cls.from_config(self, pool)
         takes = {f.name for f in fields(cls)} if hasattr(cls, "__dataclass_fields__") else set()
         return cls(temperature=self.temperature) if "temperature" in takes else cls()
 

@@ -2,7 +2,8 @@
 
 Round r trains on a selection from round r's slice of the pool. Warm-up rounds (and every round of a
 score-free selector such as 'random') are drawn uniformly from (seed, round) on every rank without
-communication. A scored round r is prepared at the end of the last step of round r-1, on the model as it is
+communication; a selector that draws every round itself ('mixture': domain weights from per-domain streams)
+draws them instead, round 0 included. A scored round r is prepared at the end of the last step of round r-1, on the model as it is
 then:
 
     score   : the configured scorer gives every candidate of round r a score (for 'mates': probe a seeded
@@ -94,8 +95,11 @@ class MatesHook:
         self.domain_share: dict[int, dict[str, float]] = {}
         self.records: dict[int, dict[str, Any]] = {}
         """Per scored round: what the scorer reported, the time per phase and the selected domain shares."""
+        # Unscored rounds (round 0, warm-up, a score-free run) are a uniform draw, unless the selector draws
+        # every round itself (the mixture selector serves its weights from round 0).
+        self._unscored = selector if getattr(selector, "draws_every_round", False) else RandomSelector()
         self.publish(
-            0, RandomSelector().select(rounds.candidates(0), sampler.samples_per_round, seed=seed, round_=0)
+            0, self._unscored.select(rounds.candidates(0), sampler.samples_per_round, seed=seed, round_=0)
         )
 
     # -- the round ----------------------------------------------------------------------------------------
@@ -153,9 +157,7 @@ class MatesHook:
         """Score -> select for ``round_`` on the live model now; returns the selection."""
         if not self._scored(round_):
             cands = self.rounds.candidates(round_)
-            return RandomSelector().select(
-                cands, self.sampler.samples_per_round, seed=self.seed, round_=round_
-            )
+            return self._unscored.select(cands, self.sampler.samples_per_round, seed=self.seed, round_=round_)
         if round_ not in self._pending:
             self.begin_round(host, round_)
         return self.finish_round(round_)
@@ -227,6 +229,7 @@ class MatesHook:
             "rounds": [self.records[r] for r in sorted(self.records)],
             "selection_seconds": self.selection_seconds(),
             "stall_seconds": self.stall_seconds(),
+            **({"selector": self.selector.summary()} if hasattr(self.selector, "summary") else {}),
         }
 
     # -- checkpoint ---------------------------------------------------------------------------------------
@@ -242,6 +245,7 @@ class MatesHook:
             "domain_share": self.domain_share,
             "records": self.records,
             "scorer": self.scorer.state_dict() if self.scorer is not None else None,
+            "selector": self.selector.state_dict() if hasattr(self.selector, "state_dict") else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -256,6 +260,13 @@ class MatesHook:
         self._pending = {}
         if self.scorer is not None and state.get("scorer") is not None:
             self.scorer.load_state_dict(state["scorer"])
+        if hasattr(self.selector, "load_state_dict"):
+            if state.get("selector") is None:
+                raise ValueError(
+                    f"the checkpoint holds no state for selector {type(self.selector).__name__} (written by a run "
+                    "with another selector): resume with the selector it was written with"
+                )
+            self.selector.load_state_dict(state["selector"])
 
 
 def _scalar(v: Any) -> bool:

@@ -113,7 +113,7 @@ def build_plugin(
         pool=pool,
         rounds=rounds,
         sampler=sampler,
-        selector=sel.build_selector(),
+        selector=sel.build_selector(pool=pool),
         select_every=sel.select_every,
         seed=sel.seed,
         train_iters=train_iters,

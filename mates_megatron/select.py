@@ -110,3 +110,7 @@ class GumbelTopKSelector:
         keys = s / self.temperature - gumbel
         order = np.argpartition(keys, k - 1)[:k]
         return np.sort(np.asarray(candidates, dtype=np.int32)[order])
+
+
+# The mixture selector lives with the mixture planners; importing it here registers it with the others.
+import mates_megatron.mixture.selector  # noqa: E402,F401

@@ -102,6 +102,13 @@ def _run_ot_bench(a) -> int:
     return 0
 
 
+def _run_autoscale_bench(a) -> int:
+    from mates_megatron.bench.autoscale import bench_autoscale
+
+    _write(bench_autoscale(a.data, a.work, steps=a.steps, seed=a.seed), a.out)
+    return 0
+
+
 def add_bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks that print and write figures")
     bsub = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
@@ -166,6 +173,20 @@ def add_bench_parser(sub) -> None:
     o.add_argument("--skip-training", action="store_true", help="LAVA figures and the scale run only")
     o.add_argument("--out", type=Path, default=None)
     o.set_defaults(func=_run_ot_bench)
+    a = bsub.add_parser(
+        "autoscale",
+        help="DDO at two budgets, AutoScale's prediction at 4x the larger vs DDO run there; train all four",
+    )
+    a.add_argument(
+        "--data", type=Path, default=Path("data/embedded"), help="prepared embedded data directory"
+    )
+    a.add_argument(
+        "--work", type=Path, default=Path("runs/bench_autoscale"), help="plans and runs (resumable)"
+    )
+    a.add_argument("--steps", type=int, default=40, help="the smaller budget; the others are 2x and 8x")
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--out", type=Path, default=None)
+    a.set_defaults(func=_run_autoscale_bench)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -97,6 +97,7 @@ def _continue_runs(
     out: Path,
     values: dict[str, np.ndarray],
     *,
+    fingerprint: str,
     base_iters: int,
     iters: int,
     seed: int,
@@ -119,7 +120,7 @@ def _continue_runs(
             raise RuntimeError(f"the base pretraining run {path} failed")
     for name, v in values.items():
         write_values(
-            data / "train-shards", f"bench_{name}", v, {"method": name, "pool_fingerprint": _fp(data)}
+            data / "train-shards", f"bench_{name}", v, {"method": name, "pool_fingerprint": fingerprint}
         )
     # Two rounds: the first is the hook's random draw (every arm alike), the second the arm's.
     common = {
@@ -153,12 +154,6 @@ def _continue_runs(
             "share_by_domain": (run.get("selection") or {}).get("selected_share_by_domain"),
         }
     return result
-
-
-def _fp(data: Path) -> str:
-    from mates_megatron.pool.webdataset_pool import WebDatasetPool
-
-    return WebDatasetPool(data / "train-shards", seq_length=1).fingerprint()
 
 
 SCALE_SCRIPT = """
@@ -238,7 +233,7 @@ def bench_ot(
     if not skip_training:
         runs = _continue_runs(
             data, config, out, {"gotd": gotd, "lookalike": lookalike},
-            base_iters=base_iters, iters=continue_iters, seed=seed,
+            fingerprint=pool.fingerprint(), base_iters=base_iters, iters=continue_iters, seed=seed,
         )  # fmt: skip
         result.update({f"{name}_heldout": r["heldout"] for name, r in runs.items()})
         result["continued_training"] = {**runs, "base_iters": base_iters, "continue_iters": continue_iters}

@@ -40,6 +40,12 @@ class Embedder:
         self._reference: tuple[str, np.ndarray] | None = None
         self._cache: dict[int, np.ndarray] = {}
 
+    @classmethod
+    def for_options(cls, selection, options, device=None) -> Embedder:
+        """From a scorer's options (``features``, ``batch_size``, ``max_length``)."""
+        return cls(selection, features=options.features, batch_size=options.batch_size,
+                   max_length=options.max_length, device=device)  # fmt: skip
+
     def net(self):
         if self._net is None:
             from mates_megatron.influence.encoder import EncoderRegressor, resolve_device

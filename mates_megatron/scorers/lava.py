@@ -105,10 +105,7 @@ class LavaScorer(Scorer):
 
     def __init__(self, config: LavaConfig | None = None, *, selection, device=None, **_: Any) -> None:
         super().__init__(config or LavaConfig(), selection=selection, device=device)
-        c = self.config
-        self.embedder = Embedder(
-            selection, features=c.features, batch_size=c.batch_size, max_length=c.max_length, device=device
-        )
+        self.embedder = Embedder.for_options(selection, self.config, device)
 
     def score(self, r: RoundInput) -> Scores:
         c, t = self.config, time.perf_counter()

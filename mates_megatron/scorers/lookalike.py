@@ -44,16 +44,15 @@ class LookalikeScorer(Scorer):
 
     def __init__(self, config: LookalikeConfig | None = None, *, selection, device=None, **_: Any) -> None:
         super().__init__(config or LookalikeConfig(), selection=selection, device=device)
-        c = self.config
-        self.embedder = Embedder(
-            selection, features=c.features, batch_size=c.batch_size, max_length=c.max_length, device=device
-        )
+        self.embedder = Embedder.for_options(selection, self.config, device)
 
     def score(self, r: RoundInput) -> Scores:
         t = time.perf_counter()
         y = self.embedder.reference(r.host.reference, scorer="lookalike")
         x = self.embedder.candidates(r.pool, r.candidates)
-        k = min(self.config.k, len(y))
-        sim = x @ y.T  # unit vectors: cosine similarity
-        top = -np.partition(-sim, k - 1, axis=1)[:, :k]
-        return Scores(-top.mean(1).astype(np.float64), {"seconds": {"score": time.perf_counter() - t}})
+        k, b = min(self.config.k, len(y)), self.config.batch_size
+        scores = np.empty(len(x), dtype=np.float64)
+        for lo in range(0, len(x), b):  # in chunks: the similarities of a whole round would be N x M
+            sim = x[lo : lo + b] @ y.T  # unit vectors: cosine similarity
+            scores[lo : lo + b] = -(-np.partition(-sim, k - 1, axis=1)[:, :k]).mean(1)
+        return Scores(scores, {"seconds": {"score": time.perf_counter() - t}})

@@ -153,6 +153,13 @@ EVERY_FIELD_CONFIG = SelectionConfig(
 )
 
 
+# The mixture fields go with selector 'mixture' (which takes no scorer), so they have an argv of their own.
+EVERY_MIXTURE_FIELD = [
+    "--mates", "--mates-selector", "mixture", "--mates-mixture-weights", "/data/mix.json",
+    "--mates-mixture-when-short", "error",
+]  # fmt: skip
+
+
 def _field_flags(cls, prefix: str) -> set[str]:
     """The flag every (nested) field should have, spelled out independently of configio."""
     out = set()
@@ -171,7 +178,8 @@ def test_every_config_field_has_a_flag():
     assert "--no-mates-influence-warm-start" in options
     # The argv above sets every one of them, so the next test compares every field.
     negated = {"--mates-influence-warm-start", "--mates-influence-bf16"}  # given as --no-... (default true)
-    assert {a for a in EVERY_FIELD if a.startswith("--mates-")} | negated >= expected
+    given = {a for a in EVERY_FIELD + EVERY_MIXTURE_FIELD if a.startswith("--mates-")}
+    assert given | negated >= expected
     # Each flag's --help is its field's docstring.
     help_ = {a.option_strings[0]: a.help for a in parser()._actions if a.option_strings}
     assert help_["--mates-select-every"].startswith("Training steps per round")
@@ -185,6 +193,16 @@ def test_flags_convert_to_the_config_built_directly():
     assert sel.influence.ridge.alphas == (0.5, 5.0)
     assert type(sel.select_every) is int and type(sel.temperature) is float
     assert type(sel.influence.finetune.lr) is float
+
+
+def test_mixture_flags_convert_to_the_config_built_directly(tmp_path):
+    weights = tmp_path / "mix.json"
+    weights.write_text('{"weights": {"a": 1}}')
+    argv = [a if a != "/data/mix.json" else str(weights) for a in EVERY_MIXTURE_FIELD]
+    sel = mlm.mates_config_from_args(parse(*argv))
+    assert sel == SelectionConfig(
+        selector="mixture", mixture_weights=str(weights), mixture_when_short="error"
+    )
 
 
 def test_only_mates_gives_the_dataclass_defaults():

@@ -1,0 +1,45 @@
+"""AutoScale (Kang et al., COLM 2025): extrapolate DDO's compute-optimal mixture to a larger budget.
+
+With the optimal per-domain amounts N^(1) and N^(2) found by DDO at two budgets, the optimal amounts follow
+``N_i*(t) = N_i^(1) * (N_i^(2) / N_i^(1))^t`` (log N_i* affine in one scalar; the KKT conditions of a loss
+``sum_i beta_i N_i^(-gamma_i)`` give it). For a target budget N, t solves ``sum_i N_i*(t) = N`` (t = 1 is the
+second budget; the paper's doubling step N^(3) = N^(2) * N^(2) / N^(1) is t = 2 when the budgets double).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def autoscale_amounts(n1: np.ndarray, n2: np.ndarray, budget: float) -> tuple[np.ndarray, float]:
+    """Per-domain amounts at ``budget`` and the t that reaches it; amounts in the same unit as n1, n2."""
+    from scipy.optimize import brentq
+
+    n1, n2 = np.asarray(n1, dtype=np.float64), np.asarray(n2, dtype=np.float64)
+    if n1.shape != n2.shape or (n1 <= 0).any() or (n2 <= 0).any():
+        raise ValueError(
+            "AutoScale needs positive amounts for every domain at both budgets (a DDO floor keeps them so); "
+            f"got {n1.tolist()} and {n2.tolist()}"
+        )
+    b1, b2 = n1.sum(), n2.sum()
+    if not b2 > b1:
+        raise ValueError(f"AutoScale extrapolates from a smaller budget to a larger one; got {b1} then {b2}")
+    if not budget > 0:
+        raise ValueError(f"target budget must be positive, got {budget}")
+    log_r = np.log(n2 / n1)
+
+    def total(t: float) -> float:
+        return float(np.sum(n1 * np.exp(t * log_r))) - budget
+
+    # sum_i N_i(t) is convex in t and rising at t = 1 (b2 > b1) on the side of larger budgets: bracket it.
+    lo, hi = (1.0, 2.0) if budget >= b2 else (-1.0, 1.0)
+    while total(hi) < 0:
+        hi = 2 * hi
+        if hi > 1e6:
+            raise ValueError(f"AutoScale: no t reaches the budget {budget}")
+    while total(lo) > 0:
+        lo -= 1.0
+        if lo < -1e6:
+            raise ValueError(f"AutoScale: no t reaches the budget {budget}")
+    t = brentq(total, lo, hi, xtol=1e-14, rtol=1e-14)
+    return n1 * np.exp(t * log_r), float(t)

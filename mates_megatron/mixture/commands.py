@@ -1,0 +1,138 @@
+"""`mates-megatron mixture plan|run|fit|predict`: DDO's proxy runs and fit at one budget, AutoScale's
+extrapolation to a larger one; each writes a weights file that `selector: mixture` serves.
+
+    mates-megatron mixture plan --config RUN.yaml --steps 100 --eval-set val --out runs/ddo_100 --run
+    mates-megatron mixture fit --plan runs/ddo_100 --out data/embedded/mixture/ddo_100.json
+    mates-megatron mixture predict --small ddo_100.json --large ddo_200.json --steps 800 --out autoscale_800.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+from mates_megatron.mixture.weights import MixtureError, constant, read_weights, write_weights
+
+
+def add_mixture_parser(sub) -> None:
+    p = sub.add_parser(
+        "mixture",
+        help="compute-optimal domain weights: DDO proxy runs and fit, AutoScale extrapolation",
+        description=(
+            "DDO: `plan` writes the 2m+1 proxy runs of one budget (uniform base, each domain scaled down and "
+            "up), `run` trains the unfinished ones (resuming an interrupted one), `fit` fits each domain's "
+            "loss curve and writes the optimal weights. AutoScale: `predict` extrapolates two DDO results to a "
+            "larger budget. Serve a weights file with selector: mixture, mixture_weights: FILE."
+        ),
+    )
+    s = p.add_subparsers(dest="mixture_command", metavar="STEP", required=True)
+    pl = s.add_parser("plan", help="write the proxy runs of one budget (and run them with --run)")
+    pl.add_argument("--config", type=Path, required=True, help="run config (model, data, eval_sets)")
+    pl.add_argument("--steps", type=int, required=True, help="the base run's steps (the budget)")
+    pl.add_argument(
+        "--eval-set", required=True, help="eval_sets name whose per-domain losses are the objective"
+    )
+    pl.add_argument("--out", type=Path, required=True, help="plan directory")
+    pl.add_argument("--down", type=Fraction, default=Fraction(1, 3), help="scale-down factor (default 1/3)")
+    pl.add_argument("--up", type=Fraction, default=Fraction(3), help="scale-up factor (default 3)")
+    pl.add_argument("--run", action="store_true", help="run the plan now (as `mixture run`)")
+    pl.set_defaults(func=_plan)
+    r = s.add_parser("run", help="run the plan's unfinished proxy runs (resumes an interrupted one)")
+    r.add_argument("--plan", type=Path, required=True)
+    r.set_defaults(func=_run)
+    f = s.add_parser("fit", help="fit a finished plan and write the DDO weights")
+    f.add_argument(
+        "--plan", type=Path, required=True, nargs="+",
+        help="plan directory; several: the same plan trained with other seeds, objectives averaged",
+    )  # fmt: skip
+    f.add_argument("--out", type=Path, required=True, help="weights file (e.g. beside the data)")
+    f.add_argument("--floor", type=float, default=0.2, help="least amount of each domain, in base units")
+    f.set_defaults(func=_fit)
+    pr = s.add_parser("predict", help="AutoScale: extrapolate two DDO weight files to a larger budget")
+    pr.add_argument("--small", type=Path, required=True, help="DDO weights at the smaller budget")
+    pr.add_argument("--large", type=Path, required=True, help="DDO weights at the larger budget")
+    pr.add_argument("--steps", type=int, required=True, help="target budget in steps (same batch and length)")
+    pr.add_argument("--out", type=Path, required=True)
+    pr.set_defaults(func=_predict)
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from mates_megatron.mixture.plan import run_plan, write_plan
+
+    try:
+        plan = write_plan(args.config, args.out, steps=args.steps, eval_set=args.eval_set,
+                          down=float(args.down), up=float(args.up))  # fmt: skip
+    except MixtureError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    total = sum(r["train_iters"] for r in plan["runs"])
+    print(f"[mixture] wrote {len(plan['runs'])} proxy runs ({total} steps in all) to {args.out}", flush=True)
+    if args.run:
+        run_plan(args.out)
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from mates_megatron.mixture.plan import run_plan
+
+    try:
+        run_plan(args.plan)
+    except MixtureError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _fit(args: argparse.Namespace) -> int:
+    from mates_megatron.mixture.plan import fit_plan
+
+    try:
+        schedule = fit_plan(list(args.plan), floor=args.floor)
+    except MixtureError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    write_weights(args.out, schedule)
+    print(json.dumps({"weights": schedule.at(0), "out": str(args.out)}, indent=1))
+    return 0
+
+
+def predict(small: Path, large: Path, steps: int):
+    """The AutoScale weights schedule at ``steps`` from two DDO weight files of the same plan settings."""
+    from mates_megatron.mixture.autoscale import autoscale_amounts
+
+    s1, s2 = read_weights(small), read_weights(large)
+    for s, p in ((s1, small), (s2, large)):
+        if "amounts_samples" not in s.source or "steps" not in s.source:
+            raise MixtureError(
+                f"{p}: not a DDO result (no amounts); write it with `mates-megatron mixture fit`"
+            )
+    domains = s1.domains
+    if set(s2.domains) != set(domains):
+        raise MixtureError(f"{small} and {large} name different domains")
+    n1 = np.array([s1.source["amounts_samples"][d] for d in domains])
+    n2 = np.array([s2.source["amounts_samples"][d] for d in domains])
+    per_step = s1.source["budget_samples"] / s1.source["steps"]
+    if not np.isclose(per_step, s2.source["budget_samples"] / s2.source["steps"]):
+        raise MixtureError(f"{small} and {large} were planned with different global batch sizes")
+    amounts, t = autoscale_amounts(n1, n2, steps * per_step)
+    weights = dict(zip(domains, (amounts / amounts.sum()).tolist(), strict=True))
+    return constant(weights, {
+        "method": "autoscale", "small": str(small), "large": str(large), "t": t, "steps": steps,
+        "budget_samples": steps * per_step, "amounts_samples": dict(zip(domains, amounts.tolist(), strict=True)),
+    })  # fmt: skip
+
+
+def _predict(args: argparse.Namespace) -> int:
+    try:
+        schedule = predict(args.small, args.large, args.steps)
+    except MixtureError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    write_weights(args.out, schedule)
+    print(json.dumps({"weights": schedule.at(0), "t": schedule.source["t"], "out": str(args.out)}, indent=1))
+    return 0
