@@ -68,9 +68,8 @@ def fit_domain(x: np.ndarray, y: np.ndarray, *, floor: float) -> DomainFit:
             p = q
     except RuntimeError:
         pass  # the grid point stands
-    best = (p, float(np.abs(f(x, *p) - y).max()))
-    (a, b, c), res = best
-    return DomainFit(float(a), float(b), float(c), res)
+    a, b, c = p
+    return DomainFit(float(a), float(b), float(c), float(np.abs(f(x, *p) - y).max()))
 
 
 def project_capped_simplex(v: np.ndarray, total: float, floor: float) -> np.ndarray:

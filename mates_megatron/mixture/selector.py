@@ -70,13 +70,11 @@ class MixtureSelector:
                 "none: an indexed pool needs PREFIX.domains.npy (`mates-megatron prepare` writes it), an "
                 "energon pool energon_domain_field, WebDataset samples a 'domain' entry"
             )
-        self.domains, self.weights_path, self.seed, self.when_short = (
-            list(domains),
-            weights_path,
-            seed,
-            when_short,
-        )
+        self.domains, self.weights_path = list(domains), weights_path
+        self.seed, self.when_short = seed, when_short
         self._domain_of = domain_of.astype(np.int16)
+        self.sizes = np.bincount(self._domain_of, minlength=len(self.domains)).astype(np.int64)
+        """Candidates per domain (each domain's stream length)."""
         self._streams: list[np.ndarray] | None = None
         self.consumed = np.zeros(len(self.domains), dtype=np.int64)
         self.next_round = 0
@@ -106,10 +104,6 @@ class MixtureSelector:
             )
 
     # -- streams ------------------------------------------------------------------------------------------
-    @property
-    def sizes(self) -> np.ndarray:
-        return np.bincount(self._domain_of, minlength=len(self.domains)).astype(np.int64)
-
     def _stream(self, d: int) -> np.ndarray:
         if self._streams is None:
             # One stable argsort groups the ids by domain (ascending id within each); each group is then
