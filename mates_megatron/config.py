@@ -132,9 +132,11 @@ class SelectionConfig:
                 "selector 'mixture' needs mixture_weights (a domain-weight file), and mixture_weights is read by "
                 f"selector 'mixture' only; got selector={self.selector!r}, mixture_weights={self.mixture_weights!r}"
             )
-        if self.mixture_when_short not in ("redistribute", "error"):
+        from mates_megatron.mixture.selector import WHEN_SHORT
+
+        if self.mixture_when_short not in WHEN_SHORT:
             raise ValueError(
-                f"SelectionConfig.mixture_when_short={self.mixture_when_short!r}: use 'redistribute' or 'error'"
+                f"SelectionConfig.mixture_when_short={self.mixture_when_short!r}: use one of {', '.join(WHEN_SHORT)}"
             )
         if self.select_every < 1:
             raise ValueError(f"SelectionConfig.select_every must be >= 1, got {self.select_every}")

@@ -67,7 +67,7 @@ def base_config(data: Path, evals: dict[str, Path], seed: int) -> dict[str, Any]
 
 
 def bench_autoscale(data: Path, out: Path, *, steps: int = 40, seed: int = 0) -> dict[str, Any]:
-    from mates_megatron.mixture.commands import predict
+    from mates_megatron.mixture.autoscale import autoscale_weights
     from mates_megatron.mixture.plan import (
         fit_plan,
         objective,
@@ -94,7 +94,9 @@ def bench_autoscale(data: Path, out: Path, *, steps: int = 40, seed: int = 0) ->
         ddo[name] = write_weights(out / f"ddo_{name}_{s}.json", fit_plan(plan_dir))
         print(f"[bench autoscale] DDO at {s} steps: {read_weights(ddo[name]).at(0)}", flush=True)
     target = budgets["target"]
-    auto = write_weights(out / f"autoscale_{target}.json", predict(ddo["small"], ddo["large"], target))
+    auto = write_weights(
+        out / f"autoscale_{target}.json", autoscale_weights(ddo["small"], ddo["large"], target)
+    )
     mixtures = {"reused": ddo["large"], "autoscale": auto, "ddo": ddo["target"]}
     domains = read_weights(ddo["target"]).domains
     weights = {k: read_weights(p).at(0) for k, p in mixtures.items()}

@@ -8,7 +8,11 @@ second budget; the paper's doubling step N^(3) = N^(2) * N^(2) / N^(1) is t = 2 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+
+from mates_megatron.mixture.weights import MixtureError, WeightSchedule, constant, read_weights
 
 
 def autoscale_amounts(n1: np.ndarray, n2: np.ndarray, budget: float) -> tuple[np.ndarray, float]:
@@ -43,3 +47,27 @@ def autoscale_amounts(n1: np.ndarray, n2: np.ndarray, budget: float) -> tuple[np
             raise ValueError(f"AutoScale: no t reaches the budget {budget}")
     t = brentq(total, lo, hi, xtol=1e-14, rtol=1e-14)
     return n1 * np.exp(t * log_r), float(t)
+
+
+def autoscale_weights(small: Path, large: Path, steps: int) -> WeightSchedule:
+    """The AutoScale weights schedule at ``steps`` from two DDO weight files of the same plan settings."""
+    s1, s2 = read_weights(small), read_weights(large)
+    for s, p in ((s1, small), (s2, large)):
+        if "amounts_samples" not in s.source or "steps" not in s.source:
+            raise MixtureError(
+                f"{p}: not a DDO result (no amounts); write it with `mates-megatron mixture fit`"
+            )
+    domains = s1.domains
+    if set(s2.domains) != set(domains):
+        raise MixtureError(f"{small} and {large} name different domains")
+    n1 = np.array([s1.source["amounts_samples"][d] for d in domains])
+    n2 = np.array([s2.source["amounts_samples"][d] for d in domains])
+    per_step = s1.source["budget_samples"] / s1.source["steps"]
+    if not np.isclose(per_step, s2.source["budget_samples"] / s2.source["steps"]):
+        raise MixtureError(f"{small} and {large} were planned with different global batch sizes")
+    amounts, t = autoscale_amounts(n1, n2, steps * per_step)
+    weights = dict(zip(domains, (amounts / amounts.sum()).tolist(), strict=True))
+    return constant(weights, {
+        "method": "autoscale", "small": str(small), "large": str(large), "t": t, "steps": steps,
+        "budget_samples": steps * per_step, "amounts_samples": dict(zip(domains, amounts.tolist(), strict=True)),
+    })  # fmt: skip

@@ -14,9 +14,8 @@ import sys
 from fractions import Fraction
 from pathlib import Path
 
-import numpy as np
-
-from mates_megatron.mixture.weights import MixtureError, constant, read_weights, write_weights
+from mates_megatron.mixture.autoscale import autoscale_weights
+from mates_megatron.mixture.weights import MixtureError, write_weights
 
 
 def add_mixture_parser(sub) -> None:
@@ -101,35 +100,9 @@ def _fit(args: argparse.Namespace) -> int:
     return 0
 
 
-def predict(small: Path, large: Path, steps: int):
-    """The AutoScale weights schedule at ``steps`` from two DDO weight files of the same plan settings."""
-    from mates_megatron.mixture.autoscale import autoscale_amounts
-
-    s1, s2 = read_weights(small), read_weights(large)
-    for s, p in ((s1, small), (s2, large)):
-        if "amounts_samples" not in s.source or "steps" not in s.source:
-            raise MixtureError(
-                f"{p}: not a DDO result (no amounts); write it with `mates-megatron mixture fit`"
-            )
-    domains = s1.domains
-    if set(s2.domains) != set(domains):
-        raise MixtureError(f"{small} and {large} name different domains")
-    n1 = np.array([s1.source["amounts_samples"][d] for d in domains])
-    n2 = np.array([s2.source["amounts_samples"][d] for d in domains])
-    per_step = s1.source["budget_samples"] / s1.source["steps"]
-    if not np.isclose(per_step, s2.source["budget_samples"] / s2.source["steps"]):
-        raise MixtureError(f"{small} and {large} were planned with different global batch sizes")
-    amounts, t = autoscale_amounts(n1, n2, steps * per_step)
-    weights = dict(zip(domains, (amounts / amounts.sum()).tolist(), strict=True))
-    return constant(weights, {
-        "method": "autoscale", "small": str(small), "large": str(large), "t": t, "steps": steps,
-        "budget_samples": steps * per_step, "amounts_samples": dict(zip(domains, amounts.tolist(), strict=True)),
-    })  # fmt: skip
-
-
 def _predict(args: argparse.Namespace) -> int:
     try:
-        schedule = predict(args.small, args.large, args.steps)
+        schedule = autoscale_weights(args.small, args.large, args.steps)
     except MixtureError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

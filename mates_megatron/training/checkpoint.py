@@ -196,6 +196,14 @@ def _load_optimizer(optimizer, state: dict, *, use_distributed_optimizer: bool) 
         optimizer._synchronize_steps()
 
 
+def _dist_load(state: dict, dist_dir: str) -> dict:
+    return dist_checkpointing.load(
+        state,
+        dist_dir,
+        sharded_strategy=dist_checkpointing.serialization.get_default_load_sharded_strategy(dist_dir),
+    )
+
+
 def _warn_reshaped(state: dict, dist_dir: str) -> None:
     """Log the model tensors whose global shape differs from the saved one (rank 0).
 
@@ -354,11 +362,7 @@ def load_checkpoint(
     state = _sharded_state_dict(model_chunks, optimizer, metadata=metadata, is_loading=True)
     if saved_layout != layout and dist.get_rank() == 0:
         _warn_reshaped(state, dist_dir)
-    state = dist_checkpointing.load(
-        state,
-        dist_dir,
-        sharded_strategy=dist_checkpointing.serialization.get_default_load_sharded_strategy(dist_dir),
-    )
+    state = _dist_load(state, dist_dir)
     _load_model_state(model_chunks, state)
     _load_optimizer(optimizer, state["optimizer"], use_distributed_optimizer=use_distributed_optimizer)
     scheduler.load_state_dict(run_state["scheduler"])
@@ -396,19 +400,15 @@ def load_model_weights(load_dir: str | Path, *, model_chunks, optimizer=None) ->
             "unset pretrained_checkpoint to start from freshly initialised weights"
         )
     it_dir = Path(load_dir) / f"iter_{iteration:07d}"
-    _read_run_state(it_dir)  # a complete checkpoint of this format
+    saved_layout = _read_run_state(it_dir)["layout"]  # also: a complete checkpoint of this format
     dist_dir = str(it_dir / DIST_DIR)
     state = _model_sharded_state_dict(
         model_chunks, metadata=dist_checkpointing.load_content_metadata(dist_dir)
     )
-    if dist.get_rank() == 0:
+    if saved_layout != _layout() and dist.get_rank() == 0:
         _warn_reshaped(state, dist_dir)
     # The checkpoint's optimizer tensors are not asked for: the default strictness ignores them.
-    state = dist_checkpointing.load(
-        state,
-        dist_dir,
-        sharded_strategy=dist_checkpointing.serialization.get_default_load_sharded_strategy(dist_dir),
-    )
+    state = _dist_load(state, dist_dir)
     _load_model_state(model_chunks, state)
     if optimizer is not None:
         optimizer.reload_model_params()

@@ -12,7 +12,7 @@ import yaml
 from scipy.optimize import minimize
 
 from mates_megatron.mixture.autoscale import autoscale_amounts
-from mates_megatron.mixture.commands import predict
+from mates_megatron.mixture.autoscale import autoscale_weights as predict
 from mates_megatron.mixture.ddo import DomainFit, fit_domain, optimise_amounts, project_capped_simplex
 from mates_megatron.mixture.plan import fit_plan, proxy_runs, read_plan, run_plan, write_plan
 from mates_megatron.mixture.weights import MixtureError, read_weights, write_weights
