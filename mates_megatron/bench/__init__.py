@@ -109,6 +109,24 @@ def _run_autoscale_bench(a) -> int:
     return 0
 
 
+def _run_projektor_bench(a) -> int:
+    from mates_megatron.bench.projektor import bench_projektor
+
+    _write(
+        bench_projektor(a.data, a.work, steps=a.steps, mixtures=a.mixtures, evaluate=a.evaluate,
+                        revealed=a.revealed, seed=a.seed),
+        a.out,
+    )  # fmt: skip
+    return 0
+
+
+def _run_dam_bench(a) -> int:
+    from mates_megatron.bench.dam import bench_dam
+
+    _write(bench_dam(a.data, a.work, markets=a.markets, seed=a.seed, draws=a.draws), a.out)
+    return 0
+
+
 def add_bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks that print and write figures")
     bsub = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
@@ -187,6 +205,36 @@ def add_bench_parser(sub) -> None:
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--out", type=Path, default=None)
     a.set_defaults(func=_run_autoscale_bench)
+    pj = bsub.add_parser(
+        "projektor",
+        help="Projektor vs a power law: projected and actual held-out loss of 8 mixtures at 4x the larger "
+        "pilot; the chosen mixture vs uniform and the best single source",
+    )
+    pj.add_argument(
+        "--data", type=Path, default=Path("data/embedded"), help="prepared embedded data directory"
+    )
+    pj.add_argument(
+        "--work", type=Path, default=Path("runs/bench_projektor"), help="pilots and runs (resumable)"
+    )
+    pj.add_argument("--steps", type=int, default=40, help="the smaller pilot; the others are 2x and 8x")
+    pj.add_argument("--mixtures", type=int, default=16, help="pilot mixtures")
+    pj.add_argument("--evaluate", type=int, default=8, help="mixtures trained at 8x to judge the projections")
+    pj.add_argument("--revealed", type=int, default=100, help="revealed documents per source")
+    pj.add_argument("--seed", type=int, default=0)
+    pj.add_argument("--out", type=Path, default=None)
+    pj.set_defaults(func=_run_projektor_bench)
+    dm = bsub.add_parser(
+        "dam", help="DataPerf DAM: the leaderboard metric of each buyer strategy over seeded local markets"
+    )
+    dm.add_argument(
+        "--data", type=Path, default=Path("data/embedded"), help="prepared embedded data directory"
+    )
+    dm.add_argument("--work", type=Path, default=Path("runs/bench_dam"), help="markets and embeddings")
+    dm.add_argument("--markets", type=int, default=5, help="markets, seeds seed .. seed + markets - 1")
+    dm.add_argument("--draws", type=int, default=5, help="seeded purchases drawn per score")
+    dm.add_argument("--seed", type=int, default=0)
+    dm.add_argument("--out", type=Path, default=None)
+    dm.set_defaults(func=_run_dam_bench)
 
 
 def main(argv: list[str] | None = None) -> int:

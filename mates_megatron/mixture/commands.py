@@ -1,9 +1,12 @@
-"""`mates-megatron mixture plan|run|fit|predict`: DDO's proxy runs and fit at one budget, AutoScale's
-extrapolation to a larger one; each writes a weights file that `selector: mixture` serves.
+"""`mates-megatron mixture plan|run|fit|predict|projektor`: DDO's proxy runs and fit at one budget, AutoScale's
+extrapolation to a larger one, Projektor's projection from pilots; each writes a weights file that
+`selector: mixture` serves.
 
     mates-megatron mixture plan --config RUN.yaml --steps 100 --eval-set val --out runs/ddo_100 --run
     mates-megatron mixture fit --plan runs/ddo_100 --out data/embedded/mixture/ddo_100.json
     mates-megatron mixture predict --small ddo_100.json --large ddo_200.json --steps 800 --out autoscale_800.json
+    mates-megatron mixture projektor --config RUN.yaml --eval-set val --pilot-steps 40 80 --target-steps 320 \
+        --work runs/projektor --out projektor_320.json
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from mates_megatron.mixture.weights import MixtureError, write_weights
 def add_mixture_parser(sub) -> None:
     p = sub.add_parser(
         "mixture",
-        help="compute-optimal domain weights: DDO proxy runs and fit, AutoScale extrapolation",
+        help="domain weights: DDO proxy runs and fit, AutoScale extrapolation, Projektor projection",
         description=(
             "DDO: `plan` writes the 2m+1 proxy runs of one budget (uniform base, each domain scaled down and "
             "up), `run` trains the unfinished ones (resuming an interrupted one), `fit` fits each domain's "
@@ -58,6 +61,31 @@ def add_mixture_parser(sub) -> None:
     pr.add_argument("--steps", type=int, required=True, help="target budget in steps (same batch and length)")
     pr.add_argument("--out", type=Path, required=True)
     pr.set_defaults(func=_predict)
+    pk = s.add_parser(
+        "projektor",
+        help="Projektor: pilot runs at two sizes on revealed samples, the OT projection, the chosen mixture",
+        description=(
+            "Writes the pilot runs (uniform, each source alone, seeded mixtures) at the two --pilot-steps "
+            "sizes into --work and trains the unfinished ones (resuming an interrupted one), fits stage 1 (loss "
+            "on the mixture's OT distance to the --eval-set texts) at both sizes, projects to --target-steps "
+            "(stage 2) and writes the mixture with the lowest projected loss to --out."
+        ),
+    )
+    pk.add_argument("--config", type=Path, required=True, help="run config (model, data, eval_sets)")
+    pk.add_argument("--eval-set", required=True, help="eval_sets name: the pilots' loss and the OT's target")
+    pk.add_argument("--pilot-steps", type=int, nargs=2, required=True, metavar=("N0", "N1"))
+    pk.add_argument("--target-steps", type=int, required=True, help="the size to choose the mixture for")
+    pk.add_argument("--mixtures", type=int, default=16, help="pilot mixtures (at least domains + 2)")
+    pk.add_argument(
+        "--sources", type=Path, default=None,
+        help="JSONL (text, domain) the revealed samples come from (default: corpus.jsonl beside the data)",
+    )  # fmt: skip
+    pk.add_argument("--revealed", type=int, default=100, help="revealed documents per source")
+    pk.add_argument("--floor", type=float, default=0.0, help="least weight of every source")
+    pk.add_argument("--seed", type=int, default=0)
+    pk.add_argument("--work", type=Path, required=True, help="pilot runs and fits (resumable)")
+    pk.add_argument("--out", type=Path, required=True, help="weights file")
+    pk.set_defaults(func=_projektor)
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -108,4 +136,27 @@ def _predict(args: argparse.Namespace) -> int:
         return 2
     write_weights(args.out, schedule)
     print(json.dumps({"weights": schedule.at(0), "t": schedule.source["t"], "out": str(args.out)}, indent=1))
+    return 0
+
+
+def _projektor(args: argparse.Namespace) -> int:
+    import yaml
+
+    from mates_megatron.mixture.projektor import plan_projektor, projektor_weights, run_projektor
+
+    try:
+        sources = args.sources
+        if sources is None:
+            cfg = yaml.safe_load(args.config.read_text()) or {}
+            sources = Path(cfg.get("data_prefix", "")).parent / "corpus.jsonl"
+        plan_projektor(args.config, args.work, pilot_steps=tuple(args.pilot_steps), mixtures=args.mixtures,
+                           eval_set=args.eval_set, sources=sources, revealed=args.revealed, seed=args.seed)  # fmt: skip
+        run_projektor(args.work)
+        schedule = projektor_weights(args.work, args.target_steps, floor=args.floor)
+    except MixtureError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    write_weights(args.out, schedule)
+    print(json.dumps({"weights": schedule.at(0), "projected_loss": schedule.source["projected_loss"],
+                      "out": str(args.out)}, indent=1))  # fmt: skip
     return 0

@@ -1,0 +1,35 @@
+"""The DataPerf DAM (data acquisition) benchmark: markets of sellers with hidden rows, buyer strategies that
+see only a public view, and the scorer (logistic-regression accuracy on a hidden test set, DataPerf's
+``0.98 * accuracy + 0.02 * unspent budget share``)."""
+
+from mates_megatron.acquisition.market import (
+    Market,
+    MarketError,
+    MarketView,
+    Seller,
+    SellerView,
+    build_market,
+    load_market,
+    save_market,
+)
+from mates_megatron.acquisition.score import cost, dam_score, score, validate_purchase
+from mates_megatron.acquisition.strategies import STRATEGIES, get_strategy, rows_for_mixture, run_strategy
+
+__all__ = [
+    "STRATEGIES",
+    "Market",
+    "MarketError",
+    "MarketView",
+    "Seller",
+    "SellerView",
+    "build_market",
+    "cost",
+    "dam_score",
+    "get_strategy",
+    "load_market",
+    "rows_for_mixture",
+    "run_strategy",
+    "save_market",
+    "score",
+    "validate_purchase",
+]
