@@ -24,6 +24,7 @@ is ``plan_projektor`` / ``run_projektor`` / ``fit_projektor``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -317,8 +318,6 @@ def revealed_texts(sources: Path, domains: Sequence[str], per_domain: int, seed:
 def embed_sources(plan: dict[str, Any], work: Path, *, max_length: int = 128):
     """Embeddings of the revealed samples (one array per source) and of the validation texts, cached in
     ``work/embeddings.npz`` (keyed by the texts' hash)."""
-    import hashlib
-
     texts = revealed_texts(Path(plan["sources"]), plan["domains"], plan["revealed"], plan["seed"])
     val = [json.loads(x)["text"] for x in Path(plan["eval_path"]).read_text().splitlines() if x.strip()]
     key = hashlib.sha256(json.dumps([texts, val, max_length]).encode()).hexdigest()
@@ -359,9 +358,9 @@ class ProjektorFit:
 OT_CONFIG = SinkhornConfig(epsilon=0.1, cost_scale=1.0, max_iter=2000, tol=1e-4, dtype="float64")
 
 
-def fit_projektor(work: Path, *, ridge: float = 1e-3, max_length: int = 128, drop: int | None = None):
-    """The pilots' OT values and losses and the two stage-1 fits (without mixture ``drop`` when given: a
-    leave-one-out fit), with the sources' and validation embeddings."""
+def fit_projektor(work: Path, *, ridge: float = 1e-3, max_length: int = 128):
+    """The pilots' OT values and losses and the two stage-1 fits, with the sources' and validation
+    embeddings."""
     plan = read_projektor_plan(work)
     sources, y = embed_sources(plan, work, max_length=max_length)
     domains = plan["domains"]
@@ -374,8 +373,7 @@ def fit_projektor(work: Path, *, ridge: float = 1e-3, max_length: int = 128, dro
             if not path.is_file():
                 raise MixtureError(f"{path}: pilot mix{j:02d} at {s} steps has not finished; run the pilots")
             losses[j, k] = mean_loss(json.loads(path.read_text()), plan["eval_set"], domains)
-    keep = np.array([j != drop for j in range(len(ps))])
-    fits = tuple(fit_stage1(ots[keep], ps[keep], losses[keep, k], ridge=ridge) for k in range(2))
+    fits = tuple(fit_stage1(ots, ps, losses[:, k], ridge=ridge) for k in range(2))
     sizes = tuple(s * plan["global_batch_size"] for s in plan["pilot_steps"])
     return ProjektorFit(domains, ps, ots, losses, sizes, fits), sources, y
 
