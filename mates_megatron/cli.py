@@ -93,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     from mates_megatron.demo import add_demo_parser
     from mates_megatron.mixture.commands import add_mixture_parser
     from mates_megatron.ot.commands import add_value_parser
+    from mates_megatron.trace.run import add_trace_parser
 
     add_prepare_parser(sub)
     _add_pretrain_parser(sub)
@@ -100,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parser(sub)
     add_value_parser(sub)
     add_mixture_parser(sub)
+    add_trace_parser(sub)
     return parser
 
 

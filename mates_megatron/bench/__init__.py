@@ -127,6 +127,22 @@ def _run_dam_bench(a) -> int:
     return 0
 
 
+def _run_trace_bench(a) -> int:
+    import yaml
+
+    from mates_megatron.bench.trace import bench_trace
+
+    options = yaml.safe_load(a.options) or {}
+    _write(
+        bench_trace(
+            a.data, a.work, background=a.background, facts=a.facts, leaks=a.leaks, steps=a.steps,
+            seed=a.seed, options=options,
+        ),
+        a.out,
+    )  # fmt: skip
+    return 0
+
+
 def add_bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks that print and write figures")
     bsub = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
@@ -235,6 +251,24 @@ def add_bench_parser(sub) -> None:
     dm.add_argument("--seed", type=int, default=0)
     dm.add_argument("--out", type=Path, default=None)
     dm.set_defaults(func=_run_dam_bench)
+    tr = bsub.add_parser(
+        "trace",
+        help="planted facts and leaks: recall@10, F1 and seconds per query of forward-inf, fasttrack, gradient, bm25",
+    )
+    tr.add_argument(
+        "--data", type=Path, default=Path("data/embedded"), help="prepared embedded data directory"
+    )
+    tr.add_argument("--work", type=Path, default=Path("runs/bench_trace"), help="pool, checkpoint, traces")
+    tr.add_argument("--background", type=int, default=2000, help="background pieces of the pool")
+    tr.add_argument("--facts", type=int, default=20)
+    tr.add_argument("--leaks", type=int, default=5, help="reference examples copied into the pool")
+    tr.add_argument("--steps", type=int, default=300, help="training steps of the demo model on the pool")
+    tr.add_argument(
+        "--options", default="{}", help="per-method options as YAML, e.g. '{forward-inf: {drop: 0.02}}'"
+    )
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--out", type=Path, default=None)
+    tr.set_defaults(func=_run_trace_bench)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -101,7 +101,7 @@ class ProbeContext:
 
 
 @contextlib.contextmanager
-def _replica_local_grads(ctx: ProbeContext, *, always: bool = False) -> Iterator[None]:
+def replica_local_grads(ctx: ProbeContext, *, always: bool = False) -> Iterator[None]:
     """Switch off the data-parallel gradient all-reduce (each replica steps on its own sample).
 
     Under the distributed optimizer a probe step needs the reduce-scatter (Adam's state is sharded), so the
@@ -146,7 +146,7 @@ def _progress(items, ctx: ProbeContext, desc: str):
     return tqdm(items, desc=desc, unit="probe", leave=False, disable=not show)
 
 
-def _zero_grads(ctx: ProbeContext) -> None:
+def zero_grads(ctx: ProbeContext) -> None:
     for c in ctx.model_chunks:
         if hasattr(c, "zero_grad_buffer"):
             c.zero_grad_buffer()
@@ -155,7 +155,7 @@ def _zero_grads(ctx: ProbeContext) -> None:
 
 def _optimizer_step_on(ctx: ProbeContext, batch: Batch) -> None:
     """One step of the run's optimizer (its state, lr, clipping, weight decay) on one sample."""
-    _zero_grads(ctx)
+    zero_grads(ctx)
     ctx.run([batch], forward_only=False)
     ctx.optimizer.step()
 
@@ -171,7 +171,7 @@ def _reference_loss(ctx: ProbeContext) -> float:
     )
 
 
-def _counted_params(ctx: ProbeContext) -> list[torch.nn.Parameter]:
+def counted_params(ctx: ProbeContext) -> list[torch.nn.Parameter]:
     """Parameters counted once across the model-parallel group (no TP duplicates, tied weights once)."""
     return [
         p
@@ -231,7 +231,7 @@ class Estimator(ABC):
             if self.sync_grads:
                 values = self.probe_share(samples, mine)
             else:
-                with _replica_local_grads(ctx):
+                with replica_local_grads(ctx):
                     values = self.probe_share(samples, mine)
         finally:
             self.snapshot.restore()
@@ -266,17 +266,17 @@ class LinearizedProber(Estimator):
         ctx = self.ctx
         snap = TrainingSnapshot(ctx.model_chunks, ctx.optimizer, ctx.scheduler)
         n_tokens = sum(float(b["loss_mask"].sum()) for b in ctx.reference)
-        params = _counted_params(ctx)
+        params = counted_params(ctx)
         g_ref: dict[torch.nn.Parameter, torch.Tensor] = {}
         total = torch.zeros(2, dtype=torch.float64, device=ctx.device)
         try:
             # Read whole, not stepped on: after a reduce-scatter only this rank's shard would be reduced.
-            with _replica_local_grads(ctx, always=True), eval_mode(ctx.model_chunks):
+            with replica_local_grads(ctx, always=True), eval_mode(ctx.model_chunks):
                 for b in ctx.reference:
                     weight = float(b["loss_mask"].sum()) / n_tokens
                     if weight == 0:
                         continue
-                    _zero_grads(ctx)
+                    zero_grads(ctx)
                     # run() takes the micro-batch's token mean; weight it into the set's token mean.
                     total += ctx.run([b], forward_only=False)
                     for p in params:
@@ -346,7 +346,7 @@ class MirroredProber(Estimator):
         ctx = self.ctx
         loss0 = self._losses(samples, mine)
         for _ in range(self.steps):
-            _zero_grads(ctx)
+            zero_grads(ctx)
             ctx.run(ctx.reference, forward_only=False)
             ctx.optimizer.step()
         loss1 = self._losses(samples, mine)

@@ -9,7 +9,8 @@ import mates_megatron
 
 ROOT = Path(mates_megatron.__file__).parent
 # Hosts and tools may import the demo host; nothing else may (the plugin reads hosts through host.Host).
-HOST_OR_TOOL = ("training/", "pretrain.py", "bench/", "demo.py", "cli.py")
+# trace/run.py is the `trace` tool's edge (it loads the project's checkpoint); the tracers take a ProbeContext.
+HOST_OR_TOOL = ("training/", "pretrain.py", "bench/", "demo.py", "cli.py", "trace/run.py")
 
 
 def _imports(path: Path) -> set[str]:

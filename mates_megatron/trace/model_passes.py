@@ -1,0 +1,71 @@
+"""Model passes the model-based tracers share: candidate batches, per-document losses, gradients as vectors.
+
+Every pass runs in eval mode (no dropout: a trace is a deterministic function of the checkpoint) and
+through megatron-core's schedule, so TP and PP shards work as they do in training. Gradients are read
+replica-locally (each data-parallel replica differentiates its own documents) and only this rank's shard of
+each parameter is read, each parameter counted once over the model-parallel group; a dot product of two
+such vectors is completed by a sum over that group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from mates_megatron.probe.estimators import ProbeContext, replica_local_grads, zero_grads
+from mates_megatron.runtime.schedule import Batch, collate, eval_mode, per_sample_losses
+
+
+def candidate_batches(pool, ids: np.ndarray, micro_batch_size: int) -> list[Batch]:
+    """The candidates' training rows as micro-batches; the last is padded with copies of its last row."""
+    rows = [pool.training_sample(int(g)) for g in ids]
+    rows += [rows[-1]] * (-len(rows) % micro_batch_size)
+    return [collate(rows[i : i + micro_batch_size]) for i in range(0, len(rows), micro_batch_size)]
+
+
+def losses(ctx: ProbeContext, batches: Sequence[Batch], n: int) -> np.ndarray:
+    """Mean counted-token loss of the first ``n`` rows of ``batches`` (float64)."""
+    if n == 0:
+        return np.zeros(0)
+    out = per_sample_losses(
+        ctx.model_chunks,
+        batches,
+        seq_length=ctx.seq_length,
+        device=ctx.device,
+        forward_backward_func=ctx.forward_backward_func,
+    )
+    return out[:n].double().cpu().numpy()
+
+
+def gradient(ctx: ProbeContext, batch: Batch, params: list[torch.nn.Parameter]) -> torch.Tensor:
+    """This rank's shard of the gradient of ``batch``'s token-mean loss, flattened (float32)."""
+    with replica_local_grads(ctx, always=True), eval_mode(ctx.model_chunks):
+        zero_grads(ctx)
+        ctx.run([batch], forward_only=False)
+    parts = []
+    for p in params:
+        g = p.main_grad if getattr(p, "main_grad", None) is not None else p.grad
+        parts.append((g if g is not None else torch.zeros_like(p)).detach().float().reshape(-1))
+    out = torch.cat(parts)  # a copy: the parts are views of the grad buffers zeroed next
+    zero_grads(ctx)
+    return out
+
+
+def model_parallel_sum(ctx: ProbeContext, t: torch.Tensor) -> torch.Tensor:
+    """Complete per-shard partial sums over the tensor x pipeline group."""
+    if dist.get_world_size(ctx.groups.model_parallel) > 1:
+        dist.all_reduce(t, group=ctx.groups.model_parallel)
+    return t
+
+
+def query_rows(inp, query_tokens: str):
+    """The queries' rows with the loss over their target tokens ("target") or every token ("all")."""
+    rows = inp.queries.rows
+    if rows is None:
+        raise ValueError("model-based tracing needs tokenised queries")
+    if query_tokens not in ("target", "all"):
+        raise ValueError(f"query_tokens={query_tokens!r}: use 'target' or 'all'")
+    return rows if query_tokens == "target" else rows.with_all_tokens()
