@@ -70,10 +70,12 @@ def launch_pretrain(config: Path, rest: list[str], nproc_per_node: int | None = 
     nproc = nproc_per_node or int(par.get("tensor_model_parallel_size", 1)) * int(
         par.get("pipeline_model_parallel_size", 1)
     )
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-        "-m", "mates_megatron.pretrain", "--config", str(config), *rest,
-    ]  # fmt: skip
+    return torchrun("mates_megatron.pretrain", ["--config", str(config), *rest], nproc)
+
+
+def torchrun(module: str, args: list[str], nproc: int) -> int:
+    """``torchrun --nproc-per-node nproc -m module args...`` with one share of the cores per process."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "-m", module, *args]
     print("[mates-megatron] " + " ".join(cmd[1:]), flush=True)
     env = dict(os.environ)
     # One intra-op thread per process: N processes share the machine's cores.

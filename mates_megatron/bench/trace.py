@@ -7,7 +7,8 @@ each (``trace/planted.py``), and ``leaks`` reference examples (cut to fit the wi
 model: the CPU demo's GPT (4 layers, 128 wide, TP=2), trained on that pool. Judged per method: recall@10
 of the supporting documents, the F1 of its supportive set (FASTTRACK's verdicts; the others' top 10, and
 their best top-k over k in 1..10 beside it), seconds per query over the whole pool (the 20 fact queries
-traced together, and one query alone), and recall@10 of the leaked copies. Every stage is kept in ``--work`` and skipped when done (a killed bench resumes).
+traced together, and one query alone), and recall@10 of the leaked copies. Every stage is kept in
+``--work`` and skipped when done (a killed bench resumes).
 """
 
 from __future__ import annotations
@@ -151,7 +152,7 @@ def bench_trace(
     data: Path, work: Path, *, background: int = 2000, facts: int = 20, leaks: int = 5, steps: int = 300,
     seed: int = 0, options: dict[str, dict] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    from mates_megatron.trace.metrics import precision_recall_f1, summarize
+    from mates_megatron.trace.metrics import precision_recall_f1, recall_at_k, summarize
 
     t0 = time.perf_counter()
     pool = build_pool(data, work, background=background, facts=facts, leaks=leaks, seed=seed)
@@ -210,7 +211,7 @@ def bench_trace(
         leak_run = trace(work, config, pool["shards"], method, "leaks", opts)
         lranked = [leak_run["ranked"][f"leak-{j}"] for j in range(leaks)]
         result["leakage_recall_at_10"][method] = float(
-            np.mean([len(set(r[:10]) & set(g)) / len(g) for r, g in zip(lranked, gold["leaks"], strict=True)])
+            np.mean([recall_at_k(r, g, 10) for r, g in zip(lranked, gold["leaks"], strict=True)])
         )
     result["seconds"] = time.perf_counter() - t0
     return result

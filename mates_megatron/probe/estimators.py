@@ -171,6 +171,11 @@ def _reference_loss(ctx: ProbeContext) -> float:
     )
 
 
+def param_grad(p: torch.nn.Parameter) -> torch.Tensor | None:
+    """The gradient accumulated for ``p``: megatron-core DDP's ``main_grad`` when it has one, else ``grad``."""
+    return p.main_grad if getattr(p, "main_grad", None) is not None else p.grad
+
+
 def counted_params(ctx: ProbeContext) -> list[torch.nn.Parameter]:
     """Parameters counted once across the model-parallel group (no TP duplicates, tied weights once)."""
     return [
@@ -280,7 +285,7 @@ class LinearizedProber(Estimator):
                     # run() takes the micro-batch's token mean; weight it into the set's token mean.
                     total += ctx.run([b], forward_only=False)
                     for p in params:
-                        g = p.main_grad if getattr(p, "main_grad", None) is not None else p.grad
+                        g = param_grad(p)
                         if p not in g_ref:
                             g_ref[p] = torch.zeros_like(g, dtype=torch.float32)
                         g_ref[p].add_(g.float(), alpha=weight)

@@ -151,7 +151,7 @@ def replica_share(inp: TraceInput) -> np.ndarray:
 
 
 class Tracer(ABC):
-    """One tracing method; ``options`` is a mapping of its settings (``from_options`` validates them)."""
+    """One tracing method, built from its options dataclass (``trace/run.py``'s ``OPTIONS`` names each)."""
 
     method: ClassVar[str]
     needs_model: ClassVar[bool] = True

@@ -3,9 +3,10 @@ candidate there as supportive evidence for the query's fact or not.
 
 Routing (``index.py``): the leaves sharing the query's rarest words, then the nearest by encoder
 embedding; the candidates are the routed leaves' documents that contain one of the query's keywords (a
-document that never names what the query is about cannot state its fact; when none does, all of them). Verification, by the model that was trained on the pool (no LLM judge on this machine), in one
-of two ways, each judged against ``null_docs`` documents drawn at random from the pool (a null the model and
-the query calibrate themselves, no labels):
+document that never names what the query is about cannot state its fact; when none does, all of them).
+Verification, by the model that was trained on the pool (no LLM judge on this machine), in one of two
+ways, each judged against ``null_docs`` documents drawn at random from the pool (a null the model and the
+query calibrate themselves, no labels):
 
 - ``mirrored`` (default): Forward-INF's loss changes of the candidates under a small step on the query's
   whole statement (``z_all``: the document is about the fact's words) and under a step on its target alone
@@ -35,7 +36,7 @@ from mates_megatron.probe.snapshot import TrainingSnapshot
 from mates_megatron.trace.base import TRACERS, TopK, TraceInput, Tracer, TraceResult
 from mates_megatron.trace.bm25 import words
 from mates_megatron.trace.index import IndexSettings, load_or_build, word_hash
-from mates_megatron.trace.model_passes import losses
+from mates_megatron.trace.model_passes import candidate_batches, descend, losses
 
 
 @dataclass
@@ -122,18 +123,12 @@ class FastTrackTracer(Tracer):
 
     def _mirrored(self, ctx, pool, docs: np.ndarray, rows, qi: int, snap) -> np.ndarray:
         """[2, len(docs)]: loss drops of ``docs`` under a step on query ``qi``'s whole text and its target."""
-        from mates_megatron.probe.estimators import counted_params
-        from mates_megatron.trace.forward_inf import ForwardInfOptions, ForwardInfTracer
-        from mates_megatron.trace.model_passes import candidate_batches
-
         mbs = self.options.micro_batch_size
-        step = ForwardInfTracer(ForwardInfOptions(drop=self.options.drop))
-        params, every = counted_params(ctx), [p for c in ctx.model_chunks for p in c.parameters()]
         before = losses(ctx, candidate_batches(pool, docs, mbs), len(docs))
         out = []
         for r in (rows.with_all_tokens(), rows):
             try:
-                step._descend(ctx, make_batch(r.tokens[qi : qi + 1], r.loss_mask[qi : qi + 1]), params, every)
+                descend(ctx, make_batch(r.tokens[qi : qi + 1], r.loss_mask[qi : qi + 1]), self.options.drop)
                 out.append(before - losses(ctx, candidate_batches(pool, docs, mbs), len(docs)))
             finally:
                 snap.restore()
@@ -184,13 +179,14 @@ class FastTrackTracer(Tracer):
         per_query, verdicts, routed = [], [], []
         snap = TrainingSnapshot(ctx.model_chunks, ctx.optimizer, ctx.scheduler)
         for qi in range(len(rows)):
+            q_words = words(inp.queries.texts[qi])
             cand: list[int] = []
-            for leaf in index.route(words(inp.queries.texts[qi]), q_emb[qi], opt.route_leaves):
+            for leaf in index.route(q_words, q_emb[qi], opt.route_leaves):
                 cand += [int(c) for c in index.members(int(leaf)) if allowed[c]]
                 if len(cand) >= opt.max_candidates:
                     break
             cand = np.array(sorted(set(cand[: opt.max_candidates])), dtype=np.int64)
-            keys = index.keywords(words(inp.queries.texts[qi]))
+            keys = index.keywords(q_words)
             named = [c for c in cand if keys & {word_hash(w) for w in words(inp.pool.text(int(c)))}]
             cand = np.array(named, dtype=np.int64) if named else cand
             routed.append(len(cand))

@@ -22,14 +22,11 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
-from mates_megatron.probe.estimators import counted_params, replica_local_grads, zero_grads
 from mates_megatron.probe.reference import make_batch
 from mates_megatron.probe.snapshot import TrainingSnapshot
-from mates_megatron.runtime.schedule import eval_mode
 from mates_megatron.trace.base import TRACERS, TopK, TraceInput, Tracer, TraceResult, chunks, replica_share
-from mates_megatron.trace.model_passes import candidate_batches, losses, model_parallel_sum, query_rows
+from mates_megatron.trace.model_passes import candidate_batches, descend, losses, query_rows
 
 
 @dataclass
@@ -57,32 +54,6 @@ class ForwardInfTracer(Tracer):
     def __init__(self, options: ForwardInfOptions | None = None) -> None:
         self.options = options or ForwardInfOptions()
 
-    @torch.no_grad()
-    def _descend(self, ctx, batch, params, every) -> float:
-        """``steps`` descent steps of first-order drop ``drop`` on ``batch``; returns the first gradient's norm."""
-        first = None
-        for _ in range(self.options.steps):
-            with torch.enable_grad(), replica_local_grads(ctx, always=True), eval_mode(ctx.model_chunks):
-                zero_grads(ctx)
-                ctx.run([batch], forward_only=False)
-            grads = {p: (p.main_grad if getattr(p, "main_grad", None) is not None else p.grad) for p in every}
-            sq = torch.zeros((), dtype=torch.float64, device=ctx.device)
-            for p in params:  # each parameter counted once over the model-parallel group
-                if grads[p] is not None:
-                    sq += grads[p].double().pow(2).sum()
-            norm = float(model_parallel_sum(ctx, sq).sqrt())
-            if not np.isfinite(norm) or norm == 0:
-                raise FloatingPointError(
-                    f"forward-inf: the query's gradient norm is {norm}; the query has no counted token or the "
-                    "checkpoint is not finite"
-                )
-            first = norm if first is None else first
-            for p in every:  # duplicated (TP-replicated) parameters get the same step on every rank
-                if grads[p] is not None:
-                    p.data.add_(grads[p].to(p.dtype), alpha=-self.options.drop / norm**2)
-            zero_grads(ctx)
-        return first
-
     def trace(self, inp: TraceInput) -> TraceResult:
         ctx, rows = inp.model, query_rows(inp, self.options.query_tokens)
         if ctx is None:
@@ -90,8 +61,6 @@ class ForwardInfTracer(Tracer):
         t0 = time.perf_counter()
         mbs = self.options.micro_batch_size
         mine = replica_share(inp)
-        params = counted_params(ctx)
-        every = [p for c in ctx.model_chunks for p in c.parameters()]
         before = np.concatenate(
             [
                 losses(ctx, candidate_batches(inp.pool, ids, mbs), len(ids))
@@ -104,7 +73,7 @@ class ForwardInfTracer(Tracer):
         try:
             for qi in range(len(rows)):
                 query = make_batch(rows.tokens[qi : qi + 1], rows.loss_mask[qi : qi + 1])
-                norms.append(self._descend(ctx, query, params, every))
+                norms.append(descend(ctx, query, self.options.drop, self.options.steps))
                 top, start = TopK(1, inp.top_k), 0
                 for ids in chunks(inp, mine, f"forward-inf query {qi + 1}/{len(rows)}"):
                     after = losses(ctx, candidate_batches(inp.pool, ids, mbs), len(ids))

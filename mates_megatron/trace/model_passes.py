@@ -15,7 +15,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from mates_megatron.probe.estimators import ProbeContext, replica_local_grads, zero_grads
+from mates_megatron.probe.estimators import (
+    ProbeContext,
+    counted_params,
+    param_grad,
+    replica_local_grads,
+    zero_grads,
+)
 from mates_megatron.runtime.schedule import Batch, collate, eval_mode, per_sample_losses
 
 
@@ -47,11 +53,41 @@ def gradient(ctx: ProbeContext, batch: Batch, params: list[torch.nn.Parameter]) 
         ctx.run([batch], forward_only=False)
     parts = []
     for p in params:
-        g = p.main_grad if getattr(p, "main_grad", None) is not None else p.grad
+        g = param_grad(p)
         parts.append((g if g is not None else torch.zeros_like(p)).detach().float().reshape(-1))
     out = torch.cat(parts)  # a copy: the parts are views of the grad buffers zeroed next
     zero_grads(ctx)
     return out
+
+
+@torch.no_grad()
+def descend(ctx: ProbeContext, batch: Batch, drop: float, steps: int = 1) -> float:
+    """``steps`` plain-descent steps on ``batch``, each lowering its loss by ``drop`` nats to first order
+    (``theta -= drop * g / |g|^2``); returns the first gradient's norm. The caller restores the model."""
+    params = counted_params(ctx)
+    every = [p for c in ctx.model_chunks for p in c.parameters()]
+    first = None
+    for _ in range(steps):
+        with torch.enable_grad(), replica_local_grads(ctx, always=True), eval_mode(ctx.model_chunks):
+            zero_grads(ctx)
+            ctx.run([batch], forward_only=False)
+        grads = {p: param_grad(p) for p in every}
+        sq = torch.zeros((), dtype=torch.float64, device=ctx.device)
+        for p in params:  # each parameter counted once over the model-parallel group
+            if grads[p] is not None:
+                sq += grads[p].double().pow(2).sum()
+        norm = float(model_parallel_sum(ctx, sq).sqrt())
+        if not np.isfinite(norm) or norm == 0:
+            raise FloatingPointError(
+                f"trace descent step: the query's gradient norm is {norm}; the query has no counted token or the "
+                "checkpoint is not finite"
+            )
+        first = norm if first is None else first
+        for p in every:  # duplicated (TP-replicated) parameters get the same step on every rank
+            if grads[p] is not None:
+                p.data.add_(grads[p].to(p.dtype), alpha=-drop / norm**2)
+        zero_grads(ctx)
+    return first
 
 
 def model_parallel_sum(ctx: ProbeContext, t: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -181,7 +180,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="the run's YAML config (the model); model methods only")
     p.add_argument("--load", help="the run's checkpoint directory; model methods only")
     p.add_argument("--top-k", type=int, default=10)
-    p.add_argument("--options", default="{}", help="the method's options as YAML, e.g. '{step: 0.5}'")
+    p.add_argument("--options", default="{}", help="the method's options as YAML, e.g. '{drop: 0.02}'")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tensor-model-parallel-size", type=int, default=None)
     p.add_argument("--pipeline-model-parallel-size", type=int, default=None)
@@ -230,12 +229,9 @@ def launch(a) -> int:
     nproc = a.nproc_per_node or (
         cfg.tensor_model_parallel_size or int(par.get("tensor_model_parallel_size", 1))
     ) * (cfg.pipeline_model_parallel_size or int(par.get("pipeline_model_parallel_size", 1)))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "-m", __name__,
-           "--trace-config", json.dumps(asdict(cfg)), "--out", str(a.out)]  # fmt: skip
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    print("[mates-megatron] " + " ".join(cmd[1:]), flush=True)
-    return subprocess.call(cmd, env=env)
+    from mates_megatron.cli import torchrun
+
+    return torchrun(__name__, ["--trace-config", json.dumps(asdict(cfg)), "--out", str(a.out)], nproc)
 
 
 def _report(out: Path, result: TraceResult, queries: Queries) -> None:
