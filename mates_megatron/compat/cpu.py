@@ -189,6 +189,10 @@ def enable_cpu_mode(skip: set[str] | frozenset[str] = frozenset()) -> CpuMode:
         _set_attr(undo, torch.cuda, "synchronize", lambda *a, **k: None)
         _set_attr(undo, torch.cuda, "empty_cache", lambda: None)
         _set_attr(undo, torch.cuda, "set_device", lambda *a, **k: None)
+        # The rerun state machine saves and restores the CUDA generator around every training step (Megatron-LM's
+        # train_step): no CUDA generator here, an empty state (dropout draws from the CPU one, item 1).
+        _set_attr(undo, torch.cuda, "get_rng_state", lambda *a, **k: torch.zeros(0, dtype=torch.uint8))
+        _set_attr(undo, torch.cuda, "set_rng_state", lambda *a, **k: None)
 
         if "rng_tracker" in enabled:
             from megatron.core.tensor_parallel import random as mcore_random

@@ -11,21 +11,26 @@ only ``probe(sample)`` (or, for estimators that batch their work, ``probe_share`
 - ``LinearizedProber``: score = loss_before + <grad of the reference loss, the update the run's optimizer
   applies for x> (the first-order form of the oracle). The update is the optimizer's real step, so Adam's
   moments, bias correction, clipping and weight decay are exact; only the reference forward per probe goes.
+  The update is read from the optimizer's fp32 main copies (this rank's shard under the distributed
+  optimizer), not from bf16 parameters, where a one-sample update is a fraction of an ulp.
 - ``MirroredProber`` (Forward-INF, Ko et al. 2024): one optimizer step on the reference set, then
   score(x) = loss_x(after) - loss_x(before), forward passes only, several candidates per pass.
 
 Each data-parallel replica probes its strided share of the samples with its own TP/PP shards. During a
-probe, the replicas must not average gradients, so each DDP chunk's data-parallel ``finish_grad_sync`` is
-switched off (tensor- and pipeline-parallel reductions still run). The distributed optimizer shards Adam's
-state over data-parallel ranks, so there the replicas probe every sample together instead.
+probe, the replicas must not average gradients, so DDP's data-parallel gradient sync is switched off (also the
+one backward hooks start under ``overlap_grad_reduce``; tensor- and pipeline-parallel reductions still run).
+The distributed optimizer shards Adam's state over data-parallel ranks, so there the replicas probe every sample
+together instead. A round holds one ``TrainingSnapshot`` (the estimators share it); Megatron's rerun state
+machine is off for probe passes (``runtime.rerun``), as for Megatron-LM's evaluate().
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 from abc import ABC
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
@@ -38,7 +43,16 @@ from tqdm import tqdm
 from mates_megatron.host import ProcessGroups
 from mates_megatron.probe.snapshot import TrainingSnapshot
 from mates_megatron.registry import Registry
-from mates_megatron.runtime.schedule import Batch, eval_mode, evaluate, per_sample_losses, run_schedule
+from mates_megatron.runtime.optimizers import main_params
+from mates_megatron.runtime.rerun import outside_training_step
+from mates_megatron.runtime.schedule import (
+    Batch,
+    eval_mode,
+    evaluate,
+    per_sample_losses,
+    run_schedule,
+    token_mean_backward,
+)
 
 if TYPE_CHECKING:
     from mates_megatron.host import Host
@@ -51,6 +65,10 @@ class ProbeScores:
     loss_before: float
     """Reference loss of the unchanged model."""
     method: str
+    seconds: dict[str, float] = field(default_factory=dict)
+    """Wall-clock seconds of this rank's round by phase: 'reference' (loss before, reference gradient) and, summed
+    over the probes, 'forward_backward', 'optimizer_step', 'reference_loss', 'dot', 'forward', 'restore'. With
+    ``ProbeContext.time_phases`` the device is synchronised at each boundary, so the split is exact on a GPU."""
 
 
 @dataclass
@@ -69,6 +87,9 @@ class ProbeContext:
     forward_backward_func: Callable | None = None
     """megatron-core's schedule (None: ``get_forward_backward_func()``)."""
     show_progress: bool = True
+    time_phases: bool = False
+    """Synchronise the device at each phase boundary so that ``ProbeScores.seconds`` splits GPU time exactly
+    (benchmarks; off in training, where the syncs would cost)."""
 
     @classmethod
     def from_host(cls, host: Host, reference: Sequence[Batch]) -> ProbeContext:
@@ -86,43 +107,59 @@ class ProbeContext:
         )
 
     def run(self, micro_batches: Sequence[Batch], *, forward_only: bool) -> torch.Tensor:
-        """[loss_sum, tokens] of this replica over ``micro_batches`` (forward and, unless forward_only, backward)."""
-        return run_schedule(
-            self.model_chunks,
-            micro_batches,
-            seq_length=self.seq_length,
-            forward_only=forward_only,
-            device=self.device,
-            forward_backward_func=self.forward_backward_func,
-        )
+        """[loss_sum, tokens] of this replica over ``micro_batches`` (forward and, unless forward_only, backward).
+
+        A probe pass is never part of a training step: the rerun state machine is off for it
+        (``runtime.rerun``), or a gradient sync's NaN check would assert outside the training loop.
+        """
+        with outside_training_step():
+            return run_schedule(
+                self.model_chunks,
+                micro_batches,
+                seq_length=self.seq_length,
+                forward_only=forward_only,
+                device=self.device,
+                forward_backward_func=self.forward_backward_func,
+            )
 
 
 # -- shared machinery -------------------------------------------------------------------------------------
 
 
+def _no_sync(*args, **kwargs) -> None:
+    return None
+
+
 @contextlib.contextmanager
 def replica_local_grads(ctx: ProbeContext, *, always: bool = False) -> Iterator[None]:
-    """Switch off the data-parallel gradient all-reduce (each replica steps on its own sample).
+    """Switch off the data-parallel gradient sync (each replica steps on its own sample).
 
-    Under the distributed optimizer a probe step needs the reduce-scatter (Adam's state is sharded), so the
-    sync stays on unless ``always`` (for gradients that are read, not stepped on).
+    Both ends: each DDP chunk's ``finish_grad_sync`` (called after the last micro-batch) and each bucket group's
+    ``start_grad_sync`` (called from backward hooks under ``overlap_grad_reduce``, which would otherwise average
+    the replicas' different probe gradients, or write into a buffer that is being read). Under the distributed
+    optimizer a probe step needs the reduce-scatter (Adam's state is sharded), so the sync stays on unless
+    ``always`` (for gradients that are read, not stepped on).
     """
     if ctx.distributed_optimizer and not always:
         yield
         return
-    saved = [
-        (c, c.__dict__.get("finish_grad_sync")) for c in ctx.model_chunks if hasattr(c, "finish_grad_sync")
-    ]
-    for c, _ in saved:
-        c.finish_grad_sync = lambda *a, **k: None
+    targets = [(c, "finish_grad_sync") for c in ctx.model_chunks if hasattr(c, "finish_grad_sync")]
+    for c in ctx.model_chunks:
+        for g in list(getattr(c, "bucket_groups", [])) + list(
+            getattr(c, "expert_parallel_bucket_groups", [])
+        ):
+            targets.append((g, "start_grad_sync"))
+    saved = [(obj, name, obj.__dict__.get(name)) for obj, name in targets]
+    for obj, name, _ in saved:
+        setattr(obj, name, _no_sync)
     try:
         yield
     finally:
-        for c, old in saved:
+        for obj, name, old in saved:
             if old is None:
-                del c.finish_grad_sync
+                delattr(obj, name)
             else:
-                c.finish_grad_sync = old
+                setattr(obj, name, old)
 
 
 def _my_share(n: int, ctx: ProbeContext) -> np.ndarray:
@@ -151,13 +188,6 @@ def zero_grads(ctx: ProbeContext) -> None:
         if hasattr(c, "zero_grad_buffer"):
             c.zero_grad_buffer()
     ctx.optimizer.zero_grad()
-
-
-def _optimizer_step_on(ctx: ProbeContext, batch: Batch) -> None:
-    """One step of the run's optimizer (its state, lr, clipping, weight decay) on one sample."""
-    zero_grads(ctx)
-    ctx.run([batch], forward_only=False)
-    ctx.optimizer.step()
 
 
 def _reference_loss(ctx: ProbeContext) -> float:
@@ -195,7 +225,9 @@ class Estimator(ABC):
     Contract for subclasses: ``probe(sample) -> float`` may change the model and optimizer freely (one
     optimizer step, say); the base restores them after every probe, also when it raises. Estimators whose
     work batches over samples override ``probe_share(samples, mine) -> {index: score}`` instead and restore
-    themselves with ``self.snapshot.restore()``. ``prepare()`` runs once per round before the probes.
+    themselves with ``self.snapshot.restore()``. ``prepare()`` runs once per round before the probes. The
+    round's one snapshot (``self.snapshot``) exists only inside ``score``. ``samples`` is indexed only at this
+    rank's share (a lazy sequence builds only those).
     """
 
     method: ClassVar[str]
@@ -205,6 +237,21 @@ class Estimator(ABC):
     def __init__(self, ctx: ProbeContext) -> None:
         self.ctx = ctx
         self.snapshot: TrainingSnapshot | None = None
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Add the block's wall-clock seconds to ``self.seconds[name]`` (device-synchronised if asked)."""
+        sync = self.ctx.time_phases and self.ctx.device.type == "cuda"
+        if sync:
+            torch.cuda.synchronize(self.ctx.device)
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            if sync:
+                torch.cuda.synchronize(self.ctx.device)
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
 
     def prepare(self) -> None:
         """Per-round work before the probes (e.g. a reference gradient); the run is restored after it."""
@@ -216,22 +263,37 @@ class Estimator(ABC):
     def probe(self, sample: Batch) -> float:
         raise TypeError(f"{type(self).__name__} must implement probe(sample) or probe_share(samples, mine)")
 
+    def step_on(self, sample: Batch) -> None:
+        """One step of the run's optimizer (its state, lr, clipping, weight decay) on one sample."""
+        ctx = self.ctx
+        with self.phase("forward_backward"):
+            zero_grads(ctx)
+            ctx.run([sample], forward_only=False)
+        with self.phase("optimizer_step"):
+            ctx.optimizer.step()
+
+    def restore(self) -> None:
+        assert self.snapshot is not None
+        with self.phase("restore"):
+            self.snapshot.restore()
+
     def probe_share(self, samples: Sequence[Batch], mine: np.ndarray) -> dict[int, float]:
         values: dict[int, float] = {}
-        assert self.snapshot is not None
         for i in _progress(mine, self.ctx, f"{self.method} probes"):
             try:
                 values[int(i)] = self.probe(samples[i])
             finally:
-                self.snapshot.restore()
+                self.restore()
         return values
 
     def score(self, samples: Sequence[Batch]) -> ProbeScores:
         ctx = self.ctx
+        self.seconds = {}
         self.snapshot = TrainingSnapshot(ctx.model_chunks, ctx.optimizer, ctx.scheduler)
         try:
-            before = self.reference_loss_before()
-            self.prepare()
+            with self.phase("reference"):
+                before = self.reference_loss_before()
+                self.prepare()
             mine = _my_share(len(samples), ctx)
             if self.sync_grads:
                 values = self.probe_share(samples, mine)
@@ -240,10 +302,14 @@ class Estimator(ABC):
                     values = self.probe_share(samples, mine)
         finally:
             self.snapshot.restore()
-        return ProbeScores(_gather(values, len(samples), ctx), before, self.method)
+            self.snapshot = None  # the round's copy of the model and optimizer goes with the round
+        return ProbeScores(_gather(values, len(samples), ctx), before, self.method, dict(self.seconds))
 
 
 ESTIMATORS: Registry[type[Estimator]] = Registry("estimator")
+
+_DOT_CHUNK = 1 << 22
+"""Elements per chunk of the linearized estimator's update dot (16 MB of fp32 temporary)."""
 
 
 @ESTIMATORS.register("oracle")
@@ -253,66 +319,71 @@ class OracleProber(Estimator):
     method = "oracle"
 
     def probe(self, sample: Batch) -> float:
-        _optimizer_step_on(self.ctx, sample)
-        return _reference_loss(self.ctx)
+        self.step_on(sample)
+        with self.phase("reference_loss"):
+            return _reference_loss(self.ctx)
 
 
 @ESTIMATORS.register("linearized")
 class LinearizedProber(Estimator):
-    """score(x) = loss_before + <g_ref, Δθ(x)>, Δθ(x) the run's optimizer update for x alone."""
+    """score(x) = loss_before + <g_ref, Δθ(x)>, Δθ(x) the run's optimizer update for x alone, read from the
+    optimizer's fp32 main copies (this rank's shard under the distributed optimizer)."""
 
     method = "linearized"
 
-    def reference_gradient(self) -> tuple[float, dict[torch.nn.Parameter, torch.Tensor]]:
-        """Reference loss and the gradient of it (token mean), one pass per round; leaves the run unchanged.
-
-        Run in eval mode (no dropout), like the oracle's reference loss, so the loss is the same number.
-        """
-        ctx = self.ctx
-        snap = TrainingSnapshot(ctx.model_chunks, ctx.optimizer, ctx.scheduler)
-        n_tokens = sum(float(b["loss_mask"].sum()) for b in ctx.reference)
-        params = counted_params(ctx)
-        g_ref: dict[torch.nn.Parameter, torch.Tensor] = {}
-        total = torch.zeros(2, dtype=torch.float64, device=ctx.device)
-        try:
-            # Read whole, not stepped on: after a reduce-scatter only this rank's shard would be reduced.
-            with replica_local_grads(ctx, always=True), eval_mode(ctx.model_chunks):
-                for b in ctx.reference:
-                    weight = float(b["loss_mask"].sum()) / n_tokens
-                    if weight == 0:
-                        continue
-                    zero_grads(ctx)
-                    # run() takes the micro-batch's token mean; weight it into the set's token mean.
-                    total += ctx.run([b], forward_only=False)
-                    for p in params:
-                        g = param_grad(p)
-                        if p not in g_ref:
-                            g_ref[p] = torch.zeros_like(g, dtype=torch.float32)
-                        g_ref[p].add_(g.float(), alpha=weight)
-        finally:
-            snap.restore()
-        if ctx.groups.pipeline_parallel_size > 1:
-            dist.all_reduce(total, group=ctx.groups.pipeline_parallel)
-        return float(total[0] / total[1]), g_ref
-
     def reference_loss_before(self) -> float:
         # The reference pass of the gradient gives the loss too: one pass, not two.
-        self._before, self._g_ref = self.reference_gradient()
+        self._before, self._terms = self.reference_gradient()
         return self._before
 
-    def prepare(self) -> None:
-        self._params = list(self._g_ref)
-        self._theta0 = [p.detach().float().clone() for p in self._params]
-
-    def probe(self, sample: Batch) -> float:
+    def reference_gradient(self) -> tuple[float, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
+        """Reference loss (token mean) and, for every main tensor the optimizer steps, (the reference gradient's
+        matching fp32 slice, the live main tensor, its value in the round's snapshot), all flattened. One
+        backward pass over the reference set per round, in eval mode (no dropout, like the oracle's loss);
+        the gradient is read whole on each replica, and the run is restored after.
+        """
         ctx = self.ctx
-        _optimizer_step_on(ctx, sample)
+        assert self.snapshot is not None, "reference_gradient runs inside score(), on the round's snapshot"
+        with replica_local_grads(ctx, always=True), eval_mode(ctx.model_chunks), outside_training_step():
+            zero_grads(ctx)
+            total = token_mean_backward(
+                ctx.model_chunks,
+                ctx.reference,
+                seq_length=ctx.seq_length,
+                device=ctx.device,
+                forward_backward_func=ctx.forward_backward_func,
+            )
+        counted = {id(p) for p in counted_params(ctx)}
+        terms = []
+        for p, main, offset in main_params(ctx.optimizer):
+            if id(p) not in counted:  # TP duplicates and tied weights: counted on one rank only
+                continue
+            g = param_grad(p).detach().reshape(-1)[offset : offset + main.numel()]
+            terms.append((g.float().clone(), main.detach().view(-1), self.snapshot.saved(main).view(-1)))
+        self.snapshot.restore()
+        if ctx.groups.pipeline_parallel_size > 1:
+            dist.all_reduce(total, group=ctx.groups.pipeline_parallel)
+        return float(total[0] / total[1]), terms
+
+    def _update_dot(self) -> float:
+        ctx = self.ctx
         dot = torch.zeros((), dtype=torch.float64, device=ctx.device)
-        for p, t0 in zip(self._params, self._theta0, strict=True):
-            dot += torch.sum(self._g_ref[p].double() * (p.detach().double() - t0.double()))
+        for g, live, saved in self._terms:
+            # fp32 dot of the update, one parameter (or shard) at a time, in chunks: the temporary difference
+            # stays small whatever the parameter (a 50k x 8k embedding is 1.6 GB in fp32).
+            for i in range(0, g.numel(), _DOT_CHUNK):
+                j = i + _DOT_CHUNK
+                dot += torch.dot(g[i:j], live[i:j] - saved[i:j])
         if dist.get_world_size(ctx.groups.model_parallel) > 1:  # sum the shards' parts over TP x PP
             dist.all_reduce(dot, group=ctx.groups.model_parallel)
-        return self._before + float(dot)
+        if ctx.distributed_optimizer and ctx.groups.data_parallel_size > 1:  # and over the optimizer shards
+            dist.all_reduce(dot, group=ctx.groups.data_parallel)
+        return float(dot)
+
+    def probe(self, sample: Batch) -> float:
+        self.step_on(sample)
+        with self.phase("dot"):
+            return self._before + self._update_dot()
 
 
 @ESTIMATORS.register("mirrored")
@@ -339,20 +410,23 @@ class MirroredProber(Estimator):
             {k: torch.cat([r[k] for r in rows[j : j + self.micro_batch_size]]) for k in rows[0]}
             for j in range(0, len(rows), self.micro_batch_size)
         ]
-        return per_sample_losses(
-            ctx.model_chunks,
-            batches,
-            seq_length=ctx.seq_length,
-            device=ctx.device,
-            forward_backward_func=ctx.forward_backward_func,
-        )[: len(idx)]
+        with self.phase("forward"):
+            return per_sample_losses(
+                ctx.model_chunks,
+                batches,
+                seq_length=ctx.seq_length,
+                device=ctx.device,
+                forward_backward_func=ctx.forward_backward_func,
+            )[: len(idx)]
 
     def probe_share(self, samples: Sequence[Batch], mine: np.ndarray) -> dict[int, float]:
         ctx = self.ctx
         loss0 = self._losses(samples, mine)
         for _ in range(self.steps):
-            zero_grads(ctx)
-            ctx.run(ctx.reference, forward_only=False)
-            ctx.optimizer.step()
+            with self.phase("forward_backward"):
+                zero_grads(ctx)
+                ctx.run(ctx.reference, forward_only=False)
+            with self.phase("optimizer_step"):
+                ctx.optimizer.step()
         loss1 = self._losses(samples, mine)
         return {int(i): float(d) for i, d in zip(mine, (loss1 - loss0).tolist(), strict=True)}

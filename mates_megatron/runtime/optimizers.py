@@ -1,8 +1,42 @@
-"""megatron-core optimizers as a list, whether or not they are chained."""
+"""megatron-core optimizers as a list, whether or not they are chained, and the tensors each one updates."""
 
 from __future__ import annotations
+
+import torch
 
 
 def megatron_optimizers(optimizer) -> list:
     """The optimizers inside a megatron-core ChainedOptimizer (or the optimizer itself)."""
     return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def _offset(view: torch.Tensor, param: torch.Tensor) -> int:
+    return (view.data_ptr() - param.data_ptr()) // view.element_size()
+
+
+def main_params(optimizer) -> list[tuple[torch.nn.Parameter, torch.Tensor, int]]:
+    """(model parameter, the fp32 tensor the optimizer steps for it, where that tensor starts in the parameter's
+    flattened values) for every parameter this rank's optimizer updates.
+
+    What an optimizer step really changes, before any rounding to the model's dtype: with ``--bf16`` the fp32
+    main copy (a bf16 parameter moves by whole bf16 ulps, which quantises a one-sample update), under the
+    distributed optimizer only this rank's shard of it (offset > 0 for shards that start inside the parameter);
+    in fp32 without main copies the parameter itself.
+    """
+    out: list[tuple[torch.nn.Parameter, torch.Tensor, int]] = []
+    for o in megatron_optimizers(optimizer):
+        if hasattr(o, "shard_fp32_from_float16_groups"):  # DistributedOptimizer
+            for models, shards, mains in zip(
+                o.model_float16_groups, o.shard_float16_groups, o.shard_fp32_from_float16_groups, strict=True
+            ):
+                # shards[i] is a view of the bf16 parameter: it tells where the fp32 shard starts.
+                out += [(p, m, _offset(s, p)) for p, s, m in zip(models, shards, mains, strict=True)]
+            for models, shards in zip(o.model_fp32_groups, o.shard_fp32_groups, strict=True):
+                out += [(p, s, _offset(s, p)) for p, s in zip(models, shards, strict=True)]
+        elif hasattr(o, "fp32_from_float16_groups"):  # Float16OptimizerWithFloat16Params
+            for models, mains in zip(o.float16_groups, o.fp32_from_float16_groups, strict=True):
+                out += [(p, m, 0) for p, m in zip(models, mains, strict=True)]
+            out += [(p, p, 0) for group in o.fp32_from_fp32_groups for p in group]
+        else:  # FP32Optimizer: the model's own parameters
+            out += [(p, p, 0) for g in o.optimizer.param_groups for p in g["params"]]
+    return out

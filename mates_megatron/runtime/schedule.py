@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.rerun_state_machine import get_rerun_state_machine
 
 Batch = dict[str, torch.Tensor]
 
@@ -79,6 +80,56 @@ def run_schedule(
     return total
 
 
+def _weighted_loss_func(loss_mask: torch.Tensor, weight: torch.Tensor, output_tensor: torch.Tensor):
+    loss_sum, num_tokens, report = loss_func(loss_mask, output_tensor)
+    return loss_sum * weight.reshape(()), num_tokens, report
+
+
+def _weighted_forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    return output, partial(_weighted_loss_func, batch["loss_mask"], batch["loss_weight"])
+
+
+def token_mean_backward(
+    model_chunks: Sequence[torch.nn.Module],
+    micro_batches: Sequence[Batch],
+    *,
+    seq_length: int,
+    device: torch.device,
+    forward_backward_func: Callable | None = None,
+) -> torch.Tensor:
+    """Backward of the mean loss per counted token over all ``micro_batches``, in one schedule call (gradients
+    accumulate in DDP's buffers); returns [loss_sum, tokens] as ``run_schedule`` does.
+
+    megatron-core gives each micro-batch the same weight (its token mean over the number of micro-batches); each
+    micro-batch's loss is weighted here by its share of the set's tokens times that number, so the gradient is
+    the set's token mean whatever the micro-batches hold (padding rows count no token).
+    """
+    tokens = [float(b["loss_mask"].sum()) for b in micro_batches]
+    total_tokens = sum(tokens)
+    if total_tokens <= 0:
+        raise ValueError("no loss tokens in the micro-batches (every loss_mask is zero)")
+    n = len(micro_batches)
+    weighted = [
+        {**b, "loss_weight": torch.tensor(t / total_tokens * n)}
+        for b, t in zip(micro_batches, tokens, strict=True)
+    ]
+    losses = _schedule(
+        model_chunks,
+        weighted,
+        _weighted_forward_step,
+        seq_length=seq_length,
+        forward_only=False,
+        device=device,
+        forward_backward_func=forward_backward_func,
+    )
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    for item in losses:
+        total += item["lm loss"].to(torch.float64)
+    return total
+
+
 def _schedule(
     model_chunks,
     micro_batches,
@@ -124,13 +175,26 @@ def train_step(
     global_batch_size: int,
     device: torch.device,
 ) -> dict[str, float]:
-    """One optimizer step over this rank's micro-batches; returns loss, grad norm, learning rate."""
-    for chunk in model_chunks:
-        chunk.zero_grad_buffer()
-    optimizer.zero_grad()
-    total = run_schedule(
-        model_chunks, micro_batches, seq_length=seq_length, forward_only=False, device=device
-    )
+    """One optimizer step over this rank's micro-batches; returns loss, grad norm, learning rate.
+
+    The forward-backward runs inside Megatron's rerun state machine, as Megatron-LM's ``train_step`` does: in
+    ``validate_results`` mode a gradient that fails the NaN check reruns the step to tell a transient fault
+    from a reproducible one, and the machine's verdict stops the run.
+    """
+    machine = get_rerun_state_machine()
+    while machine.should_run_forward_backward(None):
+        for chunk in model_chunks:
+            chunk.zero_grad_buffer()
+        optimizer.zero_grad()
+        total = run_schedule(
+            model_chunks, micro_batches, seq_length=seq_length, forward_only=False, device=device
+        )
+    _, should_exit, exit_code = machine.should_checkpoint_and_exit()
+    if should_exit:
+        raise FloatingPointError(
+            f"the rerun state machine stops the run (exit code {exit_code}): a gradient failed its NaN/Inf "
+            "check and the rerun told whether it was a transient fault or in the data; see its log above"
+        )
     update_ok, grad_norm, _ = optimizer.step()
     if update_ok:
         scheduler.step(increment=global_batch_size)

@@ -54,6 +54,12 @@ class TrainConfig:
     """Adam beta2."""
     use_distributed_optimizer: bool = False
     """Shard optimizer state over data-parallel ranks (megatron-core distributed optimizer)."""
+    check_for_nan_in_loss_and_grad: bool = True
+    """Check every gradient bucket for NaN/Inf before its data-parallel reduction, through the rerun state
+    machine (Megatron-LM's default; ``--no-check-for-nan-in-loss-and-grad`` turns it off)."""
+    rerun_mode: str = "validate_results"
+    """Megatron's rerun state machine around every training step: 'validate_results' (Megatron-LM's default:
+    a rejected result reruns the step to tell a transient fault from a reproducible one) or 'disabled'."""
     seed: int = 1234
     """Seed for weights, data order and every RNG."""
     eval_interval: int = 50
@@ -111,6 +117,8 @@ class TrainConfig:
         from mates_megatron.training.evalsets import check_names
 
         check_names(self.eval_sets)
+        if self.rerun_mode not in ("validate_results", "disabled"):
+            raise ValueError(f"TrainConfig.rerun_mode={self.rerun_mode!r}: use validate_results or disabled")
         if self.lr_decay_style not in ("constant", "linear", "cosine"):
             raise ValueError(
                 f"TrainConfig.lr_decay_style={self.lr_decay_style!r}: use constant, linear or cosine"

@@ -36,8 +36,8 @@ from mates_megatron.training.config import TrainConfig
 from mates_megatron.training.data import TokenizerInfo, build_gpt_dataset, sequential_indices
 from mates_megatron.training.evalsets import EvalSets
 from mates_megatron.training.metrics import MetricsWriter
-from mates_megatron.training.model import build_gpt_model
-from mates_megatron.training.parallel import initialize_parallel
+from mates_megatron.training.model import build_gpt_model, in_model_precision
+from mates_megatron.training.parallel import initialize_parallel, initialize_rerun_machine
 
 log = logging.getLogger("mates_megatron.train")
 
@@ -104,6 +104,7 @@ class Trainer:
     ) -> None:
         self.cfg = cfg
         initialize_parallel(cfg.parallel, seed=cfg.seed)
+        initialize_rerun_machine(cfg.rerun_mode)
         self.device = (
             torch.device("cpu") if cfg.parallel.cpu else torch.device("cuda", torch.cuda.current_device())
         )
@@ -173,11 +174,12 @@ class Trainer:
     # -- construction -------------------------------------------------------------------------------------
     def _build_model_and_optimizer(self) -> None:
         cfg = self.cfg
-        model = build_gpt_model(cfg.model, cpu=cfg.parallel.cpu)
+        model = in_model_precision(build_gpt_model(cfg.model, cpu=cfg.parallel.cpu), cfg.model)
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
             overlap_grad_reduce=False,
             use_distributed_optimizer=cfg.use_distributed_optimizer,
+            check_for_nan_in_grad=cfg.check_for_nan_in_loss_and_grad,
         )
         self.model = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
         self.model_chunks = [self.model]

@@ -37,7 +37,8 @@ class GPTConfig:
     transformer_impl: str = "local"
     """'local' (pure PyTorch layer spec, runs anywhere) or 'transformer_engine' (needs CUDA + TE)."""
     bf16: bool = False
-    """Train in bf16 with fp32 master weights (GPU); CPU runs use fp32."""
+    """Train in bf16 with fp32 main weights (Megatron-LM's --bf16: the whole model in bf16 through
+    megatron-core's Float16Module, Adam on fp32 main copies). Runs on CPU too, slowly."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -149,3 +150,14 @@ def build_gpt_model(
     if not cpu:
         model.cuda(torch.cuda.current_device())
     return model
+
+
+def in_model_precision(model: GPTModel, cfg: GPTConfig) -> torch.nn.Module:
+    """The model as Megatron-LM trains it under ``--bf16``: wrapped in megatron-core's ``Float16Module``, which
+    casts every parameter (the local spec creates layer norms and position embeddings in fp32) and the first
+    stage's inputs to bf16, and the last stage's outputs back to fp32. Unchanged in fp32."""
+    if not cfg.bf16:
+        return model
+    from megatron.core.transformer.module import Float16Module
+
+    return Float16Module(model.config, model)

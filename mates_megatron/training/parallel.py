@@ -67,6 +67,27 @@ def initialize_parallel(cfg: ParallelConfig, seed: int) -> None:
     model_parallel_seed(seed)
 
 
+def initialize_rerun_machine(mode: str) -> None:
+    """Megatron's rerun state machine as Megatron-LM's ``initialize_megatron`` sets it up: in ``mode``, saving and
+    restoring the model-parallel RNG tracker's states when a step is rerun."""
+    from megatron.core import tensor_parallel
+    from megatron.core.rerun_state_machine import (
+        RerunMode,
+        destroy_rerun_state_machine,
+        initialize_rerun_state_machine,
+    )
+
+    def save() -> dict:
+        return {"rng_tracker_states": tensor_parallel.get_cuda_rng_tracker().get_states()}
+
+    def restore(state: dict) -> None:
+        if state["rng_tracker_states"]:
+            tensor_parallel.get_cuda_rng_tracker().set_states(state["rng_tracker_states"])
+
+    destroy_rerun_state_machine()  # one machine per process; a process may build several runs (bench, tests)
+    initialize_rerun_state_machine(state_save_func=save, state_restore_func=restore, mode=RerunMode(mode))
+
+
 def destroy_parallel() -> None:
     parallel_state.destroy_model_parallel()
     if dist.is_initialized():

@@ -78,7 +78,10 @@ def _train(data, overrides):
     history = trainer.train()
     trainer.metrics_writer.close()
     k = hook.sampler.samples_per_round
+    from megatron.core.rerun_state_machine import get_rerun_state_machine
+
     return {
+        "rerun_mode": get_rerun_state_machine().get_mode().value,
         "history": history,
         "served": served,
         "published": published,
@@ -133,6 +136,28 @@ def test_rounds_select_on_the_live_model_and_log_per_round(uninterrupted):
     spearman = [e.value for e in events.Scalars("mates/influence_spearman")]
     assert [e.step for e in events.Scalars("mates/influence_spearman")] == [EVERY, 2 * EVERY]
     assert spearman == pytest.approx([rank0["records"][r]["influence_spearman"] for r in (1, 2)])
+
+
+@pytest.mark.parametrize("estimator", ["linearized", "mirrored"])
+def test_scored_rounds_at_dp2_with_the_distributed_optimizer_and_megatron_lm_checks(
+    small_embedded, estimator
+):
+    """Megatron-LM's defaults around the probes: NaN checks in every gradient sync, each step inside the rerun
+    state machine in validate_results mode, the distributed optimizer at DP=2 (replicas probe together)."""
+    overrides = {
+        "parallel": {"cpu": True},
+        "use_distributed_optimizer": True,
+        "check_for_nan_in_loss_and_grad": True,
+        "rerun_mode": "validate_results",
+        "selection": {"estimator": estimator, "max_selection_cost": 200.0},
+    }
+    rank0, rank1 = run_on_ranks(_train, 2, small_embedded, overrides)
+    assert sorted(rank0["records"]) == [1, 2]
+    assert rank0["published"] == rank1["published"] and rank0["served"] != rank1["served"]
+    for r in (1, 2):
+        assert rank0["records"][r]["estimator"] == estimator
+        assert np.isfinite([rank0["records"][r]["oracle_mean"], rank0["records"][r]["oracle_std"]]).all()
+    assert rank0["rerun_mode"] == rank1["rerun_mode"] == "validate_results"  # given back after every round
 
 
 @pytest.mark.parametrize("stop", [EVERY, EVERY + 2], ids=["after-boundary", "mid-round"])

@@ -48,7 +48,11 @@ def _full_weights(trainer) -> dict[str, torch.Tensor]:
     """The full (TP-gathered) weights, by their names in the TP=1 model."""
     from mates_megatron.training.sharding import gather_tp
 
+    from megatron.core.transformer.module import Float16Module
+
     module = trainer.model_chunks[0].module
+    if isinstance(module, Float16Module):  # bf16: DDP(Float16Module(GPTModel)), as Megatron-LM builds it
+        module = module.module
     params = {k: p.detach() for k, p in module.named_parameters()}
     return {k: v.clone() for k, v in gather_tp(module, params).items()}
 
@@ -107,7 +111,7 @@ def _runs(data, root: str) -> dict:
     out["restarted_past_empty"] = _state(trainer(load=src, pretrained_checkpoint=empty))
 
     # bf16 keeps fp32 main copies of the weights in the optimizer: they must be the loaded weights, or the
-    # first step would update the initial ones. (Built only: bf16 does not train on CPU.)
+    # first step would update the initial ones.
     bf16 = trainer(pretrained_checkpoint=src, bf16=True)
     [opt] = _optimizers(bf16)
     model_data, main_data = opt._get_model_and_main_params_data_float16()
