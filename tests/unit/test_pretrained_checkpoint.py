@@ -46,9 +46,9 @@ def _config(data, tp: int = 1, bf16: bool = False, **overrides):
 
 def _full_weights(trainer) -> dict[str, torch.Tensor]:
     """The full (TP-gathered) weights, by their names in the TP=1 model."""
-    from mates_megatron.training.sharding import gather_tp
-
     from megatron.core.transformer.module import Float16Module
+
+    from mates_megatron.training.sharding import gather_tp
 
     module = trainer.model_chunks[0].module
     if isinstance(module, Float16Module):  # bf16: DDP(Float16Module(GPTModel)), as Megatron-LM builds it
