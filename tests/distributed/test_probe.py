@@ -46,7 +46,9 @@ def _build(
     width: tuple[int, int] = (32, VOCAB),
     bf16: bool = False,
     lr: float = LR,
+    ddp_options: dict | None = None,
 ):
+    from megatron.core import parallel_state
     from megatron.core.distributed import (
         DistributedDataParallel,
         DistributedDataParallelConfig,
@@ -55,12 +57,14 @@ def _build(
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    from mates_megatron.compat.cpu import enable_cpu_mode
+    from mates_megatron.compat.cpu import enable_cpu_mode, is_cpu_mode
     from mates_megatron.training.model import GPTConfig, build_gpt_model, in_model_precision
     from mates_megatron.training.parallel import ParallelConfig, initialize_parallel
     from mates_megatron.training.sharding import load_full_state
 
-    enable_cpu_mode()
+    if not is_cpu_mode():
+        enable_cpu_mode()
+    parallel_state.destroy_model_parallel()  # a process may build several models (one layout each)
     initialize_parallel(
         ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, cpu=True), seed=3
     )
@@ -80,7 +84,10 @@ def _build(
     ddp = DistributedDataParallel(
         config=model.config,
         ddp_config=DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, use_distributed_optimizer=distopt, check_for_nan_in_grad=nan_check
+            grad_reduce_in_fp32=True,
+            use_distributed_optimizer=distopt,
+            check_for_nan_in_grad=nan_check,
+            **(ddp_options or {}),
         ),
         module=model,
     )
@@ -480,3 +487,60 @@ def test_bf16_linearized_scores_under_the_distributed_optimizer_sum_the_main_sha
     sharded = run_on_ranks(_bf16_linearized, 2, weights, True)
     np.testing.assert_array_equal(sharded[0], sharded[1])
     np.testing.assert_allclose(sharded[0], whole, rtol=0, atol=1e-6)
+
+
+def _overlapped(weights, distopt, options, probe):
+    """Three training steps with a round of every estimator after the first (``probe``) or without one; DDP
+    configured as Megatron-LM configures it for overlapped communication (``no_sync_func``)."""
+    from mates_megatron.probe.estimators import ESTIMATORS
+    from mates_megatron.runtime.schedule import run_schedule
+
+    model, ddp, opt, sched = _build(1, 1, weights=weights, distopt=distopt, ddp_options=options)
+    if options.get("overlap_grad_reduce"):
+        ddp.config.no_sync_func = ddp.no_sync
+    samples, reference = _data()
+
+    def step(sample):
+        ddp.zero_grad_buffer()
+        opt.zero_grad()
+        run_schedule([ddp], [sample, sample], seq_length=SEQ, forward_only=False, device=torch.device("cpu"))
+        opt.step()
+
+    step(samples[0])
+    scores = {}
+    if probe:
+        ctx = _ctx(ddp, opt, sched, reference, distopt)
+        scores = {name: est(ctx).score(samples).scores.tolist() for name, est in ESTIMATORS.items()}
+    step(samples[1])
+    step(samples[2])
+    if options.get("overlap_param_gather"):  # the last step's gather is due at the next forward: do it now
+        ddp.start_param_sync(force_sync=True)
+    return scores, [p.detach().clone() for p in model.parameters()]
+
+
+OVERLAPS = [
+    (False, {"overlap_grad_reduce": True}),
+    (True, {"overlap_grad_reduce": True}),
+    (True, {"overlap_grad_reduce": True, "overlap_param_gather": True}),
+]
+
+
+def _overlap_runs(weights):
+    return [
+        [_overlapped(weights, distopt, opts, True) for opts in ({}, options)]
+        + [_overlapped(weights, distopt, options, False)]
+        for distopt, options in OVERLAPS
+    ]
+
+
+def test_overlapped_communication_gives_the_same_scores_and_leaves_training_as_it_was(weights):
+    """Bridge recipes overlap the gradient reduce and (distributed optimizer) the parameter gather by default.
+    Under both, a round scores as without overlap (the backward hooks start no reduce of a replica's probe
+    gradient; the deferred gathers run before a probe's forward) and training after it is bit for bit the
+    training of a run without the round. DP=2, each setting of OVERLAPS in turn."""
+    for rank in run_on_ranks(_overlap_runs, 2, weights):
+        for (distopt, options), ((plain, _), (scores, params), (_, untouched)) in zip(
+            OVERLAPS, rank, strict=True
+        ):
+            assert scores == plain, (distopt, options)
+            assert all(torch.equal(a, b) for a, b in zip(params, untouched, strict=True)), (distopt, options)
