@@ -258,8 +258,9 @@ class MatesCallback(Callback):
     def on_train_step_end(self, context) -> None:
         state = context.state
         iteration = state.train_state.step + 1  # Bridge increments step after this event
-        metrics = {k: float(v) for k, v in (context.loss_dict or {}).items()}
-        mlm_state.mates_step_end(iteration, context.model, context.optimizer, context.scheduler, metrics)
+        # context.loss_dict is left alone: the round reads the live model, not the losses, and reading a loss
+        # on the host (float, item) would be a device sync every step.
+        mlm_state.mates_step_end(iteration, context.model, context.optimizer, context.scheduler)
         if bridge_saves_at(state, iteration, mlm_state.get_mates_state().host.device):
             self._save(state.cfg.checkpoint.save, iteration)
 
