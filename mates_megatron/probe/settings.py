@@ -118,7 +118,7 @@ PROBE_REFUSALS: tuple[Refusal, ...] = (
         "fp8",
         "model.fp8",
         "TransformerEngine's fp8 state is outside the probe snapshot: the delayed-scaling recipe's amax history "
-        f"and scales (Megatron-LM's default recipe) advance on every probe forward and backward, and no "
+        "and scales (Megatron-LM's default recipe) advance on every probe forward and backward, and no "
         f"recipe's {_TE_STATE}",
         accepted=None,
         instead="train in bf16",

@@ -27,7 +27,10 @@ from megatron.core.optimizer import OptimizerConfig
 from megatron.core.transformer import TransformerConfig
 
 from mates_megatron.config import SelectionConfig
+from mates_megatron.integrations import megatron_bridge as mb
 from mates_megatron.integrations import megatron_lm as mlm
+from mates_megatron.probe import settings
+from mates_megatron.training.build import check_loop_probe_settings
 from tests.unit.test_megatron_bridge_callback import bcb, bridge_state
 
 MATES = SelectionConfig(selector="gumbel", scorer="mates", select_every=50, warmup_steps=50)
@@ -88,17 +91,11 @@ def bridge_config(tmp, *, model=None, ddp=None, optimizer=None, **sections) -> S
 
 def bridge_refusal(gs, selection: SelectionConfig = MATES) -> str:
     """The message MatesCallback.on_train_start refuses Bridge's state with."""
-    cb = mb().MatesCallback(selection)
+    cb = mb.MatesCallback(selection)
     cb.provide(None)
     with pytest.raises(ValueError) as e:
         bcb.normalize_callbacks([cb]).fire("on_train_start", bcb.CallbackContext(state=gs, model=[]))
     return str(e.value)
-
-
-def mb():
-    from mates_megatron.integrations import megatron_bridge
-
-    return megatron_bridge
 
 
 needs_bridge = pytest.mark.skipif(bcb is None, reason="megatron.bridge is not installed")
@@ -196,17 +193,13 @@ CASES = [
 
 def _line(says: str, scorer: str, name: str) -> str:
     """The expected message line: '<setting> with <scorer>: <why>; <fix>' (why from the list)."""
-    from mates_megatron.probe.settings import PROBE_REFUSALS
-
-    (why,) = [r.why for r in PROBE_REFUSALS if r.name == name]
+    (why,) = [r.why for r in settings.PROBE_REFUSALS if r.name == name]
     setting, fix = says.split(" | ")
     return f"{setting} with {scorer}: {why}; {fix}"
 
 
 def test_every_refusal_has_a_case():
-    from mates_megatron.probe.settings import PROBE_REFUSALS
-
-    assert [c.name for c in CASES] == [r.name for r in PROBE_REFUSALS]
+    assert [c.name for c in CASES] == [r.name for r in settings.PROBE_REFUSALS]
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.mlm], ids=lambda c: c.name)
@@ -230,13 +223,10 @@ def test_bridge_refuses_each_setting_in_its_config_fields(tmp_path, case):
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.name != "use_torch_fsdp2"], ids=lambda c: c.name)
 def test_the_loop_refuses_each_setting_of_the_megatron_core_configs_it_builds(tmp_path, case):
-    from mates_megatron.probe.settings import PROBE_REFUSALS
-    from mates_megatron.training.build import check_loop_probe_settings
-
     cfg = bridge_config(tmp_path, **(case.core or case.bridge)).cfg
     with pytest.raises(ValueError) as e:
         check_loop_probe_settings(MATES, model=cfg.model, ddp=cfg.ddp, optimizer=cfg.optimizer)
-    (r,) = [r for r in PROBE_REFUSALS if r.name == case.name]
+    (r,) = [r for r in settings.PROBE_REFUSALS if r.name == case.name]
     section, field = r.core.split(".")
     value = getattr(getattr(cfg, section), field)
     instead = f" ({r.instead})" if r.instead else ""
@@ -282,14 +272,12 @@ def test_a_scorer_that_does_not_read_the_live_model_is_not_refused(tmp_path):
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_bridge_does_not_refuse_them_for_a_scorer_that_does_not_read_the_live_model(tmp_path, case):
     gs = bridge_config(tmp_path, **case.bridge)
-    cb = mb().MatesCallback(CLASSIFIER)  # no dataset provider: the check after the refusals fails
+    cb = mb.MatesCallback(CLASSIFIER)  # no dataset provider: the check after the refusals fails
     with pytest.raises(ValueError, match="^MatesCallback: Bridge built no MATES train iterator"):
         cb.on_train_start(bcb.CallbackContext(state=gs, model=[]))
 
 
 def test_the_loop_does_not_refuse_them_for_a_scorer_that_does_not_read_the_live_model(tmp_path):
-    from mates_megatron.training.build import check_loop_probe_settings
-
     cfg = bridge_config(tmp_path, ddp={"overlap_grad_reduce": True}, model={"fp8": "hybrid"}).cfg
     check_loop_probe_settings(CLASSIFIER, model=cfg.model, ddp=cfg.ddp, optimizer=cfg.optimizer)
     with pytest.raises(ValueError):
@@ -345,12 +333,12 @@ def test_bridge_field_names_are_the_installed_bridges():
 # -- one list for every host ----------------------------------------------------------------------------------
 
 
-def _with_only_a_test_entry(monkeypatch):
-    """The list replaced by one entry no host refuses today: every host must refuse it, and none the rest."""
-    from mates_megatron.probe import settings
+# The list replaced by one entry no host refuses today: every host must refuse it, and none of the others.
+TEST_ENTRY = settings.Refusal("use_distributed_optimizer", "ddp.use_distributed_optimizer", "a test entry")
 
-    added = settings.Refusal("use_distributed_optimizer", "ddp.use_distributed_optimizer", "a test entry")
-    monkeypatch.setattr(settings, "PROBE_REFUSALS", (added,))
+
+def _with_only_a_test_entry(monkeypatch):
+    monkeypatch.setattr(settings, "PROBE_REFUSALS", (TEST_ENTRY,))
 
 
 def test_an_entry_added_or_dropped_in_the_list_changes_megatron_lm(tmp_path, monkeypatch):
@@ -374,19 +362,16 @@ def test_an_entry_added_or_dropped_in_the_list_changes_bridge(tmp_path, monkeypa
     )
     gs = bridge_config(tmp_path, ddp={"overlap_grad_reduce": True})
     with pytest.raises(ValueError, match="^MatesCallback: Bridge built no MATES train iterator"):
-        mb().MatesCallback(MATES).on_train_start(bcb.CallbackContext(state=gs, model=[]))
+        mb.MatesCallback(MATES).on_train_start(bcb.CallbackContext(state=gs, model=[]))
 
 
 def _loop_start(data: dict) -> str | None:
     """One rank: build_trainer with the test entry in the list and TrainConfig.use_distributed_optimizer."""
     from mates_megatron.configio import build
-    from mates_megatron.probe import settings
     from mates_megatron.training.build import build_trainer
     from mates_megatron.training.config import TrainConfig
 
-    settings.PROBE_REFUSALS = (
-        settings.Refusal("use_distributed_optimizer", "ddp.use_distributed_optimizer", "a test entry"),
-    )
+    settings.PROBE_REFUSALS = (TEST_ENTRY,)  # this spawned process only
     cfg = build(TrainConfig, {
         "data_prefix": data["prefix"], "reference": data["reference"], "model": {"num_layers": 2,
         "hidden_size": 64, "num_attention_heads": 4, "seq_length": 64}, "parallel": {"cpu": True},

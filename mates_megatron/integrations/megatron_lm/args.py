@@ -63,7 +63,8 @@ def mates_config_from_args(args: argparse.Namespace) -> SelectionConfig | None:
     Precedence: a flag given on the command line, then ``--mates-config``, then the dataclass default. An
     invalid value raises ValueError naming the field, its value and the flag that sets it. When ``args`` is
     a training run's (Megatron-LM's: it has ``train_iters``), its arguments are checked against the
-    selection too (rounds counted in steps, a fixed batch size, a reference set for scorers that read it).
+    selection too (rounds counted in steps, a fixed batch size, a reference set for scorers that read it, none
+    of the settings a probe on the live model cannot run under: ``probe.settings``).
     """
     if not getattr(args, "mates", False):
         return None
