@@ -2,9 +2,49 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch.distributed as dist
 
+from mates_megatron.config import SelectionConfig
+from mates_megatron.probe.settings import Refusal, Spelling, check_probe_settings, core_values
+from mates_megatron.runtime.optimizers import megatron_optimizers
 from mates_megatron.training.loop import TrainConfig, Trainer
+
+# The megatron-core config fields the loop sets from a TrainConfig field (training/loop.py, training/model.py).
+_TRAIN_CONFIG_FIELDS = {
+    "ddp.use_distributed_optimizer": "use_distributed_optimizer",
+    "optimizer.use_distributed_optimizer": "use_distributed_optimizer",
+    "model.bf16": "model.bf16",
+    "optimizer.bf16": "model.bf16",
+}
+
+
+def _setting(r: Refusal, value: Any) -> str:
+    field = _TRAIN_CONFIG_FIELDS.get(r.core)
+    return (
+        f"TrainConfig.{field}={value!r}"
+        if field
+        else f"{r.core}={value!r} in the configs mates_megatron.training builds"
+    )
+
+
+def _fix(r: Refusal) -> str:
+    field = _TRAIN_CONFIG_FIELDS.get(r.core)
+    if field:
+        return f"set TrainConfig.{field}={r.accepted!r}"
+    return f"TrainConfig has no field for it: build {r.core}={r.accepted!r}"
+
+
+def check_loop_probe_settings(selection: SelectionConfig, *, model: Any, ddp: Any, optimizer: Any) -> None:
+    """Refuse the settings under which ``selection``'s probes on the live model would be wrong
+    (``probe.settings``), read from the megatron-core configs the loop built: ``model`` (TransformerConfig),
+    ``ddp`` (DistributedDataParallelConfig), ``optimizer`` (OptimizerConfig). TrainConfig sets none of them
+    today; the check keeps it so when the loop grows a setting."""
+    spelling = Spelling(scorer=f"selection.scorer {selection.scorer!r}", setting=_setting, fix=_fix)
+    check_probe_settings(
+        selection, core_values({"model": model, "ddp": ddp, "optimizer": optimizer}), spelling
+    )
 
 
 def build_trainer(cfg: TrainConfig) -> Trainer:
@@ -20,6 +60,12 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
         from mates_megatron.cost import TransformerShape
         from mates_megatron.plugin import build_plugin
 
+        check_loop_probe_settings(
+            sel,
+            model=trainer.model.config,
+            ddp=trainer.model.ddp_config,
+            optimizer=megatron_optimizers(trainer.optimizer)[0].config,
+        )
         tokenizer = None
         if sel.needs_text_decoding:
             from mates_megatron.data.tokenizer import load_tokenizer

@@ -56,6 +56,22 @@ def bridge_state(tmp, **train) -> SimpleNamespace:
                            signal_handler=None, start_time=0.0, tensorboard_logger=None, wandb_logger=None)  # fmt: skip
 
 
+class HostReads(torch.Tensor):
+    """A loss value that records every call that copies it to the host: on a GPU each is a device sync, which
+    stalls the step's queued work (CPU tensors run the same calls, so the count is the GPU's)."""
+
+    READS = frozenset(
+        {"__float__", "__int__", "__bool__", "__index__", "item", "cpu", "tolist", "numpy", "to"}
+    )
+    calls: list[str] = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in cls.READS:
+            cls.calls.append(func.__name__)
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
 def _bridge_run(data: dict, save_dir: str) -> dict:
     """One rank: a scored round probed one step ahead (select_every 3, steps 1-6), checkpoints every 2 steps,
     fired as Bridge's train() fires its events; then a resume at step 4 from the saved state."""
@@ -81,6 +97,7 @@ def _bridge_run(data: dict, save_dir: str) -> dict:
     tok = load_tokenizer(trainer.tokenizer_info.path)
     pool = trainer.build_dataset(pool_num_samples(sel, train_iters=6, global_batch_size=4))
     events: list[str] = []
+    loss_reads: dict[int, list[str]] = {}  # iteration -> the callback's host reads of Bridge's loss dict
 
     def run(start: int, load: str | None) -> tuple[mb.MatesCallback, dict[int, list]]:
         cb = mb.MatesCallback(sel, reference=data["reference"], tokenizer=tok, device=torch.device("cpu"))
@@ -101,9 +118,10 @@ def _bridge_run(data: dict, save_dir: str) -> dict:
         served = {}
         while gs.train_state.step < 6:  # Bridge's loop
             served[gs.train_state.step + 1] = [next(it)["tokens"] for _ in range(2)]
-            manager.fire(
-                "on_train_step_end", ctx(loss_dict={"lm loss": torch.tensor(1.0)}, skipped_iter=False)
-            )
+            HostReads.calls = []
+            loss = {"lm loss": torch.tensor(1.0).as_subclass(HostReads)}  # train_step's reduced losses
+            manager.fire("on_train_step_end", ctx(loss_dict=loss, skipped_iter=False))
+            loss_reads[gs.train_state.step + 1] = HostReads.calls
             gs.train_state.step += 1
             gs.train_state.consumed_train_samples += 4
         manager.fire("on_train_end", ctx())
@@ -129,6 +147,7 @@ def _bridge_run(data: dict, save_dir: str) -> dict:
             torch.equal(a, b) for s in (5, 6) for a, b in zip(served[s], resumed[s], strict=True)
         ),
         "state_cleared": mlm_state_is_clear(),
+        "loss_reads": loss_reads,
     }
 
 
@@ -156,6 +175,9 @@ def test_the_round_runs_saves_settled_and_resumes_through_bridge_events(small_em
     assert r["unchanged"]  # the round left the live model as it found it
     assert r["resumed_equal"]  # resumed at step 4 from the state beside the checkpoint: the same batches
     assert r["state_cleared"]
+    # No device sync on Bridge's loss values on any step: off round boundaries (1, 4, 5), where a round is
+    # probed (2) or published (3, 6); the round reads the live model, never the loss dict.
+    assert r["loss_reads"] == {i: [] for i in range(1, 7)}
 
 
 def test_the_callback_registers_on_bridges_events():

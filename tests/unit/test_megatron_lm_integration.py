@@ -42,12 +42,6 @@ def parser(megatron: bool = False) -> argparse.ArgumentParser:
         p.add_argument("--dataloader-type", default=None)
         p.add_argument("--overlap-grad-reduce", action="store_true")
         p.add_argument("--overlap-param-gather", action="store_true")
-        p.add_argument("--virtual-pipeline-model-parallel-size", type=int, default=None)
-        p.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
-        p.add_argument("--calculate-per-token-loss", action="store_true")
-        p.add_argument("--fp16", action="store_true")
-        p.add_argument("--num-microbatches-with-partial-activation-checkpoints", type=int, default=None)
-        p.add_argument("--context-parallel-size", type=int, default=1)
         p.add_argument("--non-persistent-save-interval", type=int, default=None)
     return mlm.add_mates_args(p)
 
@@ -346,35 +340,7 @@ def test_megatron_arguments_are_checked_against_the_selection(tmp_path):
     assert sel.selector == "random"
 
 
-PROBE_BREAKING = [
-    (["--virtual-pipeline-model-parallel-size", "2"], "--virtual-pipeline-model-parallel-size with --mates-scorer "
-     "mates: the probe step runs the non-interleaved schedule with one data iterator"),
-    (["--num-layers-per-virtual-pipeline-stage", "2"], "--num-layers-per-virtual-pipeline-stage with"),
-    (["--calculate-per-token-loss"], "--calculate-per-token-loss with --mates-scorer mates: finalize_model_grads "
-     "all-reduces the token count"),
-    (["--fp16"], "--fp16 with --mates-scorer mates: every probe step would update the dynamic loss scaler, which "
-     "the snapshot does not restore; train with --bf16"),
-    (["--num-microbatches-with-partial-activation-checkpoints", "2"],
-     "--num-microbatches-with-partial-activation-checkpoints with --mates-scorer mates: the schedule then calls "
-     "the forward step with a third argument"),
-    (["--context-parallel-size", "2"], "--context-parallel-size 2 with --mates-scorer mates: probe batches are not "
-     "split over context-parallel ranks (get_batch_on_this_cp_rank); use --context-parallel-size 1"),
-]  # fmt: skip
-
-
-@pytest.mark.parametrize(
-    ("flags", "message"), PROBE_BREAKING, ids=lambda x: x[0] if isinstance(x, list) else ""
-)
-def test_settings_that_break_probes_are_refused_with_the_fix(tmp_path, flags, message):
-    ref = tmp_path / "ref.jsonl"
-    ref.write_text('{"context": "a b", "target": "c"}\n')
-    scored = ["--mates", "--mates-selector", "gumbel", "--mates-scorer", "mates", "--mates-select-every", "50",
-              "--mates-warmup-steps", "50", "--mates-reference", str(ref), "--train-iters", "200"]  # fmt: skip
-    with pytest.raises(ValueError) as e:
-        mlm.mates_config_from_args(parse(*scored, *flags, megatron=True))
-    assert str(e.value).startswith(message)
-    # A selector that never probes the live model runs under the same setting.
-    assert mlm.mates_config_from_args(parse("--mates", "--train-iters", "200", *flags, megatron=True))
+# The settings that break probes on the live model, on every host: tests/unit/test_probe_settings.py.
 
 
 def test_non_persistent_checkpoints_are_refused_for_every_selection():

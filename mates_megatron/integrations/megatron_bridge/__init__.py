@@ -6,7 +6,9 @@
     pretrain(config, forward_step, callbacks=[mates])
 
 - ``MatesCallback`` (``callback``) subclasses Bridge's ``megatron.bridge.training.callbacks.Callback``:
-  ``on_train_start`` builds the plugin and the host (``host.BridgeHost``) and loads the MATES state on resume;
+  ``on_train_start`` refuses the settings the rounds cannot serve (``check_bridge_config``; with a scorer that
+  reads the live model, the list of ``mates_megatron.probe.settings`` in Bridge's field names), builds the
+  plugin and the host (``host.BridgeHost``) and loads the MATES state on resume;
   ``on_train_step_end`` runs the round and, before a checkpoint Bridge is about to save, settles it and writes
   ``iter_NNNNNNN/mates_state.pt`` beside it; ``on_train_end`` writes the final state and closes the hook.
 - ``MatesDatasetProvider`` (``provider``) is Bridge's dataset-provider hook (``dataloader_type='external'``):

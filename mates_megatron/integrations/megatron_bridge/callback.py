@@ -27,6 +27,7 @@ from mates_megatron.integrations.megatron_bridge import import_bridge
 from mates_megatron.integrations.megatron_bridge.host import bridge_host
 from mates_megatron.integrations.megatron_lm import state as mlm_state
 from mates_megatron.integrations.megatron_lm.loader import build_mates_data_loader
+from mates_megatron.probe.settings import Refusal, Spelling, core_values, probe_setting_problems
 
 Callback = import_bridge("megatron.bridge.training.callbacks").Callback
 
@@ -69,8 +70,52 @@ def _cycle(loader) -> Iterator | None:
     return forever()
 
 
-def check_bridge_config(cfg: Any) -> None:
-    """Refuse Bridge settings under which the rounds would serve other samples than the ones selected."""
+# Where Bridge keeps a setting of the refusal list apart from megatron-core's field (``Refusal.core``): its own
+# sections, or two fields it keeps equal (ConfigContainer.validate turns both on when either is).
+_BRIDGE_FIELDS = {
+    "use_torch_fsdp2": ("dist.use_torch_fsdp2",),
+    "use_megatron_fsdp": ("ddp.use_megatron_fsdp", "dist.use_megatron_fsdp"),
+    "te_rng_tracker": ("rng.te_rng_tracker", "model.use_te_rng_tracker"),
+}
+# Sections whose fields Bridge's setup copies onto model/ddp/optimizer (runtime_config_update), so that a fix
+# made there alone would be overwritten.
+_BRIDGE_SOURCES = ("comm_overlap", "mixed_precision")
+
+
+def _bridge_get(cfg: Any, path: str) -> Any:
+    section, field = path.split(".")
+    return getattr(getattr(cfg, section, None), field, None)
+
+
+def _bridge_fields(cfg: Any, r: Refusal) -> list[str]:
+    """Every field of ``cfg`` that sets the setting ``r``, the one that holds its value first."""
+    own = _BRIDGE_FIELDS.get(r.name, (r.core,) if r.core else ())
+    field = own[0].split(".")[1] if own else ""
+    sources = [f"{s}.{field}" for s in _BRIDGE_SOURCES if hasattr(getattr(cfg, s, None), field)]
+    return sorted(own, key=lambda p: not _bridge_get(cfg, p)) + sources
+
+
+def _bridge_probe_settings(cfg: Any) -> dict[str, Any]:
+    """The refusal list's settings in Bridge's config (its model/ddp/optimizer are megatron-core's configs)."""
+    values = core_values({s: getattr(cfg, s, None) for s in ("model", "ddp", "optimizer")})
+    for name, fields in _BRIDGE_FIELDS.items():
+        values[name] = any(_bridge_get(cfg, p) for p in fields)
+    return values
+
+
+def _bridge_spelling(cfg: Any, sel: SelectionConfig) -> Spelling:
+    def setting(r: Refusal, value: Any) -> str:
+        return f"{_bridge_fields(cfg, r)[0]}={value!r}"
+
+    def fix(r: Refusal) -> str:
+        return "set " + " and ".join(f"{p}={r.accepted!r}" for p in _bridge_fields(cfg, r))
+
+    return Spelling(scorer=f"scorer {sel.scorer!r}", setting=setting, fix=fix)
+
+
+def check_bridge_config(cfg: Any, selection: SelectionConfig) -> None:
+    """Refuse Bridge settings under which the rounds would serve other samples than the ones selected, and the
+    settings under which ``selection``'s probes on the live model would be wrong (``probe.settings``)."""
     problems = []
     if cfg.train.train_iters is None or getattr(cfg.train, "train_samples", None) is not None:
         problems.append("train.train_iters must be set (sample-based training, train.train_samples, is not "
@@ -89,8 +134,11 @@ def check_bridge_config(cfg: Any) -> None:
         problems.append(f"dataset.dataloader_type is {getattr(cfg.dataset, 'dataloader_type', None)!r}: set "
                         "config.dataset = callback.dataset_provider(config.dataset), whose train iterator serves "
                         "the MATES selection")  # fmt: skip
+    problems += probe_setting_problems(
+        selection, _bridge_probe_settings(cfg), _bridge_spelling(cfg, selection)
+    )
     if problems:
-        raise ValueError("MatesCallback: " + "; ".join(problems))
+        raise ValueError("MatesCallback: " + "\n".join(problems))
 
 
 def bridge_saves_at(state: Any, iteration: int, device: torch.device) -> bool:
@@ -160,7 +208,7 @@ class MatesCallback(Callback):
     def on_train_start(self, context) -> None:
         state = context.state
         cfg, ts = state.cfg, state.train_state
-        check_bridge_config(cfg)
+        check_bridge_config(cfg, self.selection)
         if not self.train_iterators:
             raise ValueError(
                 "MatesCallback: Bridge built no MATES train iterator: set config.dataset = "
@@ -210,8 +258,9 @@ class MatesCallback(Callback):
     def on_train_step_end(self, context) -> None:
         state = context.state
         iteration = state.train_state.step + 1  # Bridge increments step after this event
-        metrics = {k: float(v) for k, v in (context.loss_dict or {}).items()}
-        mlm_state.mates_step_end(iteration, context.model, context.optimizer, context.scheduler, metrics)
+        # context.loss_dict is left alone: the round reads the live model, not the losses, and reading a loss
+        # on the host (float, item) would be a device sync every step.
+        mlm_state.mates_step_end(iteration, context.model, context.optimizer, context.scheduler)
         if bridge_saves_at(state, iteration, mlm_state.get_mates_state().host.device):
             self._save(state.cfg.checkpoint.save, iteration)
 

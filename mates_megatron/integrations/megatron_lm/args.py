@@ -15,6 +15,7 @@ from typing import Any
 
 from mates_megatron import configio
 from mates_megatron.config import SelectionConfig
+from mates_megatron.probe.settings import Refusal, Spelling, check_probe_settings
 
 PREFIX = "--mates-"
 OWN_FLAGS = ("--mates", "--mates-config", "--mates-reference")
@@ -62,7 +63,8 @@ def mates_config_from_args(args: argparse.Namespace) -> SelectionConfig | None:
     Precedence: a flag given on the command line, then ``--mates-config``, then the dataclass default. An
     invalid value raises ValueError naming the field, its value and the flag that sets it. When ``args`` is
     a training run's (Megatron-LM's: it has ``train_iters``), its arguments are checked against the
-    selection too (rounds counted in steps, a fixed batch size, a reference set for scorers that read it).
+    selection too (rounds counted in steps, a fixed batch size, a reference set for scorers that read it, none
+    of the settings a probe on the live model cannot run under: ``probe.settings``).
     """
     if not getattr(args, "mates", False):
         return None
@@ -152,49 +154,36 @@ def _check_megatron_args(sel: SelectionConfig, args: argparse.Namespace) -> None
             )
         if has("mates_reference") and not Path(args.mates_reference).is_file():
             raise ValueError(f"--mates-reference {args.mates_reference}: no such file")
-    if _reads_live_model(sel):
-        _check_probe_args(sel, args)
+    check_probe_settings(sel, vars(args), _probe_spelling(sel))
 
 
-_INTERLEAVED = (
-    "the probe step runs the non-interleaved schedule with one data iterator, and the interleaved one needs "
-    "one per model chunk; drop it (no virtual pipeline stages)"
+# Megatron-LM's flags whose attribute is not their own name (core_v0.16.1 and core_v0.19.0 alike).
+_FLAGS = {"fp8": "--fp8-format", "fp4": "--fp4-format"}
+# validate_args derives virtual_pipeline_model_parallel_size (the schedule reads it) from these flags.
+_VPP_FLAGS = (
+    "--num-layers-per-virtual-pipeline-stage, --num-virtual-stages-per-pipeline-rank or "
+    "--pipeline-model-parallel-layout"
 )
-_OVERLAP = (
-    "probes step one replica on one sample with the data-parallel gradient sync switched off, but overlapped "
-    "communication is started from backward/forward hooks; drop it"
-)
-# Megatron-LM settings under which a probe on the live model would be wrong or hang: why, and the fix.
-_PROBE_REFUSALS = {
-    "virtual_pipeline_model_parallel_size": _INTERLEAVED,
-    "num_layers_per_virtual_pipeline_stage": _INTERLEAVED,
-    "calculate_per_token_loss": "finalize_model_grads all-reduces the token count over the data-parallel group "
-    "while each replica probes its own sample (a wrong scale, and a hang when the probes do not divide "
-    "evenly); drop it",
-    "fp16": "every probe step would update the dynamic loss scaler, which the snapshot does not restore; "
-    "train with --bf16",
-    "num_microbatches_with_partial_activation_checkpoints": "the schedule then calls the forward step with a "
-    "third argument that the probe's forward step does not take; drop it",
-    "overlap_grad_reduce": _OVERLAP,
-    "overlap_param_gather": _OVERLAP,
-}
 
 
-def _check_probe_args(sel: SelectionConfig, args: argparse.Namespace) -> None:
-    """Settings that break probes on the live model (scorers that read it), refused with the fix."""
-    has = args.__dict__.get
-    for name, why in _PROBE_REFUSALS.items():
-        if has(name):
-            raise ValueError(f"--{name.replace('_', '-')} with --mates-scorer {sel.scorer}: {why}")
-    if (has("context_parallel_size") or 1) > 1:
-        raise ValueError(
-            f"--context-parallel-size {args.context_parallel_size} with --mates-scorer {sel.scorer}: probe "
-            "batches are not split over context-parallel ranks (get_batch_on_this_cp_rank); use "
-            "--context-parallel-size 1"
-        )
+def _flag(name: str) -> str:
+    return _FLAGS.get(name, "--" + name.replace("_", "-"))
 
 
-def _reads_live_model(sel: SelectionConfig) -> bool:
-    from mates_megatron.scorers import SCORERS
+def _setting(r: Refusal, value: Any) -> str:
+    if r.name == "virtual_pipeline_model_parallel_size":
+        return f"{r.name} {value} (from {_VPP_FLAGS})"
+    return _flag(r.name) if value is True else f"{_flag(r.name)} {value}"
 
-    return "live_model" in SCORERS.get(sel.scorer).needs
+
+def _fix(r: Refusal) -> str:
+    if r.name == "virtual_pipeline_model_parallel_size":
+        return "drop those flags"
+    if r.name == "cuda_graph_impl":  # validate_args turns the older spellings into it
+        return "use --cuda-graph-impl none (and neither --enable-cuda-graph nor --external-cuda-graph)"
+    return f"drop {_flag(r.name)}" if r.accepted in (False, None) else f"use {_flag(r.name)} {r.accepted}"
+
+
+def _probe_spelling(sel: SelectionConfig) -> Spelling:
+    """Megatron-LM's arguments as its users write them, for the refusals of ``probe.settings``."""
+    return Spelling(scorer=f"--mates-scorer {sel.scorer}", setting=_setting, fix=_fix)

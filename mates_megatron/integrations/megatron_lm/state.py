@@ -73,11 +73,14 @@ def get_mates_state() -> MatesState:
     return _STATE
 
 
-def mates_step_end(iteration: int, model, optimizer, opt_param_scheduler, metrics=None) -> None:
-    """The call point: after every ``train_step`` (``iteration`` already incremented), on every rank."""
+def mates_step_end(iteration: int, model, optimizer, opt_param_scheduler) -> None:
+    """The call point: after every ``train_step`` (``iteration`` already incremented), on every rank.
+
+    It reads no training metric: the round reads the live model, and a loss read on the host is a device sync.
+    """
     state = get_mates_state()
     host = state.host.step(model, optimizer, opt_param_scheduler)
-    state.plugin.hook.on_step_end(host, iteration, dict(metrics or {}))
+    state.plugin.hook.on_step_end(host, iteration, {})
     if iteration % state.sel.select_every == 0:
         # Release served rounds: Megatron's loader never rewinds (MatesSampler keeps current and later).
         sampler = state.plugin.sampler
