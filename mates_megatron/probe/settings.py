@@ -7,12 +7,15 @@ lists the settings of a training job that break one of those steps, each with wh
 configuration onto the list at start-up and calls ``check_probe_settings`` (or ``probe_setting_problems``),
 with a ``Spelling`` so that the error names the setting and its fix as the user wrote them:
 
-- Megatron-LM (``integrations.megatron_lm.args``): its arguments, ``--overlap-grad-reduce``;
-- Megatron-Bridge (``integrations.megatron_bridge.callback``): its ConfigContainer, ``ddp.overlap_grad_reduce``;
+- Megatron-LM (``integrations.megatron_lm.args``): its arguments, ``--tp-comm-overlap``;
+- Megatron-Bridge (``integrations.megatron_bridge.callback``): its ConfigContainer, ``model.tp_comm_overlap``;
 - the project's loop (``training.build``): the megatron-core configs it builds from TrainConfig.
 
 The list is data: when the snapshot learns to restore a setting bit-exactly, its entry is deleted here and no
-host changes. A host passes every setting it has; the names it lacks are settings it cannot express.
+host changes. A host passes every setting it has; the names it lacks are settings it cannot express. So left
+the overlapped gradient reduce and parameter gather (``overlap_grad_reduce``, ``overlap_param_gather``, on in
+Bridge's recipes): probes switch off the reduce the backward hooks start, and the snapshot restores the
+deferred-gather flags (tests/distributed/test_probe.py, the overlapped-communication test).
 """
 
 from __future__ import annotations
@@ -45,16 +48,6 @@ class Refusal:
         return value is not None and value != self.accepted
 
 
-_OVERLAP_GRAD = (
-    "backward hooks start the data-parallel gradient reduce bucket by bucket, while a probe switches off "
-    "finish_grad_sync (which would wait for it) so that each replica steps on its own sample: the probe's "
-    "gradients, the linearized reference gradient among them, are read from buffers the collective is still "
-    "writing and are averaged over the replicas"
-)
-_OVERLAP_PARAM = (
-    "the distributed optimizer's step leaves the parameter all-gather to the next zero_grad and forward "
-    "pre-hooks, so the reference forward after a probe step (the oracle's) sees a partly updated model"
-)
 _CUDA_GRAPHS = (
     "the RNG tracker then keeps torch.Generator states (megatron-core's use_cudagraphable_rng), which the probe "
     "snapshot cannot copy (it calls .clone() on every tracker state), and the graphs replay the shapes captured "
@@ -101,8 +94,6 @@ PROBE_REFUSALS: tuple[Refusal, ...] = (
         "probe batches are not split over context-parallel ranks (get_batch_on_this_cp_rank)",
         accepted=1,
     ),
-    Refusal("overlap_grad_reduce", "ddp.overlap_grad_reduce", _OVERLAP_GRAD),
-    Refusal("overlap_param_gather", "ddp.overlap_param_gather", _OVERLAP_PARAM),
     Refusal("cuda_graph_impl", "model.cuda_graph_impl", _CUDA_GRAPHS, accepted="none"),
     # The deprecated spellings of cuda_graph_impl 'local' and 'transformer_engine' (both tags still take them).
     Refusal("enable_cuda_graph", "model.enable_cuda_graph", _CUDA_GRAPHS),

@@ -42,6 +42,7 @@ def parser(megatron: bool = False) -> argparse.ArgumentParser:
         p.add_argument("--dataloader-type", default=None)
         p.add_argument("--overlap-grad-reduce", action="store_true")
         p.add_argument("--overlap-param-gather", action="store_true")
+        p.add_argument("--tp-comm-overlap", action="store_true")
         p.add_argument("--non-persistent-save-interval", type=int, default=None)
     return mlm.add_mates_args(p)
 
@@ -324,8 +325,8 @@ def test_megatron_arguments_are_checked_against_the_selection(tmp_path):
         ([*scored, "--mates-reference", str(ref), "--train-iters", "50"], "--mates-warmup-steps 50 >= --train-iters 50"),
         ([*scored, "--train-iters", "200"], "give --mates-reference PATH"),
         ([*scored, "--train-iters", "200", "--mates-reference", str(tmp_path / "no.jsonl")], "no such file"),
-        ([*scored, "--mates-reference", str(ref), "--train-iters", "200", "--overlap-grad-reduce"],
-         "--overlap-grad-reduce"),
+        ([*scored, "--mates-reference", str(ref), "--train-iters", "200", "--tp-comm-overlap"],
+         "--tp-comm-overlap"),
         (["--mates", "--train-samples", "1000"], "give --train-iters instead"),
         (["--mates", "--train-iters", "200", "--rampup-batch-size", "8", "8", "100"], "--rampup-batch-size"),
         (["--mates", "--train-iters", "200", "--dataloader-type", "cyclic"], "--dataloader-type single"),
@@ -333,9 +334,9 @@ def test_megatron_arguments_are_checked_against_the_selection(tmp_path):
     for argv, named in cases:
         with pytest.raises(ValueError, match=re.escape(named)):
             mlm.mates_config_from_args(parse(*argv, megatron=True))
-    # The random selector never probes: overlapped communication does not matter to it.
+    # The random selector never probes: TP communication overlap does not matter to it.
     sel = mlm.mates_config_from_args(
-        parse("--mates", "--train-iters", "200", "--overlap-grad-reduce", megatron=True)
+        parse("--mates", "--train-iters", "200", "--tp-comm-overlap", megatron=True)
     )
     assert sel.selector == "random"
 

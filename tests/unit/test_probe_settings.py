@@ -143,13 +143,6 @@ CASES = [
          "--context-parallel-size 2 | use --context-parallel-size 1",
          {"model": {"context_parallel_size": 2}},
          "model.context_parallel_size=2 | set model.context_parallel_size=1"),
-    Case("overlap_grad_reduce", ["--overlap-grad-reduce"], "--overlap-grad-reduce | drop --overlap-grad-reduce",
-         {"ddp": {"overlap_grad_reduce": True}},
-         "ddp.overlap_grad_reduce=True | set ddp.overlap_grad_reduce=False"),
-    Case("overlap_param_gather", ["--overlap-param-gather"],
-         "--overlap-param-gather | drop --overlap-param-gather",
-         {"ddp": {"overlap_param_gather": True}},
-         "ddp.overlap_param_gather=True | set ddp.overlap_param_gather=False"),
     Case("cuda_graph_impl", ["--cuda-graph-impl", "local"],
          "--cuda-graph-impl local | use --cuda-graph-impl none (and neither --enable-cuda-graph nor "
          "--external-cuda-graph)",
@@ -239,15 +232,15 @@ def test_the_loop_refuses_each_setting_of_the_megatron_core_configs_it_builds(tm
 def test_several_settings_are_refused_together_one_line_each(tmp_path):
     argv = [
         *_mates_argv(tmp_path / "r.jsonl"),
-        "--overlap-grad-reduce",
-        "--overlap-param-gather",
+        "--fp16",
+        "--tp-comm-overlap",
         "--fp8-format",
         "e4m3",
     ]
     with pytest.raises(ValueError) as e:
         mlm.mates_config_from_args(megatron_lm_args(*argv))
     assert [line.split(" with ")[0] for line in str(e.value).splitlines()] == [
-        "--overlap-grad-reduce", "--overlap-param-gather", "--fp8-format e4m3"
+        "--fp16", "--fp8-format e4m3", "--tp-comm-overlap"
     ]  # fmt: skip
 
 
@@ -278,7 +271,7 @@ def test_bridge_does_not_refuse_them_for_a_scorer_that_does_not_read_the_live_mo
 
 
 def test_the_loop_does_not_refuse_them_for_a_scorer_that_does_not_read_the_live_model(tmp_path):
-    cfg = bridge_config(tmp_path, ddp={"overlap_grad_reduce": True}, model={"fp8": "hybrid"}).cfg
+    cfg = bridge_config(tmp_path, model={"tp_comm_overlap": True, "fp8": "hybrid"}).cfg
     check_loop_probe_settings(CLASSIFIER, model=cfg.model, ddp=cfg.ddp, optimizer=cfg.optimizer)
     with pytest.raises(ValueError):
         check_loop_probe_settings(MATES, model=cfg.model, ddp=cfg.ddp, optimizer=cfg.optimizer)
@@ -289,23 +282,23 @@ def test_the_loop_does_not_refuse_them_for_a_scorer_that_does_not_read_the_live_
 
 @needs_bridge
 def test_bridge_names_comm_overlap_and_mixed_precision_when_they_set_it(tmp_path):
-    gs = bridge_config(tmp_path, ddp={"overlap_grad_reduce": True}, model={"fp8": "hybrid"},
-                       comm_overlap={"tp_comm_overlap": False, "overlap_grad_reduce": None},
+    gs = bridge_config(tmp_path, model={"tp_comm_overlap": True, "fp8": "hybrid"},
+                       comm_overlap={"tp_comm_overlap": True, "overlap_grad_reduce": True},
                        mixed_precision={"bf16": True, "fp8": "hybrid"})  # fmt: skip
     message = bridge_refusal(gs)
-    assert message.startswith("MatesCallback: ddp.overlap_grad_reduce=True with scorer 'mates': ")
-    # Bridge's setup copies comm_overlap's and mixed_precision's fields onto ddp and model: the fix names both.
-    assert "; set ddp.overlap_grad_reduce=False and comm_overlap.overlap_grad_reduce=False\n" in message
-    assert message.endswith("; set model.fp8=None and mixed_precision.fp8=None (train in bf16)")
+    assert message.startswith("MatesCallback: model.fp8='hybrid' with scorer 'mates': ")
+    # Bridge's setup copies comm_overlap's and mixed_precision's fields onto model: the fix names both.
+    assert "; set model.tp_comm_overlap=False and comm_overlap.tp_comm_overlap=False" in message
+    assert "; set model.fp8=None and mixed_precision.fp8=None (train in bf16)\n" in message
 
 
 @needs_bridge
 def test_bridge_reports_probe_refusals_beside_its_other_problems(tmp_path):
-    gs = bridge_config(tmp_path, ddp={"overlap_grad_reduce": True})
+    gs = bridge_config(tmp_path, model={"tp_comm_overlap": True})
     gs.cfg.train.rampup_batch_size = [2, 2, 8]
     message = bridge_refusal(gs)
     assert message.startswith("MatesCallback: train.rampup_batch_size: ")
-    assert "\nddp.overlap_grad_reduce=True with scorer 'mates': " in message
+    assert "\nmodel.tp_comm_overlap=True with scorer 'mates': " in message
 
 
 def _bridge_class_fields(path: Path, cls: str) -> set[str]:
@@ -395,3 +388,17 @@ def test_an_entry_added_in_the_list_is_refused_by_the_loop_at_start_up(small_emb
         "TrainConfig.use_distributed_optimizer=True with selection.scorer 'mates': a test entry; "
         "set TrainConfig.use_distributed_optimizer=False"
     )
+
+
+# -- supported, not refused -----------------------------------------------------------------------------------
+
+
+def test_overlapped_reduce_and_gather_are_run_not_refused(tmp_path):
+    """Bridge's recipes turn both on by default; probes honour them (tests/distributed/test_probe.py)."""
+    argv = [*_mates_argv(tmp_path / "r.jsonl"), "--overlap-grad-reduce", "--overlap-param-gather"]
+    assert (
+        mlm.mates_config_from_args(megatron_lm_args(*argv, "--use-distributed-optimizer")).scorer == "mates"
+    )
+    cfg = bridge_config(tmp_path, ddp={"overlap_grad_reduce": True, "overlap_param_gather": True}).cfg
+    check_loop_probe_settings(MATES, model=cfg.model, ddp=cfg.ddp, optimizer=cfg.optimizer)
+    assert "overlap_grad_reduce" not in {r.name for r in settings.PROBE_REFUSALS}
