@@ -8,7 +8,8 @@ indexed; its sha256 is verified when it is first read, once per node (``ShardSta
 on every rank at start-up, or in every loader worker of every round, does not scale to a paper pool).
 
 Reads use ``os.pread`` on the shard's descriptor: DataLoader workers are forked with the descriptors open,
-and a seek then read on a shared file offset would race between them.
+and a seek then read on a shared file offset would race between them. The pool pickles as its directory and
+settings; the copy indexes the shards again (the per-sample offsets are not carried).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import ClassVar
 import numpy as np
 from webdataset.tariterators import base_plus_ext
 
-from mates_megatron.pool.base import POOLS, PoolError, document_sample
+from mates_megatron.pool.base import POOLS, PoolError, document_sample, identity_digest, refuse_if_changed
 from mates_megatron.pool.manifest import SelectionStore, ShardStamps, check_shard, read_manifest, verify_shard
 
 _FIX_CORRUPT = "re-create it with `mates-megatron prepare` or restore it from its source"
@@ -69,7 +70,6 @@ class WebDatasetPool:
         self._stamp_dir = stamp_dir
         self._stamps = ShardStamps(stamp_dir)
         self._entries = read_manifest(self.dir)
-        self._shard_of = np.zeros(0, dtype=np.int32)
         # Per-candidate (offset, size) of its .ids.npy and .txt members, and its domain index.
         n = sum(int(e["num_samples"]) for e in self._entries)
         if n == 0:
@@ -209,8 +209,20 @@ class WebDatasetPool:
     def __len__(self) -> int:
         return self._n
 
-    def __getstate__(self):
-        # Open file handles do not cross process boundaries (DataLoader workers): reopen lazily.
-        state = dict(self.__dict__)
-        state["_files"] = {}
-        return state
+    def __getstate__(self) -> dict:
+        """The directory and settings, and a digest of the fingerprint to check the rebuild against; not the
+        per-sample offsets (38 bytes a candidate) nor the open shards."""
+        return {
+            "shards_dir": self.dir,
+            "seq_length": self.seq_length,
+            "pad_id": self.pad_id,
+            "tokenizer": self._tokenizer,
+            "stamp_dir": self._stamp_dir,
+            "identity": identity_digest(self.fingerprint()),
+        }
+
+    def __setstate__(self, state: dict) -> None:
+        state = dict(state)
+        identity = state.pop("identity")
+        self.__init__(state.pop("shards_dir"), **state)
+        refuse_if_changed(f"WebDataset pool {self.dir}", identity, identity_digest(self.fingerprint()))
