@@ -67,7 +67,6 @@ class WebDatasetPool:
         self.seq_length = seq_length
         self.pad_id = pad_id
         self._tokenizer = tokenizer
-        self._stamp_dir = stamp_dir
         self._stamps = ShardStamps(stamp_dir)
         self._entries = read_manifest(self.dir)
         # Per-candidate (offset, size) of its .ids.npy and .txt members, and its domain index.
@@ -217,7 +216,7 @@ class WebDatasetPool:
             "seq_length": self.seq_length,
             "pad_id": self.pad_id,
             "tokenizer": self._tokenizer,
-            "stamp_dir": self._stamp_dir,
+            "stamp_dir": self._stamps.dir,
             "identity": identity_digest(self.fingerprint()),
         }
 
