@@ -3,10 +3,15 @@
 A candidate is one training sequence with a stable global id (0 .. num_candidates-1), its domain when
 known, and its text for the influence model. A pool is split into rounds by ``PoolRounds``: round r selects
 from its own slice of a seeded permutation of the ids, so no round depends on shard sizes or boundaries.
+
+A pool crosses into another process (a spawned influence worker; a DataLoader worker under spawn) pickled as
+what rebuilds it: its files and settings, never its per-sample arrays, so that the pickle stays the same
+size at 128M samples as at 100; the rebuilt copy refuses data that changed in between (``refuse_if_changed``).
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -73,6 +78,21 @@ class CandidatePool(Protocol):
 
 
 POOLS: Registry[type] = Registry("pool")
+
+
+def identity_digest(identity: str) -> str:
+    """A fixed-length digest of what identifies a pool's data (its fingerprint, and what else the pool reads),
+    carried by a pickled pool to check its rebuild against (a WebDataset fingerprint grows with its shards)."""
+    return hashlib.sha256(identity.encode()).hexdigest()[:32]
+
+
+def refuse_if_changed(what: str, then: str, now: str) -> None:
+    """Raise when a rebuilt pool's ``identity_digest`` differs from the one it was pickled with."""
+    if now != then:
+        raise PoolError(
+            f"{what} changed since it was pickled (fingerprint digest {then} then, {now} now): a pool must not "
+            "change while a run reads it; restore the data it was built from (a run on other data is a new run)"
+        )
 
 
 def document_sample(ids: np.ndarray, seq_length: int, pad_id: int) -> dict[str, np.ndarray]:

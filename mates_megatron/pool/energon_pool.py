@@ -15,6 +15,10 @@ samples in tar order, excluded ones left out): candidate id = position in that o
 document: its text (``text_field``) is tokenised with the pretraining tokenizer as `mates-megatron prepare`
 does (no special tokens, end-of-document id appended) and its first seq_length + 1 tokens are one training
 sequence, as in the WebDataset pool.
+
+The pool pickles as its root and settings (a fingerprint digest to check the copy against); the copy opens
+Energon's index again and reads the per-sample domains only when asked for them (an influence worker, which
+reads text, never is).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from mates_megatron.pool.base import POOLS, PoolError, document_sample
+from mates_megatron.pool.base import POOLS, PoolError, document_sample, identity_digest, refuse_if_changed
 from mates_megatron.pool.manifest import SelectionStore
 
 SHARD_DOMAIN = "__shard__"
@@ -102,6 +106,11 @@ class EnergonPool:
         domain_field: str | None = None,
         pad_id: int = 0,
     ) -> None:
+        self._open(path, seq_length, tokenizer, split, text_field, domain_field, pad_id)
+        self._domain_table()  # a missing domain field is named now, not at the first round
+
+    def _open(self, path, seq_length, tokenizer, split, text_field, domain_field, pad_id) -> None:
+        """Everything but the domains, which read a part of every sample (``_domain_table``)."""
         require_energon()
         self.root = Path(path)
         self.seq_length = seq_length
@@ -131,7 +140,14 @@ class EnergonPool:
         self._fingerprint: str | None = None
         self._text(0)  # a missing or non-text field is named now, not at the first training step
         self._domains: list[str] = []
-        self._domain = self._read_domains()
+        self._domain: np.ndarray | None = None
+
+    def _domain_table(self) -> np.ndarray:
+        """int16 domain index per candidate, read once (after unpickling: when first asked for)."""
+        if self._domain is None:
+            self._domains = []
+            self._domain = self._read_domains()
+        return self._domain
 
     # -- Energon's index ----------------------------------------------------------------------------------
     def _epath(self):
@@ -360,10 +376,11 @@ class EnergonPool:
 
     @property
     def domains(self) -> list[str]:
+        self._domain_table()
         return list(self._domains)
 
     def domain_ids(self, ids: np.ndarray) -> np.ndarray:
-        return self._domain[np.asarray(ids)]
+        return self._domain_table()[np.asarray(ids)]
 
     def text(self, gid: int) -> str:
         return self._text(int(gid))
@@ -400,5 +417,22 @@ class EnergonPool:
     def __len__(self) -> int:
         return self._n
 
-    def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if k != "_live"}  # rebuilt by ``_energon``
+    def __getstate__(self) -> dict:
+        """The dataset's root and settings, and a digest of the fingerprint to check the rebuild against; not
+        the per-sample domains and kept positions, nor the open tars and Energon's lambdas (not picklable)."""
+        return {
+            "path": self.root,
+            "seq_length": self.seq_length,
+            "tokenizer": self._tokenizer,
+            "split": self.split,
+            "text_field": self.text_field,
+            "domain_field": self.domain_field,
+            "pad_id": self.pad_id,
+            "identity": identity_digest(self.fingerprint()),
+        }
+
+    def __setstate__(self, state: dict) -> None:
+        state = dict(state)
+        identity = state.pop("identity")
+        self._open(**state)  # the domains are read again only if asked for: a worker that reads text never is
+        refuse_if_changed(f"Energon pool {self.root}", identity, identity_digest(self.fingerprint()))

@@ -4,14 +4,19 @@ Each tar sample (key K: K.txt, K.json with {"id", "domain"}, K.ids.npy with int3
 candidate. Random access (the sampler and the round's scorers) uses an offset index built once per shard
 with tarfile (keys split with webdataset's own ``base_plus_ext`` naming rule). At start-up each shard's
 existence and size are checked against the manifest, and its tar headers and small .json members are
-indexed; its sha256 is verified when this process first reads a sample from it (hashing every shard on every
-rank at start-up does not scale to a paper pool).
+indexed; its sha256 is verified when it is first read, once per node (``ShardStamps``: hashing every shard
+on every rank at start-up, or in every loader worker of every round, does not scale to a paper pool).
+
+Reads use ``os.pread`` on the shard's descriptor: DataLoader workers are forked with the descriptors open,
+and a seek then read on a shared file offset would race between them. The pool pickles as its directory and
+settings; the copy indexes the shards again (the per-sample offsets are not carried).
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
 from pathlib import Path
 from typing import ClassVar
@@ -19,8 +24,8 @@ from typing import ClassVar
 import numpy as np
 from webdataset.tariterators import base_plus_ext
 
-from mates_megatron.pool.base import POOLS, PoolError, document_sample
-from mates_megatron.pool.manifest import SelectionStore, check_shard, read_manifest, verify_shard
+from mates_megatron.pool.base import POOLS, PoolError, document_sample, identity_digest, refuse_if_changed
+from mates_megatron.pool.manifest import SelectionStore, ShardStamps, check_shard, read_manifest, verify_shard
 
 _FIX_CORRUPT = "re-create it with `mates-megatron prepare` or restore it from its source"
 
@@ -47,13 +52,23 @@ class WebDatasetPool:
         """Where this run's selections are written beside the shards (the corpus is never rewritten)."""
         return SelectionStore(self.dir, run_name)
 
-    def __init__(self, shards_dir: str | Path, *, seq_length: int, pad_id: int = 0, tokenizer=None) -> None:
+    def __init__(
+        self,
+        shards_dir: str | Path,
+        *,
+        seq_length: int,
+        pad_id: int = 0,
+        tokenizer=None,
+        stamp_dir: str | Path | None = None,
+    ) -> None:
+        """``stamp_dir``: where this node records the shards it has verified (default: ``default_stamp_dir()``,
+        under TMPDIR)."""
         self.dir = Path(shards_dir)
         self.seq_length = seq_length
         self.pad_id = pad_id
         self._tokenizer = tokenizer
+        self._stamps = ShardStamps(stamp_dir)
         self._entries = read_manifest(self.dir)
-        self._shard_of = np.zeros(0, dtype=np.int32)
         # Per-candidate (offset, size) of its .ids.npy and .txt members, and its domain index.
         n = sum(int(e["num_samples"]) for e in self._entries)
         if n == 0:
@@ -87,8 +102,9 @@ class WebDatasetPool:
             raise PoolError(
                 f"candidate ids in {self.dir} are not 0..{n - 1}: ids {np.flatnonzero(~seen)[:5]} missing"
             )
-        self._files: dict[int, io.BufferedReader] = {}
-        """Open shards, each checked against its manifest sha256 when this process first opened it."""
+        self._files: dict[int, io.FileIO] = {}
+        """Open shards, each verified when first opened here (a forked worker inherits its parent's, and
+        reads them with pread: no shared offset)."""
 
     def _index_shard(self, si: int, path: Path, seen: np.ndarray) -> int:
         members: dict[str, dict[str, tarfile.TarInfo]] = {}
@@ -151,15 +167,24 @@ class WebDatasetPool:
     def domain_ids(self, ids: np.ndarray) -> np.ndarray:
         return self._domain[np.asarray(ids)]
 
-    def _read(self, gid: int, where: np.ndarray) -> bytes:
-        si = int(self._shard[gid])
+    def _shard_file(self, si: int) -> io.FileIO:
         f = self._files.get(si)
         if f is None:
-            path = verify_shard(self.dir, self._entries[si])
-            f = self._files[si] = open(path, "rb")  # noqa: SIM115
+            entry = self._entries[si]
+            path = check_shard(self.dir, entry)
+            f = open(path, "rb", buffering=0)  # noqa: SIM115 - kept open for the pool's life
+            try:
+                self._stamps.verify(path, entry["sha256"], f)
+            except BaseException:
+                f.close()
+                raise
+            self._files[si] = f
+        return f
+
+    def _read(self, gid: int, where: np.ndarray) -> bytes:
+        si = int(self._shard[gid])
         off, size = where[gid]
-        f.seek(int(off))
-        data = f.read(int(size))
+        data = os.pread(self._shard_file(si).fileno(), int(size), int(off))
         if len(data) != size:
             raise PoolError(f"shard {self.dir / self._entries[si]['name']} is truncated; {_FIX_CORRUPT}")
         return data
@@ -183,8 +208,20 @@ class WebDatasetPool:
     def __len__(self) -> int:
         return self._n
 
-    def __getstate__(self):
-        # Open file handles do not cross process boundaries (DataLoader workers): reopen lazily.
-        state = dict(self.__dict__)
-        state["_files"] = {}
-        return state
+    def __getstate__(self) -> dict:
+        """The directory and settings, and a digest of the fingerprint to check the rebuild against; not the
+        per-sample offsets (38 bytes a candidate) nor the open shards."""
+        return {
+            "shards_dir": self.dir,
+            "seq_length": self.seq_length,
+            "pad_id": self.pad_id,
+            "tokenizer": self._tokenizer,
+            "stamp_dir": self._stamps.dir,
+            "identity": identity_digest(self.fingerprint()),
+        }
+
+    def __setstate__(self, state: dict) -> None:
+        state = dict(state)
+        identity = state.pop("identity")
+        self.__init__(state.pop("shards_dir"), **state)
+        refuse_if_changed(f"WebDataset pool {self.dir}", identity, identity_digest(self.fingerprint()))

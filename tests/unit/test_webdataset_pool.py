@@ -93,7 +93,7 @@ def test_shard_changed_since_manifest_is_refused_at_its_first_read(tmp_path, mon
     hashed = []
     real = manifest.sha256_file
     monkeypatch.setattr(
-        manifest, "sha256_file", lambda path, *a: hashed.append(Path(path).name) or real(path)
+        manifest, "sha256_file", lambda f, *a: hashed.append(Path(getattr(f, "name", f)).name) or real(f)
     )
     pool = WebDatasetPool(tmp_path, seq_length=SEQ)  # start-up checks sizes and indexes; it hashes nothing
     assert hashed == []
