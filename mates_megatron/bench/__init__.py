@@ -59,7 +59,7 @@ def _write(result: dict, out: Path | None) -> None:
 def _run_probe_bench(a) -> int:
     from mates_megatron.bench.probe import bench_probe
 
-    _write(bench_probe(a.data, a.probes, a.warmup_steps, a.reference_size), a.out)
+    _write(bench_probe(a.data, a.probes, a.warmup_steps, a.reference_size, bf16=a.bf16), a.out)
     return 0
 
 
@@ -152,11 +152,15 @@ def add_bench_parser(sub) -> None:
     s.add_argument("--candidates", type=int, default=10_000_000)
     s.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
     s.set_defaults(func=lambda a: _write(bench_sampler(a.candidates), a.out) or 0)
-    pr = bsub.add_parser("probe", help="oracle / reload / mirrored / linearized probe rates and agreement")
+    pr = bsub.add_parser(
+        "probe",
+        help="oracle / reload / mirrored / linearized probe rates, agreement, memory and phases (GPU if present)",
+    )
     pr.add_argument("--data", default="data/embedded", help="prepared embedded data directory")
     pr.add_argument("--probes", type=int, default=64)
     pr.add_argument("--warmup-steps", type=int, default=40)
     pr.add_argument("--reference-size", type=int, default=64)
+    pr.add_argument("--bf16", action="store_true", help="train and probe in bf16 with fp32 main weights")
     pr.add_argument("--out", type=Path, default=None)
     pr.set_defaults(func=_run_probe_bench)
     inf = bsub.add_parser(

@@ -25,7 +25,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, args: tuple) -> None:
+def _worker(
+    rank: int, world_size: int, port: int, out_dir: str, fn: Callable, args: tuple, cuda: bool = False
+) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -38,7 +40,9 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, a
     torch.set_num_threads(1)
     result: dict[str, Any]
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        if cuda:  # one GPU per rank, NCCL, as torchrun + initialize_parallel set it up
+            torch.cuda.set_device(rank % torch.cuda.device_count())
+        dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world_size)
         result = {"ok": True, "value": fn(*args)}
     except BaseException:  # noqa: BLE001 - reported to the parent with the traceback
         result = {"ok": False, "error": traceback.format_exc()}
@@ -54,15 +58,18 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, a
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")
 
 
-def run_on_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 600.0) -> list[Any]:
+def run_on_ranks(
+    fn: Callable, world_size: int, *args: Any, timeout: float = 600.0, cuda: bool = False
+) -> list[Any]:
     """Run ``fn(*args)`` on ``world_size`` spawned processes with a gloo process group; return the results.
 
     ``fn`` must be importable (module level). A rank that raises makes this raise with its traceback.
+    ``cuda``: each rank on its own GPU with an NCCL process group (benchmarks on a GPU machine).
     """
     with tempfile.TemporaryDirectory() as out_dir:
         ctx = mp.start_processes(
             _worker,
-            args=(world_size, free_port(), out_dir, fn, args),
+            args=(world_size, free_port(), out_dir, fn, args, cuda),
             nprocs=world_size,
             join=False,
             start_method="spawn",

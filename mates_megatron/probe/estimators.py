@@ -109,18 +109,17 @@ class ProbeContext:
     def run(self, micro_batches: Sequence[Batch], *, forward_only: bool) -> torch.Tensor:
         """[loss_sum, tokens] of this replica over ``micro_batches`` (forward and, unless forward_only, backward).
 
-        A probe pass is never part of a training step: the rerun state machine is off for it
-        (``runtime.rerun``), or a gradient sync's NaN check would assert outside the training loop.
+        Outside a training step: run it inside ``runtime.rerun.outside_training_step`` (estimators do, for the
+        whole round), or a gradient sync's NaN check asserts.
         """
-        with outside_training_step():
-            return run_schedule(
-                self.model_chunks,
-                micro_batches,
-                seq_length=self.seq_length,
-                forward_only=forward_only,
-                device=self.device,
-                forward_backward_func=self.forward_backward_func,
-            )
+        return run_schedule(
+            self.model_chunks,
+            micro_batches,
+            seq_length=self.seq_length,
+            forward_only=forward_only,
+            device=self.device,
+            forward_backward_func=self.forward_backward_func,
+        )
 
 
 # -- shared machinery -------------------------------------------------------------------------------------
@@ -287,6 +286,12 @@ class Estimator(ABC):
         return values
 
     def score(self, samples: Sequence[Batch]) -> ProbeScores:
+        # A round is never part of a training step: Megatron's rerun state machine is off for it, as for
+        # Megatron-LM's evaluate() (runtime.rerun), or a gradient sync's NaN check would assert.
+        with outside_training_step():
+            return self._score(samples)
+
+    def _score(self, samples: Sequence[Batch]) -> ProbeScores:
         ctx = self.ctx
         self.seconds = {}
         self.snapshot = TrainingSnapshot(ctx.model_chunks, ctx.optimizer, ctx.scheduler)
@@ -344,7 +349,7 @@ class LinearizedProber(Estimator):
         """
         ctx = self.ctx
         assert self.snapshot is not None, "reference_gradient runs inside score(), on the round's snapshot"
-        with replica_local_grads(ctx, always=True), eval_mode(ctx.model_chunks), outside_training_step():
+        with replica_local_grads(ctx, always=True), eval_mode(ctx.model_chunks):
             zero_grads(ctx)
             total = token_mean_backward(
                 ctx.model_chunks,

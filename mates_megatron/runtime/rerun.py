@@ -25,9 +25,10 @@ def outside_training_step() -> Iterator[None]:
     if machine is None:
         yield
         return
-    mode = machine.get_mode()
-    machine.set_mode(rsm.RerunMode.DISABLED)
+    # The attribute, not set_mode(): set_mode only adds a warning line, twice a round in the training log.
+    mode = machine.mode
+    machine.mode = rsm.RerunMode.DISABLED
     try:
         yield
     finally:
-        machine.set_mode(mode)
+        machine.mode = mode

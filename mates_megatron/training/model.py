@@ -36,6 +36,9 @@ class GPTConfig:
     """Std of the normal weight initialisation."""
     transformer_impl: str = "local"
     """'local' (pure PyTorch layer spec, runs anywhere) or 'transformer_engine' (needs CUDA + TE)."""
+    sequence_parallel: bool = True
+    """With TP > 1 on GPU, keep layer-norm and dropout activations split along the sequence (Megatron-LM's
+    --sequence-parallel, on in Bridge's recipes). CPU mode runs without it."""
     bf16: bool = False
     """Train in bf16 with fp32 main weights (Megatron-LM's --bf16: the whole model in bf16 through
     megatron-core's Float16Module, Adam on fp32 main copies). Runs on CPU too, slowly."""
@@ -99,14 +102,18 @@ class GPTConfig:
             use_cpu_initialization=cpu,
             # Reference losses are compared across probes at the 1e-3 nat level: keep softmax in fp32.
             attention_softmax_in_fp32=True,
-            # The fused kernels (apex/TE, bias-gelu/dropout jit) are GPU-only; plain ops give the same math.
-            bias_activation_fusion=False,
-            bias_dropout_fusion=False,
-            masked_softmax_fusion=False,
-            gradient_accumulation_fusion=False,
+            # CPU mode: plain ops (the fused kernels are GPU code; the math is the same). On a GPU the fusions
+            # megatron-core has without extensions (jit-scripted bias-GeLU and bias-dropout) always, and with
+            # TransformerEngine its fused softmax and weight-gradient accumulation; the masked-softmax kernel and
+            # persistent layer norm of the local spec are compiled extensions (Megatron-LM's, apex) that a plain
+            # GPU install lacks.
+            bias_activation_fusion=not cpu,
+            bias_dropout_fusion=not cpu,
+            masked_softmax_fusion=not cpu and self.transformer_impl == "transformer_engine",
+            gradient_accumulation_fusion=not cpu and self.transformer_impl == "transformer_engine",
             persist_layer_norm=False,
             apply_rope_fusion=False,
-            sequence_parallel=False,
+            sequence_parallel=not cpu and tp > 1 and self.sequence_parallel,
         )
 
 
