@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import yaml
 
 MODEL = {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 2, "seq_length": 64, "vocab_size": 30522}
@@ -56,7 +57,7 @@ def base_config(data: Path, evals: dict[str, Path], seed: int) -> dict[str, Any]
         "eval_sets": {k: str(v) for k, v in evals.items()},
         "eval_micro_batch_size": 64,
         "model": MODEL,
-        "parallel": {"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1, "cpu": True},
+        "parallel": {"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1, "cpu": not torch.cuda.is_available()},
         "micro_batch_size": 16, "global_batch_size": 16, "lr": 0.003, "min_lr": 0.0003,
         "lr_warmup_iters": 10, "lr_decay_style": "cosine", "weight_decay": 0.1, "clip_grad": 1.0,
         "seed": seed, "log_interval": 1000,

@@ -57,7 +57,7 @@ def _worker(data_dir: str, probes: int, warmup: int, between: int, epochs: int) 
     cfg = train_config_from_dict({
         "data_prefix": f"{data_dir}/train",
         "model": {"num_layers": 4, "hidden_size": 128, "num_attention_heads": 4, "seq_length": seq},
-        "parallel": {"cpu": True}, "micro_batch_size": 16, "global_batch_size": 16,
+        "parallel": {"cpu": not torch.cuda.is_available()}, "micro_batch_size": 16, "global_batch_size": 16,
         "train_iters": warmup + between + 1, "lr": 2e-3, "lr_warmup_iters": 5, "log_interval": 10**9, "seed": 7,
     })  # fmt: skip
     trainer = Trainer(cfg)
@@ -116,4 +116,6 @@ def _worker(data_dir: str, probes: int, warmup: int, between: int, epochs: int) 
 def bench_influence_quality(data_dir="data/embedded", probes=640, warmup=40, between=40, epochs=3) -> dict:
     from mates_megatron.compat.spawn import run_on_ranks
 
-    return run_on_ranks(_worker, 1, data_dir, probes, warmup, between, epochs, timeout=7200)[0]
+    return run_on_ranks(
+        _worker, 1, data_dir, probes, warmup, between, epochs, timeout=7200, cuda=torch.cuda.is_available()
+    )[0]

@@ -78,7 +78,11 @@ def _round_on_rank(n: int, seq_length: int, probes: int, batch_size: int, token_
         predict_batch_size=batch_size,
         pass_token_ids=token_ids,
     )
-    model = build_influence_model(cfg)
+    import torch
+
+    # The encoder on this rank's GPU where there is one (the influence group stays gloo: scores are CPU tensors).
+    device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+    model = build_influence_model(cfg, device=device)
     model._network()  # load the encoder before the clock starts
     pool = SyntheticTokenPool(n, seq_length, model.net.tokenizer)
     rss["setup"] = _peak_rss()

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import yaml
 
 MODEL = {
@@ -116,7 +117,7 @@ def train(work: Path, prefix: str, *, steps: int, seed: int) -> Path:
     config = work / "run.yaml"
     run = {
         "data_prefix": prefix, "model": MODEL,
-        "parallel": {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 1, "cpu": True},
+        "parallel": {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 1, "cpu": not torch.cuda.is_available()},
         "micro_batch_size": 8, "global_batch_size": 16, "train_iters": steps, "lr": 0.002, "min_lr": 0.0002,
         "lr_warmup_iters": 20, "lr_decay_style": "cosine", "weight_decay": 0.1, "clip_grad": 1.0,
         "seed": seed, "log_interval": 50, "save": str(ckpt), "load": str(ckpt), "save_interval": steps,
