@@ -96,9 +96,7 @@ class InfluenceRunner:
             raise RuntimeError("InfluenceRunner.submit: the previous round was not collected")
         self._submitted = True
         if self.worker is not None:
-            self.worker.submit(
-                ids, probe_positions, probe_scores, get_host_rng_state(), delay=self.worker_delay
-            )
+            self.worker.submit(ids, probe_positions, probe_scores, self._rng_state(), delay=self.worker_delay)
         elif self.model is not None:
             t = time.perf_counter()
             self._meet(self.group, "fit/predict")
@@ -109,6 +107,14 @@ class InfluenceRunner:
                 result.pearson,
                 time.perf_counter() - t,
             )
+
+    def _rng_state(self) -> dict[str, Any]:
+        """The RNG state the synchronous fit would start from, for the worker: the host streams, with the CUDA
+        stream of the influence device (the one its fit draws from), not of the current device."""
+        state = get_host_rng_state()
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
 
     def _meet(self, group, phase: str) -> None:
         """Every rank of ``group`` (one of this runner's) reaches ``phase`` within the timeout, or the run fails

@@ -12,7 +12,7 @@ The worker reads candidate text through the pool it is given (pickled at start: 
 asynchronously); each worker reads the probes and its own shard only.
 
 Under torchrun, the worker inherits the launcher's environment; its world meets through a TCP store that
-worker rank 0 hosts, built explicitly (``join_world``). Every wait
+worker rank 0 hosts, built explicitly (``join_world``), and it selects its GPU before anything else. Every wait
 (joining, the workers' collectives, a training rank waiting for its worker's answer) gives up after
 ``InfluenceConfig.timeout_s`` with ``InfluenceTimeout`` naming the phase and the worker that did not answer.
 """
@@ -60,6 +60,19 @@ class WorkerWorld:
         return f"worker rank {rank} (the influence worker of training rank {self.training_ranks[rank]})"
 
 
+def select_device(spec: str) -> torch.device:
+    """The worker's device, made current first: ``torch.cuda.set_rng_state``, bf16 autocast and the caching
+    allocator act on the current device, which in a new process is GPU 0 whatever device the model is on."""
+    device = torch.device(spec)
+    if device.type == "cuda":
+        if device.index is None:
+            raise ValueError(
+                f"influence worker device {spec!r}: give an indexed device (resolve_device does)"
+            )
+        torch.cuda.set_device(device)
+    return device
+
+
 def join_world(world: WorkerWorld, timeout_s: float):
     """Join the workers' world through a TCP store that worker rank 0 hosts; InfluenceTimeout naming the
     workers that did not join within ``timeout_s``."""
@@ -102,6 +115,7 @@ def _serve(conn, cfg: InfluenceConfig, pool, device: str, imports: list[str], th
     from mates_megatron.registry import import_modules
 
     try:
+        device = select_device(device)  # before any RNG or model work
         torch.set_num_threads(threads)
         import_modules(imports)
         group, names = None, []

@@ -125,3 +125,81 @@ def test_a_worker_that_never_answers_fails_naming_the_phase_and_the_worker():
         assert not worker.process.is_alive()  # killed: it would outlive the failed run
     finally:
         worker.process.kill()
+
+
+# -- the worker's device (no GPU here: torch.cuda's calls are recorded in this process) ---------------------
+
+
+def _record_cuda(monkeypatch, calls: list, count: int = 4) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(
+        torch.cuda, "set_device", lambda d: calls.append(("set_device", str(torch.device(d))))
+    )
+    monkeypatch.setattr(
+        torch.cuda, "set_rng_state", lambda state, device="cuda": calls.append(("set_rng_state", str(device)))
+    )
+    monkeypatch.setattr(
+        torch.cuda,
+        "get_rng_state",
+        lambda device="cuda": calls.append(("get_rng_state", str(device))) or "st",
+    )
+
+
+def test_the_worker_selects_its_gpu_before_its_rng_state_and_its_model(monkeypatch):
+    """The worker's loop (``_serve``, run here in-process) on 'cuda:1': the device is made current before the
+    model is built and before the fit's RNG state is set, so ``torch.cuda.set_rng_state`` seeds the GPU the
+    model runs on (before: GPU 0's, so asynchronous differed from synchronous with warm_start). The model is
+    built on CPU (no GPU here), the call that asked for cuda:1 recorded."""
+    import multiprocessing
+
+    from mates_megatron.influence import registry, runner, worker
+    from mates_megatron.runtime.rng import get_host_rng_state
+
+    pool = _pool()
+    ids = np.arange(len(pool), dtype=np.int32)
+    positions = np.arange(0, len(ids), 3)
+    scores = np.random.default_rng(0).normal(size=len(positions))
+    rng = {**get_host_rng_state(), "cuda": torch.zeros(16, dtype=torch.uint8)}
+    calls: list = []
+    _record_cuda(monkeypatch, calls)
+    build = registry.build_influence_model
+
+    def build_on_cpu(cfg, device=None):
+        calls.append(("build", str(device)))
+        return build(cfg, device="cpu")
+
+    monkeypatch.setattr(registry, "build_influence_model", build_on_cpu)
+    parent, child = multiprocessing.Pipe()
+    job = {"ids": ids, "positions": positions, "scores": scores, "rng": rng, "delay": 0.0}
+    parent.send(("fit_predict", job))
+    parent.send(("stop", None))
+    worker._serve(child, CFG, pool, "cuda:1", [], torch.get_num_threads(), None)
+    replies = []
+    while parent.poll():
+        replies.append(parent.recv())
+    assert calls == [("set_device", "cuda:1"), ("build", "cuda:1"), ("set_rng_state", "cuda")]
+    assert [status for status, _ in replies if status != "phase"] == ["ready", "ok"], replies
+
+    # The training side hands the worker the RNG of the influence device (what a synchronous fit draws from).
+    calls.clear()
+    monkeypatch.setattr(runner, "build_influence_model", build_on_cpu)
+    state = runner.InfluenceRunner(CFG, device="cuda:1")._rng_state()
+    assert state["cuda"] == "st" and ("get_rng_state", "cuda:1") in calls
+
+
+def test_a_bare_cuda_device_is_this_ranks_gpu(monkeypatch):
+    """'cuda' without an index: the training device's index, else LOCAL_RANK (before: every worker on GPU 0)."""
+    from mates_megatron.influence.encoder import resolve_device
+
+    _record_cuda(monkeypatch, [], count=4)
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    assert resolve_device("cuda", "cuda:3") == torch.device("cuda:3")
+    assert resolve_device("cuda", None) == torch.device("cuda:2")
+    assert resolve_device(None, "cuda") == torch.device("cuda:2")
+    assert resolve_device("cuda:1", "cuda:3") == torch.device("cuda:1")  # an explicit index is kept
+    monkeypatch.setenv("LOCAL_RANK", "5")
+    with pytest.raises(
+        ValueError, match=r"influence device 'cuda:5' \(from cuda\): this process sees 4 CUDA"
+    ):
+        resolve_device("cuda", None)
