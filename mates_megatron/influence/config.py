@@ -105,6 +105,12 @@ class InfluenceConfig:
     at start-up). It saves the per-candidate decode and tokenise, most of a CPU round in `bench round`. Off by
     default: the README's demo figures were measured on decoded text, and a window that starts inside a word
     tokenises differently once decoded."""
+    timeout_s: float = 1800.0
+    """Seconds that any one wait of the influence stage may last before the run fails with the phase (worker
+    start, fit/predict, sharing scores) and the rank that did not answer: a collective or barrier on the
+    influence side groups, the workers joining their own world, a training rank waiting for its worker's
+    answer (with asynchronous rounds, how long the publishing step may stall). The default is torch's own
+    for gloo groups; raise it when one round's fit and predict outlast probe_lead_steps by more."""
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     """Fields of model 'finetune'."""
     ridge: RidgeConfig = field(default_factory=RidgeConfig)
@@ -125,6 +131,8 @@ class InfluenceConfig:
             raise ValueError(
                 f"InfluenceConfig.predict_batch_size={self.predict_batch_size}: set predict_batch_size >= 1"
             )
+        if not self.timeout_s > 0:
+            raise ValueError(f"InfluenceConfig.timeout_s={self.timeout_s}: set a positive number of seconds")
         if self.device is not None:
             check_device_string(self.device, "InfluenceConfig.device")
         for name, cls in (("finetune", FinetuneConfig), ("ridge", RidgeConfig)):

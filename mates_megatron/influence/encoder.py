@@ -10,6 +10,7 @@ Weights load from a local path only; the default is all-MiniLM-L6-v2 from `gt-al
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 
 import torch
@@ -20,8 +21,10 @@ from mates_megatron.influence.config import InfluenceConfig, check_device_string
 
 def resolve_device(configured: str | None, given: str | torch.device | None) -> torch.device:
     """The influence model's device: ``configured`` (InfluenceConfig.device) if set, else ``given`` (the
-    training device), else CPU. Raises ValueError for a string that is no device or a CUDA device that this
-    machine does not have."""
+    training device), else CPU. A CUDA device without an index is this rank's GPU: the training device's
+    index, else torchrun's LOCAL_RANK, else the current device (one process, no launcher); every rank's
+    worker would otherwise run on GPU 0. Raises ValueError for a string that is no device or a CUDA device
+    that this process does not see."""
     spec = configured if configured is not None else given if given is not None else "cpu"
     if isinstance(spec, str):
         check_device_string(spec, "influence device")
@@ -32,11 +35,25 @@ def resolve_device(configured: str | None, given: str | torch.device | None) -> 
                 f"influence device {str(device)!r}: CUDA is not available on this machine; set "
                 "influence.device: cpu (or null to follow the training device)"
             )
-        if device.index is not None and device.index >= torch.cuda.device_count():
+        if device.index is None:
+            device = torch.device("cuda", _local_cuda_index(given))
+        if device.index >= torch.cuda.device_count():
             raise ValueError(
-                f"influence device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+                f"influence device {str(device)!r} (from {spec!s}): this process sees "
+                f"{torch.cuda.device_count()} CUDA device(s); set influence.device: cuda:N with N below that "
+                "(or null to follow the training device)"
             )
     return device
+
+
+def _local_cuda_index(given: str | torch.device | None) -> int:
+    """This rank's GPU index, for a bare 'cuda'."""
+    training = torch.device(given) if given is not None else None
+    if training is not None and training.type == "cuda" and training.index is not None:
+        return training.index
+    if "LOCAL_RANK" in os.environ:
+        return int(os.environ["LOCAL_RANK"])
+    return torch.cuda.current_device()
 
 
 def check_encoder_path(cfg: InfluenceConfig) -> Path:

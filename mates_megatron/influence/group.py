@@ -1,14 +1,23 @@
-"""The influence model's own process group, created once, never one of Megatron's groups."""
+"""The influence model's own process groups (never one of Megatron's), and how a wait on them fails: within
+``InfluenceConfig.timeout_s``, naming the phase and the ranks that did not arrive."""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
+from datetime import timedelta
+
 import torch.distributed as dist
 
-_GROUPS: dict[tuple[int, ...], object] = {}
+_GROUPS: dict[tuple[tuple[int, ...], float], object] = {}
+
+DEFAULT_TIMEOUT_S = 1800.0
+"""``InfluenceConfig.timeout_s``'s default (torch's own for gloo groups)."""
 
 
-def influence_group(ranks: list[int] | None = None):
-    """A new gloo group over ``ranks`` (default: every rank), cached per rank set.
+def influence_group(ranks: list[int] | None = None, *, timeout_s: float = DEFAULT_TIMEOUT_S):
+    """A new gloo group over ``ranks`` (default: every rank) whose collectives give up after ``timeout_s``,
+    cached per rank set and timeout.
 
     Collective: every rank of the world must call it with the same ranks (torch.distributed.new_group).
     Returns None on ranks outside the group. gloo keeps its traffic off the NCCL communicators that
@@ -18,6 +27,47 @@ def influence_group(ranks: list[int] | None = None):
     key = tuple(sorted(set(ranks))) if ranks is not None else tuple(range(world))
     if not key or key[0] < 0 or key[-1] >= world:
         raise ValueError(f"influence ranks {list(key)} must be a non-empty subset of 0..{world - 1}")
-    if key not in _GROUPS:
-        _GROUPS[key] = dist.new_group(ranks=list(key), backend="gloo")
-    return _GROUPS[key] if dist.get_rank() in key else None
+    if (key, timeout_s) not in _GROUPS:
+        _GROUPS[key, timeout_s] = dist.new_group(
+            ranks=list(key), backend="gloo", timeout=timedelta(seconds=timeout_s)
+        )
+    return _GROUPS[key, timeout_s] if dist.get_rank() in key else None
+
+
+class InfluenceTimeout(RuntimeError):
+    """A wait of the influence stage outlasted ``InfluenceConfig.timeout_s``; the message names the phase and
+    who did not answer."""
+
+
+def timeout_message(phase: str, whom: str, timeout_s: float, detail: str = "") -> str:
+    """The one wording of every influence-stage timeout: the phase, who did not answer, and the fixes."""
+    tail = f"\n{detail}" if detail else ""
+    return (
+        f"influence stage, phase '{phase}': {whom} did not answer within {timeout_s:g} s "
+        f"(influence.timeout_s): look for an error or a hang in its log, or raise influence.timeout_s if "
+        f"the phase is only slow{tail}"
+    )
+
+
+def meet(group, *, phase: str, timeout_s: float, names: Sequence[str]) -> None:
+    """Every member of ``group`` reaches this point within ``timeout_s``, or InfluenceTimeout naming
+    ``phase`` and the members that did not: ``names[i]`` describes the group's rank i (gloo's monitored
+    barrier: its first rank waits for every other and names those missing; the others name the first).
+    Collective over ``group``; a group that timed out is not usable afterwards."""
+    try:
+        dist.monitored_barrier(group, timeout=timedelta(seconds=timeout_s), wait_all_ranks=True)
+    except RuntimeError as e:
+        missing = _missing_ranks(str(e))
+        whom = ", ".join(names[r] for r in missing if r < len(names)) or "a member of its group"
+        first = str(e).strip().splitlines()[0]  # gloo appends C++ frames after the first line
+        raise InfluenceTimeout(timeout_message(phase, whom, timeout_s, f"torch: {first}")) from None
+
+
+def _missing_ranks(message: str) -> list[int]:
+    """The group ranks that gloo's monitored barrier reports missing: its first rank lists them ('Ranks 2, 3
+    failed to pass monitoredBarrier'); any other rank names the first ('... send/recv from rank 0')."""
+    listed = re.search(r"Ranks? ([\d, ]+) failed to pass monitoredBarrier", message)
+    if listed:
+        return [int(r) for r in listed.group(1).replace(" ", "").split(",") if r]
+    first = re.search(r"from rank (\d+)", message)
+    return [int(first.group(1))] if first else []

@@ -13,9 +13,9 @@ import torch.distributed as dist
 from mates_megatron.influence.base import InfluenceModel
 from mates_megatron.influence.config import InfluenceConfig
 from mates_megatron.influence.encoder import resolve_device
-from mates_megatron.influence.group import influence_group
+from mates_megatron.influence.group import influence_group, meet
 from mates_megatron.influence.registry import build_influence_model
-from mates_megatron.influence.worker import InfluenceWorker, worker_address
+from mates_megatron.influence.worker import InfluenceWorker, WorkerWorld, worker_address
 from mates_megatron.runtime.rng import get_host_rng_state
 
 
@@ -50,10 +50,11 @@ class InfluenceRunner:
             if ranks is not None
             else (list(range(dist.get_world_size())) if self.distributed else [0])
         )
-        self.group = influence_group(self.ranks) if self.distributed else None
+        timeout_s = cfg.timeout_s
+        self.group = influence_group(self.ranks, timeout_s=timeout_s) if self.distributed else None
         subset = self.distributed and len(self.ranks) < dist.get_world_size()
         # Scores reach non-members over gloo (CPU tensors), never on the default group, which is NCCL on GPUs.
-        self.world_group = influence_group() if subset else None
+        self.world_group = influence_group(timeout_s=timeout_s) if subset else None
         self.member = not self.distributed or dist.get_rank() in self.ranks
         self.worker: InfluenceWorker | None = None
         """Asynchronous: this member's side process, which holds its model."""
@@ -75,7 +76,7 @@ class InfluenceRunner:
             box = [worker_address() if dist.get_rank() == self.ranks[0] else None]
             dist.broadcast_object_list(box, src=self.ranks[0], group=self.world_group or self.group)
             if self.member:
-                world = (self.ranks.index(dist.get_rank()), len(self.ranks), box[0])
+                world = WorkerWorld(self.ranks.index(dist.get_rank()), tuple(self.ranks), box[0])
         if not self.member:
             return None
         return InfluenceWorker(self.cfg, pool=pool, device=self.device, imports=imports, world=world)
@@ -95,11 +96,10 @@ class InfluenceRunner:
             raise RuntimeError("InfluenceRunner.submit: the previous round was not collected")
         self._submitted = True
         if self.worker is not None:
-            self.worker.submit(
-                ids, probe_positions, probe_scores, get_host_rng_state(), delay=self.worker_delay
-            )
+            self.worker.submit(ids, probe_positions, probe_scores, self._rng_state(), delay=self.worker_delay)
         elif self.model is not None:
             t = time.perf_counter()
+            self._meet(self.group, "fit/predict")
             scores, result = self.model.fit_predict(texts, probe_positions, probe_scores, group=self.group)
             self._pending = (
                 scores.astype(np.float32),
@@ -107,6 +107,22 @@ class InfluenceRunner:
                 result.pearson,
                 time.perf_counter() - t,
             )
+
+    def _rng_state(self) -> dict[str, Any]:
+        """The RNG state the synchronous fit would start from, for the worker: the host streams, with the CUDA
+        stream of the influence device (the one its fit draws from), not of the current device."""
+        state = get_host_rng_state()
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def _meet(self, group, phase: str) -> None:
+        """Every rank of ``group`` (one of this runner's) reaches ``phase`` within the timeout, or the run fails
+        naming the phase and the training ranks that did not."""
+        if group is not None and dist.get_world_size(group) > 1:
+            ranks = dist.get_process_group_ranks(group)
+            names = [f"training rank {r}" for r in ranks]
+            meet(group, phase=phase, timeout_s=self.cfg.timeout_s, names=names)
 
     def predict_only(self, ids: np.ndarray, texts: Sequence[str]) -> tuple[np.ndarray, float, float, float]:
         """Score every candidate with the model as last fitted, without fitting (synchronous runners only);
@@ -120,6 +136,7 @@ class InfluenceRunner:
         self._submitted = True
         if self.model is not None:
             t = time.perf_counter()
+            self._meet(self.group, "predict")
             scores = self.model.predict(texts, group=self.group)
             self._pending = (scores.astype(np.float32), float("nan"), float("nan"), time.perf_counter() - t)
         return self._share()
@@ -149,6 +166,7 @@ class InfluenceRunner:
             stats = torch.tensor([sp, pe, seconds], dtype=torch.float64)
         if self.world_group is not None:
             src, group = self.ranks[0], self.world_group
+            self._meet(group, "sharing scores")
             size = torch.tensor([len(pred)], dtype=torch.long)
             dist.broadcast(size, src=src, group=group)  # non-members do not know the pool's size
             if not self.member:

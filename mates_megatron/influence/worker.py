@@ -10,6 +10,11 @@ synchronous one bit for bit. Why a process and not a thread: the fit draws from 
 
 The worker reads candidate text through the pool it is given (pickled at start: a pool must pickle to run
 asynchronously); each worker reads the probes and its own shard only.
+
+Under torchrun, the worker inherits the launcher's environment; its world meets through a TCP store that
+worker rank 0 hosts, built explicitly (``join_world``), and it selects its GPU before anything else. Every wait
+(joining, the workers' collectives, a training rank waiting for its worker's answer) gives up after
+``InfluenceConfig.timeout_s`` with ``InfluenceTimeout`` naming the phase and the worker that did not answer.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from __future__ import annotations
 import os
 import time
 import traceback
+from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import numpy as np
@@ -25,7 +32,80 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from mates_megatron.influence.config import InfluenceConfig
+from mates_megatron.influence.group import InfluenceTimeout, meet, timeout_message
 from mates_megatron.runtime.rng import set_host_rng_state
+
+REPORT_GRACE_S = 10.0
+"""A training rank waits this long beyond ``timeout_s`` for its worker's answer, so that a worker whose own
+wait on a peer timed out reports that peer first (torch's store client retries a few seconds past its
+timeout)."""
+
+
+@dataclass(frozen=True)
+class WorkerWorld:
+    """The workers' own gloo world: one worker per influence rank, ranked in the influence ranks' order."""
+
+    rank: int
+    """This worker's rank in the workers' world."""
+    training_ranks: tuple[int, ...]
+    """The training rank whose worker each rank of the workers' world is."""
+    address: str
+    """host:port of the TCP store that worker rank 0 hosts."""
+
+    @property
+    def size(self) -> int:
+        return len(self.training_ranks)
+
+    def name(self, rank: int) -> str:
+        return f"worker rank {rank} (the influence worker of training rank {self.training_ranks[rank]})"
+
+
+def select_device(spec: str) -> torch.device:
+    """The worker's device, made current first: ``torch.cuda.set_rng_state``, bf16 autocast and the caching
+    allocator act on the current device, which in a new process is GPU 0 whatever device the model is on."""
+    device = torch.device(spec)
+    if device.type == "cuda":
+        if device.index is None:
+            raise ValueError(
+                f"influence worker device {spec!r}: give an indexed device (resolve_device does)"
+            )
+        torch.cuda.set_device(device)
+    return device
+
+
+def join_world(world: WorkerWorld, timeout_s: float):
+    """Join the workers' world through a TCP store that worker rank 0 hosts; InfluenceTimeout naming the
+    workers that did not join within ``timeout_s``."""
+    host, port = world.address.rsplit(":", 1)
+    timeout = timedelta(seconds=timeout_s)
+    # An explicit store, never init_method's rendezvous: that one reads TORCHELASTIC_USE_AGENT_STORE, which
+    # torchrun's children inherit as True, and makes every worker a client of a store nobody serves (torch's
+    # own async-checkpoint process resets the variable for the same reason).
+    try:
+        store = dist.TCPStore(
+            host, int(port), world.size, is_master=world.rank == 0, timeout=timeout, wait_for_workers=False
+        )
+    except (RuntimeError, TimeoutError) as e:  # DistNetworkError is a RuntimeError
+        raise InfluenceTimeout(
+            timeout_message(
+                "worker start",
+                f"{world.name(0)}, which hosts the workers' store at {world.address}",
+                timeout_s,
+                f"torch: {str(e).splitlines()[0]}\nwhere that address is not reachable from every node, set "
+                "MATES_INFLUENCE_WORKER_ADDR to one that is",
+            )
+        ) from None
+    keys = [f"mates/joined/{r}" for r in range(world.size)]
+    store.set(keys[world.rank], "1")
+    try:
+        store.wait(keys, timeout)
+    except RuntimeError:  # DistStoreError: some worker never joined
+        missing = [r for r, key in enumerate(keys) if not store.check([key])]
+        raise InfluenceTimeout(
+            timeout_message("worker start", ", ".join(map(world.name, missing)), timeout_s)
+        ) from None
+    dist.init_process_group("gloo", store=store, rank=world.rank, world_size=world.size, timeout=timeout)
+    return dist.group.WORLD
 
 
 def _serve(conn, cfg: InfluenceConfig, pool, device: str, imports: list[str], threads: int, world) -> None:
@@ -34,18 +114,20 @@ def _serve(conn, cfg: InfluenceConfig, pool, device: str, imports: list[str], th
     from mates_megatron.pool.base import candidate_inputs
     from mates_megatron.registry import import_modules
 
-    torch.set_num_threads(threads)
     try:
+        device = select_device(device)  # before any RNG or model work
+        torch.set_num_threads(threads)
         import_modules(imports)
-        group = None
+        group, names = None, []
         if world is not None:
-            rank, size, address = world
-            dist.init_process_group("gloo", init_method=address, rank=rank, world_size=size)
-            group = dist.group.WORLD
+            conn.send(("phase", "worker start: joining the workers' world"))
+            group = join_world(world, cfg.timeout_s)
+            names = [world.name(r) for r in range(world.size)]
+        conn.send(("phase", "worker start: loading the influence model"))
         model = build_influence_model(cfg, device=device)
         conn.send(("ready", None))
-    except BaseException:  # noqa: BLE001 - reported to the training rank, which raises it
-        conn.send(("error", traceback.format_exc()))
+    except BaseException as e:  # noqa: BLE001 - reported to the training rank, which raises it
+        conn.send(_failure(e))
         return
     while True:
         kind, payload = conn.recv()
@@ -54,6 +136,8 @@ def _serve(conn, cfg: InfluenceConfig, pool, device: str, imports: list[str], th
         try:
             if kind == "fit_predict":
                 t = time.perf_counter()
+                if group is not None:  # every worker has its job: the fit's collectives can start
+                    meet(group, phase="fit/predict", timeout_s=cfg.timeout_s, names=names)
                 if payload["delay"]:
                     time.sleep(payload["delay"])  # tests: an artificially slow influence rank
                 set_host_rng_state(payload["rng"])
@@ -69,18 +153,27 @@ def _serve(conn, cfg: InfluenceConfig, pool, device: str, imports: list[str], th
             else:
                 raise ValueError(f"unknown request {kind!r}")
             conn.send(("ok", out))
-        except BaseException:  # noqa: BLE001
-            conn.send(("error", traceback.format_exc()))
+        except BaseException as e:  # noqa: BLE001
+            conn.send(_failure(e))
     if world is not None:
         dist.destroy_process_group()
+
+
+def _failure(e: BaseException) -> tuple[str, str]:
+    """A timeout's message as it is (it names the phase and the peer); any other error with its traceback."""
+    if isinstance(e, InfluenceTimeout):
+        return ("timeout", str(e))
+    return ("error", traceback.format_exc())
 
 
 class InfluenceWorker:
     """One side process holding this member's influence model; requests go one at a time over a pipe.
 
-    ``submit`` returns at once; ``result`` waits for it. ``world``: (rank, size, init address) of the
-    workers' own gloo world when the influence group has several members, None for one member. Started at
-    construction (importing torch and the encoder takes seconds); stopped by ``close`` or at exit.
+    ``submit`` returns at once; ``result`` waits for it. ``world``: this worker's place in the workers' own
+    gloo world when the influence group has several members, None for one member. Started at construction
+    (importing torch and the encoder takes seconds); stopped by ``close`` or at exit. Every wait for the
+    worker's answer gives up after ``cfg.timeout_s`` plus ``REPORT_GRACE_S`` of silence with
+    InfluenceTimeout naming the phase and the worker, and kills the worker.
     """
 
     def __init__(
@@ -90,8 +183,10 @@ class InfluenceWorker:
         pool,
         device: torch.device,
         imports: list[str] | None = None,
-        world: tuple[int, int, str] | None = None,
+        world: WorkerWorld | None = None,
     ) -> None:
+        self.timeout_s = cfg.timeout_s
+        self.world = world
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
         self.process = ctx.Process(
@@ -111,26 +206,46 @@ class InfluenceWorker:
             ) from e
         child.close()
         self._busy = False
-        self._reply("start")
+        self._reply("worker start")
 
-    def _reply(self, what: str) -> Any:
-        try:
-            status, value = self._conn.recv()
-        except EOFError:
-            self.process.join(5)
-            raise RuntimeError(
-                f"the influence worker (pid {self.process.pid}) died during {what} with exit code "
-                f"{self.process.exitcode}: see its output above (out of memory is the usual cause)"
-            ) from None
-        if status == "error":
-            raise RuntimeError(f"the influence worker failed during {what}:\n{value}")
-        return value
+    @property
+    def name(self) -> str:
+        """Which worker this is, as a timeout names it."""
+        if self.world is not None:
+            return f"{self.world.name(self.world.rank)}, pid {self.process.pid}"
+        return f"the influence worker (pid {self.process.pid})"
 
-    def _call(self, kind: str, payload: Any = None) -> Any:
+    def _reply(self, phase: str) -> Any:
+        """The worker's answer to the request in ``phase``; the worker may report sub-phases first (each
+        restarts the wait)."""
+        patience = self.timeout_s + REPORT_GRACE_S
+        while True:
+            if not self._conn.poll(patience):  # a dead worker is readable (EOF): only silence gets here
+                self.process.kill()  # unresponsive: it would otherwise outlive the failed run
+                self.process.join(5)
+                raise InfluenceTimeout(timeout_message(phase, self.name, self.timeout_s))
+            try:
+                status, value = self._conn.recv()
+            except EOFError:
+                self.process.join(5)
+                raise RuntimeError(
+                    f"the influence worker (pid {self.process.pid}) died during {phase} with exit code "
+                    f"{self.process.exitcode}: see its output above (out of memory is the usual cause)"
+                ) from None
+            if status == "phase":
+                phase = value
+            elif status == "timeout":
+                raise InfluenceTimeout(f"{value}\n(reported by {self.name})")
+            elif status == "error":
+                raise RuntimeError(f"the influence worker failed during {phase}:\n{value}")
+            else:
+                return value
+
+    def _call(self, kind: str, payload: Any = None, *, phase: str) -> Any:
         if self._busy:
             raise RuntimeError(f"influence worker: {kind} while a fit is in flight; call result() first")
         self._conn.send((kind, payload))
-        return self._reply(kind)
+        return self._reply(phase)
 
     def submit(
         self,
@@ -156,13 +271,13 @@ class InfluenceWorker:
         if not self._busy:
             raise RuntimeError("influence worker: result() with nothing submitted")
         self._busy = False
-        return self._reply("fit_predict")
+        return self._reply("fit/predict")
 
     def state_dict(self) -> dict[str, Any]:
-        return self._call("state_dict")
+        return self._call("state_dict", phase="checkpoint: reading the influence model")
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._call("load_state_dict", state)
+        self._call("load_state_dict", state, phase="resume: loading the influence model")
 
     def close(self) -> None:
         if self.process.is_alive():
@@ -178,11 +293,11 @@ class InfluenceWorker:
 
 
 def worker_address() -> str:
-    """A TCP address on this host for the workers' own world (the first member's workers host it)."""
+    """host:port on this host for the workers' own world (the first member's worker hosts its store)."""
     from mates_megatron.compat.spawn import free_port
 
     host = os.environ.get("MATES_INFLUENCE_WORKER_ADDR") or _this_host()
-    return f"tcp://{host}:{free_port()}"
+    return f"{host}:{free_port()}"
 
 
 def _this_host() -> str:

@@ -8,6 +8,7 @@ Configured by the selection's probe fields (``probe_samples``, ``estimator``, ``
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -63,6 +64,29 @@ def fit_pairs(
     fit_positions = np.concatenate([positions, len(cands) + np.arange(len(extra))])
     fit_scores = np.concatenate([_zscore(scores)] + [_zscore(oracle[p]["scores"]) for p in past])
     return ids, fit_positions, fit_scores, [*past, round_]
+
+
+class ProbeBatches(Sequence):
+    """The probe samples as one-row batches, each read from the pool when it is first indexed and kept.
+
+    An estimator indexes only this rank's share of the probes (strided over data-parallel replicas; all of
+    them under the distributed optimizer), so each rank reads and holds its share, never the whole round's.
+    """
+
+    def __init__(self, pool, ids: np.ndarray) -> None:
+        self.pool, self.ids = pool, ids
+        self._built: dict[int, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int):
+        if not -len(self.ids) <= i < len(self.ids):
+            raise IndexError(f"probe {i} of {len(self.ids)}")
+        i = int(i) % len(self.ids)
+        if i not in self._built:  # the mirrored estimator reads each probe twice (before and after its step)
+            self._built[i] = collate([self.pool.training_sample(int(self.ids[i]))])
+        return self._built[i]
 
 
 def poor_fit(spearman: float, threshold: float) -> str | None:
@@ -132,7 +156,7 @@ class MatesScorer(Scorer):
         seconds: dict[str, float] = {}
         t = time.perf_counter()
         positions = self.probe_positions(r.round, len(cands))
-        batches = [collate([pool.training_sample(int(cands[i]))]) for i in positions]
+        batches = ProbeBatches(pool, cands[positions])
         reference = r.host.reference
         if reference is None:
             raise ValueError("scorer 'mates' probes against a reference set: the host has none configured")

@@ -4,7 +4,11 @@ pool it cannot be given."""
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import signal
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -70,3 +74,132 @@ def test_a_pool_that_cannot_reach_the_worker_is_refused_with_the_fix():
     with pytest.raises(ValueError, match=r"the pool \(SyntheticTokenPool\) cannot be sent to the influence "
                        r"worker process .*set selection.asynchronous: false"):  # fmt: skip
         InfluenceWorker(CFG, pool=pool, device=torch.device("cpu"))
+
+
+# -- timeouts: every wait names its phase and who did not answer (no test here can hang: each is bounded) --
+
+
+@pytest.mark.parametrize("present", [0, 1], ids=["host-waits-for-rank-1", "rank-1-finds-no-host"])
+def test_a_worker_world_member_that_never_joins_fails_naming_the_phase_and_the_rank(present):
+    """One worker of a two-worker world starts; the other never does. Before: the present worker waited in
+    the rendezvous for 30 minutes (torch's default) and its training rank on the pipe forever."""
+    from mates_megatron.influence.group import InfluenceTimeout
+    from mates_megatron.influence.worker import InfluenceWorker, WorkerWorld, worker_address
+
+    world = WorkerWorld(present, (3, 5), worker_address())  # workers of training ranks 3 and 5
+    absent = 1 - present
+    missing = rf"worker rank {absent} \(the influence worker of training rank {(3, 5)[absent]}\)"
+    cfg = dataclasses.replace(CFG, timeout_s=3.0)
+    t = time.monotonic()
+    with pytest.raises(
+        InfluenceTimeout, match=rf"phase 'worker start': {missing}.* did not answer within 3 s"
+    ):
+        InfluenceWorker(cfg, pool=_pool(), device=torch.device("cpu"), world=world)
+    # Spawning and importing take seconds; the wait itself is the configured 3 s.
+    assert time.monotonic() - t < 60
+
+
+def test_a_worker_that_never_answers_fails_naming_the_phase_and_the_worker():
+    """A worker stopped (SIGSTOP) before a fit: its training rank gives up after timeout_s plus the grace
+    (2 + 10 s) naming the phase and the worker, and kills it. Before: result() waited forever."""
+    from mates_megatron.influence.group import InfluenceTimeout
+    from mates_megatron.influence.worker import InfluenceWorker
+    from mates_megatron.runtime.rng import get_host_rng_state
+
+    pool = _pool()
+    ids = np.arange(len(pool), dtype=np.int32)
+    positions = np.arange(0, len(ids), 3)
+    scores = np.random.default_rng(0).normal(size=len(positions))
+    worker = InfluenceWorker(dataclasses.replace(CFG, timeout_s=2.0), pool=pool, device=torch.device("cpu"))
+    try:
+        os.kill(worker.process.pid, signal.SIGSTOP)
+        worker.submit(ids, positions, scores, get_host_rng_state())
+        t = time.monotonic()
+        pid = worker.process.pid
+        with pytest.raises(
+            InfluenceTimeout,
+            match=rf"phase 'fit/predict': the influence worker \(pid {pid}\) did not answer within 2 s",
+        ):
+            worker.result()
+        assert 12.0 <= time.monotonic() - t < 40
+        assert not worker.process.is_alive()  # killed: it would outlive the failed run
+    finally:
+        worker.process.kill()
+
+
+# -- the worker's device (no GPU here: torch.cuda's calls are recorded in this process) ---------------------
+
+
+def _record_cuda(monkeypatch, calls: list, count: int = 4) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(
+        torch.cuda, "set_device", lambda d: calls.append(("set_device", str(torch.device(d))))
+    )
+    monkeypatch.setattr(
+        torch.cuda, "set_rng_state", lambda state, device="cuda": calls.append(("set_rng_state", str(device)))
+    )
+    monkeypatch.setattr(
+        torch.cuda,
+        "get_rng_state",
+        lambda device="cuda": calls.append(("get_rng_state", str(device))) or "st",
+    )
+
+
+def test_the_worker_selects_its_gpu_before_its_rng_state_and_its_model(monkeypatch):
+    """The worker's loop (``_serve``, run here in-process) on 'cuda:1': the device is made current before the
+    model is built and before the fit's RNG state is set, so ``torch.cuda.set_rng_state`` seeds the GPU the
+    model runs on (before: GPU 0's, so asynchronous differed from synchronous with warm_start). The model is
+    built on CPU (no GPU here), the call that asked for cuda:1 recorded."""
+    import multiprocessing
+
+    from mates_megatron.influence import registry, runner, worker
+    from mates_megatron.runtime.rng import get_host_rng_state
+
+    pool = _pool()
+    ids = np.arange(len(pool), dtype=np.int32)
+    positions = np.arange(0, len(ids), 3)
+    scores = np.random.default_rng(0).normal(size=len(positions))
+    rng = {**get_host_rng_state(), "cuda": torch.zeros(16, dtype=torch.uint8)}
+    calls: list = []
+    _record_cuda(monkeypatch, calls)
+    build = registry.build_influence_model
+
+    def build_on_cpu(cfg, device=None):
+        calls.append(("build", str(device)))
+        return build(cfg, device="cpu")
+
+    monkeypatch.setattr(registry, "build_influence_model", build_on_cpu)
+    parent, child = multiprocessing.Pipe()
+    job = {"ids": ids, "positions": positions, "scores": scores, "rng": rng, "delay": 0.0}
+    parent.send(("fit_predict", job))
+    parent.send(("stop", None))
+    worker._serve(child, CFG, pool, "cuda:1", [], torch.get_num_threads(), None)
+    replies = []
+    while parent.poll():
+        replies.append(parent.recv())
+    assert calls == [("set_device", "cuda:1"), ("build", "cuda:1"), ("set_rng_state", "cuda")]
+    assert [status for status, _ in replies if status != "phase"] == ["ready", "ok"], replies
+
+    # The training side hands the worker the RNG of the influence device (what a synchronous fit draws from).
+    calls.clear()
+    monkeypatch.setattr(runner, "build_influence_model", build_on_cpu)
+    state = runner.InfluenceRunner(CFG, device="cuda:1")._rng_state()
+    assert state["cuda"] == "st" and ("get_rng_state", "cuda:1") in calls
+
+
+def test_a_bare_cuda_device_is_this_ranks_gpu(monkeypatch):
+    """'cuda' without an index: the training device's index, else LOCAL_RANK (before: every worker on GPU 0)."""
+    from mates_megatron.influence.encoder import resolve_device
+
+    _record_cuda(monkeypatch, [], count=4)
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    assert resolve_device("cuda", "cuda:3") == torch.device("cuda:3")
+    assert resolve_device("cuda", None) == torch.device("cuda:2")
+    assert resolve_device(None, "cuda") == torch.device("cuda:2")
+    assert resolve_device("cuda:1", "cuda:3") == torch.device("cuda:1")  # an explicit index is kept
+    monkeypatch.setenv("LOCAL_RANK", "5")
+    with pytest.raises(
+        ValueError, match=r"influence device 'cuda:5' \(from cuda\): this process sees 4 CUDA"
+    ):
+        resolve_device("cuda", None)
