@@ -20,6 +20,7 @@ worker rank 0 hosts, built explicitly (``join_world``), and it selects its GPU b
 from __future__ import annotations
 
 import os
+import pickle
 import time
 import traceback
 from dataclasses import dataclass
@@ -118,6 +119,9 @@ def _serve(conn, cfg: InfluenceConfig, pool, device: str, imports: list[str], th
         device = select_device(device)  # before any RNG or model work
         torch.set_num_threads(threads)
         import_modules(imports)
+        # Rebuilt here, not by spawn before this function runs: a pool that refuses to rebuild (its data
+        # changed since the run started) is then reported to the training rank, not lost in a dead process.
+        pool = pool.load()
         group, names = None, []
         if world is not None:
             conn.send(("phase", "worker start: joining the workers' world"))
@@ -159,6 +163,16 @@ def _serve(conn, cfg: InfluenceConfig, pool, device: str, imports: list[str], th
         dist.destroy_process_group()
 
 
+class _Pickled:
+    """An object that crosses into the worker as pickle bytes, loaded where the worker chooses."""
+
+    def __init__(self, obj: Any) -> None:
+        self.data = pickle.dumps(obj)
+
+    def load(self) -> Any:
+        return pickle.loads(self.data)
+
+
 def _failure(e: BaseException) -> tuple[str, str]:
     """A timeout's message as it is (it names the phase and the peer); any other error with its traceback."""
     if isinstance(e, InfluenceTimeout):
@@ -188,22 +202,17 @@ class InfluenceWorker:
         self.timeout_s = cfg.timeout_s
         self.world = world
         ctx = mp.get_context("spawn")
-        self._conn, child = ctx.Pipe()
-        self.process = ctx.Process(
-            target=_serve,
-            args=(child, cfg, pool, str(device), list(imports or []), torch.get_num_threads(), world),
-            name="mates-influence-worker",
-            daemon=True,
-        )
-        try:  # spawn pickles the pool here, once: the worker holds its own copy of the pool's index
-            self.process.start()
+        try:  # pickled here, once (a pool pickles as what rebuilds it), rebuilt inside the worker's try
+            pool_bytes = _Pickled(pool)
         except Exception as e:  # noqa: BLE001 - any pickling failure means the same fix
-            self._conn.close()
-            child.close()
             raise ValueError(
                 f"selection.asynchronous: the pool ({type(pool).__name__}) cannot be sent to the influence "
                 f"worker process ({type(e).__name__}: {e}); set selection.asynchronous: false"
             ) from e
+        self._conn, child = ctx.Pipe()
+        args = (child, cfg, pool_bytes, str(device), list(imports or []), torch.get_num_threads(), world)
+        self.process = ctx.Process(target=_serve, args=args, name="mates-influence-worker", daemon=True)
+        self.process.start()
         child.close()
         self._busy = False
         self._reply("worker start")

@@ -76,6 +76,28 @@ def test_a_pool_that_cannot_reach_the_worker_is_refused_with_the_fix():
         InfluenceWorker(CFG, pool=pool, device=torch.device("cpu"))
 
 
+class _ChangedSinceStart:
+    """A pool whose copy finds its data changed when it is rebuilt in the worker (as a real pool's identity check
+    refuses: tests/unit/test_pool_pickle.py)."""
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        from mates_megatron.pool.base import PoolError
+
+        raise PoolError("shard train-000.tar changed since the run started; restore it or restart the run")
+
+
+def test_a_pool_that_refuses_to_rebuild_in_the_worker_is_reported_to_the_training_rank():
+    """The refusal's own message reaches the training rank (not a worker dead with an exit code)."""
+    from mates_megatron.influence.worker import InfluenceWorker
+
+    with pytest.raises(RuntimeError, match=r"(?s)failed during worker start.*PoolError: shard train-000.tar "
+                       r"changed since the run started; restore it or restart the run"):  # fmt: skip
+        InfluenceWorker(CFG, pool=_ChangedSinceStart(), device=torch.device("cpu"))
+
+
 # -- timeouts: every wait names its phase and who did not answer (no test here can hang: each is bounded) --
 
 
