@@ -57,6 +57,8 @@ RUN_FLAGS: dict[str, str] = {
     "--adam-beta1": "adam_beta1",
     "--adam-beta2": "adam_beta2",
     "--use-distributed-optimizer": "use_distributed_optimizer",
+    "--overlap-grad-reduce": "overlap_grad_reduce",
+    "--overlap-param-gather": "overlap_param_gather",
     "--check-for-nan-in-loss-and-grad": "check_for_nan_in_loss_and_grad",
     "--rerun-mode": "rerun_mode",
     "--seed": "seed",

@@ -54,6 +54,12 @@ class TrainConfig:
     """Adam beta2."""
     use_distributed_optimizer: bool = False
     """Shard optimizer state over data-parallel ranks (megatron-core distributed optimizer)."""
+    overlap_grad_reduce: bool = False
+    """Overlap the data-parallel gradient reduce with the backward pass (Megatron-LM --overlap-grad-reduce, on in
+    Bridge's recipes)."""
+    overlap_param_gather: bool = False
+    """With the distributed optimizer, gather the updated parameters during the next forward pass instead of
+    after the step (Megatron-LM --overlap-param-gather, on in Bridge's recipes)."""
     check_for_nan_in_loss_and_grad: bool = True
     """Check every gradient bucket for NaN/Inf before its data-parallel reduction, through the rerun state
     machine (Megatron-LM's default; ``--no-check-for-nan-in-loss-and-grad`` turns it off)."""
@@ -117,6 +123,11 @@ class TrainConfig:
         from mates_megatron.training.evalsets import check_names
 
         check_names(self.eval_sets)
+        if self.overlap_param_gather and not (self.use_distributed_optimizer and self.overlap_grad_reduce):
+            raise ValueError(
+                "TrainConfig.overlap_param_gather needs use_distributed_optimizer and overlap_grad_reduce "
+                "(as Megatron-LM's --overlap-param-gather does)"
+            )
         if self.rerun_mode not in ("validate_results", "disabled"):
             raise ValueError(f"TrainConfig.rerun_mode={self.rerun_mode!r}: use validate_results or disabled")
         if self.lr_decay_style not in ("constant", "linear", "cosine"):

@@ -177,13 +177,16 @@ class Trainer:
         model = in_model_precision(build_gpt_model(cfg.model, cpu=cfg.parallel.cpu), cfg.model)
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
-            overlap_grad_reduce=False,
+            overlap_grad_reduce=cfg.overlap_grad_reduce,
+            overlap_param_gather=cfg.overlap_param_gather,
             use_distributed_optimizer=cfg.use_distributed_optimizer,
             check_for_nan_in_grad=cfg.check_for_nan_in_loss_and_grad,
         )
         self.model = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
         self.model_chunks = [self.model]
         model.config.finalize_model_grads_func = finalize_model_grads
+        if cfg.overlap_grad_reduce:  # as Megatron-LM's train() sets it: no reduce before the last micro-batch
+            model.config.no_sync_func = self.model.no_sync
         opt_cfg = OptimizerConfig(
             optimizer="adam",
             lr=cfg.lr,
@@ -359,6 +362,11 @@ class Trainer:
         return state
 
     def save(self) -> None:
+        if self.cfg.overlap_param_gather:  # the last step's gather is due at the next forward: the checkpoint
+            for (
+                chunk
+            ) in self.model_chunks:  # saves the parameters as they are after the step (Megatron-LM too)
+                chunk.start_param_sync(force_sync=True)
         extra = {
             "consumed_samples": self.consumed_samples,
             "order": self.order.state_dict(),

@@ -138,15 +138,20 @@ def test_rounds_select_on_the_live_model_and_log_per_round(uninterrupted):
     assert spearman == pytest.approx([rank0["records"][r]["influence_spearman"] for r in (1, 2)])
 
 
-@pytest.mark.parametrize("estimator", ["linearized", "mirrored"])
+@pytest.mark.parametrize(
+    "estimator, overlap", [("linearized", False), ("mirrored", True)], ids=["linearized", "mirrored-overlap"]
+)
 def test_scored_rounds_at_dp2_with_the_distributed_optimizer_and_megatron_lm_checks(
-    small_embedded, estimator
+    small_embedded, estimator, overlap
 ):
     """Megatron-LM's defaults around the probes: NaN checks in every gradient sync, each step inside the rerun
-    state machine in validate_results mode, the distributed optimizer at DP=2 (replicas probe together)."""
+    state machine in validate_results mode, the distributed optimizer at DP=2 (replicas probe together); and
+    Bridge's overlapped gradient reduce and parameter gather."""
     overrides = {
         "parallel": {"cpu": True},
         "use_distributed_optimizer": True,
+        "overlap_grad_reduce": overlap,
+        "overlap_param_gather": overlap,
         "check_for_nan_in_loss_and_grad": True,
         "rerun_mode": "validate_results",
         "selection": {"estimator": estimator, "max_selection_cost": 200.0},

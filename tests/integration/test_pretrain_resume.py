@@ -1,6 +1,7 @@
 """The Megatron-Core training loop on CPU: it learns, and a resumed run continues bit-identically.
 
-Real processes over gloo with TP=2, PP=2 and DP=2 (DP=2 with the distributed optimizer).
+Real processes over gloo with TP=2, PP=2 and DP=2 (DP=2 with the distributed optimizer, overlapped gradient
+reduce and parameter gather).
 """
 
 from __future__ import annotations
@@ -43,8 +44,18 @@ def _train(data, tp, pp, overrides):
 
 @pytest.mark.parametrize(
     "tp, pp, extra",
-    [(2, 1, {}), (1, 2, {}), (1, 1, {"use_distributed_optimizer": True})],
-    ids=["tp2", "pp2", "dp2-distopt"],
+    [
+        (2, 1, {}),
+        (1, 2, {}),
+        # With Bridge's overlapped reduce and deferred parameter gather: the checkpoint saves the parameters
+        # the last step made, not the stale shards the next forward would gather.
+        (
+            1,
+            1,
+            {"use_distributed_optimizer": True, "overlap_grad_reduce": True, "overlap_param_gather": True},
+        ),
+    ],
+    ids=["tp2", "pp2", "dp2-distopt-overlap"],
 )
 def test_resume_continues_bit_identically(small_embedded, tmp_path, tp, pp, extra):
     full = run_on_ranks(_train, 2, small_embedded, tp, pp, dict(extra))[-1]
