@@ -310,7 +310,7 @@ def _graph_rng_worker(opts: Options) -> dict:
     return {"tracker_state_types": sorted({type(v).__name__ for v in states.values()}), "snapshot": snapshot}
 
 
-@stage("cuda_graphs")
+@stage("cuda_graphs", needs_cuda=False)
 def cuda_graphs(opts: Options) -> dict:
     from mates_megatron.config import SelectionConfig
     from mates_megatron.probe.settings import Spelling, check_probe_settings
@@ -411,7 +411,7 @@ def _arm_config(opts: Options, arm: str, **selection) -> dict:
     model = (
         {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "seq_length": 64}
         if small
-        else {"num_layers": 12, "hidden_size": 1024, "num_attention_heads": 16, "seq_length": 1024}
+        else {"num_layers": 8, "hidden_size": 1024, "num_attention_heads": 16, "seq_length": 512}
     )
     sel: dict[str, Any] = {
         "pool": "indexed", "select_every": 10, "selection_ratio": 0.2, "seed": 5, "warmup_steps": 10,
@@ -467,6 +467,51 @@ def _selections(save: Path) -> dict[int, list[int]]:
     return out
 
 
+def _checkpoint_tensors(it_dir: Path, scratch: Path) -> dict[str, torch.Tensor]:
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    target = scratch / f"{it_dir.parent.name}_{it_dir.name}.pt"
+    dist_dir = next(p for p in it_dir.iterdir() if p.is_dir())
+    dcp_to_torch_save(dist_dir, target)
+    flat: dict[str, torch.Tensor] = {}
+
+    def walk(x, path: str) -> None:
+        if isinstance(x, dict):
+            for k, v in x.items():
+                walk(v, f"{path}/{k}")
+        elif torch.is_tensor(x):
+            flat[path] = x
+
+    walk(torch.load(target, weights_only=False), "")
+    return flat
+
+
+@stage("resume")
+def resume(opts: Options) -> dict:
+    """Asynchronous rounds probed 3 steps ahead; stopped at step 18, after round 2's probe (step 17) and before
+    its publish (step 20): the checkpoint waits for the round and saves its selection."""
+    cfg = _arm_config(opts, "async")
+    whole, split = Path(opts.workdir) / "resume_whole", Path(opts.workdir) / "resume_split"
+    every = ("--save-interval", "10")  # checkpoints at the round boundaries, where _selections reads them
+    full, _ = _launch(opts, cfg, "resume_whole", "--save", str(whole / "ckpt"), *every)
+    first, _ = _launch(
+        opts, cfg, "resume_first", "--save", str(split / "ckpt"), *every, "--exit-interval", "18"
+    )
+    rest, _ = _launch(
+        opts, cfg, "resume_rest", "--save", str(split / "ckpt"), *every, "--load", str(split / "ckpt")
+    )
+    last = f"iter_{cfg['train_iters']:07d}"
+    a = _checkpoint_tensors(whole / "ckpt" / last, Path(opts.workdir))
+    b = _checkpoint_tensors(split / "ckpt" / last, Path(opts.workdir))
+    return {
+        "stopped_at": max(first["step"]),
+        "losses_equal": rest["loss"] == full["loss"],
+        "selections_equal": _selections(split / "ckpt") == _selections(whole / "ckpt"),
+        "checkpoint_tensors": len(a),
+        "checkpoint_tensors_equal": a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a),
+    }
+
+
 @stage("arms")
 def arms(opts: Options) -> dict:
     from mates_megatron.config import SelectionConfig
@@ -510,46 +555,6 @@ def arms(opts: Options) -> dict:
         if isinstance(arm, dict):
             arm["selections"] = {r: len(ids) for r, ids in arm["selections"].items()}
     return out
-
-
-def _checkpoint_tensors(it_dir: Path, scratch: Path) -> dict[str, torch.Tensor]:
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    target = scratch / f"{it_dir.parent.name}_{it_dir.name}.pt"
-    dist_dir = next(p for p in it_dir.iterdir() if p.is_dir())
-    dcp_to_torch_save(dist_dir, target)
-    flat: dict[str, torch.Tensor] = {}
-
-    def walk(x, path: str) -> None:
-        if isinstance(x, dict):
-            for k, v in x.items():
-                walk(v, f"{path}/{k}")
-        elif torch.is_tensor(x):
-            flat[path] = x
-
-    walk(torch.load(target, weights_only=False), "")
-    return flat
-
-
-@stage("resume")
-def resume(opts: Options) -> dict:
-    """Asynchronous rounds probed 3 steps ahead; stopped at step 18, after round 2's probe (step 17) and before
-    its publish (step 20): the checkpoint waits for the round and saves its selection."""
-    cfg = _arm_config(opts, "async")
-    whole, split = Path(opts.workdir) / "resume_whole", Path(opts.workdir) / "resume_split"
-    full, _ = _launch(opts, cfg, "resume_whole", "--save", str(whole / "ckpt"))
-    first, _ = _launch(opts, cfg, "resume_first", "--save", str(split / "ckpt"), "--exit-interval", "18")
-    rest, _ = _launch(opts, cfg, "resume_rest", "--save", str(split / "ckpt"), "--load", str(split / "ckpt"))
-    last = f"iter_{cfg['train_iters']:07d}"
-    a = _checkpoint_tensors(whole / "ckpt" / last, Path(opts.workdir))
-    b = _checkpoint_tensors(split / "ckpt" / last, Path(opts.workdir))
-    return {
-        "stopped_at": max(first["step"]),
-        "losses_equal": rest["loss"] == full["loss"],
-        "selections_equal": _selections(split / "ckpt") == _selections(whole / "ckpt"),
-        "checkpoint_tensors": len(a),
-        "checkpoint_tensors_equal": a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a),
-    }
 
 
 # -- Megatron-LM's own pretrain_gpt.py with the core_v0.19.0 patch ------------------------------------------------
