@@ -236,3 +236,25 @@ def test_unknown_redirection_is_rejected():
 
     with pytest.raises(ValueError, match="unknown CPU-mode redirections"):
         cpu.enable_cpu_mode(skip={"memory_buffer"})
+
+
+def _layer_settings(transformer_impl):
+    from mates_megatron.training.model import GPTConfig
+    from mates_megatron.training.parallel import ParallelConfig, initialize_parallel
+
+    initialize_parallel(ParallelConfig(tensor_model_parallel_size=2, cpu=True), seed=1)
+    names = ("bias_activation_fusion", "bias_dropout_fusion", "masked_softmax_fusion",
+             "gradient_accumulation_fusion", "sequence_parallel")  # fmt: skip
+    cfg = GPTConfig(num_layers=2, hidden_size=32, num_attention_heads=4, transformer_impl=transformer_impl)
+    return {cpu: {n: getattr(cfg.transformer_config(cpu=cpu), n) for n in names} for cpu in (True, False)}
+
+
+@pytest.mark.parametrize("impl", ["local", "transformer_engine"])
+def test_cpu_mode_choices_apply_in_cpu_mode_only(impl):
+    """The project's loop on a GPU takes the GPU's fusions and sequence parallelism (TP=2); CPU mode runs plain
+    ops without them. (The GPU-side config is built here without a GPU: only its fields are read.)"""
+    cpu, gpu = run_on_ranks(_layer_settings, 2, impl)[0].values()
+    assert not any(cpu.values())
+    te = impl == "transformer_engine"
+    assert gpu == {"bias_activation_fusion": True, "bias_dropout_fusion": True, "masked_softmax_fusion": te,
+                   "gradient_accumulation_fusion": te, "sequence_parallel": True}  # fmt: skip
