@@ -18,7 +18,10 @@ tensor-type check); on top of it Megatron-LM's training package needs, each beca
 - the memory report and the checkpoint's ``cuda_rng_state`` read CUDA: zero / an empty state (the CPU
   generator, which dropout uses here, is saved and restored as ``torch_rng_state``);
 - dropout and the data-loader set-up draw from the one CPU generator: ``train()`` starts from the RNG state
-  ``load_checkpoint`` left (``_train_from_the_loaded_rng_state``), so a resumed run is the one that went on.
+  ``load_checkpoint`` left (``_train_from_the_loaded_rng_state``), so a resumed run is the one that went on;
+- without apex or TransformerEngine the distributed optimizer's inner optimizer is torch Adam, and megatron-core
+  resumes it wrongly twice: the state is read before anything is allocated, and the step is not restored
+  (``_distributed_optimizer_resumes_torch_adam``).
 
 Megatron-LM also needs, as on GPU: ``triton`` importable (its training package imports it; no kernel runs)
 and its dataset helpers compiled (``make -C megatron/core/datasets``, which needs ``pybind11``).
@@ -27,6 +30,7 @@ and its dataset helpers compiled (``make -C megatron/core/datasets``, which need
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import runpy
 import sys
@@ -58,6 +62,7 @@ def enable_megatron_lm_cpu_mode() -> None:
     fused_kernels.load = lambda args: None
     training.initialize_megatron = functools.partial(training.initialize_megatron, allow_no_cuda=True)
     _train_from_the_loaded_rng_state(training)
+    _distributed_optimizer_resumes_torch_adam()
 
 
 def _train_from_the_loaded_rng_state(training) -> None:
@@ -86,6 +91,52 @@ def _train_from_the_loaded_rng_state(training) -> None:
         return train(*args, **kwargs)
 
     training.load_checkpoint, training.train = load_then_keep_rng, train_from_loaded_rng
+
+
+def _distributed_optimizer_resumes_torch_adam() -> None:
+    """Resume ``--use-distributed-optimizer`` from ``torch_dist`` with torch Adam as its inner optimizer.
+
+    Without apex/TE (CPU mode always) megatron-core's ``DistributedOptimizer`` (0.16.1, 0.19.0) wraps torch Adam,
+    whose state holds a per-parameter "step"; with apex or TE the step lives in the param groups, and neither
+    gap below exists. The project's own loop works around the same two (``training.checkpoint``).
+
+    - ``sharded_state_dict(is_loading=True)`` calls ``state_dict()``, which reads the common step from the
+      state and asserts there is exactly one (``assert len(steps) == 1``), on a freshly built optimizer whose
+      state is still empty: every resume asserts. Zeros are allocated first; the load overwrites them.
+    - ``load_state_dict`` sets the saved step (kept once, in the param groups) as one tensor shared by every
+      parameter, then copies each parameter's tensors from the loaded buckets, "step" included; the buckets
+      were saved without it, so the step comes back as the zero allocated above. Even when right, a shared
+      tensor would advance once per parameter per step (torch Adam increments each parameter's step in
+      place). Either way the bias correction after a resume is not the uninterrupted run's: after the load
+      each parameter gets its own tensor holding the saved step.
+    """
+    from megatron.core.optimizer import distrib_optimizer
+
+    if distrib_optimizer.HAVE_APEX_OR_TE:
+        return
+    cls = distrib_optimizer.DistributedOptimizer
+    sharded_state_dict, load_state_dict = cls.sharded_state_dict, cls.load_state_dict
+    signature = inspect.signature(sharded_state_dict)
+
+    @functools.wraps(sharded_state_dict)
+    def with_state_to_load_into(self, *args, **kwargs):
+        is_loading = signature.bind(self, *args, **kwargs).arguments.get("is_loading", False)
+        if is_loading and not self.optimizer.state:
+            self.init_state_fn(self.optimizer, self.config)
+            for group in self.optimizer.param_groups:
+                for p in group["params"]:
+                    self.optimizer.state[p].setdefault("step", torch.zeros((), dtype=torch.float32))
+        return sharded_state_dict(self, *args, **kwargs)
+
+    @functools.wraps(load_state_dict)
+    def with_the_saved_step(self, state_dict):
+        steps = {g.get("step") for g in state_dict.get("optimizer", {}).get("param_groups", ())} - {None}
+        load_state_dict(self, state_dict)
+        if len(steps) == 1:  # megatron-core asserted this already; other layouts (FSDP) keep their own
+            for state in self.optimizer.state.values():
+                state["step"] = torch.tensor(float(*steps), dtype=torch.float32)
+
+    cls.sharded_state_dict, cls.load_state_dict = with_state_to_load_into, with_the_saved_step
 
 
 def main(argv: list[str] | None = None) -> None:
