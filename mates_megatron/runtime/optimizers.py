@@ -40,3 +40,25 @@ def main_params(optimizer) -> list[tuple[torch.nn.Parameter, torch.Tensor, int]]
         else:  # FP32Optimizer: the model's own parameters
             out += [(p, p, 0) for g in o.optimizer.param_groups for p in g["params"]]
     return out
+
+
+def allocate_torch_adam_state(optimizer) -> None:
+    """Give a distributed optimizer that has not stepped yet an (all-zero) torch Adam state to load into.
+
+    Without apex/TE (CPU mode always), megatron-core's DistributedOptimizer wraps torch Adam, and its
+    ``state_dict()`` reads the common "step" from torch Adam's per-parameter state and asserts there is exactly
+    one value (distrib_optimizer.py, ``assert len(steps) == 1``, 0.16.1 and 0.19.0); a freshly built optimizer
+    has no state yet, and ``sharded_state_dict(is_loading=True)`` calls ``state_dict()`` before it allocates
+    any. The zeros are overwritten by the load. Used by the project's loop and the Megatron-LM CPU launcher.
+    """
+    from megatron.core.optimizer import distrib_optimizer
+
+    if getattr(distrib_optimizer, "HAVE_APEX_OR_TE", True):
+        return
+    for o in megatron_optimizers(optimizer):
+        if not isinstance(o, distrib_optimizer.DistributedOptimizer) or len(o.optimizer.state):
+            continue
+        o.init_state_fn(o.optimizer, o.config)
+        for group in o.optimizer.param_groups:
+            for p in group["params"]:
+                o.optimizer.state[p].setdefault("step", torch.zeros((), dtype=torch.float32))

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 
-from mates_megatron.runtime.optimizers import megatron_optimizers
+from mates_megatron.runtime.optimizers import allocate_torch_adam_state, megatron_optimizers
 from mates_megatron.runtime.rng import get_rng_state, set_rng_state
 
 log = logging.getLogger("mates_megatron.checkpoint")
@@ -128,28 +128,6 @@ def _require_psutil() -> None:
         raise ImportError(
             "saving a checkpoint with megatron-core's torch_dist backend needs psutil: pip install psutil"
         ) from e
-
-
-def _allocate_torch_adam_state(optimizer) -> None:
-    """Give a distributed optimizer that has not stepped yet an (all-zero) torch Adam state to load into.
-
-    Without apex/TE, megatron-core's DistributedOptimizer.state_dict() reads the common "step" from torch
-    Adam's per-parameter state and asserts there is exactly one value (distrib_optimizer.py, `assert
-    len(steps) == 1` in state_dict); a freshly built optimizer has no state yet, and
-    sharded_state_dict(is_loading=True) calls state_dict() before it allocates any. The zeros are
-    overwritten by the load, "step" included.
-    """
-    from megatron.core.optimizer import distrib_optimizer
-
-    if getattr(distrib_optimizer, "HAVE_APEX_OR_TE", True):
-        return
-    for o in megatron_optimizers(optimizer):
-        if not isinstance(o, distrib_optimizer.DistributedOptimizer) or len(o.optimizer.state):
-            continue
-        o.init_state_fn(o.optimizer, o.config)
-        for group in o.optimizer.param_groups:
-            for p in group["params"]:
-                o.optimizer.state[p].setdefault("step", torch.zeros((), dtype=torch.float32))
 
 
 @torch.no_grad()
@@ -358,7 +336,7 @@ def load_checkpoint(
     dist_dir = str(it_dir / DIST_DIR)
     metadata = dist_checkpointing.load_content_metadata(dist_dir)
     if use_distributed_optimizer:
-        _allocate_torch_adam_state(optimizer)
+        allocate_torch_adam_state(optimizer)
     state = _sharded_state_dict(model_chunks, optimizer, metadata=metadata, is_loading=True)
     if saved_layout != layout and dist.get_rank() == 0:
         _warn_reshaped(state, dist_dir)

@@ -112,6 +112,8 @@ def _distributed_optimizer_resumes_torch_adam() -> None:
     """
     from megatron.core.optimizer import distrib_optimizer
 
+    from mates_megatron.runtime.optimizers import allocate_torch_adam_state
+
     if distrib_optimizer.HAVE_APEX_OR_TE:
         return
     cls = distrib_optimizer.DistributedOptimizer
@@ -121,11 +123,8 @@ def _distributed_optimizer_resumes_torch_adam() -> None:
     @functools.wraps(sharded_state_dict)
     def with_state_to_load_into(self, *args, **kwargs):
         is_loading = signature.bind(self, *args, **kwargs).arguments.get("is_loading", False)
-        if is_loading and not self.optimizer.state:
-            self.init_state_fn(self.optimizer, self.config)
-            for group in self.optimizer.param_groups:
-                for p in group["params"]:
-                    self.optimizer.state[p].setdefault("step", torch.zeros((), dtype=torch.float32))
+        if is_loading:
+            allocate_torch_adam_state(self)
         return sharded_state_dict(self, *args, **kwargs)
 
     @functools.wraps(load_state_dict)
