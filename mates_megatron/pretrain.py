@@ -40,6 +40,7 @@ RUN_FLAGS: dict[str, str] = {
     "--init-method-std": "model.init_method_std",
     "--transformer-impl": "model.transformer_impl",
     "--bf16": "model.bf16",
+    "--sequence-parallel": "model.sequence_parallel",
     "--data-path": "data_prefix",
     "--reference": "reference",
     "--eval-sets": "eval_sets",

@@ -15,7 +15,8 @@ from mates_megatron.influence.ridge import ridge_solve
 
 
 def _round_pairs(trainer, pool, ids, seq_length, ref_batches, tokenizer):
-    from mates_megatron.probe.estimators import LinearizedProber, ProbeContext
+    from mates_megatron.probe.context import ProbeContext
+    from mates_megatron.probe.estimators import LinearizedProber
     from mates_megatron.probe.reference import make_batch
 
     samples, texts = [], []

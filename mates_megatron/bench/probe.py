@@ -26,13 +26,8 @@ from mates_megatron.stats import spearman
 def _worker(data_dir: str, probes: int, warmup_steps: int, reference_size: int, bf16: bool) -> dict:
     from mates_megatron.data.tokenizer import load_tokenizer
     from mates_megatron.pretrain import train_config_from_dict
-    from mates_megatron.probe.estimators import (
-        LinearizedProber,
-        MirroredProber,
-        OracleProber,
-        ProbeContext,
-        _reference_loss,
-    )
+    from mates_megatron.probe.context import ProbeContext, reference_loss
+    from mates_megatron.probe.estimators import LinearizedProber, MirroredProber, OracleProber
     from mates_megatron.probe.reference import ReferenceSet, load_reference_set, make_batch
     from mates_megatron.probe.snapshot import TrainingSnapshot
     from mates_megatron.runtime.memory import ExtraMemory, model_and_optimizer_bytes, precise_resident_set
@@ -145,7 +140,7 @@ def _worker(data_dir: str, probes: int, warmup_steps: int, reference_size: int, 
                     [model], [s], seq_length=cfg.model.seq_length, forward_only=False, device=trainer.device
                 )
                 trainer.optimizer.step()
-                reload_scores.append(_reference_loss(ctx))
+                reload_scores.append(reference_loss(ctx))
         out["reload_probes_per_s"] = round(probes / (time.perf_counter() - t0), 3)
         t0 = time.perf_counter()
         for _ in range(5):

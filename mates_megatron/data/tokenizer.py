@@ -32,7 +32,12 @@ def load_tokenizer(path: str | Path | None = None):
 
 
 def eod_token_id(tok) -> int:
-    """The end-of-document id appended after each document (eos, else BERT's [SEP])."""
+    """The end-of-document id appended after each document: Megatron-LM's ``eod`` (also behind the plugin's
+    MegatronTextTokenizer wrapper), else a transformers tokenizer's eos, else BERT's [SEP]."""
+    for inner in (tok, getattr(tok, "tokenizer", None)):
+        eod = getattr(inner, "eod", None)
+        if isinstance(eod, int):
+            return eod
     for attr in ("eos_token_id", "sep_token_id"):
         value = getattr(tok, attr, None)
         if value is not None:

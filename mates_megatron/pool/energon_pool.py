@@ -16,9 +16,8 @@ document: its text (``text_field``) is tokenised with the pretraining tokenizer 
 does (no special tokens, end-of-document id appended) and its first seq_length + 1 tokens are one training
 sequence, as in the WebDataset pool.
 
-The pool pickles as its root and settings (a fingerprint digest to check the copy against); the copy opens
-Energon's index again and reads the per-sample domains only when asked for them (an influence worker, which
-reads text, never is).
+Pickled as its root and settings (a fingerprint digest checks the copy); the copy reads its domains only if
+asked (an influence worker never is).
 """
 
 from __future__ import annotations
@@ -31,6 +30,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from mates_megatron.data.tokenizer import eod_token_id
 from mates_megatron.pool.base import POOLS, PoolError, document_sample, identity_digest, refuse_if_changed
 from mates_megatron.pool.manifest import SelectionStore
 
@@ -48,18 +48,6 @@ def require_energon() -> None:
         raise ImportError(
             f"pool 'energon' needs megatron-energon ({e}): pip install 'mates-megatron[energon]'"
         ) from e
-
-
-def _eod_id(tokenizer) -> int:
-    """The end-of-document id: Megatron-LM's ``eod`` (also behind the plugin's MegatronTextTokenizer
-    wrapper), else the transformers tokenizer's eos/[SEP] as `mates-megatron prepare` appends it."""
-    for tok in (tokenizer, getattr(tokenizer, "tokenizer", None)):
-        eod = getattr(tok, "eod", None)
-        if isinstance(eod, int):
-            return eod
-    from mates_megatron.data.tokenizer import eod_token_id
-
-    return eod_token_id(tokenizer)
 
 
 @POOLS.register("energon")
@@ -124,7 +112,7 @@ class EnergonPool:
                 "tokenise it into training sequences"
             )
         self._tokenizer = tokenizer
-        self._eod = _eod_id(tokenizer)
+        self._eod = eod_token_id(tokenizer)
         self._check_prepared()
         factory = self._build_factory()
         self._shards = [(s.name, int(s.count)) for s in factory.shards]
@@ -420,19 +408,13 @@ class EnergonPool:
     def __getstate__(self) -> dict:
         """The dataset's root and settings, and a digest of the fingerprint to check the rebuild against; not
         the per-sample domains and kept positions, nor the open tars and Energon's lambdas (not picklable)."""
-        return {
-            "path": self.root,
-            "seq_length": self.seq_length,
-            "tokenizer": self._tokenizer,
-            "split": self.split,
-            "text_field": self.text_field,
-            "domain_field": self.domain_field,
-            "pad_id": self.pad_id,
-            "identity": identity_digest(self.fingerprint()),
+        settings = {
+            k: getattr(self, k) for k in ("seq_length", "split", "text_field", "domain_field", "pad_id")
         }
+        identity = identity_digest(self.fingerprint())
+        return {**settings, "path": self.root, "tokenizer": self._tokenizer, "identity": identity}
 
     def __setstate__(self, state: dict) -> None:
-        state = dict(state)
-        identity = state.pop("identity")
-        self._open(**state)  # the domains are read again only if asked for: a worker that reads text never is
-        refuse_if_changed(f"Energon pool {self.root}", identity, identity_digest(self.fingerprint()))
+        # The domains are read again only if asked for: a worker that reads text never is.
+        self._open(**{k: v for k, v in state.items() if k != "identity"})
+        refuse_if_changed(f"Energon pool {self.root}", state["identity"], identity_digest(self.fingerprint()))

@@ -14,7 +14,8 @@ from typing import Any, ClassVar
 import numpy as np
 
 from mates_megatron.pool.base import candidate_inputs
-from mates_megatron.probe.estimators import ESTIMATORS, ProbeContext
+from mates_megatron.probe.context import ProbeContext
+from mates_megatron.probe.estimators import ESTIMATORS
 from mates_megatron.runtime.schedule import collate
 from mates_megatron.scorers.base import SCORERS, PendingScores, RoundInput, Scorer, Scores
 

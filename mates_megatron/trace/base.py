@@ -23,7 +23,7 @@ from mates_megatron.registry import Registry
 
 if TYPE_CHECKING:
     from mates_megatron.pool.base import CandidatePool
-    from mates_megatron.probe.estimators import ProbeContext
+    from mates_megatron.probe.context import ProbeContext
     from mates_megatron.probe.reference import ReferenceSet
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mates_megatron.probe.estimators import counted_params
+from mates_megatron.probe.context import counted_params
 from mates_megatron.probe.reference import make_batch
 from mates_megatron.trace.base import TRACERS, TopK, TraceInput, Tracer, TraceResult, chunks, replica_share
 from mates_megatron.trace.model_passes import candidate_batches, gradient, model_parallel_sum, query_rows

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from mates_megatron.probe.estimators import (
+from mates_megatron.probe.context import (
     ProbeContext,
     counted_params,
     param_grad,

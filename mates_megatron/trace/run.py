@@ -122,7 +122,7 @@ def model_context(cfg: TraceConfig):
     """(ProbeContext, tokenizer) of the run's model at the checkpoint: what the model methods trace with.
     Collective (builds the model-parallel groups)."""
     from mates_megatron.data.tokenizer import load_tokenizer
-    from mates_megatron.probe.estimators import ProbeContext
+    from mates_megatron.probe.context import ProbeContext
 
     trainer = _trainer(cfg)
     ctx = ProbeContext.from_host(trainer, [])

@@ -12,11 +12,9 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
@@ -33,63 +31,14 @@ from mates_megatron.host import ProcessGroups
 from mates_megatron.runtime.schedule import collate, evaluate, train_step
 from mates_megatron.training import checkpoint as ckpt
 from mates_megatron.training.config import TrainConfig
-from mates_megatron.training.data import TokenizerInfo, build_gpt_dataset, sequential_indices
+from mates_megatron.training.data import TokenizerInfo, build_gpt_dataset
 from mates_megatron.training.evalsets import EvalSets
 from mates_megatron.training.metrics import MetricsWriter
 from mates_megatron.training.model import build_gpt_model, in_model_precision
+from mates_megatron.training.order import SampleOrder, SequentialOrder, TrainerHook
 from mates_megatron.training.parallel import initialize_parallel, initialize_rerun_machine
 
 log = logging.getLogger("mates_megatron.train")
-
-
-class SampleOrder(Protocol):
-    """Which dataset samples each step trains on. MatesSampler implements this."""
-
-    def micro_batch_indices(self, consumed_samples: int) -> list[np.ndarray]:
-        """This data-parallel rank's micro-batches (sample indices) of the global batch at consumed_samples."""
-        ...
-
-    def state_dict(self) -> dict[str, Any]: ...
-
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-
-class TrainerHook(Protocol):
-    """Called at every step end; its state is saved with the checkpoint (MatesHook implements this).
-
-    An optional ``state_rank: int`` names the rank whose ``state_dict`` is complete (default 0); an optional
-    ``settle()`` is called on every rank before ``state_dict`` (work in flight finishes first)."""
-
-    def on_step_end(self, trainer: Trainer, iteration: int, metrics: dict[str, float]) -> None: ...
-
-    def state_dict(self) -> dict[str, Any]: ...
-
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-
-@dataclass
-class SequentialOrder:
-    """Megatron's pretraining order (no selection): consecutive global batches of the dataset."""
-
-    global_batch_size: int
-    micro_batch_size: int
-    dp_rank: int
-    dp_size: int
-
-    def micro_batch_indices(self, consumed_samples: int) -> list[np.ndarray]:
-        return sequential_indices(
-            consumed_samples,
-            global_batch_size=self.global_batch_size,
-            micro_batch_size=self.micro_batch_size,
-            dp_rank=self.dp_rank,
-            dp_size=self.dp_size,
-        )
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
 
 
 DataProvider = Callable[["Trainer"], tuple[Any, SampleOrder, list[TrainerHook]]]

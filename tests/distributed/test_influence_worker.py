@@ -196,7 +196,7 @@ def test_the_worker_selects_its_gpu_before_its_rng_state_and_its_model(monkeypat
     job = {"ids": ids, "positions": positions, "scores": scores, "rng": rng, "delay": 0.0}
     parent.send(("fit_predict", job))
     parent.send(("stop", None))
-    worker._serve(child, CFG, pool, "cuda:1", [], torch.get_num_threads(), None)
+    worker._serve(child, CFG, worker._Pickled(pool), "cuda:1", [], torch.get_num_threads(), None)
     replies = []
     while parent.poll():
         replies.append(parent.recv())

@@ -106,7 +106,7 @@ def _build(
 
 def _ctx(ddp, opt, sched, reference, distopt=False):
     from mates_megatron.host import ProcessGroups
-    from mates_megatron.probe.estimators import ProbeContext
+    from mates_megatron.probe.context import ProbeContext
 
     return ProbeContext(
         [ddp],
@@ -150,16 +150,16 @@ def test_tp2_and_pp2_scores_equal_tp1(weights, tp1_scores, tp, pp):
 
 
 def _dp_scores_and_shares(weights, distopt):
-    from mates_megatron.probe import estimators
+    from mates_megatron.probe import context
 
     scores = _scores(1, 1, weights, distopt)
     from mates_megatron.host import ProcessGroups
 
     groups = ProcessGroups.from_parallel_state()
-    ctx = estimators.ProbeContext(
+    ctx = context.ProbeContext(
         [], None, None, [], SEQ, torch.device("cpu"), groups, distributed_optimizer=distopt
     )
-    return scores, estimators._my_share(6, ctx).tolist()
+    return scores, context.replica_share(6, ctx).tolist()
 
 
 @pytest.mark.parametrize("distopt", [False, True], ids=["split", "distributed-optimizer"])
@@ -402,7 +402,8 @@ def _fp32_scores(weights):
 def _bf16_scores(weights):
     """The linearized estimator on a bf16 model with fp32 main copies, and the same first-order score written out
     two ways: the update read from the fp32 mains, and from the bf16 parameters."""
-    from mates_megatron.probe.estimators import LinearizedProber, param_grad, replica_local_grads, zero_grads
+    from mates_megatron.probe.context import param_grad, replica_local_grads, zero_grads
+    from mates_megatron.probe.estimators import LinearizedProber
     from mates_megatron.probe.snapshot import TrainingSnapshot
     from mates_megatron.runtime.schedule import eval_mode
 

@@ -166,7 +166,8 @@ def _probes_worker(opts: Options) -> dict:
     from megatron.core.rerun_state_machine import get_rerun_state_machine
 
     from mates_megatron.data.tokenizer import load_tokenizer
-    from mates_megatron.probe.estimators import ESTIMATORS, ProbeContext
+    from mates_megatron.probe.context import ProbeContext
+    from mates_megatron.probe.estimators import ESTIMATORS
     from mates_megatron.probe.reference import ReferenceSet, load_reference_set, make_batch
     from mates_megatron.probe.snapshot import TrainingSnapshot
     from mates_megatron.runtime.memory import ExtraMemory, model_and_optimizer_bytes, precise_resident_set
@@ -251,7 +252,7 @@ def _bf16_update_scores(ctx, samples) -> np.ndarray:
     gradient dotted with each probe step's change of the model's own (bf16) weights."""
     import torch.distributed as dist
 
-    from mates_megatron.probe.estimators import (
+    from mates_megatron.probe.context import (
         counted_params,
         param_grad,
         replica_local_grads,

@@ -93,6 +93,7 @@ EVERY_FIELD = [
     "--mates-influence-device", "cpu",
     "--mates-influence-pass-token-ids",
     "--no-mates-influence-bf16",
+    "--mates-influence-timeout-s", "900",
     "--mates-influence-finetune-lr", "1e-4",
     "--mates-influence-finetune-head-lr", "2e-3",
     "--mates-influence-finetune-epochs", "4",
@@ -139,6 +140,7 @@ EVERY_FIELD_CONFIG = SelectionConfig(
         device="cpu",
         pass_token_ids=True,
         bf16=False,
+        timeout_s=900.0,
         finetune=FinetuneConfig(lr=1e-4, head_lr=2e-3, epochs=4, batch_size=8, val_fraction=0.2),
         ridge=RidgeConfig(alphas=(0.5, 5.0), features="token_embeddings", folds=4),
     ),
@@ -610,7 +612,7 @@ class _Recorder:
 
 def test_host_implements_the_protocol_and_logs():
     from mates_megatron.host import Host
-    from mates_megatron.probe.estimators import ProbeContext
+    from mates_megatron.probe.context import ProbeContext
     from mates_megatron.probe.reference import ReferenceSet
 
     tb, wb = _Recorder(), _Recorder()
