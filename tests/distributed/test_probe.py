@@ -312,16 +312,20 @@ def _probe_under_validate_results(distopt):
         destroy_rerun_state_machine()
 
 
-@pytest.mark.parametrize("distopt", [False, True], ids=["replicas", "distributed-optimizer"])
-def test_probes_run_at_dp2_under_nan_checks_and_the_rerun_state_machine(distopt):
+def _under_validate_results_both_ways():
+    return [_probe_under_validate_results(distopt) for distopt in (False, True)]
+
+
+def test_probes_run_at_dp2_under_nan_checks_and_the_rerun_state_machine():
     """Megatron's own evaluate() switches the machine off for work outside a training step: without that,
     a probe's gradient sync (distributed optimizer; mirrored estimator always) reaches check_grads ->
-    validate_result, which asserts outside the forward-backward loop."""
-    (s0, mode0), (s1, mode1) = run_on_ranks(_probe_under_validate_results, 2, distopt)
-    assert mode0 and mode1  # the machine's mode is given back after the probes
-    for name in ("oracle", "linearized", "mirrored"):
-        assert len(s0[name]) == 6 and np.isfinite(s0[name]).all()
-        assert s0[name] == s1[name], name
+    validate_result, which asserts outside the forward-backward loop. Replicas, then the distributed optimizer."""
+    rank0, rank1 = run_on_ranks(_under_validate_results_both_ways, 2)
+    for (s0, mode0), (s1, mode1) in zip(rank0, rank1, strict=True):
+        assert mode0 and mode1  # the machine's mode is given back after the probes
+        for name in ("oracle", "linearized", "mirrored"):
+            assert len(s0[name]) == 6 and np.isfinite(s0[name]).all()
+            assert s0[name] == s1[name], name
 
 
 def _round_memory():
@@ -449,14 +453,24 @@ def _bf16_scores(weights):
     return estimated.scores, before + np.array(by_main), before + np.array(by_param)
 
 
-def test_bf16_linearized_scores_read_the_fp32_main_update():
+def _fp32_bf16_and_unsharded(weights):
+    return _fp32_scores(weights), _bf16_scores(weights), _bf16_linearized(weights, False)
+
+
+@pytest.fixture(scope="module")
+def bf16_runs(weights):
+    """One process: the fp32 run, the bf16 run written out, the bf16 run's linearized scores (bf16-representable
+    initial weights, shared by every run)."""
+    rounded = {k: v.bfloat16().float() for k, v in weights.items()}
+    return rounded, run_on_ranks(_fp32_bf16_and_unsharded, 1, rounded)[0]
+
+
+def test_bf16_linearized_scores_read_the_fp32_main_update(bf16_runs):
     """With --bf16 a one-sample update at a late-training learning rate is about one bf16 ulp: read from the bf16
     parameters the scores are quantised; read from the fp32 main copies they rank as in an fp32 run."""
     from mates_megatron.stats import spearman
 
-    weights = {k: v.bfloat16().float() for k, v in run_on_ranks(_full_weights, 1)[0].items()}
-    oracle32, linear32 = run_on_ranks(_fp32_scores, 1, weights)[0]
-    linear16, by_main, by_param = run_on_ranks(_bf16_scores, 1, weights)[0]
+    _, ((oracle32, linear32), (linear16, by_main, by_param), _) = bf16_runs
     np.testing.assert_allclose(linear16, by_main, rtol=0, atol=1e-6)
     fp32_level = spearman(linear32, oracle32)
     assert fp32_level > 0.9
@@ -480,11 +494,10 @@ def _bf16_linearized(weights, distopt):
     return LinearizedProber(_ctx(ddp, opt, sched, reference, distopt)).score(samples).scores
 
 
-def test_bf16_linearized_scores_under_the_distributed_optimizer_sum_the_main_shards():
+def test_bf16_linearized_scores_under_the_distributed_optimizer_sum_the_main_shards(bf16_runs):
     """Under the distributed optimizer each rank holds a shard of the fp32 mains: the update's dot is summed over
     the shards (the data-parallel group), and equals the unsharded run's."""
-    weights = {k: v.bfloat16().float() for k, v in run_on_ranks(_full_weights, 1)[0].items()}
-    whole = run_on_ranks(_bf16_linearized, 1, weights, False)[0]
+    weights, (_, _, whole) = bf16_runs
     sharded = run_on_ranks(_bf16_linearized, 2, weights, True)
     np.testing.assert_array_equal(sharded[0], sharded[1])
     np.testing.assert_allclose(sharded[0], whole, rtol=0, atol=1e-6)
