@@ -142,6 +142,13 @@ def _seconds_until(seconds: list[float], step: float) -> float:
     return t
 
 
+def _train_seconds(run: dict[str, Any]) -> float:
+    """The run's step seconds without the hooks (selection) at their ends (older metrics: less selection)."""
+    if "hook_seconds" in run:
+        return float(sum(run["seconds"]) - sum(run["hook_seconds"]))
+    return float(sum(run["seconds"])) - float((run.get("selection") or {}).get("selection_seconds", 0.0))
+
+
 def smooth(values: list[float], k: int = SMOOTH) -> list[float]:
     """Trailing mean over the last ``k`` values (fewer at the start)."""
     return [float(np.mean(values[max(0, i - k + 1) : i + 1])) for i in range(len(values))]
@@ -187,8 +194,11 @@ def _arm(run: dict[str, Any], random_run: dict[str, Any], headline: str) -> dict
         "reference_loss": run["reference_loss"],
         "final_reference_loss": probe["final"],
         "steps_to_random_final_reference_ratio": probe["steps_ratio"],
-        "train_seconds": float(sum(run["seconds"])),
+        # Training alone (the steps, without the selection rounds at their ends), the selection apart, and the
+        # wall clock of both: a MATES run's per-step seconds include its rounds.
+        "train_seconds": _train_seconds(run),
         "selection_seconds": float(sel.get("selection_seconds", 0.0)),
+        "wall_seconds": float(sum(run["seconds"])),
         "selected_share_by_domain": sel.get("selected_share_by_domain", []),
         "scored_rounds": [r["round"] for r in rounds],
         "influence_spearman": [r.get("influence_spearman") for r in rounds],
@@ -220,14 +230,13 @@ def _probe_set_figures(random_run: dict[str, Any], mates_run: dict[str, Any]) ->
     fig = _curve_figures(
         mates_run, mates_run["reference_loss"], random_run["reference_loss"], random_run, k=1
     )
-    mates_seconds = float(sum(mates_run["seconds"]))
     selection_seconds = float(mates_run["selection"]["selection_seconds"])
     return {
         "random_final_reference_loss": random_run["reference_loss"][-1],
         "mates_steps_to_random_final": fig["steps_to_random_final"],
         "steps_to_random_final_ratio": fig["steps_ratio"],
         "wall_clock_ratio": fig["wall_clock_ratio"],
-        "selection_overhead_fraction": selection_seconds / max(mates_seconds - selection_seconds, 1e-9),
+        "selection_overhead_fraction": selection_seconds / max(_train_seconds(mates_run), 1e-9),
     }
 
 

@@ -57,9 +57,14 @@ def _write(result: dict, out: Path | None) -> None:
 
 
 def _run_probe_bench(a) -> int:
+    if a.config is not None:
+        from mates_megatron.bench.probe_rounds import bench_probe_rounds
+
+        _write(bench_probe_rounds(a.config, a.seeds, a.probes or 0), a.out)
+        return 0
     from mates_megatron.bench.probe import bench_probe
 
-    _write(bench_probe(a.data, a.probes, a.warmup_steps, a.reference_size, bf16=a.bf16), a.out)
+    _write(bench_probe(a.data, a.probes or 64, a.warmup_steps, a.reference_size, bf16=a.bf16), a.out)
     return 0
 
 
@@ -157,8 +162,23 @@ def add_bench_parser(sub) -> None:
         help="oracle / reload / mirrored / linearized probe rates, agreement, memory and phases (GPU if present)",
     )
     pr.add_argument("--data", default="data/embedded", help="prepared embedded data directory")
-    pr.add_argument("--probes", type=int, default=64)
+    pr.add_argument(
+        "--probes",
+        type=int,
+        default=None,
+        help="probes per round (default: 64; with --config its probe_samples)",
+    )
     pr.add_argument("--warmup-steps", type=int, default=40)
+    pr.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="a run config (e.g. configs/demo_cpu.yaml): every estimator against the oracle at each of its scored "
+        "rounds, trained as it says (mates_megatron.bench.probe_rounds)",
+    )
+    pr.add_argument(
+        "--seeds", type=int, nargs="+", default=[1234, 1, 2], help="with --config: the runs' seeds"
+    )
     pr.add_argument("--reference-size", type=int, default=64)
     pr.add_argument("--bf16", action="store_true", help="train and probe in bf16 with fp32 main weights")
     pr.add_argument("--out", type=Path, default=None)

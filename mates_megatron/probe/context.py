@@ -51,6 +51,8 @@ class ProbeContext:
     device: torch.device
     groups: ProcessGroups
     distributed_optimizer: bool = False
+    micro_batch_size: int = 8
+    """Samples per forward pass for estimators that batch their probes (the run's micro-batch size)."""
     forward_backward_func: Callable | None = None
     """megatron-core's schedule (None: ``get_forward_backward_func()``)."""
     show_progress: bool = True
@@ -70,6 +72,7 @@ class ProbeContext:
             device=host.device,
             groups=host.groups,
             distributed_optimizer=host.distributed_optimizer,
+            micro_batch_size=host.micro_batch_size,
             forward_backward_func=host.forward_backward_func,
         )
 
@@ -125,18 +128,25 @@ def replica_local_grads(ctx: ProbeContext, *, always: bool = False) -> Iterator[
                 setattr(obj, name, old)
 
 
-def replica_share(n: int, ctx: ProbeContext) -> np.ndarray:
-    if ctx.distributed_optimizer:
+def replica_share(n: int, ctx: ProbeContext, *, together: bool | None = None) -> np.ndarray:
+    """This replica's samples: a strided share, or all of them when the replicas probe ``together`` (default:
+    under the distributed optimizer, whose sharded Adam state needs every replica in each probe step)."""
+    if ctx.distributed_optimizer if together is None else together:
         return np.arange(n)
     return np.arange(ctx.groups.data_parallel_rank, n, ctx.groups.data_parallel_size)
 
 
-def gather_scores(values: dict[int, float], n: int, ctx: ProbeContext) -> np.ndarray:
+def gather_scores(
+    values: dict[int, float], n: int, ctx: ProbeContext, *, together: bool | None = None
+) -> np.ndarray:
     """Every replica fills its share; a sum over the data-parallel group assembles all (one writer each)."""
     out = torch.zeros(n, dtype=torch.float64, device=ctx.device)
     for i, v in values.items():
         out[i] = v
-    if not ctx.distributed_optimizer and ctx.groups.data_parallel_size > 1:
+    if (
+        not (ctx.distributed_optimizer if together is None else together)
+        and ctx.groups.data_parallel_size > 1
+    ):
         dist.all_reduce(out, group=ctx.groups.data_parallel)
     return out.cpu().numpy()
 

@@ -15,6 +15,8 @@ only ``probe(sample)`` (or, for estimators that batch their work, ``probe_share`
   optimizer), not from bf16 parameters, where a one-sample update is a fraction of an ulp.
 - ``MirroredProber`` (Forward-INF, Ko et al. 2024): one optimizer step on the reference set, then
   score(x) = loss_x(after) - loss_x(before), forward passes only, several candidates per pass.
+- ``ForwardProber`` (``probe.forward``): the linearized oracle by forward passes only: each candidate's loss
+  derivative along the reference gradient preconditioned by Adam's second moment, batched.
 
 Each data-parallel replica probes its strided share of the samples with its own TP/PP shards. During a
 probe, the replicas must not average gradients, so DDP's data-parallel gradient sync is switched off (also the
@@ -71,6 +73,9 @@ class Estimator(ABC):
     method: ClassVar[str]
     sync_grads: ClassVar[bool] = False
     """Keep the data-parallel gradient sync during probes (every replica steps on the same data)."""
+    steps_optimizer: ClassVar[bool] = True
+    """A probe steps the run's optimizer: under the distributed optimizer (Adam's state sharded over the
+    replicas) every replica then takes part in every probe. Forward-only estimators split the samples."""
 
     def __init__(self, ctx: ProbeContext) -> None:
         self.ctx = ctx
@@ -133,12 +138,13 @@ class Estimator(ABC):
     def _score(self, samples: Sequence[Batch]) -> ProbeScores:
         ctx = self.ctx
         self.seconds = {}
+        together = ctx.distributed_optimizer and self.steps_optimizer
         self.snapshot = TrainingSnapshot(ctx.model_chunks, ctx.optimizer, ctx.scheduler)
         try:
             with self.phase("reference"):
                 before = self.reference_loss_before()
                 self.prepare()
-            mine = replica_share(len(samples), ctx)
+            mine = replica_share(len(samples), ctx, together=together)
             if self.sync_grads:
                 values = self.probe_share(samples, mine)
             else:
@@ -147,10 +153,34 @@ class Estimator(ABC):
         finally:
             self.snapshot.restore()
             self.snapshot = None  # the round's copy of the model and optimizer goes with the round
-        return ProbeScores(gather_scores(values, len(samples), ctx), before, self.method, dict(self.seconds))
+        scores = gather_scores(values, len(samples), ctx, together=together)
+        return ProbeScores(scores, before, self.method, dict(self.seconds))
 
 
 ESTIMATORS: Registry[type[Estimator]] = Registry("estimator")
+
+
+def batched_losses(
+    ctx: ProbeContext, samples: Sequence[Batch], idx: np.ndarray, micro_batch_size: int
+) -> torch.Tensor:
+    """Each of ``samples[idx]``'s own mean loss, ``micro_batch_size`` samples per forward pass (the last batch
+    padded with repeats of its last sample), in eval mode; float64, on the device."""
+    if len(idx) == 0:
+        return torch.zeros(0, dtype=torch.float64, device=ctx.device)
+    rows = [samples[int(i)] for i in idx]
+    rows = rows + [rows[-1]] * (-len(rows) % micro_batch_size)
+    batches = [
+        {k: torch.cat([r[k] for r in rows[j : j + micro_batch_size]]) for k in rows[0]}
+        for j in range(0, len(rows), micro_batch_size)
+    ]
+    return per_sample_losses(
+        ctx.model_chunks,
+        batches,
+        seq_length=ctx.seq_length,
+        device=ctx.device,
+        forward_backward_func=ctx.forward_backward_func,
+    )[: len(idx)]
+
 
 _DOT_CHUNK = 1 << 22
 """Elements per chunk of the linearized estimator's update dot (16 MB of fp32 temporary)."""
@@ -244,24 +274,8 @@ class MirroredProber(Estimator):
         self.micro_batch_size, self.steps = micro_batch_size, steps
 
     def _losses(self, samples: Sequence[Batch], idx: np.ndarray) -> torch.Tensor:
-        ctx = self.ctx
-        if len(idx) == 0:
-            return torch.zeros(0, dtype=torch.float64)
-        rows = [samples[int(i)] for i in idx]
-        pad = -len(rows) % self.micro_batch_size
-        rows = rows + [rows[-1]] * pad
-        batches = [
-            {k: torch.cat([r[k] for r in rows[j : j + self.micro_batch_size]]) for k in rows[0]}
-            for j in range(0, len(rows), self.micro_batch_size)
-        ]
         with self.phase("forward"):
-            return per_sample_losses(
-                ctx.model_chunks,
-                batches,
-                seq_length=ctx.seq_length,
-                device=ctx.device,
-                forward_backward_func=ctx.forward_backward_func,
-            )[: len(idx)]
+            return batched_losses(self.ctx, samples, idx, self.micro_batch_size)
 
     def probe_share(self, samples: Sequence[Batch], mine: np.ndarray) -> dict[int, float]:
         ctx = self.ctx

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
@@ -62,3 +64,63 @@ def allocate_torch_adam_state(optimizer) -> None:
         for group in o.optimizer.param_groups:
             for p in group["params"]:
                 o.optimizer.state[p].setdefault("step", torch.zeros((), dtype=torch.float32))
+
+
+@dataclass
+class AdamTerms:
+    """What one step of a megatron-core Adam will do to one main tensor, read without stepping.
+
+    ``exp_avg``/``exp_avg_sq`` are the live moments (views, not copies); ``step`` counts the steps taken so far
+    (the next step is ``step + 1``); ``lr`` and ``weight_decay`` are the values the scheduler has set for the
+    next step; ``decoupled`` is AdamW's weight decay (megatron-core's default), else Adam's L2 term.
+    """
+
+    param: torch.nn.Parameter
+    main: torch.Tensor
+    offset: int
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+    step: int
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    decoupled: bool
+
+
+def adam_terms(optimizer) -> list[AdamTerms]:
+    """``AdamTerms`` for every main tensor of ``main_params(optimizer)``, from the inner optimizer's state.
+
+    torch's Adam/AdamW (CPU mode, or no TE/apex) keeps the step per tensor in ``state["step"]``; TE's and
+    apex's FusedAdam keep it per group in ``group["step"]`` and AdamW mode in ``adam_w_mode``. A tensor with no
+    state yet (before the first step, when Adam's first update is a sign step, not a preconditioned gradient)
+    raises: nothing reads a direction the optimizer does not have.
+    """
+    where: dict[int, tuple[object, dict]] = {}
+    for o in megatron_optimizers(optimizer):
+        inner = o.optimizer
+        for group in inner.param_groups:
+            for t in group["params"]:
+                where[id(t)] = (inner, group)
+    out = []
+    for p, main, offset in main_params(optimizer):
+        inner, group = where[id(main)]
+        state = inner.state.get(main, {})
+        if "exp_avg_sq" not in state:
+            raise RuntimeError(
+                "the optimizer has no Adam state yet (no step taken): probe after at least one training step "
+                "(selection.warmup_steps >= select_every)"
+            )
+        step = state.get("step", group.get("step"))
+        decoupled = bool(group.get("decoupled_weight_decay", getattr(inner, "adam_w_mode", True)))
+        if isinstance(inner, torch.optim.AdamW):
+            decoupled = True
+        beta1, beta2 = group["betas"]
+        out.append(
+            AdamTerms(
+                p, main, offset, state["exp_avg"], state["exp_avg_sq"], int(step), float(group["lr"]),
+                float(beta1), float(beta2), float(group["eps"]), float(group["weight_decay"]), decoupled,
+            )
+        )  # fmt: skip
+    return out

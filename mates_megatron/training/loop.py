@@ -93,6 +93,7 @@ class Trainer:
             "step": [],
             "loss": [],
             "seconds": [],  # wall-clock seconds of the step, selection work at its end included
+            "hook_seconds": [],  # of which the hooks at its end (selection rounds): training alone is the rest
             "eval_step": [],
             "reference_loss": [],
             "eval": {},  # "<set>" and "<set>/<domain>" -> loss at each eval_step
@@ -249,9 +250,12 @@ class Trainer:
                 )
             self.history["step"].append(self.iteration)
             self.history["loss"].append(metrics["loss"])
+            t_hooks = time.perf_counter()
             for hook in self.hooks:
                 hook.on_step_end(self, self.iteration, metrics)
-            self.history["seconds"].append(time.perf_counter() - t_step)
+            t_end = time.perf_counter()
+            self.history["seconds"].append(t_end - t_step)
+            self.history["hook_seconds"].append(t_end - t_hooks)
             self.metrics_writer.log(
                 self.iteration, {"train/loss": metrics["loss"], "train/lr": metrics["lr"]}
             )
@@ -362,6 +366,8 @@ class Trainer:
             hook.load_state_dict(state)
         self.history = extra["history"]
         self.history.setdefault("eval", {})  # a checkpoint of a run without evaluation sets
+        # A checkpoint from before the hooks' seconds were apart: its steps count as training.
+        self.history.setdefault("hook_seconds", [0.0] * len(self.history["seconds"]))
         if dist.get_rank() == 0:
             log.info("resumed from %s at iteration %d", load_dir, self.iteration)
         return True

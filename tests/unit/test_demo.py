@@ -64,6 +64,13 @@ def test_report_ratios(tmp_path):
     assert report["wall_clock_ratio"] == pytest.approx((25 + 10) / 40)
     assert report["selection_overhead_fraction"] == pytest.approx(10 / 40)
     mates = report["arms"]["mates"]
+    # Training without the round, the round apart, and both (the round was counted twice before).
+    assert (mates["train_seconds"], mates["selection_seconds"], mates["wall_seconds"]) == (40.0, 10.0, 50.0)
+    # The loop's own split when the metrics carry it (the hooks' seconds at each step's end).
+    hooks = [0.0] * 40
+    hooks[19] = 10.5
+    timed = build_report({"random": random_run, "mates": {**mates_run, "hook_seconds": hooks}}, "held")
+    assert timed["arms"]["mates"]["train_seconds"] == pytest.approx(39.5)
     assert mates["selected_share_by_domain"] == SHARES
     assert mates["influence_spearman"] == [0.5] and mates["fallback_rounds"] == []
     json.dumps(report)  # JSON-ready

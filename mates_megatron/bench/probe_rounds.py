@@ -1,0 +1,122 @@
+"""`mates-megatron bench probe --config CFG --seeds ...`: every estimator against the oracle at every scored round
+of a run config (the demo's by default), not at one model state.
+
+The run is trained as its config says (layout, model, optimizer, schedule, reference set, ``probe_tokens``), on
+the pool's own order, and stopped at each step where the config's selection scores a round (after its warm-up,
+every ``select_every``); there the same ``probe_samples`` pool rows, drawn at random past the training range,
+are scored by each estimator on the live model, which every estimator leaves bit-identical. Per round: each
+estimator's Spearman against the oracle and its probes per second (the round's reference pass included).
+The states are a random-order run's, not the MATES run's own (whose data differ by the selection); the oracle
+is too slow to run beside every round of a real MATES run.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from mates_megatron.stats import spearman
+
+DEFAULT_ESTIMATORS = ("oracle", "linearized", "forward", "forward_clip", "mirrored")
+"""``forward_clip``: the forward estimator with each sample's exact clipping factor (one gradient per sample):
+what the first-order direction loses by leaving clipping out."""
+
+
+def _estimator(name: str, ctx):
+    from mates_megatron.probe.estimators import ESTIMATORS
+    from mates_megatron.probe.forward import ForwardProber
+
+    if name == "forward_clip":
+        return ForwardProber(ctx, clip="exact")
+    return ESTIMATORS.get(name)(ctx)
+
+
+def _worker(config: dict, seed: int, probes: int, estimators: tuple[str, ...]) -> dict:
+    from mates_megatron.pretrain import train_config_from_dict
+    from mates_megatron.probe.context import ProbeContext
+    from mates_megatron.probe.reference import make_batch
+    from mates_megatron.training.loop import Trainer
+
+    config = dict(config)
+    sel = config.pop("selection")
+    config.pop("eval_sets", None)
+    config["seed"] = seed
+    config["log_interval"] = 10**9
+    trainer = Trainer(train_config_from_dict(config))
+    every, warmup = int(sel.get("select_every", 40)), int(sel.get("warmup_steps", 0))
+    steps = [s for s in range(max(warmup, every), trainer.cfg.train_iters, every)]
+    probes = probes or int(sel.get("probe_samples", 256))
+    reference = trainer.reference
+    if sel.get("probe_tokens") == "all":
+        reference = reference.with_all_tokens()
+    ctx = ProbeContext.from_host(trainer, reference.micro_batches(trainer.micro_batch_size))
+    ctx.show_progress, ctx.time_phases = False, True
+    seen = trainer.cfg.train_iters * trainer.cfg.global_batch_size
+    rounds = []
+    for step in steps:
+        while trainer.iteration < step:
+            trainer.step()
+        rng = np.random.default_rng([seed, step, 0x9B0BE])
+        rows = rng.choice(np.arange(seen, len(trainer.dataset)), size=probes, replace=False)
+        samples = []
+        for i in rows:
+            s = trainer.dataset[int(i)]
+            row = torch.cat([s["tokens"], s["labels"][-1:]]).numpy()[None]
+            samples.append(make_batch(row, s["loss_mask"].numpy()[None]))
+        scores, record = {}, {"step": step}
+        for name in estimators:
+            t = time.perf_counter()
+            result = _estimator(name, ctx).score(samples)
+            elapsed = time.perf_counter() - t
+            scores[name] = result.scores
+            record[f"{name}_probes_per_s"] = round(probes / elapsed, 3)
+            record[f"{name}_seconds"] = {k: round(v, 3) for k, v in result.seconds.items()}
+        for name in estimators:
+            if name != "oracle" and "oracle" in scores:
+                record[f"{name}_spearman_vs_oracle"] = round(spearman(scores[name], scores["oracle"]), 4)
+        rounds.append(record)
+    return {"seed": seed, "probes": probes, "reference_rows": len(reference), "rounds": rounds}
+
+
+def bench_probe_rounds(
+    config: str | Path, seeds: list[int], probes: int = 0, estimators: tuple[str, ...] = DEFAULT_ESTIMATORS
+) -> dict:
+    """Figures per seed and round, and per estimator the worst round's Spearman and the mean probes/s."""
+    from mates_megatron.compat.spawn import run_on_ranks
+
+    raw = yaml.safe_load(Path(config).read_text())
+    par = raw.get("parallel", {})
+    world = int(par.get("tensor_model_parallel_size", 1)) * int(par.get("pipeline_model_parallel_size", 1))
+    runs = [
+        run_on_ranks(
+            _worker,
+            world,
+            raw,
+            s,
+            probes,
+            tuple(estimators),
+            timeout=4 * 3600,
+            cuda=torch.cuda.is_available(),
+        )[0]
+        for s in seeds
+    ]
+    out: dict = {"config": str(config), "seeds": list(seeds), "runs": runs}
+    all_rounds = [r for run in runs for r in run["rounds"]]
+    for name in estimators:
+        out[f"{name}_probes_per_s"] = round(
+            float(np.mean([r[f"{name}_probes_per_s"] for r in all_rounds])), 3
+        )
+        key = f"{name}_spearman_vs_oracle"
+        if all_rounds and key in all_rounds[0]:
+            values = [r[key] for r in all_rounds]
+            out[f"{key}_min"] = min(values)
+            out[f"{key}_mean"] = round(float(np.mean(values)), 4)
+    if "linearized" in estimators and "forward" in estimators:
+        out["forward_speedup_vs_linearized"] = round(
+            out["forward_probes_per_s"] / out["linearized_probes_per_s"], 2
+        )
+    return out
