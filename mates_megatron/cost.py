@@ -103,6 +103,8 @@ def project_mates_round(
         "linearized": 3.0 * ref * fwd + probes * 3.0 * fwd,
         # one reference step, then each probe's loss before and after (forward only)
         "mirrored": 3.0 * ref * fwd + probes * 2.0 * fwd,
+        # one reference gradient per round, then each probe's loss at θ + s·d and θ - s·d (forward only)
+        "forward": 3.0 * ref * fwd + probes * 2.0 * fwd,
     }.get(sel.estimator)
     if probe is None:
         raise ValueError(f"no cost model for estimator {sel.estimator!r}: add one to mates_megatron.cost")

@@ -60,7 +60,7 @@ def _run_probe_bench(a) -> int:
     if a.config is not None:
         from mates_megatron.bench.probe_rounds import bench_probe_rounds
 
-        _write(bench_probe_rounds(a.config, a.seeds, a.probes or 0), a.out)
+        _write(bench_probe_rounds(a.config, a.seeds, a.probes or 0, a.oracle_probes), a.out)
         return 0
     from mates_megatron.bench.probe import bench_probe
 
@@ -178,6 +178,12 @@ def add_bench_parser(sub) -> None:
     )
     pr.add_argument(
         "--seeds", type=int, nargs="+", default=[1234, 1, 2], help="with --config: the runs' seeds"
+    )
+    pr.add_argument(
+        "--oracle-probes",
+        type=int,
+        default=64,
+        help="with --config: samples scored by every estimator per round",
     )
     pr.add_argument("--reference-size", type=int, default=64)
     pr.add_argument("--bf16", action="store_true", help="train and probe in bf16 with fp32 main weights")

@@ -1,8 +1,9 @@
 """`mates-megatron bench probe`: probe throughput, agreement, memory and phases on the embedded data (one process).
 
-A small GPT is warmed up on the embedded corpus, then the same probe samples are scored four ways:
+A small GPT is warmed up on the embedded corpus, then the same probe samples are scored five ways:
 "reload" (the reference implementation's loop: load the saved model + optimizer state from disk before
-every probe, step, evaluate), the in-memory oracle, the mirrored and the linearized estimators. On a CUDA
+every probe, step, evaluate), the in-memory oracle, the mirrored, the linearized and the forward estimators.
+``--config`` instead scores every estimator at each scored round of a run config (``bench.probe_rounds``). On a CUDA
 machine it runs there (NCCL, the GPU's fusions), on CPU in CPU mode; ``--bf16`` trains in bf16 with fp32 mains.
 
 Memory: the bytes of the model + optimizer state, of a round's one snapshot, and each estimator's peak memory
@@ -28,6 +29,7 @@ def _worker(data_dir: str, probes: int, warmup_steps: int, reference_size: int, 
     from mates_megatron.pretrain import train_config_from_dict
     from mates_megatron.probe.context import ProbeContext, reference_loss
     from mates_megatron.probe.estimators import LinearizedProber, MirroredProber, OracleProber
+    from mates_megatron.probe.forward import ForwardProber
     from mates_megatron.probe.reference import ReferenceSet, load_reference_set, make_batch
     from mates_megatron.probe.snapshot import TrainingSnapshot
     from mates_megatron.runtime.memory import ExtraMemory, model_and_optimizer_bytes, precise_resident_set
@@ -98,6 +100,7 @@ def _worker(data_dir: str, probes: int, warmup_steps: int, reference_size: int, 
         ("oracle", OracleProber(ctx)),
         ("mirrored", MirroredProber(ctx, micro_batch_size=16)),
         ("linearized", LinearizedProber(ctx)),
+        ("forward", ForwardProber(ctx)),
     ):
         with ExtraMemory(trainer.device) as extra:
             t0 = time.perf_counter()
@@ -119,7 +122,7 @@ def _worker(data_dir: str, probes: int, warmup_steps: int, reference_size: int, 
         out[f"{name}_above_training_peak_bytes"] = int(over)
         out[f"{name}_above_training_peak_ratio"] = round(over / state_bytes, 3)
     out["inmemory_probes_per_s"] = out["oracle_probes_per_s"]
-    for name in ("mirrored", "linearized"):
+    for name in ("mirrored", "linearized", "forward"):
         out[f"{name}_spearman_vs_oracle"] = round(spearman(scores[name], scores["oracle"]), 4)
 
     # Reference-implementation style: reload the checkpoint from disk before every probe.

@@ -5,7 +5,8 @@ The run is trained as its config says (layout, model, optimizer, schedule, refer
 the pool's own order, and stopped at each step where the config's selection scores a round (after its warm-up,
 every ``select_every``); there the same ``probe_samples`` pool rows, drawn at random past the training range,
 are scored by each estimator on the live model, which every estimator leaves bit-identical. Per round: each
-estimator's Spearman against the oracle and its probes per second (the round's reference pass included).
+estimator's Spearman against the oracle on the first ``oracle_probes`` samples, and its probes per second
+(the round's reference pass included; linearized and forward over all ``probe_samples``).
 The states are a random-order run's, not the MATES run's own (whose data differ by the selection); the oracle
 is too slow to run beside every round of a real MATES run.
 """
@@ -21,6 +22,8 @@ import yaml
 
 from mates_megatron.stats import spearman
 
+FULL_COUNT = ("linearized", "forward")
+"""Estimators run on the round's full probe count (the others on the first ``oracle_probes``)."""
 DEFAULT_ESTIMATORS = ("oracle", "linearized", "forward", "forward_clip", "mirrored")
 """``forward_clip``: the forward estimator with each sample's exact clipping factor (one gradient per sample):
 what the first-order direction loses by leaving clipping out."""
@@ -35,7 +38,7 @@ def _estimator(name: str, ctx):
     return ESTIMATORS.get(name)(ctx)
 
 
-def _worker(config: dict, seed: int, probes: int, estimators: tuple[str, ...]) -> dict:
+def _worker(config: dict, seed: int, probes: int, oracle_probes: int, estimators: tuple[str, ...]) -> dict:
     from mates_megatron.pretrain import train_config_from_dict
     from mates_megatron.probe.context import ProbeContext
     from mates_megatron.probe.reference import make_batch
@@ -53,6 +56,7 @@ def _worker(config: dict, seed: int, probes: int, estimators: tuple[str, ...]) -
     reference = trainer.reference
     if sel.get("probe_tokens") == "all":
         reference = reference.with_all_tokens()
+    reference = reference.trimmed()  # as the 'mates' scorer probes
     ctx = ProbeContext.from_host(trainer, reference.micro_batches(trainer.micro_batch_size))
     ctx.show_progress, ctx.time_phases = False, True
     seen = trainer.cfg.train_iters * trainer.cfg.global_batch_size
@@ -69,21 +73,35 @@ def _worker(config: dict, seed: int, probes: int, estimators: tuple[str, ...]) -
             samples.append(make_batch(row, s["loss_mask"].numpy()[None]))
         scores, record = {}, {"step": step}
         for name in estimators:
+            # Agreement on the first ``oracle_probes`` samples (the oracle runs the whole reference set per
+            # probe); the rate of the fast estimators on the round's full count, the rate a run sees.
+            n = probes if name in FULL_COUNT else oracle_probes
             t = time.perf_counter()
-            result = _estimator(name, ctx).score(samples)
+            result = _estimator(name, ctx).score(samples[:n])
             elapsed = time.perf_counter() - t
-            scores[name] = result.scores
-            record[f"{name}_probes_per_s"] = round(probes / elapsed, 3)
+            scores[name] = result.scores[:oracle_probes]
+            record[f"{name}_probes_per_s"] = round(n / elapsed, 3)
             record[f"{name}_seconds"] = {k: round(v, 3) for k, v in result.seconds.items()}
         for name in estimators:
             if name != "oracle" and "oracle" in scores:
                 record[f"{name}_spearman_vs_oracle"] = round(spearman(scores[name], scores["oracle"]), 4)
         rounds.append(record)
-    return {"seed": seed, "probes": probes, "reference_rows": len(reference), "rounds": rounds}
+    return {
+        "seed": seed,
+        "probes": probes,
+        "oracle_probes": oracle_probes,
+        "reference_rows": len(reference),
+        "reference_width": reference.seq_length,
+        "rounds": rounds,
+    }
 
 
 def bench_probe_rounds(
-    config: str | Path, seeds: list[int], probes: int = 0, estimators: tuple[str, ...] = DEFAULT_ESTIMATORS
+    config: str | Path,
+    seeds: list[int],
+    probes: int = 0,
+    oracle_probes: int = 64,
+    estimators: tuple[str, ...] = DEFAULT_ESTIMATORS,
 ) -> dict:
     """Figures per seed and round, and per estimator the worst round's Spearman and the mean probes/s."""
     from mates_megatron.compat.spawn import run_on_ranks
@@ -98,6 +116,7 @@ def bench_probe_rounds(
             raw,
             s,
             probes,
+            oracle_probes,
             tuple(estimators),
             timeout=4 * 3600,
             cuda=torch.cuda.is_available(),

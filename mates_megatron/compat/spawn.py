@@ -42,7 +42,15 @@ def _worker(
     try:
         if cuda:  # one GPU per rank, NCCL, as torchrun + initialize_parallel set it up
             torch.cuda.set_device(rank % torch.cuda.device_count())
-        dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world_size)
+        # A file rendezvous in the run's own directory: a TCP port picked free by the parent can be taken by
+        # another job before rank 0 binds it (EADDRINUSE under concurrent test runs). MASTER_PORT stays set for
+        # code that reads it.
+        dist.init_process_group(
+            "nccl" if cuda else "gloo",
+            init_method=f"file://{out_dir}/rendezvous",
+            rank=rank,
+            world_size=world_size,
+        )
         result = {"ok": True, "value": fn(*args)}
     except BaseException:  # noqa: BLE001 - reported to the parent with the traceback
         result = {"ok": False, "error": traceback.format_exc()}

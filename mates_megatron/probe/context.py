@@ -46,7 +46,8 @@ class ProbeContext:
     optimizer: object
     scheduler: object
     reference: Sequence[Batch]
-    """The whole reference set as micro-batches (every replica evaluates all of it)."""
+    """The whole reference set as micro-batches (every replica evaluates all of it), on the device for the
+    round; its rows may be shorter than seq_length (``ReferenceSet.trimmed``)."""
     seq_length: int
     device: torch.device
     groups: ProcessGroups
@@ -67,7 +68,8 @@ class ProbeContext:
             model_chunks=list(host.model_chunks),
             optimizer=host.optimizer,
             scheduler=host.scheduler,
-            reference=reference,
+            # Copied to the device once for the round, not once per pass.
+            reference=[{k: v.to(host.device) for k, v in b.items()} for b in reference],
             seq_length=host.seq_length,
             device=host.device,
             groups=host.groups,
@@ -85,11 +87,16 @@ class ProbeContext:
         return run_schedule(
             self.model_chunks,
             micro_batches,
-            seq_length=self.seq_length,
+            seq_length=width(micro_batches, self.seq_length),
             forward_only=forward_only,
             device=self.device,
             forward_backward_func=self.forward_backward_func,
         )
+
+
+def width(micro_batches: Sequence[Batch], default: int) -> int:
+    """The rows' length of one schedule call (pipeline stages exchange tensors of this shape)."""
+    return int(micro_batches[0]["tokens"].shape[1]) if micro_batches else default
 
 
 def _no_sync(*args, **kwargs) -> None:
@@ -167,7 +174,7 @@ def reference_loss(ctx: ProbeContext) -> float:
     return evaluate(
         ctx.model_chunks,
         ctx.reference,
-        seq_length=ctx.seq_length,
+        seq_length=width(ctx.reference, ctx.seq_length),
         device=ctx.device,
         over_data_parallel=False,
         forward_backward_func=ctx.forward_backward_func,

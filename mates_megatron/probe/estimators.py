@@ -48,6 +48,7 @@ from mates_megatron.probe.context import (
     reference_loss,
     replica_local_grads,
     replica_share,
+    width,
     zero_grads,
 )
 from mates_megatron.probe.snapshot import TrainingSnapshot
@@ -223,7 +224,7 @@ class LinearizedProber(Estimator):
             total = token_mean_backward(
                 ctx.model_chunks,
                 ctx.reference,
-                seq_length=ctx.seq_length,
+                seq_length=width(ctx.reference, ctx.seq_length),
                 device=ctx.device,
                 forward_backward_func=ctx.forward_backward_func,
             )

@@ -17,7 +17,8 @@ clipping factor, which needs each sample's gradient norm.
 The direction is written into DDP's gradient buffers (dead between steps: the snapshot's restore zeroes them),
 so a round adds no parameter-sized tensor. Under the distributed optimizer each rank forms d on its Adam shard
 and the buckets are all-gathered, as megatron-core gathers parameters. The step ``s`` moves the parameters by
-``relative_step`` of their norm; the model is restored bit-exactly after the two passes.
+``relative_step`` of their norm (1e-3: measured in ``bench probe``; 1e-2 is past the linear range of a
+sample's loss at the demo's learning rate); the model is restored bit-exactly after the two passes.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from mates_megatron.probe.context import (
     counted_params,
     param_grad,
     replica_local_grads,
+    width,
     zero_grads,
 )
 from mates_megatron.probe.estimators import ESTIMATORS, Estimator, batched_losses
@@ -77,7 +79,7 @@ class ForwardProber(Estimator):
             total = token_mean_backward(
                 ctx.model_chunks,
                 ctx.reference,
-                seq_length=ctx.seq_length,
+                seq_length=width(ctx.reference, ctx.seq_length),
                 device=ctx.device,
                 forward_backward_func=ctx.forward_backward_func,
             )
@@ -119,14 +121,18 @@ class ForwardProber(Estimator):
         return self.relative_step * theta / d
 
     @torch.no_grad()
-    def _move(self, s: float) -> None:
-        """Parameters to θ + s·d (from the snapshot's θ, so the two points are rounded once each)."""
-        assert self.snapshot is not None
+    def _move(self, by: float) -> None:
+        """Parameters += by·d, computed in fp32 and rounded once to the parameter's dtype.
+
+        From the live values, not the snapshot's: under the distributed optimizer with overlapped parameter
+        gathers, the snapshot (taken at the step boundary) still holds the other ranks' shards from before the
+        last step; the reference pass's forward has gathered them since.
+        """
         for c in self.ctx.model_chunks:
             for p in c.parameters():
                 d = param_grad(p)
                 if d is not None:
-                    p.copy_(self.snapshot.saved(p).float().add(d.view(p.shape).float(), alpha=s))
+                    p.copy_(p.float().add_(d.view(p.shape).float(), alpha=by))
 
     # -- the probes -----------------------------------------------------------------------------------------
 
@@ -146,7 +152,7 @@ class ForwardProber(Estimator):
         with self.phase("forward"):
             self._move(s)
             plus = batched_losses(self.ctx, samples, mine, self.micro_batch_size)
-            self._move(-s)
+            self._move(-2 * s)
             minus = batched_losses(self.ctx, samples, mine, self.micro_batch_size)
         with self.phase("restore"):
             self.snapshot.restore()

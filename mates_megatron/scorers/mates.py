@@ -163,6 +163,7 @@ class MatesScorer(Scorer):
             raise ValueError("scorer 'mates' probes against a reference set: the host has none configured")
         if sel.probe_tokens == "all":
             reference = reference.with_all_tokens()
+        reference = reference.trimmed()  # no passes over the rows' right padding
         ctx = ProbeContext.from_host(r.host, reference.micro_batches(r.host.micro_batch_size))
         probes = ESTIMATORS.get(sel.estimator)(ctx).score(batches)
         seconds["probe"] = time.perf_counter() - t
