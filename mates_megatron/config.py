@@ -68,10 +68,12 @@ class SelectionConfig:
     scored on the live model, and used as the influence model's training pairs."""
     estimator: str = "linearized"
     """How probes are scored (mates_megatron.probe.estimators.ESTIMATORS): 'linearized' (the oracle's
-    first-order form: one reference gradient per round and one gradient per probe; Spearman 0.998 against
-    the oracle in `bench probe`), 'oracle' (one optimizer step, then the whole reference loss, per probe: the
-    paper, and about a reference set's worth of forward passes per probe) or 'mirrored' (one reference step,
-    forward only)."""
+    first-order form: one reference gradient per round and one gradient and optimizer step per probe),
+    'forward' (the same first order by forward passes only: each probe's loss derivative along the reference
+    gradient preconditioned by Adam's second moment, two batched forward passes of all probes per round;
+    `bench probe --config` measures it against the oracle at each scored round), 'oracle' (one optimizer
+    step, then the whole reference loss, per probe: the paper, and about a reference set's worth of forward
+    passes per probe) or 'mirrored' (one reference step, forward only)."""
     probe_tokens: str = "target"
     """Which reference tokens the probes' reference loss counts: 'target' (the LAMBADA form: the last word
     only, the same loss the run reports) or 'all' (every token of each reference example, context and target:

@@ -138,13 +138,17 @@ def test_rounds_select_on_the_live_model_and_log_per_round(uninterrupted):
     assert spearman == pytest.approx([rank0["records"][r]["influence_spearman"] for r in (1, 2)])
 
 
-def test_scored_rounds_at_dp2_with_the_distributed_optimizer_and_megatron_lm_checks(small_embedded):
+@pytest.mark.parametrize("estimator", ["mirrored", "forward"])
+def test_scored_rounds_at_dp2_with_the_distributed_optimizer_and_megatron_lm_checks(
+    small_embedded, estimator
+):
     """Megatron-LM's defaults around the probes: NaN checks in every gradient sync, each step inside the rerun
     state machine in validate_results mode, the distributed optimizer at DP=2 (replicas probe together); and
     Bridge's overlapped gradient reduce and parameter gather. The mirrored estimator: its reference step keeps
-    the data-parallel sync, the path that reached the NaN check on any setting (the other estimators under the
-    distributed optimizer and these checks: tests/distributed/test_probe.py)."""
-    estimator = "mirrored"
+    the data-parallel sync, the path that reached the NaN check on any setting; the forward estimator: its
+    direction is formed on each rank's Adam shard and gathered, and its moves start from parameters whose
+    gather was deferred (the other estimators under the distributed optimizer and these checks:
+    tests/distributed/test_probe.py)."""
     overrides = {
         "parallel": {"cpu": True},
         "use_distributed_optimizer": True,
