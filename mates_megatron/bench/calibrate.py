@@ -21,16 +21,33 @@ import torch
 
 from mates_megatron.cost import MACHINES, Machine, TransformerShape
 
+_FLUSH: list[torch.Tensor] = []
 
-def _timed(fn: Callable[[], object], clock: Callable[[], float], *, reps: int, blocks: int = 5) -> float:
-    """Median over ``blocks`` of the mean seconds of ``reps`` calls (after one warm-up call)."""
+
+def _flush() -> None:
+    """Write 128 MB (more than the last-level cache holds) so that the next kernel finds its tensors cold, as a
+    probe's memory-bound work finds them after the passes before it."""
+    if not _FLUSH:
+        _FLUSH.append(torch.zeros(1 << 25))
+    _FLUSH[0].add_(1.0)
+
+
+def _timed(
+    fn: Callable[[], object], clock: Callable[[], float], *, reps: int, blocks: int = 5, cold: bool = False
+) -> float:
+    """Median over ``blocks`` of the mean seconds of ``reps`` calls (after one warm-up call); ``cold``: the
+    caches flushed before each call, outside the time."""
     fn()
     times = []
     for _ in range(blocks):
-        t = clock()
+        total = 0.0
         for _ in range(reps):
+            if cold:
+                _flush()
+            t = clock()
             fn()
-        times.append((clock() - t) / reps)
+            total += clock() - t
+        times.append(total / reps)
     return statistics.median(times)
 
 
@@ -90,9 +107,9 @@ def memory_rates(shape: TransformerShape, clock: Callable[[], float]) -> tuple[f
         (each(lambda a, b, c: a - b), 12),
         (each(lambda a, b, c: torch.dot(a, b)), 8),
     ]
-    seconds = sum(_timed(fn, clock, reps=2) for fn, _ in kernels)
+    seconds = sum(_timed(fn, clock, reps=2, cold=True) for fn, _ in kernels)
     big = torch.randn(1 << 24)  # 64 MB: above glibc's largest mmap threshold, so every clone maps new pages
-    fresh = 8 * big.numel() / _timed(big.clone, clock, reps=2)
+    fresh = 8 * big.numel() / _timed(big.clone, clock, reps=2, cold=True)
     return sum(per for _, per in kernels) * total / seconds, fresh
 
 
@@ -123,23 +140,35 @@ def adam_bytes(shape: TransformerShape, bandwidth: float, clock: Callable[[], fl
     for p in params:
         p.grad = torch.randn_like(p)
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.1)
-    return _timed(opt.step, clock, reps=2) * bandwidth / sum(p.numel() for p in params)
+    return _timed(opt.step, clock, reps=2, cold=True) * bandwidth / sum(p.numel() for p in params)
 
 
-def tokenize_rate(clock: Callable[[], float], *, seq_length: int = 128, n: int = 200) -> float:
+def tokenize_rate(
+    clock: Callable[[], float],
+    *,
+    seq_length: int = 128,
+    n: int = 200,
+    read: Callable[[int], str] | None = None,
+) -> float:
     """Pretraining tokens per second decoded to text and tokenised by the influence encoder's tokenizer, one
-    candidate at a time as ``CandidateTexts`` reads them and the encoder tokenises a batch: random ordinary word
-    pieces of its vocabulary (what ``bench round``'s synthetic pool holds)."""
+    candidate at a time as ``CandidateTexts`` reads them and the encoder tokenises a batch: ``read(i)`` (a pool's
+    text: its read and decode), else random ordinary word pieces of the encoder's vocabulary decoded here (what
+    ``bench round``'s synthetic pool holds)."""
     from mates_megatron.data.tokenizer import load_tokenizer
     from mates_megatron.influence.config import InfluenceConfig
 
     tok = load_tokenizer(InfluenceConfig().resolved_path())
-    ids = [
-        np.random.default_rng([0, i]).integers(1996, tok.vocab_size, seq_length).tolist() for i in range(n)
-    ]
+    if read is None:
+        ids = [
+            np.random.default_rng([0, i]).integers(1996, tok.vocab_size, seq_length).tolist()
+            for i in range(n)
+        ]
+
+        def read(i: int) -> str:
+            return tok.decode(ids[i])
 
     def run():
-        tok([tok.decode(x) for x in ids], add_special_tokens=False)
+        tok([read(i) for i in range(n)], add_special_tokens=False)
 
     return n * seq_length / _timed(run, clock, reps=1)
 
@@ -232,10 +261,8 @@ def calibrate(
 
 
 def mean_machine(machines: list[Machine], name: str) -> Machine:
-    """The geometric mean of several calibrations' rates (one before and one after a measurement brackets the
-    load of a shared machine)."""
-    fields = {}
-    for k, v in machines[0].to_dict().items():
-        if isinstance(v, float):
-            fields[k] = float(np.exp(np.mean([np.log(max(getattr(m, k), 1e-30)) for m in machines])))
+    """The mean of several calibrations' constants (one before and one after a measurement brackets the load of
+    a shared machine)."""
+    fields = {k: float(np.mean([getattr(m, k) for m in machines])) for k, v in machines[0].to_dict().items()
+              if isinstance(v, float)}  # fmt: skip
     return replace(machines[0], name=name, **fields)

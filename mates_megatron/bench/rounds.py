@@ -95,7 +95,7 @@ def _round_on_rank(n: int, seq_length: int, probes: int, batch_size: int, token_
     # every core each, and the ridge fit's solves take 20x the CPU here).
     threadpool_limits(1)
     clock = time.process_time
-    tokens_per_s = tokenize_rate(clock, seq_length=seq_length)
+    tokens_per_s = tokenize_rate(clock, seq_length=seq_length, read=pool.text)  # as prediction reads them
     op_s, host = lookup_op_seconds(clock), host_flops(clock)
 
     t, c = time.perf_counter(), time.process_time()
@@ -223,6 +223,13 @@ def bench_round(
         "candidates_per_second": [
             round(s / sum(_slowest_phases(run["per_rank"]).values()), 1)
             for s, run in zip(sizes, runs, strict=True)
+        ],
+        "influence_calibration": [
+            {
+                k: float(np.median([r["calibrated"][k] for r in run["per_rank"]]))
+                for k in run["per_rank"][0]["calibrated"]
+            }
+            for run in runs
         ],
         "phases_measured_vs_projected": phases,
         "within_30_percent": _within(phases, 0.3),

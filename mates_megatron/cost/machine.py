@@ -25,7 +25,8 @@ class Machine:
     backward_matmul_speedup: float
     """How much faster per FLOP a backward's matmuls (input and weight gradients) run than the forward's."""
     memory_bandwidth: float
-    """Bytes/s that elementwise passes over parameter-sized tensors reach (copies, adds, dots, zeroing)."""
+    """Bytes/s that elementwise passes over parameter-sized tensors reach (copies, zeroing, subtractions into new
+    tensors, dots), counting each kernel's reads and writes."""
     fresh_memory_bandwidth: float
     """Bytes/s of copies into newly allocated memory (a snapshot's capture: the first touch of its pages costs
     the kernel's page faults on a CPU; a GPU's caching allocator hands back blocks it holds)."""
@@ -79,26 +80,27 @@ class Machine:
 MACHINES: dict[str, Machine] = {
     "cpu-2core": Machine(
         name="cpu-2core",
-        matmul_flops=56e9,
-        matmul_flops_batch1=74e9,
-        backward_matmul_speedup=1.4,
-        memory_bandwidth=9.0e9,
-        fresh_memory_bandwidth=3.0e9,
-        logit_bytes_forward=32.0,
-        logit_bytes_forward_backward=40.0,
-        adam_bytes_per_element=98.0,
-        pass_overhead_s=1.2e-3,
-        layer_overhead_s=1.3e-3,
+        matmul_flops=60e9,
+        matmul_flops_batch1=105e9,
+        backward_matmul_speedup=1.45,
+        memory_bandwidth=9.8e9,
+        fresh_memory_bandwidth=3.9e9,
+        logit_bytes_forward=28.0,
+        logit_bytes_forward_backward=55.0,
+        adam_bytes_per_element=83.0,
+        pass_overhead_s=1.0e-3,
+        layer_overhead_s=1.8e-3,
         op_overhead_s=3e-5,
-        host_flops=15e9,
+        host_flops=15.8e9,
         tokenize_tokens_per_s=1.67e5,
         collective_latency_s=9e-4,
         link_bandwidth=0.8e9,
         host_link_bandwidth=0.8e9,
-        source="calibrated (mates_megatron.bench.calibrate, CPU seconds, one thread) on the project's 2-core CPU "
-        "machine: matmuls at the bench GPT's shapes (4 layers, hidden 128, vocab 30592; 2,048 and 128 tokens), "
-        "a mix of 16 MB copies, adds, dots and zeroing, torch AdamW, the MiniLM tokenizer on random word pieces, "
-        "a 1- and 2-layer megatron-core GPT for the overheads",
+        source="calibrated on the project's 2-core CPU machine (Xeon @ 2.8 GHz, 48 MB L3, shared: load 5-8) by "
+        "mates_megatron.bench.calibrate in CPU seconds, one thread: the bench GPT's matmuls (4 layers, hidden 128, "
+        "vocab 30592; 128 and 2,048 tokens), memory passes over parameter-shaped tensors, the vocabulary cross "
+        "entropy, torch AdamW, a 1- and 3-layer megatron-core GPT for the overheads, the MiniLM tokenizer on the "
+        "bench's synthetic candidates, float64 BLAS; collectives: gloo between 2 processes, wall-clock",
     ),
     "h100": Machine(
         name="h100",

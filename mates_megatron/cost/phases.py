@@ -63,7 +63,7 @@ def probe_parts(
             "optimizer_step": step,
         }
     elif estimator == "forward":  # one reference gradient made a direction; two batched passes at θ ± s·d
-        direction = w.memory(w.n_opt * DIRECTION) + w.collective(w.n_rank * 4, w._dist_dp)
+        direction = w.memory(w.n_opt * DIRECTION) + w.collective(w.n_rank * 4, w.optimizer_shards)
         moves = w.memory(w.n_rank * 2 * (MOVE + (4 if w.layout.bf16 else 0)))
         parts = {
             "reference": ref_backward + direction,

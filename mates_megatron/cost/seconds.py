@@ -120,7 +120,8 @@ class RankSeconds:
     # -- optimizer and snapshot work ---------------------------------------------------------------------------
 
     @property
-    def _dist_dp(self) -> int:
+    def optimizer_shards(self) -> int:
+        """Ranks Adam's state is sharded over: the data-parallel replicas under the distributed optimizer."""
         return self.layout.dp if self.layout.distributed_optimizer else 1
 
     @property
@@ -136,14 +137,14 @@ class RankSeconds:
         lay = self.layout
         per = self.machine.adam_bytes_per_element + GRAD_NORM + CLIP + (MAIN_TO_PARAM if lay.bf16 else 0)
         t = self.memory(self.n_opt * per)
-        t += self.collective(self.n_rank * lay.param_bytes, self._dist_dp)
-        if self._model_parallel * self._dist_dp > 1:
+        t += self.collective(self.n_rank * lay.param_bytes, self.optimizer_shards)
+        if self._model_parallel * self.optimizer_shards > 1:
             t += self.machine.collective_latency_s
         return t
 
     def grad_reduce_scatter(self) -> float:
         """Under the distributed optimizer a stepping probe's gradients are reduce-scattered to the shards."""
-        return self.collective(self.n_rank * 4, self._dist_dp)
+        return self.collective(self.n_rank * 4, self.optimizer_shards)
 
     def snapshot_bytes(self) -> float:
         """Parameters, fp32 main copies (bf16) and both Adam moments: what a capture or a restore copies."""
@@ -151,13 +152,15 @@ class RankSeconds:
         return self.n_rank * 2 * lay.param_bytes + (self.n_opt * 8 if lay.bf16 else 0) + self.n_opt * 16
 
     def restore(self) -> float:
+        """Every captured tensor copied back (parameters, main copies, both moments), the gradients zeroed."""
         return self.memory(self.snapshot_bytes() + self.n_rank * ZERO)
 
     def dot(self) -> float:
+        """The update (live - saved) dotted with the reference gradient."""
         t = self.memory(self.n_opt * DOT)
         if self._model_parallel > 1:
             t += self.machine.collective_latency_s
-        if self._dist_dp > 1:
+        if self.optimizer_shards > 1:
             t += self.machine.collective_latency_s
         return t
 
