@@ -209,7 +209,8 @@ def add_bench_parser(sub) -> None:
         "--gpt-probes",
         type=int,
         default=32,
-        help="probes per estimator in the measured probe phase on a small GPT (the oracle: a quarter; 0: skip)",
+        help="probes per estimator in the measured probe phase on a small GPT, each estimator run 3 times (the "
+        "oracle: a quarter of them; 0: skip)",
     )
     rd.add_argument("--data", default="data/embedded", help="embedded data for the probe phase's GPT")
     rd.add_argument(

@@ -2,7 +2,8 @@
 
 One process, the project's loop on the embedded data: a small GPT is trained a few steps (each step timed), the
 machine is calibrated in the same process (``bench.calibrate``), then every estimator scores the same probe
-samples against the same reference rows, with its parts timed by ``ProbeScores.seconds`` and what no phase
+samples against the same reference rows, ``repeats`` times round-robin (the median of each part is kept: a burst
+of other work on a shared machine hits one run), with its parts timed by ``ProbeScores.seconds`` and what no phase
 times (the round's snapshot, its last restore, the gather) as the ``rest`` of its total. The machine is
 calibrated before and after the estimators run, and the projection takes the geometric mean of the two. Each part is projected by
 ``cost.phases.probe_parts`` for the same shapes and counts, with the constants calibrated here and with the
@@ -15,6 +16,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict
 
+import numpy as np
 import torch
 
 ESTIMATORS = ("forward", "linearized", "mirrored", "oracle")
@@ -27,7 +29,7 @@ def _clock(name: str):
 
 
 def _worker(data_dir: str, gpt: dict, micro_batch_size: int, probes: int, oracle_probes: int, reference: int,
-            steps: int, clock_name: str) -> dict:  # fmt: skip
+            steps: int, repeats: int, clock_name: str) -> dict:  # fmt: skip
     from mates_megatron.bench.calibrate import calibrate, mean_machine
     from mates_megatron.cost import MACHINES, Layout, TransformerShape
     from mates_megatron.cost.phases import probe_parts
@@ -69,16 +71,17 @@ def _worker(data_dir: str, gpt: dict, micro_batch_size: int, probes: int, oracle
         s = trainer.dataset[(2 * steps + 1) * micro_batch_size + i]
         row = torch.cat([s["tokens"], s["labels"][-1:]]).numpy()[None]
         samples.append(make_batch(row, s["loss_mask"].numpy()[None]))
-    measured: dict[str, dict[str, float]] = {}
-    counts = {}
-    for name in ESTIMATORS:
-        n = oracle_probes if name == "oracle" else probes
-        t = clock()
-        result = REGISTRY.get(name)(ctx).score(samples[:n])
-        total = clock() - t
-        parts = dict(result.seconds)
-        parts["rest"] = max(0.0, total - sum(parts.values()))
-        measured[name], counts[name] = parts, n
+    counts = {name: oracle_probes if name == "oracle" else probes for name in ESTIMATORS}
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in ESTIMATORS}
+    for _ in range(repeats):  # round-robin, so that a burst of other work on the machine hits one run of each
+        for name in ESTIMATORS:
+            t = clock()
+            result = REGISTRY.get(name)(ctx).score(samples[: counts[name]])
+            total = clock() - t
+            parts = dict(result.seconds)
+            parts["rest"] = max(0.0, total - sum(parts.values()))
+            runs[name].append(parts)
+    measured = {name: {k: float(np.median([r[k] for r in rs])) for k in rs[0]} for name, rs in runs.items()}
 
     after = calibrate(shape, seq_length=m.seq_length, micro_batch_size=micro_batch_size, clock=clock)
     machine = mean_machine([before, after], "calibrated")
@@ -104,6 +107,8 @@ def _worker(data_dir: str, gpt: dict, micro_batch_size: int, probes: int, oracle
         "micro_batch_size": micro_batch_size,
         "reference_rows": len(ref),
         "probes": counts,
+        "repeats": repeats,
+        "runs": runs,
         "machine": machine.to_dict(),
         "calibrations": [before.to_dict(), after.to_dict()],
         "measured": measured,
@@ -120,6 +125,7 @@ def measure_probe_phases(
     oracle_probes: int | None = None,
     reference: int = 64,
     steps: int = 3,
+    repeats: int = 3,
     clock: str = "cpu",
 ) -> dict:
     """Every estimator's parts and a training step, measured and projected (see the module doc)."""
@@ -132,7 +138,7 @@ def measure_probe_phases(
             f"{data_dir}/train.bin not found: run `mates-megatron prepare --embedded --out {data_dir}`"
         )
     oracle = oracle_probes if oracle_probes is not None else max(1, probes // 4)
-    args = (data_dir, gpt or SMALL_GPT, micro_batch_size, probes, oracle, reference, steps, clock)
+    args = (data_dir, gpt or SMALL_GPT, micro_batch_size, probes, oracle, reference, steps, repeats, clock)
     return run_on_ranks(_worker, 1, *args, timeout=3600)[0]
 
 

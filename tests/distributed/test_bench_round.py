@@ -76,6 +76,7 @@ def test_the_probe_phase_is_measured_beside_its_projection(small_embedded):
         oracle_probes=2,
         reference=8,
         steps=1,
+        repeats=2,
     )
     assert r["gpt"]["parameters"] == r["gpt"]["parameters_counted_in_the_model"]
     assert (
@@ -89,7 +90,9 @@ def test_the_probe_phase_is_measured_beside_its_projection(small_embedded):
         "oracle": {"reference", "forward_backward", "optimizer_step", "reference_loss", "restore", "rest"},
     }
     for name in ESTIMATORS:
-        assert set(r["measured"][name]) == expected[name]
+        assert set(r["measured"][name]) == expected[name] and len(r["runs"][name]) == 2
+        for part, secs in r["measured"][name].items():  # the median of the two runs
+            assert secs == pytest.approx(sum(run[part] for run in r["runs"][name]) / 2)
         for label in ("calibrated", "preset"):
             assert set(r["projected"][label][name]) == expected[name]
     rows = compare(r["measured"], r["projected"]["calibrated"])
