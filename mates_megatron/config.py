@@ -95,9 +95,12 @@ class SelectionConfig:
     random draw of the round (seeded like the warm-up rounds), logged as the round's ``fallback``. -1 turns the
     guard off."""
     max_selection_cost: float = 0.1
-    """Largest projected selection cost per round, as a fraction of the round's training FLOPs, that the run
-    starts with (projected from the config and the model shape before the first step, see
-    mates_megatron.cost); raise it to spend more."""
+    """Largest projected selection cost per round, as a fraction of the round's training time, that the run
+    starts with (projected in seconds on cost_machine from the config, the model shape and the parallel layout
+    before the first step, see mates_megatron.cost); raise it to spend more."""
+    cost_machine: str = "h100"
+    """Machine constants the cost projection uses (mates_megatron.cost.machine.MACHINES): 'h100' (public H100 SXM
+    figures) or 'cpu-2core' (calibrated on the project's 2-core CPU machine)."""
     influence_ranks: list[int] | None = None
     """Global ranks that fit and run the influence model (default: all); scores reach every rank by broadcast."""
     probe_lead_steps: int = 0
@@ -147,7 +150,13 @@ class SelectionConfig:
         if not self.max_selection_cost > 0:
             raise ValueError(
                 f"SelectionConfig.max_selection_cost={self.max_selection_cost} must be > 0 (a fraction of "
-                "training FLOPs, e.g. 0.1)"
+                "training time, e.g. 0.1)"
+            )
+        from mates_megatron.cost.machine import MACHINES
+
+        if self.cost_machine not in MACHINES:
+            raise ValueError(
+                f"SelectionConfig.cost_machine={self.cost_machine!r}: choose one of {', '.join(MACHINES)}"
             )
         if not -1 <= self.min_influence_spearman <= 1:
             raise ValueError(

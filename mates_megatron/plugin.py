@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from mates_megatron.config import SelectionConfig
-from mates_megatron.cost import RoundCost, TransformerShape, check_round_cost
+from mates_megatron.cost import Layout, RoundCost, TransformerShape, check_round_cost
 from mates_megatron.hooks import MatesHook
 from mates_megatron.pool import POOLS, CandidatePool, PoolError, PoolRounds
 from mates_megatron.sampler import MatesSampler
@@ -54,6 +54,7 @@ def build_plugin(
     device: torch.device | None = None,
     model_shape: TransformerShape | None = None,
     reference_rows: int = 0,
+    layout: Layout | None = None,
 ) -> Plugin:
     """Build the parts on this rank.
 
@@ -61,7 +62,9 @@ def build_plugin(
     pretraining tokenizer) decodes candidates for scorers that read text; ``write_files``: this rank writes
     the selection files beside the data; ``device``: the training device (scorers' models run there).
     ``model_shape`` (the GPT trained) and ``reference_rows`` (the probe reference set's size): the scorer's
-    round is projected against training and refused above ``max_selection_cost`` before anything is built.
+    round is projected against training and refused above ``max_selection_cost`` before anything is built;
+    ``layout``: the GPT's parallel layout and precision for that projection (default: ``dp_size`` replicas of
+    one device at ``micro_batch_size``, fp32).
     Collective when the scorer creates process groups (the 'mates' influence group).
     """
     if sel.scored and sel.influence.pass_token_ids:
@@ -74,6 +77,7 @@ def build_plugin(
             seq_length=seq_length,
             global_batch_size=global_batch_size,
             reference_rows=reference_rows,
+            layout=layout or Layout(dp=dp_size, micro_batch_size=micro_batch_size),
         )
         if cost is not None:
             if not dist.is_initialized() or dist.get_rank() == 0:

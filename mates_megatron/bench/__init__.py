@@ -80,7 +80,13 @@ def _run_round_bench(a) -> int:
 
     _write(
         bench_round(
-            a.sizes, ranks=a.ranks, seq_length=a.seq_length, probes=a.probes, token_ids=a.pass_token_ids
+            a.sizes,
+            ranks=a.ranks,
+            seq_length=a.seq_length,
+            probes=a.probes,
+            token_ids=a.pass_token_ids,
+            gpt_probes=a.gpt_probes,
+            data_dir=a.data,
         ),
         a.out,
     )
@@ -198,13 +204,21 @@ def add_bench_parser(sub) -> None:
     inf.set_defaults(func=_run_influence_bench)
     rd = bsub.add_parser(
         "round",
-        help="one round after the probes at growing candidate counts (seconds per phase, peak RSS per rank) "
-        "and the paper rounds projected",
+        help="one round at growing candidate counts and the probe phase on a small GPT, each phase measured "
+        "beside the cost model's projection (peak RSS per rank); the paper rounds projected",
     )
     rd.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000, 4_000_000])
     rd.add_argument("--ranks", type=int, default=2, help="processes (the influence group), gloo")
     rd.add_argument("--seq-length", type=int, default=128, help="tokens per synthetic candidate")
-    rd.add_argument("--probes", type=int, default=1024)
+    rd.add_argument("--probes", type=int, default=1024, help="probes the influence model is fitted on")
+    rd.add_argument(
+        "--gpt-probes",
+        type=int,
+        default=32,
+        help="probes per estimator in the measured probe phase on a small GPT, each estimator run 3 times (the "
+        "oracle: a quarter of them; 0: skip)",
+    )
+    rd.add_argument("--data", default="data/embedded", help="embedded data for the probe phase's GPT")
     rd.add_argument(
         "--pass-token-ids", action="store_true", help="the encoder reads candidate ids, not decoded text"
     )

@@ -7,6 +7,7 @@ tracers (``trace.model_passes``) are written on these.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -60,6 +61,9 @@ class ProbeContext:
     time_phases: bool = False
     """Synchronise the device at each phase boundary so that ``ProbeScores.seconds`` splits GPU time exactly
     (benchmarks; off in training, where the syncs would cost)."""
+    clock: Callable[[], float] = time.perf_counter
+    """What ``ProbeScores.seconds`` is read from: wall-clock seconds, or ``time.process_time`` for the CPU
+    seconds of the work on a CPU shared with other jobs (``bench round``)."""
 
     @classmethod
     def from_host(cls, host: Host, reference: Sequence[Batch]) -> ProbeContext:

@@ -29,7 +29,6 @@ machine is off for probe passes (``runtime.rerun``), as for Megatron-LM's evalua
 from __future__ import annotations
 
 import contextlib
-import time
 from abc import ABC
 from collections.abc import Iterator, Sequence
 from typing import ClassVar
@@ -85,17 +84,18 @@ class Estimator(ABC):
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
-        """Add the block's wall-clock seconds to ``self.seconds[name]`` (device-synchronised if asked)."""
+        """Add the block's seconds (``ctx.clock``) to ``self.seconds[name]`` (device-synchronised if asked)."""
         sync = self.ctx.time_phases and self.ctx.device.type == "cuda"
         if sync:
             torch.cuda.synchronize(self.ctx.device)
-        t = time.perf_counter()
+        clock = self.ctx.clock
+        t = clock()
         try:
             yield
         finally:
             if sync:
                 torch.cuda.synchronize(self.ctx.device)
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
+            self.seconds[name] = self.seconds.get(name, 0.0) + clock() - t
 
     def prepare(self) -> None:
         """Per-round work before the probes (e.g. a reference gradient); the run is restored after it."""

@@ -57,7 +57,7 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     sel = cfg.selection
 
     def data(trainer: Trainer):
-        from mates_megatron.cost import TransformerShape
+        from mates_megatron.cost import Layout, TransformerShape
         from mates_megatron.plugin import build_plugin
 
         check_loop_probe_settings(
@@ -74,7 +74,15 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
             tokenizer = load_tokenizer(cfg.tokenizer or trainer.tokenizer_info.path)
         m = cfg.model
         tp = cfg.parallel.tensor_model_parallel_size
-        shape = TransformerShape(m.num_layers, m.hidden_size, m.ffn_hidden_size, m.padded_vocab_size(tp))
+        shape = TransformerShape(
+            m.num_layers, m.hidden_size, m.ffn_hidden_size, m.padded_vocab_size(tp),
+            num_attention_heads=m.num_attention_heads, tied_embeddings=True, position_embeddings=m.seq_length,
+        )  # fmt: skip
+        layout = Layout(
+            dp=trainer.dp_size, tp=tp, pp=cfg.parallel.pipeline_model_parallel_size,
+            micro_batch_size=cfg.micro_batch_size, distributed_optimizer=cfg.use_distributed_optimizer,
+            bf16=m.bf16,
+        )  # fmt: skip
         plugin = build_plugin(
             sel,
             train_iters=cfg.train_iters,
@@ -88,6 +96,7 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
             tokenizer=tokenizer,
             device=trainer.device,
             model_shape=shape,
+            layout=layout,
             reference_rows=len(trainer.reference) if trainer.reference is not None else 0,
         )
         return plugin.pool, plugin.sampler, [plugin.hook]

@@ -517,7 +517,7 @@ def resume(opts: Options) -> dict:
 def arms(opts: Options) -> dict:
     from mates_megatron.config import SelectionConfig
     from mates_megatron.configio import build
-    from mates_megatron.cost import TransformerShape, project_mates_round
+    from mates_megatron.cost import Layout, TransformerShape, project_mates_round
     from mates_megatron.probe.reference import read_jsonl
 
     out: dict[str, Any] = {}
@@ -538,14 +538,27 @@ def arms(opts: Options) -> dict:
         if arm != "random":
             sel = build(SelectionConfig, cfg["selection"], where="arm")
             m = cfg["model"]
+            shape = TransformerShape(
+                m["num_layers"],
+                m["hidden_size"],
+                4 * m["hidden_size"],
+                30592,
+                num_attention_heads=m["num_attention_heads"],
+                position_embeddings=m["seq_length"],
+            )
             cost = project_mates_round(
-                sel, model=TransformerShape(m["num_layers"], m["hidden_size"], 4 * m["hidden_size"], 30592),
-                seq_length=m["seq_length"], global_batch_size=cfg["global_batch_size"],
-                reference_rows=len(read_jsonl(cfg["reference"])),
+                sel, model=shape, seq_length=m["seq_length"], global_batch_size=cfg["global_batch_size"],
+                reference_rows=len(read_jsonl(cfg["reference"])), machine="h100" if opts.cuda else "cpu-2core",
+                layout=Layout(micro_batch_size=cfg["micro_batch_size"], bf16=m.get("bf16", False)),
             )  # fmt: skip
             train_round = every * record["median_step_seconds"]
+            # The corrected projection (seconds; h100 preset on a GPU) beside the measured rounds, and in FLOPs.
             record["projected_fraction"] = round(cost.fraction, 4)
-            record["projected_phases"] = {k: round(v / cost.training, 4) for k, v in cost.phases.items()}
+            record["projected_flop_fraction"] = round(cost.flop_fraction, 4)
+            record["projected_phases"] = {
+                k: round(v / cost.training_seconds, 4) for k, v in cost.phase_seconds.items()
+            }
+            record["projected_training_step_seconds"] = round(cost.training_seconds / every, 4)
             record["measured_fraction"] = [
                 round(r["seconds"]["total"] / train_round, 4) for r in summary.get("rounds", [])
             ]

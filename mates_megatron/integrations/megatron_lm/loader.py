@@ -154,14 +154,15 @@ def build_mates_data_loader(
     worker_init_fn=None,
     model_shape=None,
     reference_rows: int = 0,
+    layout=None,
 ):
     """(MatesDataLoader, Plugin) for a Megatron-LM train split (``plugin`` given: reuse it).
 
     pool='indexed' takes its candidates from ``train_ds`` (a GPTDataset at least ``pool_num_samples``
     long) and serves ``train_ds[id]`` as Megatron builds it; other pools serve their own samples and leave
     ``train_ds`` unused. ``tokenizer`` decodes indexed candidates for scorers that read text. Collective
-    when ``plugin`` is None and the scorer creates process groups. ``model_shape`` and ``reference_rows``:
-    the scorer's round is projected and checked against ``max_selection_cost`` (see build_plugin).
+    when ``plugin`` is None and the scorer creates process groups. ``model_shape``, ``reference_rows`` and
+    ``layout``: the scorer's round is projected and checked against ``max_selection_cost`` (see build_plugin).
     """
     if plugin is None:
         from mates_megatron.plugin import build_plugin
@@ -180,6 +181,7 @@ def build_mates_data_loader(
             device=device,
             model_shape=model_shape,
             reference_rows=reference_rows,
+            layout=layout,
         )
     loader = MatesDataLoader(
         train_ds if sel.pool_is_host_dataset else plugin.pool,

@@ -186,7 +186,7 @@ def mates_train_data_loader(train_ds, consumed_samples: int):
     from megatron.training import get_args
     from megatron.training.dist_signal_handler import DistributedSignalHandler
 
-    from mates_megatron.cost import TransformerShape
+    from mates_megatron.cost import Layout, TransformerShape
     from mates_megatron.integrations.megatron_lm.args import mates_config_from_args
     from mates_megatron.integrations.megatron_lm.host import (
         MegatronTextTokenizer,
@@ -233,7 +233,23 @@ def mates_train_data_loader(train_ds, consumed_samples: int):
         write_files=_rank() == 0,
         # validate_args has set ffn_hidden_size, and the tokenizer build padded_vocab_size, by now.
         model_shape=TransformerShape(
-            args.num_layers, args.hidden_size, args.ffn_hidden_size, args.padded_vocab_size
+            args.num_layers,
+            args.hidden_size,
+            args.ffn_hidden_size,
+            args.padded_vocab_size,
+            num_attention_heads=args.num_attention_heads,
+            tied_embeddings=not args.untie_embeddings_and_output_weights,
+            position_embeddings=args.max_position_embeddings
+            if args.position_embedding_type == "learned_absolute"
+            else 0,
+        ),
+        layout=Layout(
+            dp=mpu.get_data_parallel_world_size(),
+            tp=args.tensor_model_parallel_size,
+            pp=args.pipeline_model_parallel_size,
+            micro_batch_size=args.micro_batch_size,
+            distributed_optimizer=args.use_distributed_optimizer,
+            bf16=args.bf16,
         ),
         reference_rows=len(host.reference) if host.reference is not None else 0,
         **common,
