@@ -57,6 +57,8 @@ class InfluenceModel(ABC):
       gathers the scores (``gather_rows``): host memory follows the member's shard, not the round.
     - ``fit_predict(texts, probe_positions, probe_scores, *, group)`` fits on ``texts[probe_positions]`` and
       predicts every text; the default is ``fit`` then ``predict``.
+    - Candidates and probes are read and tokenised in ``cfg.loader_workers`` DataLoader workers
+      (``influence.loader``), with the same scores as in process.
     - ``state_dict()`` is what a checkpoint must hold to predict again, as CPU tensors: what was fitted, not
       what loads from the pretrained files (a frozen encoder is not state); ``{}`` before any fit.
       ``load_state_dict(state)`` restores it (``{}``: nothing to restore).

@@ -19,6 +19,8 @@ worker rank 0 hosts, built explicitly (``join_world``), and it selects its GPU b
 
 from __future__ import annotations
 
+import atexit
+import functools
 import os
 import pickle
 import time
@@ -211,8 +213,12 @@ class InfluenceWorker:
             ) from e
         self._conn, child = ctx.Pipe()
         args = (child, cfg, pool_bytes, str(device), list(imports or []), torch.get_num_threads(), world)
-        self.process = ctx.Process(target=_serve, args=args, name="mates-influence-worker", daemon=True)
+        # Not a daemon: a daemonic process may not start children, and the worker forks its loader workers
+        # (InfluenceConfig.loader_workers). At exit it is ended as a daemon would be (``_end_at_exit``).
+        self.process = ctx.Process(target=_serve, args=args, name="mates-influence-worker", daemon=False)
         self.process.start()
+        self._at_exit = functools.partial(_end_at_exit, self.process)
+        atexit.register(self._at_exit)
         child.close()
         self._busy = False
         self._reply("worker start")
@@ -299,6 +305,17 @@ class InfluenceWorker:
             self.process.join(30)
         if self.process.is_alive():
             self.process.kill()
+        atexit.unregister(self._at_exit)
+
+
+def _end_at_exit(process) -> None:
+    """What multiprocessing does to a daemonic child at exit (terminate, then kill), for the worker: it runs
+    before multiprocessing's own exit handler, which would otherwise wait for it (it waits on its pipe)."""
+    if process.is_alive():
+        process.terminate()
+        process.join(5)
+    if process.is_alive():
+        process.kill()
 
 
 def worker_address() -> str:

@@ -18,7 +18,9 @@ from mates_megatron.influence.config import InfluenceConfig, RidgeConfig
 
 pytestmark = [pytest.mark.distributed]
 
-CFG = InfluenceConfig(model="ridge", ridge=RidgeConfig(features="token_embeddings"), predict_batch_size=16)
+CFG = InfluenceConfig(
+    model="ridge", ridge=RidgeConfig(features="token_embeddings"), predict_batch_size=16, loader_workers=2
+)
 
 
 def _pool(n=96):
@@ -31,6 +33,8 @@ def _pool(n=96):
 
 
 def test_worker_scores_bit_for_bit_like_this_process_and_survives_a_bad_fit():
+    """The worker reads through its own loader workers (before: a daemonic worker, which may not start them);
+    this process reads in process."""
     from mates_megatron.influence.registry import build_influence_model
     from mates_megatron.influence.worker import InfluenceWorker
     from mates_megatron.pool.base import CandidateTexts
@@ -58,12 +62,43 @@ def test_worker_scores_bit_for_bit_like_this_process_and_survives_a_bad_fit():
     finally:
         worker.close()
     assert not worker.process.is_alive()
-    model = build_influence_model(CFG)
+    model = build_influence_model(dataclasses.replace(CFG, loader_workers=0))
     want, result = model.fit_predict(CandidateTexts(pool, ids), positions, scores)
     assert got.dtype == np.float32 and np.array_equal(got, want.astype(np.float32))
     assert (sp, pe) == (result.spearman, result.pearson) and seconds > 0
     assert state.keys() == model.state_dict().keys()
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+_EXIT_WITHOUT_CLOSE = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import torch
+from test_influence_worker import CFG, _pool
+from mates_megatron.influence.worker import InfluenceWorker
+
+worker = InfluenceWorker(CFG, pool=_pool(), device=torch.device("cpu"))
+print(worker.process.pid, flush=True)
+"""
+
+
+def test_a_run_that_exits_without_closing_its_worker_ends_it():
+    """The worker is not a daemon (it starts loader workers): a training process that exits without close()
+    must still end it, and not wait on it at exit (it waits on its pipe)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = str(Path(__file__).parent)
+    done = subprocess.run(
+        [sys.executable, "-c", _EXIT_WITHOUT_CLOSE, here], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    pid = int(done.stdout.split()[-1])
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and os.path.exists(f"/proc/{pid}"):
+        time.sleep(0.2)
+    assert not os.path.exists(f"/proc/{pid}"), f"the worker {pid} outlived its training process"
 
 
 def test_a_pool_that_cannot_reach_the_worker_is_refused_with_the_fix():
