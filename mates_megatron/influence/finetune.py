@@ -50,10 +50,10 @@ class FinetuneInfluenceModel(InfluenceModel):
         torch.manual_seed(self.cfg.seed)
         return EncoderRegressor(self.cfg).to(self.device)
 
-    def fit(self, texts: list[str], scores: np.ndarray, *, group=None) -> FitResult:
+    def fit(self, texts: list[str], scores: np.ndarray, *, group=None, device_group=None) -> FitResult:
         if self.net is None or not self.cfg.warm_start:
             self.net = self._fresh()
-        return fit(self.net, texts, scores, group=group)
+        return fit(self.net, texts, scores, group=group, device_group=device_group)
 
     def predict(self, texts: Sequence[str], *, group=None) -> np.ndarray:
         if self.net is None:
@@ -85,13 +85,17 @@ def _show(group) -> bool:
     return rank_size(group)[0] == 0
 
 
-def _allreduce_mean_grads(model: torch.nn.Module, group) -> None:
-    """Average the gradients over the group in one collective, staged through CPU (a gloo group)."""
+def _allreduce_mean_grads(model: torch.nn.Module, group, device_group=None) -> None:
+    """Average the gradients over the group in one collective: on ``device_group`` where the gradients are
+    (NCCL on CUDA, no copy through host memory) when one is given, else on ``group`` staged through CPU
+    (gloo)."""
     if group is None or dist.get_world_size(group) == 1:
         return
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    flat = torch.cat([g.reshape(-1) for g in grads]).cpu()
-    dist.all_reduce(flat, group=group)
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    if device_group is None:
+        flat = flat.cpu()
+    dist.all_reduce(flat, group=device_group if device_group is not None else group)
     flat /= dist.get_world_size(group)
     offset = 0
     for g in grads:
@@ -105,8 +109,11 @@ def _better(sp: float, kept: float | None) -> bool:
     return kept is None or math.isnan(kept) or (not math.isnan(sp) and sp > kept)
 
 
-def fit(net: EncoderRegressor, texts: list[str], scores: np.ndarray, *, group=None) -> FitResult:
-    """MSE on z-scored scores; keeps the epoch with the best held-out Spearman. Collective over ``group``."""
+def fit(
+    net: EncoderRegressor, texts: list[str], scores: np.ndarray, *, group=None, device_group=None
+) -> FitResult:
+    """MSE on z-scored scores; keeps the epoch with the best held-out Spearman. Collective over ``group``;
+    the gradients are averaged on ``device_group`` when one is given (``InfluenceModel.fit``)."""
     cfg, ft, device = net.cfg, net.cfg.finetune, net.device
     scores = check_pairs(len(texts), scores, "fit")
     train_idx, val_idx = split(len(texts), ft.val_fraction, cfg.seed)
@@ -146,7 +153,7 @@ def fit(net: EncoderRegressor, texts: list[str], scores: np.ndarray, *, group=No
             else:  # an empty share still joins the all-reduce with zero gradients
                 for p in net.parameters():
                     p.grad = torch.zeros_like(p)
-            _allreduce_mean_grads(net, group)
+            _allreduce_mean_grads(net, group, device_group)
             opt.step()
         pred_val = predict(
             net, [texts[i] for i in val_idx], group=group, batch_size=cfg.predict_batch_size, progress=False

@@ -52,8 +52,8 @@ class RidgeInfluenceModel(InfluenceModel):
         """The frozen features [n, hidden] (float64) of every text, on every member of ``group``."""
         return embed(self._network(), texts, group=group, batch_size=self.cfg.predict_batch_size)
 
-    def fit(self, texts: Sequence[str], scores: np.ndarray, *, group=None) -> FitResult:
-        check_pairs(len(texts), scores, "fit_ridge")
+    def fit(self, texts: Sequence[str], scores: np.ndarray, *, group=None, device_group=None) -> FitResult:
+        check_pairs(len(texts), scores, "fit_ridge")  # a closed form: no tensor collective in the fit
         return fit_ridge(self._network(), self.embed(texts, group=group), scores)
 
     def predict(self, texts: Sequence[str], *, group=None) -> np.ndarray:

@@ -35,7 +35,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from mates_megatron.influence.config import InfluenceConfig
-from mates_megatron.influence.group import InfluenceTimeout, meet, timeout_message
+from mates_megatron.influence.group import InfluenceTimeout, accelerator_group, meet, timeout_message
 from mates_megatron.runtime.rng import set_host_rng_state
 
 REPORT_GRACE_S = 10.0
@@ -124,11 +124,12 @@ def _serve(conn, cfg: InfluenceConfig, pool, device: str, imports: list[str], th
         # Rebuilt here, not by spawn before this function runs: a pool that refuses to rebuild (its data
         # changed since the run started) is then reported to the training rank, not lost in a dead process.
         pool = pool.load()
-        group, names = None, []
+        group, device_group, names = None, None, []
         if world is not None:
             conn.send(("phase", "worker start: joining the workers' world"))
             group = join_world(world, cfg.timeout_s)
             names = [world.name(r) for r in range(world.size)]
+            device_group = accelerator_group(None, device, timeout_s=cfg.timeout_s)  # NCCL on CUDA
         conn.send(("phase", "worker start: loading the influence model"))
         model = build_influence_model(cfg, device=device)
         conn.send(("ready", None))
@@ -149,7 +150,7 @@ def _serve(conn, cfg: InfluenceConfig, pool, device: str, imports: list[str], th
                 set_host_rng_state(payload["rng"])
                 texts = candidate_inputs(pool, payload["ids"], token_ids=cfg.pass_token_ids)
                 scores, result = model.fit_predict(
-                    texts, payload["positions"], payload["scores"], group=group
+                    texts, payload["positions"], payload["scores"], group=group, device_group=device_group
                 )
                 out = (scores.astype(np.float32), result.spearman, result.pearson, time.perf_counter() - t)
             elif kind == "state_dict":

@@ -1,8 +1,9 @@
-"""The influence stage's loader workers: candidates are read and tokenised in DataLoader workers in order, each
-exactly once, with scores bit for bit those of reading in process; pinned memory and non-blocking copies when
-the device is CUDA.
+"""The influence stage's loader workers and accelerator groups: candidates are read and tokenised in DataLoader
+workers in order, each exactly once, with scores bit for bit those of reading in process; pinned memory and
+non-blocking copies when the device is CUDA; the fit's all-reduce on an NCCL group when the device is CUDA.
 
-No GPU here: the CUDA choices (pin_memory, non_blocking) are checked by recording the calls.
+No GPU here: the CUDA choices (pin_memory, non_blocking, the NCCL group, which group the all-reduce gets) are
+checked by recording the calls, with the NCCL group replaced by a gloo one over the same ranks.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from mates_megatron.compat.spawn import run_on_ranks
 from mates_megatron.influence.config import FinetuneConfig, InfluenceConfig, RidgeConfig
 
 pytestmark = pytest.mark.distributed
@@ -98,3 +100,80 @@ def test_scores_are_bit_for_bit_the_same_with_0_and_2_loader_workers(model, feat
     assert a.shape == (45,) and np.array_equal(a, b)
     assert sp_a == sp_b or (np.isnan(sp_a) and np.isnan(sp_b))
     assert torch.equal(rng_a, rng_b)
+
+
+def _fake_cuda(monkeypatch) -> list:
+    """CUDA 'available' with 2 devices, and dist.new_group recording its backend and building gloo instead of
+    NCCL; returns the record."""
+    import torch.distributed as dist
+
+    calls: list = []
+    new_group = dist.new_group
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+
+    def record(*args, backend=None, **kw):
+        calls.append(("new_group", backend))
+        return new_group(*args, backend="gloo" if backend == "nccl" else backend, **kw)
+
+    monkeypatch.setattr(dist, "new_group", record)
+    return calls
+
+
+def _groups_chosen(device: str) -> dict:
+    import torch.distributed as dist
+
+    from mates_megatron.influence import finetune
+    from mates_megatron.influence.base import FitResult
+    from mates_megatron.influence.group import accelerator_group
+    from mates_megatron.influence.runner import InfluenceRunner
+
+    torch.set_num_threads(1)
+    monkeypatch = pytest.MonkeyPatch()
+    calls = _fake_cuda(monkeypatch)
+    cfg = InfluenceConfig(max_length=16)
+    runner = InfluenceRunner(cfg, device=device)  # synchronous, both ranks members
+    cached = accelerator_group(None, device, timeout_s=cfg.timeout_s) is runner.device_group
+    seen = {}
+
+    def fit_predict(texts, positions, scores, *, group, device_group):
+        seen["fit_predict"] = (group is runner.group, device_group is runner.device_group)
+        return np.zeros(len(texts)), FitResult(0.0, 0.0, 0)
+
+    runner.model.fit_predict = fit_predict
+    runner.score_round(["x"] * 12, np.arange(12), np.arange(12.0))
+    # The gradients' all-reduce: on the device group when there is one, else on the gloo group.
+    reduced: list = []
+    all_reduce = dist.all_reduce
+    monkeypatch.setattr(
+        dist, "all_reduce", lambda t, group=None: reduced.append(group) or all_reduce(t, group=group)
+    )
+    net = torch.nn.Linear(3, 1)
+    for p in net.parameters():
+        p.grad = torch.full_like(p, float(dist.get_rank()))
+    finetune._allreduce_mean_grads(net, runner.group, runner.device_group)
+    monkeypatch.undo()
+    return {
+        "new_groups": calls,
+        "device_group": runner.device_group is not None,
+        "cached": cached,
+        "fit_predict": seen["fit_predict"],
+        "reduced_on_device_group": [g is runner.device_group and g is not None for g in reduced],
+        "mean": net.weight.grad.tolist(),
+    }
+
+
+def test_the_fit_all_reduces_on_an_nccl_group_when_the_device_is_cuda():
+    """Before: every fit step's gradients went to host memory and through gloo, also on CUDA."""
+    cuda = run_on_ranks(_groups_chosen, 2, "cuda:0")
+    cpu = run_on_ranks(_groups_chosen, 2, "cpu")
+    for r in cuda:
+        assert r["new_groups"] == [("new_group", "gloo"), ("new_group", "nccl")]  # influence group, then NCCL
+        assert r["device_group"] and r["cached"] and r["fit_predict"] == (True, True)
+        assert r["reduced_on_device_group"] == [True]
+        assert r["mean"] == [[0.5, 0.5, 0.5]]
+    for r in cpu:
+        assert r["new_groups"] == [("new_group", "gloo")]  # no accelerator group on CPU
+        assert not r["device_group"] and r["fit_predict"] == (True, True)  # device_group None on both sides
+        assert r["reduced_on_device_group"] == [False]
+        assert r["mean"] == [[0.5, 0.5, 0.5]]

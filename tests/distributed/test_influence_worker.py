@@ -245,6 +245,48 @@ def test_the_worker_selects_its_gpu_before_its_rng_state_and_its_model(monkeypat
     assert state["cuda"] == "st" and ("get_rng_state", "cuda:1") in calls
 
 
+def test_a_worker_world_on_cuda_fits_with_its_accelerator_group(monkeypatch):
+    """The worker's loop (in-process, its world's joining and barrier stood in for): with a world of workers
+    on CUDA, the fit gets the accelerator group built over that world beside the gloo one (before: gloo only)."""
+    import multiprocessing
+
+    from mates_megatron.influence import registry, worker
+    from mates_megatron.influence.base import FitResult
+    from mates_megatron.runtime.rng import get_host_rng_state
+
+    calls: list = []
+    _record_cuda(monkeypatch, calls)
+    monkeypatch.setattr(worker, "join_world", lambda world, timeout_s: "gloo world")
+    monkeypatch.setattr(worker, "meet", lambda group, **kw: None)
+    monkeypatch.setattr(
+        worker,
+        "accelerator_group",
+        lambda ranks, device, timeout_s: calls.append(("accelerator_group", str(device))) or "nccl group",
+    )
+
+    class Recorded:
+        def fit_predict(self, texts, positions, scores, *, group, device_group):
+            calls.append(("fit_predict", group, device_group))
+            return np.zeros(len(texts)), FitResult(0.0, 0.0, 0)
+
+    monkeypatch.setattr(registry, "build_influence_model", lambda cfg, device=None: Recorded())
+    pool = _pool(12)
+    world = worker.WorkerWorld(0, (0, 1), "127.0.0.1:1")
+    job = {"ids": np.arange(12), "positions": np.arange(10), "scores": np.arange(10.0), "delay": 0.0}
+    job["rng"] = {**get_host_rng_state(), "cuda": torch.zeros(16, dtype=torch.uint8)}
+    parent, child = multiprocessing.Pipe()
+    parent.send(("fit_predict", job))
+    parent.send(("stop", None))
+    monkeypatch.setattr(worker.dist, "destroy_process_group", lambda: None)
+    worker._serve(child, CFG, worker._Pickled(pool), "cuda:1", [], torch.get_num_threads(), world)
+    replies = []
+    while parent.poll():
+        replies.append(parent.recv())
+    assert [status for status, _ in replies if status != "phase"] == ["ready", "ok"], replies
+    assert ("accelerator_group", "cuda:1") in calls
+    assert ("fit_predict", "gloo world", "nccl group") in calls
+
+
 def test_a_bare_cuda_device_is_this_ranks_gpu(monkeypatch):
     """'cuda' without an index: the training device's index, else LOCAL_RANK (before: every worker on GPU 0)."""
     from mates_megatron.influence.encoder import resolve_device
