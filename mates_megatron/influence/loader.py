@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.multiprocessing as mp
 from torch.utils.data import DataLoader, Dataset
 
 Batch = range | np.ndarray
@@ -136,6 +137,12 @@ class _Batches(Dataset):
         return self.transform(items)
 
 
+_FORK = "fork" if "fork" in mp.get_all_start_methods() else None
+"""Workers are forked even in a process that was itself spawned (an influence worker, a test's rank), where the
+default start method is spawn: a spawned worker imports torch and transformers and rebuilds the pool, seconds
+at every fit epoch and every prediction."""
+
+
 def _one_thread(_: int) -> None:
     # Parallelism comes from the workers: one tokenizer thread each, never a Rust thread pool per worker.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
@@ -157,6 +164,7 @@ def make_loader(
         worker_init_fn=_one_thread if workers else None,
         generator=torch.Generator().manual_seed(0),  # the iterator's seed draw stays off the global RNG
         prefetch_factor=4 if workers else None,
+        multiprocessing_context=_FORK if workers else None,
     )
 
 

@@ -39,6 +39,23 @@ def test_batches_come_in_order_each_exactly_once_whatever_the_worker_count():
     assert torch.equal(torch.get_rng_state(), rng)  # the loaders drew nothing from the global RNG
 
 
+def _start_method() -> tuple[str, str]:
+    import multiprocessing
+
+    from mates_megatron.influence.loader import make_loader
+
+    loader = make_loader(["a"], [range(1)], list, workers=2, device=torch.device("cpu"), timeout_s=5.0)
+    return multiprocessing.get_start_method(), loader.multiprocessing_context.get_start_method()
+
+
+def test_loader_workers_are_forked_also_in_a_spawned_process():
+    """In a spawned process (an influence worker, a test's rank) the default start method is spawn. Before:
+    every prediction and fit epoch there started workers that imported torch and transformers and rebuilt the
+    pool (about 25 s for 16 candidates on this machine)."""
+    default, loader = run_on_ranks(_start_method, 1)[0]
+    assert (default, loader) == ("spawn", "fork")
+
+
 class _Recorded:
     """A batch that records how it is moved to a device (a CUDA move cannot run here)."""
 
