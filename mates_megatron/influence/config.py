@@ -94,7 +94,9 @@ class InfluenceConfig:
     """DataLoader worker processes per member of the influence group that read (decode) and tokenise the
     candidates and probes while the encoder runs, each on one thread (torchrun's one OMP thread would otherwise
     make this host work the bound of prediction on an accelerator). 0: in this process. Scores do not depend on
-    it; each worker is a fork of the process that predicts (the training rank, or its influence worker)."""
+    it; each worker is a fork of the process that predicts (the training rank, or its influence worker). Where
+    the encoder itself runs on the CPU's cores they gain nothing and compete with it (2 shared cores, `bench
+    influence`: 21-22 candidates/s end to end in process, 12-24 with 2 workers as the load varied): set 0."""
     seed: int = 0
     """Seed of the split, the shuffling, the folds and the head initialisation."""
     warm_start: bool = True
