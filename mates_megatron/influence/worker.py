@@ -19,8 +19,7 @@ worker rank 0 hosts, built explicitly (``join_world``), and it selects its GPU b
 
 from __future__ import annotations
 
-import atexit
-import functools
+import multiprocessing.util as mp_util
 import os
 import pickle
 import time
@@ -218,8 +217,10 @@ class InfluenceWorker:
         # (InfluenceConfig.loader_workers). At exit it is ended as a daemon would be (``_end_at_exit``).
         self.process = ctx.Process(target=_serve, args=args, name="mates-influence-worker", daemon=False)
         self.process.start()
-        self._at_exit = functools.partial(_end_at_exit, self.process)
-        atexit.register(self._at_exit)
+        # A multiprocessing finalizer, not atexit: a training process that is itself a multiprocessing child
+        # (mp.spawn) leaves through multiprocessing's exit function, which runs no atexit handler and joins
+        # non-daemonic children; it runs this first (and the main process's runs at exit too).
+        self._at_exit = mp_util.Finalize(self, _end_at_exit, args=(self.process,), exitpriority=10)
         child.close()
         self._busy = False
         self._reply("worker start")
@@ -306,12 +307,13 @@ class InfluenceWorker:
             self.process.join(30)
         if self.process.is_alive():
             self.process.kill()
-        atexit.unregister(self._at_exit)
+        self._at_exit.cancel()
 
 
 def _end_at_exit(process) -> None:
-    """What multiprocessing does to a daemonic child at exit (terminate, then kill), for the worker: it runs
-    before multiprocessing's own exit handler, which would otherwise wait for it (it waits on its pipe)."""
+    """What multiprocessing does to a daemonic child at exit (terminate, then kill), for the worker (also when
+    its handle is dropped unclosed): it runs before multiprocessing's exit function joins the non-daemonic
+    children, which would otherwise wait for the worker while it waits on its pipe."""
     if process.is_alive():
         process.terminate()
         process.join(5)

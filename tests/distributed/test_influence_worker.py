@@ -70,31 +70,55 @@ def test_worker_scores_bit_for_bit_like_this_process_and_survives_a_bad_fit():
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
 
 
-_EXIT_WITHOUT_CLOSE = """
-import sys
-sys.path.insert(0, sys.argv[1])
-import torch
-from test_influence_worker import CFG, _pool
-from mates_megatron.influence.worker import InfluenceWorker
+_HELD: list = []
 
-worker = InfluenceWorker(CFG, pool=_pool(), device=torch.device("cpu"))
-print(worker.process.pid, flush=True)
+
+def _start_a_worker(pids) -> None:
+    """Start an influence worker and return without closing it, its handle still held (as a host's plugin holds
+    its scorer to the end): its pipe stays open, so the worker does not see its end."""
+    from mates_megatron.influence.worker import InfluenceWorker
+
+    _HELD.append(InfluenceWorker(CFG, pool=_pool(), device=torch.device("cpu")))
+    pids.put(_HELD[-1].process.pid)
+
+
+_EXIT_WITHOUT_CLOSE = """
+import multiprocessing, sys
+sys.path.insert(0, sys.argv[1])
+from test_influence_worker import _start_a_worker
+
+if sys.argv[2] == "main":
+    queue = multiprocessing.Queue()
+    _start_a_worker(queue)
+    print(queue.get(), 0, flush=True)
+else:  # a multiprocessing child, as under mp.spawn: it leaves through multiprocessing's exit function
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_start_a_worker, args=(queue,))
+    child.start()
+    pid = queue.get(timeout=240)
+    child.join(90)
+    print(pid, child.exitcode, flush=True)
+    child.kill()
 """
 
 
-def test_a_run_that_exits_without_closing_its_worker_ends_it():
+@pytest.mark.parametrize("where", ["main", "multiprocessing-child"])
+def test_a_process_that_exits_without_closing_its_worker_ends_it(where):
     """The worker is not a daemon (it starts loader workers): a training process that exits without close()
-    must still end it, and not wait on it at exit (it waits on its pipe)."""
+    must still end it and not wait for it at exit (the worker waits on its pipe). Before (an atexit handler):
+    a training process started by mp.spawn hung at exit."""
     import subprocess
     import sys
     from pathlib import Path
 
     here = str(Path(__file__).parent)
     done = subprocess.run(
-        [sys.executable, "-c", _EXIT_WITHOUT_CLOSE, here], capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", _EXIT_WITHOUT_CLOSE, here, where], capture_output=True, text=True, timeout=400
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    pid = int(done.stdout.split()[-1])
+    pid, exitcode = done.stdout.split()[-2:]
+    assert exitcode == "0", f"the process that started the worker did not exit ({exitcode})"
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and os.path.exists(f"/proc/{pid}"):
         time.sleep(0.2)
