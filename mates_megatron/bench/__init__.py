@@ -71,7 +71,14 @@ def _run_probe_bench(a) -> int:
 def _run_influence_bench(a) -> int:
     from mates_megatron.bench.influence import bench_influence
 
-    _write(bench_influence(n=a.samples, max_length=a.max_length), a.out)
+    _write(
+        bench_influence(
+            a.data, n=a.samples, seq_length=a.seq_length, max_length=a.max_length, max_chunks=a.max_chunks,
+            batch_size=a.batch_size, workers=a.workers, fit_samples=a.fit_samples, device_tflops=a.device_tflops,
+            repeats=a.repeats,
+        ),
+        a.out,
+    )  # fmt: skip
     return 0
 
 
@@ -196,10 +203,32 @@ def add_bench_parser(sub) -> None:
     pr.add_argument("--out", type=Path, default=None)
     pr.set_defaults(func=_run_probe_bench)
     inf = bsub.add_parser(
-        "influence", help="influence model fit/predict throughput (embedded default encoder)"
+        "influence",
+        help="influence stage candidates/s (end to end from pool text, pre-tokenised, per loader_workers) against "
+        "the encoder's FLOP bound, and fit throughput (embedded default encoder; GPU if present)",
     )
-    inf.add_argument("--samples", type=int, default=256)
+    inf.add_argument("--data", default="data/embedded", help="prepared embedded data directory")
+    inf.add_argument("--samples", type=int, default=256, help="candidates read from the indexed pool")
+    inf.add_argument("--seq-length", type=int, default=1024, help="pretraining tokens per candidate")
     inf.add_argument("--max-length", type=int, default=512)
+    inf.add_argument("--max-chunks", type=int, default=2)
+    inf.add_argument("--batch-size", type=int, default=256, help="influence.predict_batch_size")
+    inf.add_argument(
+        "--workers", type=int, nargs="+", default=[0, 2], help="influence.loader_workers settings to measure"
+    )
+    inf.add_argument("--fit-samples", type=int, default=64, help="texts of the fit measurement (0: skip it)")
+    inf.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="runs of each candidates/s measurement; the fastest is reported",
+    )
+    inf.add_argument(
+        "--device-tflops",
+        type=float,
+        default=None,
+        help="the device's FLOP rate for the bound (default: a dense matmul measured on it)",
+    )
     inf.add_argument("--out", type=Path, default=None)
     inf.set_defaults(func=_run_influence_bench)
     rd = bsub.add_parser(

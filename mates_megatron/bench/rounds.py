@@ -78,6 +78,9 @@ def _round_on_rank(n: int, seq_length: int, probes: int, batch_size: int, token_
         ridge=RidgeConfig(features="token_embeddings"),
         predict_batch_size=batch_size,
         pass_token_ids=token_ids,
+        # In process: CPU seconds are read per process, and loader workers' would escape the clock (and on two
+        # cores they only compete with the rank for them). The projection below counts the same setting.
+        loader_workers=0,
     )
     import torch
 
@@ -258,7 +261,7 @@ def _influence_rows(run: dict, seq_length: int, probes: int, batch_size: int, to
     from mates_megatron.influence.config import InfluenceConfig, RidgeConfig
 
     inf = InfluenceConfig(model="ridge", ridge=RidgeConfig(features="token_embeddings"),
-                          predict_batch_size=batch_size, pass_token_ids=token_ids)  # fmt: skip
+                          predict_batch_size=batch_size, pass_token_ids=token_ids, loader_workers=0)  # fmt: skip
     encoder = TransformerShape.from_encoder_dir(inf.resolved_path())
     per_rank, n, ranks = run["per_rank"], run["candidates"], run["ranks"]
     calibrated = {

@@ -101,10 +101,15 @@ def influence_parts(
     ranks: int,
 ) -> tuple[dict[str, float], dict[str, float]]:
     """(fit, predict) seconds by part on one influence rank: each rank reads, decodes, tokenises and encodes its
-    share, on one host thread (``pass_token_ids``: the pool's ids, no decode or tokenise)."""
+    share (``pass_token_ids``: the pool's ids, no decode or tokenise). With ``loader_workers`` W > 0 the host work
+    runs in W processes ahead of the encoder, so only what W workers cannot hide behind it is counted:
+    max(0, host / W - encoder) a candidate (each worker one host thread; the host is assumed to have the cores).
+    With W = 0 it runs on the rank's own thread, in series with the encoder."""
     inf, m = sel.influence, machine
-    host = 0.0 if inf.pass_token_ids else tokens / m.tokenize_tokens_per_s
     forward = encoder_seconds(inf, encoder, m, tokens, backward=False)
+    host = 0.0 if inf.pass_token_ids else tokens / m.tokenize_tokens_per_s
+    if inf.loader_workers > 0:
+        host = max(0.0, host / inf.loader_workers - forward)
 
     def gather(nbytes: float) -> float:
         return (

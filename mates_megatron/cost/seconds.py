@@ -12,7 +12,8 @@ What a GPU pays that a FLOP count leaves out, and where it is counted here:
   rank's parameters and Adam state at memory bandwidth, every probe;
 - under the distributed optimizer an estimator that steps it probes every sample on every replica (x dp), with the
   gradients' reduce-scatter and the parameters' all-gather per probe;
-- the influence stage decodes and tokenises every candidate on one host thread per influence rank.
+- the influence stage decodes and tokenises every candidate on the host: on the rank's thread (loader_workers 0), or in
+  loader workers ahead of the encoder, counting only what they cannot hide behind it.
 
 Byte counts per element are the kernels' reads and writes as megatron-core 0.16 and this project run them (below,
 by name). The projection is per rank: the round waits for the slowest, and every rank does the same work here.

@@ -48,15 +48,20 @@ class InfluenceModel(ABC):
       ``torch.manual_seed(cfg.seed)``, so a round's randomness (head init, dropout) depends on the seed alone.
     - ``group`` is the influence process group (None: this process alone). ``fit``, ``predict`` and
       ``fit_predict`` are collective over it: every member calls them with the same arguments.
-    - ``fit(texts, scores, *, group)`` trains on the pairs (at least ``MIN_PAIRS``, all scores finite, else
-      ValueError) and returns the held-out (or cross-validated) Spearman/Pearson of the model it keeps.
+    - ``fit(texts, scores, *, group, device_group)`` trains on the pairs (at least ``MIN_PAIRS``, all scores
+      finite, else ValueError) and returns the held-out (or cross-validated) Spearman/Pearson of the model it
+      keeps. ``device_group``: the same members on a backend that reduces tensors where they are (NCCL when
+      the device is CUDA, ``group.accelerator_group``), for the fit's tensor collectives; None: ``group`` (gloo,
+      through host memory). ``group`` keeps the CPU objects and barriers either way.
     - ``predict(texts, *, group)`` returns a float64 array, one score per text in input order (on the
       z-scored scale of the fit's targets), identical on every member. RuntimeError before any fit or load.
       ``texts`` is a ``Sequence[str]`` that may decode on access (``pool.CandidateTexts``): a member reads
       only its contiguous block (``shard``), streams it in batches, keeps one float32 score per text, and
       gathers the scores (``gather_rows``): host memory follows the member's shard, not the round.
-    - ``fit_predict(texts, probe_positions, probe_scores, *, group)`` fits on ``texts[probe_positions]`` and
-      predicts every text; the default is ``fit`` then ``predict``.
+    - ``fit_predict(texts, probe_positions, probe_scores, *, group, device_group)`` fits on
+      ``texts[probe_positions]`` and predicts every text; the default is ``fit`` then ``predict``.
+    - Candidates and probes are read and tokenised in ``cfg.loader_workers`` DataLoader workers
+      (``influence.loader``), with the same scores as in process.
     - ``state_dict()`` is what a checkpoint must hold to predict again, as CPU tensors: what was fitted, not
       what loads from the pretrained files (a frozen encoder is not state); ``{}`` before any fit.
       ``load_state_dict(state)`` restores it (``{}``: nothing to restore).
@@ -70,16 +75,25 @@ class InfluenceModel(ABC):
         check_encoder_path(cfg)
 
     @abstractmethod
-    def fit(self, texts: Sequence[str], scores: np.ndarray, *, group=None) -> FitResult: ...
+    def fit(
+        self, texts: Sequence[str], scores: np.ndarray, *, group=None, device_group=None
+    ) -> FitResult: ...
 
     @abstractmethod
     def predict(self, texts: Sequence[str], *, group=None) -> np.ndarray: ...
 
     def fit_predict(
-        self, texts: Sequence[str], probe_positions: np.ndarray, probe_scores: np.ndarray, *, group=None
+        self,
+        texts: Sequence[str],
+        probe_positions: np.ndarray,
+        probe_scores: np.ndarray,
+        *,
+        group=None,
+        device_group=None,
     ) -> tuple[np.ndarray, FitResult]:
         """(predicted score of every text, fit report); see the class contract."""
-        result = self.fit([texts[int(i)] for i in probe_positions], probe_scores, group=group)
+        probes = [texts[int(i)] for i in probe_positions]
+        result = self.fit(probes, probe_scores, group=group, device_group=device_group)
         return self.predict(texts, group=group), result
 
     @abstractmethod

@@ -86,8 +86,17 @@ class InfluenceConfig:
     """Encoder chunk length in tokens, [CLS] and [SEP] included."""
     max_chunks: int = 2
     """Chunks per text (longer texts are cut)."""
-    predict_batch_size: int = 32
-    """Texts per forward pass when predicting or embedding (per member of the influence group)."""
+    predict_batch_size: int = 256
+    """Texts per forward pass when predicting or embedding (per member of the influence group). Hundreds keep
+    an accelerator busy; the encoder's activations grow with predict_batch_size x max_chunks x max_length, so
+    lower it for long candidates on CPU."""
+    loader_workers: int = 4
+    """DataLoader worker processes per member of the influence group that read (decode) and tokenise the
+    candidates and probes while the encoder runs, each on one thread (torchrun's one OMP thread would otherwise
+    make this host work the bound of prediction on an accelerator). 0: in this process. Scores do not depend on
+    it; each worker is a fork of the process that predicts (the training rank, or its influence worker). Where
+    the encoder itself runs on the CPU's cores they gain nothing and compete with it (2 shared cores, `bench
+    influence`: 21-22 candidates/s end to end in process, 12-24 with 2 workers as the load varied): set 0."""
     seed: int = 0
     """Seed of the split, the shuffling, the folds and the head initialisation."""
     warm_start: bool = True
@@ -130,6 +139,11 @@ class InfluenceConfig:
         if self.predict_batch_size < 1:
             raise ValueError(
                 f"InfluenceConfig.predict_batch_size={self.predict_batch_size}: set predict_batch_size >= 1"
+            )
+        if self.loader_workers < 0:
+            raise ValueError(
+                f"InfluenceConfig.loader_workers={self.loader_workers}: set loader_workers >= 0 (0: read and "
+                "tokenise in this process)"
             )
         if not self.timeout_s > 0:
             raise ValueError(f"InfluenceConfig.timeout_s={self.timeout_s}: set a positive number of seconds")

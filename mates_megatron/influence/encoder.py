@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from mates_megatron.influence.config import InfluenceConfig, check_device_string
+from mates_megatron.influence.loader import Chunker, TokenBatch
 
 
 def resolve_device(configured: str | None, given: str | torch.device | None) -> torch.device:
@@ -89,6 +90,8 @@ class EncoderRegressor(nn.Module):
             raise ValueError(
                 f"InfluenceConfig.max_length={cfg.max_length} exceeds the encoder's {limit} positions"
             )
+        self.chunker = Chunker(self.tokenizer, cfg.max_length, cfg.max_chunks)
+        """What loader workers tokenise and chunk with (it pickles without the weights)."""
         self.head = nn.Linear(self.encoder.config.hidden_size, 1)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
@@ -104,60 +107,50 @@ class EncoderRegressor(nn.Module):
         return contextlib.nullcontext()
 
     def token_ids(self, items: list) -> list[list[int]]:
-        """Each item's token ids: a str is tokenised (no special tokens); an int array is already ids of this
-        encoder's vocabulary (a pool read with ``pass_token_ids``) and is taken as it is."""
-        items = list(items)
-        if all(isinstance(t, str) for t in items):
-            return self.tokenizer(items, add_special_tokens=False)["input_ids"]
-        if any(isinstance(t, str) for t in items):
-            raise TypeError("a batch mixes texts and token-id arrays: give one or the other")
-        return [[int(x) for x in t] for t in items]
+        """Each item's token ids (``Chunker.token_ids``)."""
+        return self.chunker.token_ids(items)
 
     def encode_texts(self, texts: list) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, C, L] input ids and attention mask on CPU (C = the longest text's chunk count in the batch).
         ``texts``: strings, or token-id arrays in this encoder's vocabulary (``token_ids``)."""
-        tok, body = self.tokenizer, self.cfg.max_length - 2
-        ids = self.token_ids(texts)
-        chunked = []
-        for t in ids:
-            t = t[: body * self.cfg.max_chunks] or [tok.unk_token_id]
-            chunked.append(
-                [[tok.cls_token_id, *t[i : i + body], tok.sep_token_id] for i in range(0, len(t), body)]
-            )
-        c = max(len(x) for x in chunked)
-        length = max(len(ch) for x in chunked for ch in x)
-        input_ids = torch.full((len(texts), c, length), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(texts), c, length), dtype=torch.long)
-        for b, x in enumerate(chunked):
-            for k, ch in enumerate(x):
-                input_ids[b, k, : len(ch)] = torch.tensor(ch)
-                mask[b, k, : len(ch)] = 1
-        return input_ids, mask
+        batch = self.chunker.encode(texts)
+        return batch.input_ids, batch.attention_mask
 
-    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Mean of the hidden states of every real token of every chunk: [B, hidden]."""
+    def embed(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Mean of the hidden states of every real token of every chunk: [B, hidden]. ``keep``: the flat
+        indices of the chunks with real tokens (``EncodedBatch.keep``); None: found from the mask, which on an
+        accelerator waits for the device."""
         b, c, length = input_ids.shape
         flat_ids, flat_mask = input_ids.view(b * c, length), attention_mask.view(b * c, length)
-        keep = flat_mask.sum(1) > 0  # all-padding chunks of shorter texts are not encoded
+        if keep is None:  # all-padding chunks of shorter texts are not encoded
+            keep = (flat_mask.sum(1) > 0).nonzero().squeeze(1)
         hidden = torch.zeros(
             b * c, length, self.encoder.config.hidden_size, dtype=torch.float32, device=input_ids.device
         )
         with self.autocast():
-            out = self.encoder(input_ids=flat_ids[keep], attention_mask=flat_mask[keep]).last_hidden_state
-        hidden = hidden.index_put((keep.nonzero().squeeze(1),), out.float())
+            out = self.encoder(
+                input_ids=flat_ids.index_select(0, keep), attention_mask=flat_mask.index_select(0, keep)
+            ).last_hidden_state
+        hidden = hidden.index_put((keep,), out.float())
         m = flat_mask.view(b, c * length, 1).to(hidden.dtype)
         return (hidden.view(b, c * length, -1) * m).sum(1) / m.sum(1).clamp(min=1)
 
     @torch.no_grad()
-    def embed_tokens(self, texts: list) -> torch.Tensor:
-        """Mean input word embedding of every token of each text (features='token_embeddings'): [B, hidden]."""
+    def embed_tokens(self, texts: list | TokenBatch) -> torch.Tensor:
+        """Mean input word embedding of every token of each text (features='token_embeddings'): [B, hidden].
+        ``texts``: texts or token-id arrays, or their ``TokenBatch`` (``Chunker.tokens``)."""
+        batch = texts if isinstance(texts, TokenBatch) else self.chunker.tokens(texts)
         table = self.encoder.get_input_embeddings().weight
-        ids = self.token_ids(texts)
-        out = torch.zeros(len(ids), table.shape[1], dtype=table.dtype, device=table.device)
-        for b, t in enumerate(ids):
-            if t:
-                out[b] = table[torch.tensor(t, device=table.device)].mean(0)
+        ids = batch.ids.to(table.device)
+        out = torch.zeros(len(batch), table.shape[1], dtype=table.dtype, device=table.device)
+        for b, t in enumerate(ids.split(batch.lengths)):
+            if len(t):
+                out[b] = table[t].mean(0)
         return out
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.head(self.embed(input_ids, attention_mask)).squeeze(-1)
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self.head(self.embed(input_ids, attention_mask, keep)).squeeze(-1)

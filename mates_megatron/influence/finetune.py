@@ -28,6 +28,8 @@ from mates_megatron.influence.base import (
 )
 from mates_megatron.influence.config import InfluenceConfig
 from mates_megatron.influence.encoder import EncoderRegressor
+from mates_megatron.influence.loader import batches as read_batches
+from mates_megatron.influence.loader import spans
 from mates_megatron.stats import pearson, spearman
 
 MIN_HELDOUT = 3
@@ -48,10 +50,10 @@ class FinetuneInfluenceModel(InfluenceModel):
         torch.manual_seed(self.cfg.seed)
         return EncoderRegressor(self.cfg).to(self.device)
 
-    def fit(self, texts: list[str], scores: np.ndarray, *, group=None) -> FitResult:
+    def fit(self, texts: list[str], scores: np.ndarray, *, group=None, device_group=None) -> FitResult:
         if self.net is None or not self.cfg.warm_start:
             self.net = self._fresh()
-        return fit(self.net, texts, scores, group=group)
+        return fit(self.net, texts, scores, group=group, device_group=device_group)
 
     def predict(self, texts: Sequence[str], *, group=None) -> np.ndarray:
         if self.net is None:
@@ -83,13 +85,17 @@ def _show(group) -> bool:
     return rank_size(group)[0] == 0
 
 
-def _allreduce_mean_grads(model: torch.nn.Module, group) -> None:
-    """Average the gradients over the group in one collective, staged through CPU (a gloo group)."""
+def _allreduce_mean_grads(model: torch.nn.Module, group, device_group=None) -> None:
+    """Average the gradients over the group in one collective: on ``device_group`` where the gradients are
+    (NCCL on CUDA, no copy through host memory) when one is given, else on ``group`` staged through CPU
+    (gloo)."""
     if group is None or dist.get_world_size(group) == 1:
         return
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    flat = torch.cat([g.reshape(-1) for g in grads]).cpu()
-    dist.all_reduce(flat, group=group)
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    if device_group is None:
+        flat = flat.cpu()
+    dist.all_reduce(flat, group=device_group if device_group is not None else group)
     flat /= dist.get_world_size(group)
     offset = 0
     for g in grads:
@@ -103,8 +109,11 @@ def _better(sp: float, kept: float | None) -> bool:
     return kept is None or math.isnan(kept) or (not math.isnan(sp) and sp > kept)
 
 
-def fit(net: EncoderRegressor, texts: list[str], scores: np.ndarray, *, group=None) -> FitResult:
-    """MSE on z-scored scores; keeps the epoch with the best held-out Spearman. Collective over ``group``."""
+def fit(
+    net: EncoderRegressor, texts: list[str], scores: np.ndarray, *, group=None, device_group=None
+) -> FitResult:
+    """MSE on z-scored scores; keeps the epoch with the best held-out Spearman. Collective over ``group``;
+    the gradients are averaged on ``device_group`` when one is given (``InfluenceModel.fit``)."""
     cfg, ft, device = net.cfg, net.cfg.finetune, net.device
     scores = check_pairs(len(texts), scores, "fit")
     train_idx, val_idx = split(len(texts), ft.val_fraction, cfg.seed)
@@ -123,22 +132,28 @@ def fit(net: EncoderRegressor, texts: list[str], scores: np.ndarray, *, group=No
     for epoch in range(ft.epochs):
         net.train()
         order = train_idx[np.random.default_rng([cfg.seed, epoch]).permutation(len(train_idx))]
-        for s in tqdm(
-            range(steps), desc=f"influence fit epoch {epoch + 1}", leave=False, disable=not _show(group)
+        batches = [order[s * ft.batch_size : (s + 1) * ft.batch_size] for s in range(steps)]
+        encoded = read_batches(
+            texts, [b[rank::size] for b in batches], net.chunker.encode, workers=cfg.loader_workers,
+            device=device, timeout_s=cfg.timeout_s,
+        )  # fmt: skip
+        for batch, inputs in tqdm(
+            zip(batches, encoded, strict=True),
+            total=steps,
+            desc=f"influence fit epoch {epoch + 1}",
+            leave=False,
+            disable=not _show(group),
         ):
-            batch = order[s * ft.batch_size : (s + 1) * ft.batch_size]
-            mine = batch[rank::size]
             opt.zero_grad()
-            if len(mine):
-                ids, mask = net.encode_texts([texts[i] for i in mine])
-                pred = net(ids.to(device), mask.to(device))
+            if inputs is not None:
+                pred = net(inputs.input_ids, inputs.attention_mask, inputs.keep)
                 # Sum over my share / the whole batch: the group average is the batch's mean loss.
-                loss = torch.sum((pred - target[mine]) ** 2) / len(batch) * size
+                loss = torch.sum((pred - target[batch[rank::size]]) ** 2) / len(batch) * size
                 loss.backward()
             else:  # an empty share still joins the all-reduce with zero gradients
                 for p in net.parameters():
                     p.grad = torch.zeros_like(p)
-            _allreduce_mean_grads(net, group)
+            _allreduce_mean_grads(net, group, device_group)
             opt.step()
         pred_val = predict(
             net, [texts[i] for i in val_idx], group=group, batch_size=cfg.predict_batch_size, progress=False
@@ -154,19 +169,29 @@ def fit(net: EncoderRegressor, texts: list[str], scores: np.ndarray, *, group=No
 
 @torch.no_grad()
 def predict(
-    net: EncoderRegressor, texts: Sequence[str], *, group=None, batch_size: int = 32, progress: bool = True
+    net: EncoderRegressor, texts: Sequence[str], *, group=None, batch_size: int = 256, progress: bool = True
 ) -> np.ndarray:
     """Predicted (z-scored) influence of every text, in input order, on every member of ``group``: this
-    member reads and encodes only its contiguous shard of ``texts``; float32 scores are gathered."""
+    member reads and encodes only its contiguous shard of ``texts`` (read and tokenised by
+    ``cfg.loader_workers`` loader workers), keeps the scores on the device until its shard is done, and the
+    float32 scores are gathered."""
     net.eval()
     lo, hi, per = shard(len(texts), group)
-    out = torch.zeros(per, dtype=torch.float32)
-    for s in tqdm(
-        range(lo, hi, batch_size),
+    out = torch.zeros(per, dtype=torch.float32, device=net.device)
+    parts = spans(lo, hi, batch_size)
+    encoded = read_batches(
+        texts, parts, net.chunker.encode, workers=net.cfg.loader_workers, device=net.device,
+        timeout_s=net.cfg.timeout_s,
+    )  # fmt: skip
+    show = progress and _show(group)
+    for part, inputs in tqdm(
+        zip(parts, encoded, strict=True),
+        total=len(parts),
         desc="influence predict",
         leave=False,
-        disable=not (progress and _show(group)),
+        disable=not show,
     ):
-        ids, mask = net.encode_texts(texts[s : min(s + batch_size, hi)])
-        out[s - lo : s - lo + ids.shape[0]] = net(ids.to(net.device), mask.to(net.device)).float().cpu()
-    return gather_rows(out, len(texts), group).astype(np.float64)
+        out[part.start - lo : part.stop - lo] = net(
+            inputs.input_ids, inputs.attention_mask, inputs.keep
+        ).float()
+    return gather_rows(out.cpu(), len(texts), group).astype(np.float64)

@@ -7,9 +7,10 @@ import re
 from collections.abc import Sequence
 from datetime import timedelta
 
+import torch
 import torch.distributed as dist
 
-_GROUPS: dict[tuple[tuple[int, ...], float], object] = {}
+_GROUPS: dict[tuple, object] = {}
 
 DEFAULT_TIMEOUT_S = 1800.0
 """``InfluenceConfig.timeout_s``'s default (torch's own for gloo groups)."""
@@ -32,6 +33,23 @@ def influence_group(ranks: list[int] | None = None, *, timeout_s: float = DEFAUL
             ranks=list(key), backend="gloo", timeout=timedelta(seconds=timeout_s)
         )
     return _GROUPS[key, timeout_s] if dist.get_rank() in key else None
+
+
+def accelerator_group(ranks: list[int] | None, device, *, timeout_s: float = DEFAULT_TIMEOUT_S):
+    """The group the fit's tensor collectives run on when the influence model is on ``device``: on CUDA a new
+    NCCL group over ``ranks`` (default: every rank), so the gradients are all-reduced where they are instead of
+    through host memory and gloo at every step; on any other device None (the gloo ``influence_group`` does
+    it). Cached like ``influence_group``; collective over the world like it (every rank calls it with the same
+    ranks and device type); None on ranks outside the group."""
+    if torch.device(device).type != "cuda":
+        return None
+    world = dist.get_world_size()
+    key = tuple(sorted(set(ranks))) if ranks is not None else tuple(range(world))
+    if (key, timeout_s, "nccl") not in _GROUPS:
+        _GROUPS[key, timeout_s, "nccl"] = dist.new_group(
+            ranks=list(key), backend="nccl", timeout=timedelta(seconds=timeout_s)
+        )
+    return _GROUPS[key, timeout_s, "nccl"] if dist.get_rank() in key else None
 
 
 class InfluenceTimeout(RuntimeError):

@@ -10,7 +10,7 @@ embedding a batch and keeping only its float32 scores, so host memory follows th
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -27,6 +27,8 @@ from mates_megatron.influence.base import (
 )
 from mates_megatron.influence.config import InfluenceConfig
 from mates_megatron.influence.encoder import EncoderRegressor
+from mates_megatron.influence.loader import batches as read_batches
+from mates_megatron.influence.loader import spans
 from mates_megatron.stats import pearson, spearman
 
 
@@ -50,23 +52,26 @@ class RidgeInfluenceModel(InfluenceModel):
         """The frozen features [n, hidden] (float64) of every text, on every member of ``group``."""
         return embed(self._network(), texts, group=group, batch_size=self.cfg.predict_batch_size)
 
-    def fit(self, texts: Sequence[str], scores: np.ndarray, *, group=None) -> FitResult:
-        check_pairs(len(texts), scores, "fit_ridge")
+    def fit(self, texts: Sequence[str], scores: np.ndarray, *, group=None, device_group=None) -> FitResult:
+        check_pairs(len(texts), scores, "fit_ridge")  # a closed form: no tensor collective in the fit
         return fit_ridge(self._network(), self.embed(texts, group=group), scores)
 
     def predict(self, texts: Sequence[str], *, group=None) -> np.ndarray:
         if self.net is None:
             raise RuntimeError("the influence model has not been fitted: call fit or load_state_dict first")
-        net, bs = self.net, self.cfg.predict_batch_size
+        net = self.net
         net.eval()
         w = net.head.weight.detach().double().cpu().numpy()[0]
         b = float(net.head.bias.detach())
         lo, hi, per = shard(len(texts), group)
         out = torch.zeros(per, dtype=torch.float32)
+        parts = spans(lo, hi, self.cfg.predict_batch_size)
         show = rank_size(group)[0] == 0
-        for s in tqdm(range(lo, hi, bs), desc="influence predict", leave=False, disable=not show):
-            feats = features(net, texts[s : min(s + bs, hi)])
-            out[s - lo : s - lo + len(feats)] = torch.from_numpy(feats @ w + b)
+        for part, feats in tqdm(
+            zip(parts, streamed_features(net, texts, parts), strict=True),
+            total=len(parts), desc="influence predict", leave=False, disable=not show,
+        ):  # fmt: skip
+            out[part.start - lo : part.stop - lo] = torch.from_numpy(feats @ w + b)
         return gather_rows(out, len(texts), group).astype(np.float64)
 
     def state_dict(self) -> dict[str, Any]:
@@ -90,16 +95,37 @@ def features(net: EncoderRegressor, texts: Sequence[str]) -> np.ndarray:
     return net.embed(ids.to(net.device), mask.to(net.device)).double().cpu().numpy()
 
 
-def embed(net: EncoderRegressor, texts: Sequence[str], *, group=None, batch_size: int = 32) -> np.ndarray:
+@torch.no_grad()
+def streamed_features(net: EncoderRegressor, texts: Sequence, parts: list) -> Iterator[np.ndarray]:
+    """``features`` of the texts at each of ``parts`` in turn, read and tokenised by ``cfg.loader_workers``
+    loader workers while the previous batch is embedded."""
+    static = net.cfg.ridge.features == "token_embeddings"
+    transform = net.chunker.tokens if static else net.chunker.encode
+    cfg = net.cfg
+    for batch in read_batches(
+        texts, parts, transform, workers=cfg.loader_workers, device=net.device, timeout_s=cfg.timeout_s
+    ):
+        feats = (
+            net.embed_tokens(batch)
+            if static
+            else net.embed(batch.input_ids, batch.attention_mask, batch.keep)
+        )
+        yield feats.double().cpu().numpy()
+
+
+def embed(net: EncoderRegressor, texts: Sequence[str], *, group=None, batch_size: int = 256) -> np.ndarray:
     """Features [n, hidden] (float64) of every text, sharded over ``group`` and gathered on every member:
     for the probes of a fit, never for a whole round (``predict`` streams)."""
     net.eval()
     lo, hi, per = shard(len(texts), group)
     out = torch.zeros(per, net.encoder.config.hidden_size, dtype=torch.float64)
+    parts = spans(lo, hi, batch_size)
     show = rank_size(group)[0] == 0
-    for s in tqdm(range(lo, hi, batch_size), desc="influence embed", leave=False, disable=not show):
-        chunk = features(net, texts[s : min(s + batch_size, hi)])
-        out[s - lo : s - lo + len(chunk)] = torch.from_numpy(chunk)
+    for part, chunk in tqdm(
+        zip(parts, streamed_features(net, texts, parts), strict=True),
+        total=len(parts), desc="influence embed", leave=False, disable=not show,
+    ):  # fmt: skip
+        out[part.start - lo : part.stop - lo] = torch.from_numpy(chunk)
     return gather_rows(out, len(texts), group)
 
 

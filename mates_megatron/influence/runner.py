@@ -13,7 +13,7 @@ import torch.distributed as dist
 from mates_megatron.influence.base import InfluenceModel
 from mates_megatron.influence.config import InfluenceConfig
 from mates_megatron.influence.encoder import resolve_device
-from mates_megatron.influence.group import influence_group, meet
+from mates_megatron.influence.group import accelerator_group, influence_group, meet
 from mates_megatron.influence.registry import build_influence_model
 from mates_megatron.influence.worker import InfluenceWorker, WorkerWorld, worker_address
 from mates_megatron.runtime.rng import get_host_rng_state
@@ -52,6 +52,12 @@ class InfluenceRunner:
         )
         timeout_s = cfg.timeout_s
         self.group = influence_group(self.ranks, timeout_s=timeout_s) if self.distributed else None
+        # The fit's gradients all-reduce on the accelerator (NCCL) when the model is on CUDA; CPU: None (gloo).
+        self.device_group = (
+            accelerator_group(self.ranks, self.device, timeout_s=timeout_s)
+            if self.distributed and pool is None and len(self.ranks) > 1
+            else None
+        )
         subset = self.distributed and len(self.ranks) < dist.get_world_size()
         # Scores reach non-members over gloo (CPU tensors), never on the default group, which is NCCL on GPUs.
         self.world_group = influence_group(timeout_s=timeout_s) if subset else None
@@ -100,7 +106,9 @@ class InfluenceRunner:
         elif self.model is not None:
             t = time.perf_counter()
             self._meet(self.group, "fit/predict")
-            scores, result = self.model.fit_predict(texts, probe_positions, probe_scores, group=self.group)
+            scores, result = self.model.fit_predict(
+                texts, probe_positions, probe_scores, group=self.group, device_group=self.device_group
+            )
             self._pending = (
                 scores.astype(np.float32),
                 result.spearman,

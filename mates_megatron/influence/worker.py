@@ -19,6 +19,7 @@ worker rank 0 hosts, built explicitly (``join_world``), and it selects its GPU b
 
 from __future__ import annotations
 
+import multiprocessing.util as mp_util
 import os
 import pickle
 import time
@@ -33,7 +34,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from mates_megatron.influence.config import InfluenceConfig
-from mates_megatron.influence.group import InfluenceTimeout, meet, timeout_message
+from mates_megatron.influence.group import InfluenceTimeout, accelerator_group, meet, timeout_message
 from mates_megatron.runtime.rng import set_host_rng_state
 
 REPORT_GRACE_S = 10.0
@@ -122,11 +123,12 @@ def _serve(conn, cfg: InfluenceConfig, pool, device: str, imports: list[str], th
         # Rebuilt here, not by spawn before this function runs: a pool that refuses to rebuild (its data
         # changed since the run started) is then reported to the training rank, not lost in a dead process.
         pool = pool.load()
-        group, names = None, []
+        group, device_group, names = None, None, []
         if world is not None:
             conn.send(("phase", "worker start: joining the workers' world"))
             group = join_world(world, cfg.timeout_s)
             names = [world.name(r) for r in range(world.size)]
+            device_group = accelerator_group(None, device, timeout_s=cfg.timeout_s)  # NCCL on CUDA
         conn.send(("phase", "worker start: loading the influence model"))
         model = build_influence_model(cfg, device=device)
         conn.send(("ready", None))
@@ -147,7 +149,7 @@ def _serve(conn, cfg: InfluenceConfig, pool, device: str, imports: list[str], th
                 set_host_rng_state(payload["rng"])
                 texts = candidate_inputs(pool, payload["ids"], token_ids=cfg.pass_token_ids)
                 scores, result = model.fit_predict(
-                    texts, payload["positions"], payload["scores"], group=group
+                    texts, payload["positions"], payload["scores"], group=group, device_group=device_group
                 )
                 out = (scores.astype(np.float32), result.spearman, result.pearson, time.perf_counter() - t)
             elif kind == "state_dict":
@@ -211,8 +213,14 @@ class InfluenceWorker:
             ) from e
         self._conn, child = ctx.Pipe()
         args = (child, cfg, pool_bytes, str(device), list(imports or []), torch.get_num_threads(), world)
-        self.process = ctx.Process(target=_serve, args=args, name="mates-influence-worker", daemon=True)
+        # Not a daemon: a daemonic process may not start children, and the worker forks its loader workers
+        # (InfluenceConfig.loader_workers). At exit it is ended as a daemon would be (``_end_at_exit``).
+        self.process = ctx.Process(target=_serve, args=args, name="mates-influence-worker", daemon=False)
         self.process.start()
+        # A multiprocessing finalizer, not atexit: a training process that is itself a multiprocessing child
+        # (mp.spawn) leaves through multiprocessing's exit function, which runs no atexit handler and joins
+        # non-daemonic children; it runs this first (and the main process's runs at exit too).
+        self._at_exit = mp_util.Finalize(self, _end_at_exit, args=(self.process,), exitpriority=10)
         child.close()
         self._busy = False
         self._reply("worker start")
@@ -299,6 +307,18 @@ class InfluenceWorker:
             self.process.join(30)
         if self.process.is_alive():
             self.process.kill()
+        self._at_exit.cancel()
+
+
+def _end_at_exit(process) -> None:
+    """What multiprocessing does to a daemonic child at exit (terminate, then kill), for the worker (also when
+    its handle is dropped unclosed): it runs before multiprocessing's exit function joins the non-daemonic
+    children, which would otherwise wait for the worker while it waits on its pipe."""
+    if process.is_alive():
+        process.terminate()
+        process.join(5)
+    if process.is_alive():
+        process.kill()
 
 
 def worker_address() -> str:

@@ -372,6 +372,10 @@ def test_config_errors_name_the_field_and_the_fix():
         (lambda: InfluenceConfig(max_length=4), "InfluenceConfig.max_length=4: set max_length >= 8"),
         (lambda: InfluenceConfig(max_chunks=0), "InfluenceConfig.max_chunks=0: set max_chunks >= 1"),
         (lambda: InfluenceConfig(predict_batch_size=0), "InfluenceConfig.predict_batch_size=0"),
+        (
+            lambda: InfluenceConfig(loader_workers=-1),
+            "InfluenceConfig.loader_workers=-1: set loader_workers >= 0",
+        ),
     ]
     for make, message in cases:
         with pytest.raises(ValueError, match=message):
@@ -439,9 +443,10 @@ def _reads(texts, positions, target, model):
     from mates_megatron.influence.runner import InfluenceRunner
 
     torch.set_num_threads(1)
-    runner = InfluenceRunner(
-        _cfg(model, max_length=32, finetune_epochs=1, finetune_batch_size=8), device="cpu"
-    )
+    # Read in this process (loader_workers=0), where the recording sees it; the loader's batches are the same
+    # with workers (tests/distributed/test_influence_loader.py).
+    cfg = _cfg(model, max_length=32, finetune_epochs=1, finetune_batch_size=8, loader_workers=0)
+    runner = InfluenceRunner(cfg, device="cpu")
     recording = _RecordingTexts(texts)
     pred, _, _ = runner.score_round(recording, positions, target[positions])
     return sorted(recording.read), pred

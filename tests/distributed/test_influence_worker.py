@@ -18,7 +18,9 @@ from mates_megatron.influence.config import InfluenceConfig, RidgeConfig
 
 pytestmark = [pytest.mark.distributed]
 
-CFG = InfluenceConfig(model="ridge", ridge=RidgeConfig(features="token_embeddings"), predict_batch_size=16)
+CFG = InfluenceConfig(
+    model="ridge", ridge=RidgeConfig(features="token_embeddings"), predict_batch_size=16, loader_workers=2
+)
 
 
 def _pool(n=96):
@@ -31,6 +33,8 @@ def _pool(n=96):
 
 
 def test_worker_scores_bit_for_bit_like_this_process_and_survives_a_bad_fit():
+    """The worker reads through its own loader workers (before: a daemonic worker, which may not start them);
+    this process reads in process."""
     from mates_megatron.influence.registry import build_influence_model
     from mates_megatron.influence.worker import InfluenceWorker
     from mates_megatron.pool.base import CandidateTexts
@@ -58,12 +62,67 @@ def test_worker_scores_bit_for_bit_like_this_process_and_survives_a_bad_fit():
     finally:
         worker.close()
     assert not worker.process.is_alive()
-    model = build_influence_model(CFG)
+    model = build_influence_model(dataclasses.replace(CFG, loader_workers=0))
     want, result = model.fit_predict(CandidateTexts(pool, ids), positions, scores)
     assert got.dtype == np.float32 and np.array_equal(got, want.astype(np.float32))
     assert (sp, pe) == (result.spearman, result.pearson) and seconds > 0
     assert state.keys() == model.state_dict().keys()
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+_HELD: list = []
+
+
+def _start_a_worker(pids) -> None:
+    """Start an influence worker and return without closing it, its handle still held (as a host's plugin holds
+    its scorer to the end): its pipe stays open, so the worker does not see its end."""
+    from mates_megatron.influence.worker import InfluenceWorker
+
+    _HELD.append(InfluenceWorker(CFG, pool=_pool(), device=torch.device("cpu")))
+    pids.put(_HELD[-1].process.pid)
+
+
+_EXIT_WITHOUT_CLOSE = """
+import multiprocessing, sys
+sys.path.insert(0, sys.argv[1])
+from test_influence_worker import _start_a_worker
+
+if sys.argv[2] == "main":
+    queue = multiprocessing.Queue()
+    _start_a_worker(queue)
+    print(queue.get(), 0, flush=True)
+else:  # a multiprocessing child, as under mp.spawn: it leaves through multiprocessing's exit function
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_start_a_worker, args=(queue,))
+    child.start()
+    pid = queue.get(timeout=240)
+    child.join(90)
+    print(pid, child.exitcode, flush=True)
+    child.kill()
+"""
+
+
+@pytest.mark.parametrize("where", ["main", "multiprocessing-child"])
+def test_a_process_that_exits_without_closing_its_worker_ends_it(where):
+    """The worker is not a daemon (it starts loader workers): a training process that exits without close()
+    must still end it and not wait for it at exit (the worker waits on its pipe). Before (an atexit handler):
+    a training process started by mp.spawn hung at exit."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = str(Path(__file__).parent)
+    done = subprocess.run(
+        [sys.executable, "-c", _EXIT_WITHOUT_CLOSE, here, where], capture_output=True, text=True, timeout=400
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    pid, exitcode = done.stdout.split()[-2:]
+    assert exitcode == "0", f"the process that started the worker did not exit ({exitcode})"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and os.path.exists(f"/proc/{pid}"):
+        time.sleep(0.2)
+    assert not os.path.exists(f"/proc/{pid}"), f"the worker {pid} outlived its training process"
 
 
 def test_a_pool_that_cannot_reach_the_worker_is_refused_with_the_fix():
@@ -208,6 +267,48 @@ def test_the_worker_selects_its_gpu_before_its_rng_state_and_its_model(monkeypat
     monkeypatch.setattr(runner, "build_influence_model", build_on_cpu)
     state = runner.InfluenceRunner(CFG, device="cuda:1")._rng_state()
     assert state["cuda"] == "st" and ("get_rng_state", "cuda:1") in calls
+
+
+def test_a_worker_world_on_cuda_fits_with_its_accelerator_group(monkeypatch):
+    """The worker's loop (in-process, its world's joining and barrier stood in for): with a world of workers
+    on CUDA, the fit gets the accelerator group built over that world beside the gloo one (before: gloo only)."""
+    import multiprocessing
+
+    from mates_megatron.influence import registry, worker
+    from mates_megatron.influence.base import FitResult
+    from mates_megatron.runtime.rng import get_host_rng_state
+
+    calls: list = []
+    _record_cuda(monkeypatch, calls)
+    monkeypatch.setattr(worker, "join_world", lambda world, timeout_s: "gloo world")
+    monkeypatch.setattr(worker, "meet", lambda group, **kw: None)
+    monkeypatch.setattr(
+        worker,
+        "accelerator_group",
+        lambda ranks, device, timeout_s: calls.append(("accelerator_group", str(device))) or "nccl group",
+    )
+
+    class Recorded:
+        def fit_predict(self, texts, positions, scores, *, group, device_group):
+            calls.append(("fit_predict", group, device_group))
+            return np.zeros(len(texts)), FitResult(0.0, 0.0, 0)
+
+    monkeypatch.setattr(registry, "build_influence_model", lambda cfg, device=None: Recorded())
+    pool = _pool(12)
+    world = worker.WorkerWorld(0, (0, 1), "127.0.0.1:1")
+    job = {"ids": np.arange(12), "positions": np.arange(10), "scores": np.arange(10.0), "delay": 0.0}
+    job["rng"] = {**get_host_rng_state(), "cuda": torch.zeros(16, dtype=torch.uint8)}
+    parent, child = multiprocessing.Pipe()
+    parent.send(("fit_predict", job))
+    parent.send(("stop", None))
+    monkeypatch.setattr(worker.dist, "destroy_process_group", lambda: None)
+    worker._serve(child, CFG, worker._Pickled(pool), "cuda:1", [], torch.get_num_threads(), world)
+    replies = []
+    while parent.poll():
+        replies.append(parent.recv())
+    assert [status for status, _ in replies if status != "phase"] == ["ready", "ok"], replies
+    assert ("accelerator_group", "cuda:1") in calls
+    assert ("fit_predict", "gloo world", "nccl group") in calls
 
 
 def test_a_bare_cuda_device_is_this_ranks_gpu(monkeypatch):

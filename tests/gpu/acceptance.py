@@ -337,66 +337,20 @@ def cuda_graphs(opts: Options) -> dict:
 
 
 def _influence_worker(opts: Options) -> dict:
-    from mates_megatron.cost import TransformerShape
-    from mates_megatron.influence.config import InfluenceConfig
-    from mates_megatron.influence.encoder import EncoderRegressor
+    """``mates-megatron bench influence`` (mates_megatron/bench/influence.py) on this device: candidates/s end to
+    end from the pool's text with 0 and 4 loader workers (the default), on pre-tokenised input, and the
+    encoder's FLOP bound at the GPU's data-sheet peak (a measured matmul where the part is not listed)."""
+    from mates_megatron.bench.influence import bench_influence
 
-    device = torch.device("cuda", torch.cuda.current_device()) if opts.cuda else torch.device("cpu")
-    n, batch = (64, 16) if opts.dry_run else (4096, 256)
-    texts = []
-    with open(f"{opts.data}/corpus.jsonl") as f:
-        for line in f:
-            texts.append(json.loads(line)["text"])
-            if len(texts) == n:
-                break
-    texts = (texts * (n // max(len(texts), 1) + 1))[:n]
-    cfg = InfluenceConfig()
-    model = EncoderRegressor(cfg).to(device).eval()
-
-    def timed(fn) -> float:
-        if opts.cuda:
-            torch.cuda.synchronize(device)
-        t = time.perf_counter()
-        fn()
-        if opts.cuda:
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - t
-
-    def end_to_end():
-        with torch.no_grad():
-            for s in range(0, n, batch):
-                ids, mask = model.encode_texts(texts[s : s + batch])
-                model(ids.to(device, non_blocking=True), mask.to(device, non_blocking=True))
-
-    encoded = [model.encode_texts(texts[s : s + batch]) for s in range(0, n, batch)]
-
-    def pretokenised():
-        with torch.no_grad():
-            for ids, mask in encoded:
-                model(ids.to(device, non_blocking=True), mask.to(device, non_blocking=True))
-
-    end_to_end()  # warm-up (kernels, allocator)
-    e2e = timed(end_to_end)
-    pre = timed(pretokenised)
-    shape = TransformerShape.from_encoder_dir(cfg.resolved_path())
-    tokens = [int(m.sum()) for _, mask in encoded for m in mask.view(mask.shape[0], -1)]
-    length = encoded[0][0].shape[-1]
-    flops = float(np.mean(tokens)) * shape.forward_flops_per_token(length, logits=False)
-    name = torch.cuda.get_device_name(device) if opts.cuda else "cpu"
+    name = torch.cuda.get_device_name() if opts.cuda else "cpu"
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
-    return {
-        "device": name,
-        "candidates": n,
-        "batch_size": batch,
-        "max_length": cfg.max_length,
-        "mean_tokens_per_candidate": round(float(np.mean(tokens)), 1),
-        "candidates_per_s_end_to_end": round(n / e2e, 1),
-        "candidates_per_s_pretokenised": round(n / pre, 1),
-        "flops_per_candidate": flops,
-        "flop_bound_candidates_per_s": round(peak / flops, 1) if peak else None,
-        "fraction_of_bound_pretokenised": round(n / pre / (peak / flops), 4) if peak else None,
-        "bf16_autocast": bool(cfg.bf16 and opts.cuda),
-    }
+    if opts.dry_run:
+        size = {"n": 16, "seq_length": 128, "batch_size": 8, "workers": (0, 2), "fit_samples": 16}
+    else:  # 1,536 of the embedded data's ~1,900 windows of 1,024 tokens
+        size = {"n": 1536, "seq_length": 1024, "workers": (0, 4)}
+    out = bench_influence(opts.data, **size, device_tflops=peak / 1e12 if peak else None)
+    out["bf16_autocast"] = bool(opts.cuda)
+    return out
 
 
 @stage("influence")
