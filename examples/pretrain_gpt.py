@@ -1,7 +1,7 @@
 """torchrun --nproc-per-node 2 examples/pretrain_gpt.py --config configs/cpu_tp2.yaml
 
 Megatron-Core GPT pretraining on the embedded data, TP=2 on CPU (megatron-core CPU mode over gloo).
-Prepare the data first: `mates-megatron prepare --embedded --out data/embedded`. Variants:
+Prepare the data first: `mates-lab embedded --out data/embedded`. Variants:
 
     torchrun --nproc-per-node 2 examples/pretrain_gpt.py --config configs/cpu_tp2.yaml \
         --tensor-model-parallel-size 1 --pipeline-model-parallel-size 2          # PP=2

@@ -3,25 +3,25 @@
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import yaml
 
 from mates_megatron import __version__
+from mates_megatron.launch import launch_pretrain
+
+LAB_COMMANDS = {"demo", "bench", "embedded"}
+"""Commands of the lab's `mates-lab` (formerly here): named with their new home when typed here."""
 
 
 def _add_pretrain_parser(sub) -> None:
     p = sub.add_parser(
         "pretrain",
-        help="launch Megatron-Core GPT pretraining under torchrun (prepares the embedded data if missing)",
+        help="launch Megatron-Core GPT pretraining under torchrun",
         description=(
             "Runs `torchrun --nproc-per-node N -m mates_megatron.pretrain --config CONFIG [ARGS...]`. "
-            "If the config trains on data/embedded and it does not exist yet, runs "
-            "`mates-megatron prepare --embedded --out data/embedded` first; if it exists, refuses data an "
-            "older builder wrote. Arguments after the known "
+            "Arguments after the known "
             "options go to the training script (Megatron-LM style flags such as --train-iters 100)."
         ),
     )
@@ -39,48 +39,19 @@ def _run_pretrain(args: argparse.Namespace, rest: list[str]) -> int:
             file=sys.stderr,
         )
         return 2
+    cfg = yaml.safe_load(args.config.read_text()) or {}
+    prefix = cfg.get("data_prefix")
+    if prefix and "--data-path" not in rest and not Path(f"{prefix}.bin").is_file():
+        fix = (
+            "build it with `mates-lab embedded --out data/embedded` (pip install '.[lab]'), or run `mates-lab demo`"
+            if Path(prefix).parent == Path("data/embedded")
+            else "prepare it with `mates-megatron prepare --input CORPUS.jsonl --output-prefix "
+            + str(prefix)
+            + "`"
+        )
+        print(f"error: {args.config}: data_prefix {prefix}: {prefix}.bin not found; {fix}", file=sys.stderr)
+        return 2
     return launch_pretrain(args.config, rest, args.nproc_per_node)
-
-
-def launch_pretrain(config: Path, rest: list[str], nproc_per_node: int | None = None) -> int:
-    """torchrun the pretraining entry point on ``config``; prepares data/embedded first if it is missing."""
-    cfg = yaml.safe_load(config.read_text()) or {}
-    prefix = Path(cfg.get("data_prefix", ""))
-    if "--data-path" not in rest and prefix.parent == Path("data/embedded"):
-        if not Path(f"{prefix}.bin").is_file():
-            print(
-                f"[mates-megatron] preparing the embedded data into {prefix.parent} (first run only)",
-                flush=True,
-            )
-            rc = main(["prepare", "--embedded", "--out", str(prefix.parent)])
-            if rc:
-                return rc
-        else:
-            from mates_megatron.data.embedded import EmbeddedCorpusError
-            from mates_megatron.data.embedded_check import check_embedded_data
-
-            try:
-                warning = check_embedded_data(prefix.parent)
-            except EmbeddedCorpusError as e:
-                print(f"error: {e}", file=sys.stderr)
-                return 2
-            if warning:
-                print(f"[mates-megatron] warning: {warning}", flush=True)
-    par = cfg.get("parallel", {}) or {}
-    nproc = nproc_per_node or int(par.get("tensor_model_parallel_size", 1)) * int(
-        par.get("pipeline_model_parallel_size", 1)
-    )
-    return torchrun("mates_megatron.pretrain", ["--config", str(config), *rest], nproc)
-
-
-def torchrun(module: str, args: list[str], nproc: int) -> int:
-    """``torchrun --nproc-per-node nproc -m module args...`` with one share of the cores per process."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "-m", module, *args]
-    print("[mates-megatron] " + " ".join(cmd[1:]), flush=True)
-    env = dict(os.environ)
-    # One intra-op thread per process: N processes share the machine's cores.
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    return subprocess.call(cmd, env=env)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,17 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"mates-megatron {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    from mates_megatron.bench import add_bench_parser
     from mates_megatron.data.commands import add_prepare_parser
-    from mates_megatron.demo import add_demo_parser
     from mates_megatron.mixture.commands import add_mixture_parser
     from mates_megatron.ot.commands import add_value_parser
     from mates_megatron.trace.run import add_trace_parser
 
     add_prepare_parser(sub)
     _add_pretrain_parser(sub)
-    add_demo_parser(sub)
-    add_bench_parser(sub)
     add_value_parser(sub)
     add_mixture_parser(sub)
     add_trace_parser(sub)
@@ -111,6 +78,13 @@ def main(argv: list[str] | None = None) -> int:
     from mates_megatron.pretrain import silence_megatron_core_notices
 
     silence_megatron_core_notices()  # prepare and the benches import megatron-core too
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in LAB_COMMANDS:
+        print(
+            f"error: `mates-megatron {argv[0]}` is the lab's: run `mates-lab {argv[0]}` (pip install '.[lab]')",
+            file=sys.stderr,
+        )
+        return 2
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if args.command is None:

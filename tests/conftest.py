@@ -8,7 +8,7 @@ import pytest
 @pytest.fixture(scope="session")
 def small_embedded(tmp_path_factory):
     """Embedded corpus with few docs per domain, prepared to an indexed dataset + WebDataset shards."""
-    from mates_megatron.data.embedded import EmbeddedCorpusConfig, build_embedded_corpus
+    from mates_lab.data.embedded import EmbeddedCorpusConfig, build_embedded_corpus
     from mates_megatron.data.prepare import PrepareConfig, prepare_corpus
 
     out = tmp_path_factory.mktemp("embedded")

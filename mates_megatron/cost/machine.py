@@ -2,7 +2,7 @@
 
 A projection in seconds multiplies counts (FLOPs, bytes, operators, tokens, collectives) by these rates. Each
 preset says where its figures come from: ``cpu-2core`` was calibrated on the project's 2-core CPU machine by
-``mates_megatron.bench.calibrate`` (``mates-megatron bench round`` recalibrates in the run and prints both); ``h100``
+``mates_lab.bench.calibrate`` (``mates-lab bench round`` recalibrates in the run and prints both); ``h100``
 is taken from NVIDIA's public H100 SXM figures and the fractions of them that Megatron-LM GPT training typically
 reaches, never measured here. Choose one with ``SelectionConfig.cost_machine``; pass your own ``Machine`` to
 ``project_mates_round`` for another device.
@@ -97,7 +97,7 @@ MACHINES: dict[str, Machine] = {
         link_bandwidth=0.8e9,
         host_link_bandwidth=0.8e9,
         source="calibrated on the project's 2-core CPU machine (Xeon @ 2.8 GHz, 48 MB L3, shared: load 5-8) by "
-        "mates_megatron.bench.calibrate in CPU seconds, one thread: the bench GPT's matmuls (4 layers, hidden 128, "
+        "mates_lab.bench.calibrate in CPU seconds, one thread: the bench GPT's matmuls (4 layers, hidden 128, "
         "vocab 30592; 128 and 2,048 tokens), memory passes over parameter-shaped tensors, the vocabulary cross "
         "entropy, torch AdamW, a 1- and 3-layer megatron-core GPT for the overheads, the MiniLM tokenizer on the "
         "bench's synthetic candidates, float64 BLAS; collectives: gloo between 2 processes, wall-clock",

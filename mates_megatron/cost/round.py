@@ -17,7 +17,7 @@ FLOPs (``RoundCost.training``, ``phases``, ``flop_fraction``), a multiply-add is
 - a candidate is ``seq_length`` tokens of the encoder's tokenizer too, cut at max_length x max_chunks.
 
 tests/unit/test_cost.py checks the FLOP counts against torch's FLOP counter on the real GPT and encoder, and the
-seconds' terms by hand; ``mates-megatron bench round`` sets each phase measured on this machine beside its
+seconds' terms by hand; ``mates-lab bench round`` sets each phase measured on this machine beside its
 projection.
 """
 

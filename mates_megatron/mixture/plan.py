@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from mates_megatron.launch import Runner, run_config
 from mates_megatron.mixture.ddo import ddo_weights
 from mates_megatron.mixture.weights import MixtureError, WeightSchedule, constant, write_weights
 
@@ -143,20 +142,11 @@ def write_run_config(
     return path
 
 
-def train_once(config: Path, runner: Callable[[Path, list[str]], int] | None = None) -> dict[str, Any]:
-    """Train ``config`` unless its ``metrics.json`` (beside it) exists; resumes an interrupted run. Returns
-    the metrics; the run's checkpoints are deleted once it has finished."""
-    if runner is None:
-        from mates_megatron.cli import launch_pretrain as runner
-    d = Path(config).parent
-    metrics = d / "metrics.json"
-    if not metrics.is_file():
-        if runner(config, ["--metrics-out", str(metrics)]):
-            raise RuntimeError(f"run {config} failed; run it again to resume it")
-        if not metrics.is_file():
-            raise RuntimeError(f"run {config} ended without writing {metrics}")
-        shutil.rmtree(d / "ckpt", ignore_errors=True)
-    return json.loads(metrics.read_text())
+def train_once(config: Path, runner: Runner | None = None) -> dict[str, Any]:
+    """Train ``config`` (written by ``write_run_config``) unless it has finished; resumes an interrupted run.
+    Returns the metrics; the run's checkpoints are deleted once it has finished."""
+    cfg = yaml.safe_load(Path(config).read_text())
+    return run_config(cfg, Path(config).parent, runner=runner, keep_checkpoints=False)
 
 
 def read_plan(plan_dir: Path) -> dict[str, Any]:
@@ -166,7 +156,7 @@ def read_plan(plan_dir: Path) -> dict[str, Any]:
     return json.loads(p.read_text())
 
 
-def run_plan(plan_dir: Path, runner: Callable[[Path, list[str]], int] | None = None) -> None:
+def run_plan(plan_dir: Path, runner: Runner | None = None) -> None:
     """Run every unfinished run of the plan; a finished one (its metrics.json) is skipped, an interrupted
     one resumes from its checkpoint. ``runner(config, args) -> exit code`` (default: `mates-megatron
     pretrain`). A finished run's checkpoints are deleted (only its metrics are read)."""

@@ -90,7 +90,7 @@ def read_jsonl(path: str | Path, what: str = "reference set") -> list[tuple[int,
     if not path.is_file():
         raise FileNotFoundError(
             f'{what} {path} not found: pass a JSONL of {{"context", "target"}} or {{"text"}} lines '
-            "(`mates-megatron prepare --embedded --out DIR` writes DIR/reference.jsonl)"
+            "(`mates-lab embedded --out DIR` writes DIR/reference.jsonl)"
         )
     out = []
     with path.open("rb") as f:

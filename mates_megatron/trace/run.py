@@ -211,6 +211,13 @@ def add_trace_parser(sub) -> None:
     p.set_defaults(func=launch)
 
 
+def trace_command(argv: list[str]) -> int:
+    """`mates-megatron trace ARGV...` from Python (the lab's benchmark runs it)."""
+    p = argparse.ArgumentParser(prog="mates-megatron trace")
+    _add_arguments(p)
+    return launch(p.parse_args(argv))
+
+
 def launch(a) -> int:
     """BM25 in this process; the model methods under torchrun on TP x PP processes (or --nproc-per-node)."""
     try:
@@ -229,7 +236,7 @@ def launch(a) -> int:
     nproc = a.nproc_per_node or (
         cfg.tensor_model_parallel_size or int(par.get("tensor_model_parallel_size", 1))
     ) * (cfg.pipeline_model_parallel_size or int(par.get("pipeline_model_parallel_size", 1)))
-    from mates_megatron.cli import torchrun
+    from mates_megatron.launch import torchrun
 
     return torchrun(__name__, ["--trace-config", json.dumps(asdict(cfg)), "--out", str(a.out)], nproc)
 

@@ -1,4 +1,4 @@
-"""`mates-megatron bench influence` at toy size: candidates/s end to end per loader_workers setting and on
+"""`mates-lab bench influence` at toy size: candidates/s end to end per loader_workers setting and on
 pre-tokenised input, and the FLOP bound from the encoder's FLOPs per candidate, counted here independently."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ pytestmark = [pytest.mark.distributed]  # forks loader workers
 
 
 def test_bench_influence_reports_rates_and_the_flop_bound(small_embedded):
-    from mates_megatron.bench.influence import bench_influence
+    from mates_lab.bench.influence import bench_influence
     from mates_megatron.cost import TransformerShape
     from mates_megatron.data.tokenizer import load_tokenizer
     from mates_megatron.influence.config import InfluenceConfig

@@ -1,4 +1,4 @@
-"""`mates-megatron bench round` at toy sizes: every phase runs on real ranks and is set beside its projection,
+"""`mates-lab bench round` at toy sizes: every phase runs on real ranks and is set beside its projection,
 the JSON holds the issue's keys, the memory model reproduces its own measurements, and the paper projection is
 the cost model's."""
 
@@ -11,7 +11,7 @@ pytestmark = [pytest.mark.distributed]
 
 
 def test_bench_round_reports_phases_memory_and_the_paper_projection():
-    from mates_megatron.bench.rounds import PAPER_CANDIDATES, PAPER_RANKS, SyntheticTokenPool, bench_round
+    from mates_lab.bench.rounds import PAPER_CANDIDATES, PAPER_RANKS, SyntheticTokenPool, bench_round
 
     sizes = [2_000, 8_000, 16_000]
     r = bench_round(sizes, ranks=2, seq_length=32, probes=64, batch_size=64, gpt_probes=0)
@@ -65,7 +65,7 @@ def test_bench_round_reports_phases_memory_and_the_paper_projection():
 def test_the_probe_phase_is_measured_beside_its_projection(small_embedded):
     """Every estimator's parts and a training step on a tiny GPT, each with a projection from the constants
     calibrated in the same process and from the preset."""
-    from mates_megatron.bench.round_probes import ESTIMATORS, compare, measure_probe_phases
+    from mates_lab.bench.round_probes import ESTIMATORS, compare, measure_probe_phases
 
     gpt = {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "seq_length": 32}
     r = measure_probe_phases(

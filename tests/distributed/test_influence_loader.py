@@ -85,7 +85,7 @@ def test_pinned_memory_and_non_blocking_copies_when_the_device_is_cuda():
 
 
 def _pool(n: int, seq_length: int):
-    from mates_megatron.bench.rounds import SyntheticTokenPool
+    from mates_lab.bench.rounds import SyntheticTokenPool
     from mates_megatron.data.tokenizer import load_tokenizer
 
     return SyntheticTokenPool(n, seq_length, load_tokenizer(InfluenceConfig().resolved_path()), seed=2)

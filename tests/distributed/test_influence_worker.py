@@ -26,7 +26,7 @@ CFG = InfluenceConfig(
 def _pool(n=96):
     from transformers import AutoTokenizer
 
-    from mates_megatron.bench.rounds import SyntheticTokenPool
+    from mates_lab.bench.rounds import SyntheticTokenPool
 
     tok = AutoTokenizer.from_pretrained(str(CFG.resolved_path()), local_files_only=True)
     return SyntheticTokenPool(n, 24, tok, seed=4)

@@ -56,9 +56,9 @@ def _trace(config: str, ckpt: str, shards: str, queries: str, index_dir: str, tp
 
 
 def test_trace_identical_at_tp1_tp2_dp2(small_embedded, tmp_path):
-    from mates_megatron.bench.trace import background_pieces
+    from mates_lab.bench.trace import background_pieces
+    from mates_lab.planted import plant
     from mates_megatron.data.prepare import PrepareConfig, prepare_corpus
-    from mates_megatron.trace.planted import plant
 
     pieces = [t for t, _ in background_pieces(small_embedded["dir"] / "corpus.jsonl", 96, seed=0)]
     docs, facts, _ = plant(pieces, facts=4, supports=2, distractors=2, seed=0)

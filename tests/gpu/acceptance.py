@@ -337,10 +337,10 @@ def cuda_graphs(opts: Options) -> dict:
 
 
 def _influence_worker(opts: Options) -> dict:
-    """``mates-megatron bench influence`` (mates_megatron/bench/influence.py) on this device: candidates/s end to
+    """``mates-lab bench influence`` (mates_lab/bench/influence.py) on this device: candidates/s end to
     end from the pool's text with 0 and 4 loader workers (the default), on pre-tokenised input, and the
     encoder's FLOP bound at the GPU's data-sheet peak (a measured matmul where the part is not listed)."""
-    from mates_megatron.bench.influence import bench_influence
+    from mates_lab.bench.influence import bench_influence
 
     name = torch.cuda.get_device_name() if opts.cuda else "cpu"
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)

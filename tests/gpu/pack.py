@@ -68,7 +68,7 @@ def _encoder(site: Path) -> None:
 
 
 def _data(out: Path) -> None:
-    from mates_megatron.data.embedded import EmbeddedCorpusConfig, build_embedded_corpus
+    from mates_lab.data.embedded import EmbeddedCorpusConfig, build_embedded_corpus
     from mates_megatron.data.prepare import PrepareConfig, prepare_corpus
 
     build_embedded_corpus(EmbeddedCorpusConfig(max_docs_per_domain=300, reference_size=64), out)

@@ -1,4 +1,4 @@
-"""The DataPerf DAM benchmark (``mates_megatron.acquisition``): the scorer against hand-computed cases, markets
+"""The DataPerf DAM benchmark (``mates_lab.acquisition``): the scorer against hand-computed cases, markets
 deterministic by seed and round-tripped through their files, every strategy within the budget and the
 sellers' rows, strategies confined to the public view, and the errors on bad purchases and bad files."""
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from sklearn.datasets import make_classification
 
-from mates_megatron.acquisition import (
+from mates_lab.acquisition import (
     STRATEGIES,
     Market,
     MarketError,
@@ -27,8 +27,8 @@ from mates_megatron.acquisition import (
     score,
     validate_purchase,
 )
-from mates_megatron.acquisition.market import summarize
-from mates_megatron.acquisition.strategies import affordable
+from mates_lab.acquisition.market import summarize
+from mates_lab.acquisition.strategies import affordable
 
 
 def pool(n: int = 1500, classes: int = 5, seed: int = 0):

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from mates_megatron.demo import (
+from mates_lab.demo import (
     ARMS,
     _run_configs,
     build_report,

@@ -12,16 +12,15 @@ import sys
 
 import pytest
 
-from mates_megatron import cli
-from mates_megatron.data import embedded
-from mates_megatron.data.embedded import (
+from mates_lab.data import embedded, embedded_sources
+from mates_lab.data.embedded import (
     DOMAINS,
     EmbeddedCorpusConfig,
     EmbeddedCorpusError,
     build_embedded_corpus,
     lambada_example,
 )
-from mates_megatron.data.embedded_check import check_embedded_data
+from mates_lab.data.embedded_check import check_embedded_data, ensure_embedded_data
 
 CAP, REF, EVAL, HELD_REF, HELD = 50, 20, 30, 10, 4
 
@@ -108,10 +107,10 @@ def test_probe_eval_and_pool_sources_are_disjoint(built):
     assert not held_sources["python_code"] & (probe | ev | pool)
     # Every document of a probe or eval file (docstrings and code: they share the file) is out of the corpus.
     corpus = {r["text"] for r in _rows(first["corpus"])}
-    root = embedded._stdlib_root()
+    root = embedded_sources._stdlib_root()
     for source in sorted(probe | ev | held_sources["python_code"]):
-        docs, code = embedded._file_docs_and_code((root / source).read_text(encoding="utf-8"))
-        for piece in [*embedded._chunks(docs, 200, 2000), *embedded._chunks(code, 200, 2000)]:
+        docs, code = embedded_sources._file_docs_and_code((root / source).read_text(encoding="utf-8"))
+        for piece in [*embedded_sources._chunks(docs, 200, 2000), *embedded_sources._chunks(code, 200, 2000)]:
             assert piece not in corpus, source
 
 
@@ -191,21 +190,35 @@ def test_dependency_closure_follows_core_requirements_and_markers(tmp_path):
         "d": _fake_dist(tmp_path, "d"),
         "h": _fake_dist(tmp_path, "h"),
         "extra-only": _fake_dist(tmp_path, "extra-only"),
+        "lab-dep": _fake_dist(tmp_path, "lab-dep"),
         "mates-megatron": _fake_dist(tmp_path, "mates-megatron"),
     }
-    requires = ["A", "not-installed>=1", 'extra-only; extra == "test"', "bad requirement !!"]
-    closure = embedded._dependency_closure(requires, dists.get)
-    assert [name for name, _ in closure] == ["a", "b", "e-f", "g"]
-    assert embedded._machine(closure)["distributions"] == ["a==1.0", "b==1.0", "e-f==2.0", "g==1.0"]
+    requires = [
+        "A",
+        "not-installed>=1",
+        'extra-only; extra == "test"',
+        "bad requirement !!",
+        'lab-dep; extra == "lab"',
+    ]
+    closure = embedded_sources._dependency_closure(requires, dists.get)
+    # The root's `lab` extra counts (the builder's own requirements), its other extras do not.
+    assert [name for name, _ in closure] == ["a", "b", "e-f", "g", "lab-dep"]
+    assert embedded_sources._machine(closure)["distributions"] == [
+        "a==1.0",
+        "b==1.0",
+        "e-f==2.0",
+        "g==1.0",
+        "lab-dep==1.0",
+    ]
     # Installing more (what extras bring) does not change it.
     dists["zzz"] = _fake_dist(tmp_path, "zzz")
-    assert embedded._dependency_closure(requires, dists.get) == closure
+    assert embedded_sources._dependency_closure(requires, dists.get) == closure
 
 
 def test_core_closure_of_this_install_leaves_extras_out():
-    names = [name for name, _ in embedded._dependency_closure()]
+    names = [name for name, _ in embedded_sources._dependency_closure()]
     assert names == sorted(names) and "mates-megatron" not in names
-    assert {"torch", "numpy", "tqdm"} <= set(names)
+    assert {"torch", "numpy", "tqdm", "matplotlib", "packaging"} <= set(names)  # core and the lab's extra
     assert not {"pytest", "ruff", "transformer-engine"} & set(names)  # the te and test extras only
 
 
@@ -250,7 +263,7 @@ def test_data_of_another_builder_is_refused_with_the_rebuild_command(built, tmp_
     out = _stale_copy(built, tmp_path, format=None)  # manifests before the format field had none
     with pytest.raises(EmbeddedCorpusError, match=r"embedded format None, this version builds format 2") as e:
         check_embedded_data(out)
-    assert f"`mates-megatron prepare --embedded --out {out}`" in str(e.value)
+    assert f"`mates-lab embedded --out {out}`" in str(e.value)
     (out / "embedded_manifest.json").unlink()
     with pytest.raises(EmbeddedCorpusError, match=r"embedded_manifest.json is missing or unreadable"):
         check_embedded_data(out)
@@ -267,15 +280,30 @@ def test_data_gathered_from_other_packages_is_a_warning_naming_them(built, tmp_p
     assert f"distributions added ['{now[0]}'], removed ['gone-pkg==1.0']" in warning
 
 
-def test_pretrain_refuses_stale_embedded_data_before_launching(built, tmp_path, monkeypatch, capsys):
+def test_the_lab_refuses_stale_embedded_data_before_launching(built, tmp_path, monkeypatch, capsys):
+    from mates_megatron import launch
+
     out = _stale_copy(built, tmp_path, format=None)
-    (out / "train.bin").write_bytes(b"")  # prepared: the launcher does not rebuild, it checks
+    (out / "train.bin").write_bytes(b"")  # prepared: the lab does not rebuild, it checks
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(launch.subprocess, "call", lambda *a, **k: pytest.fail("torchrun was launched"))
+    assert ensure_embedded_data({"data_prefix": "data/embedded/train"}) == 2
+    assert "error: data/embedded was built by another mates-megatron" in capsys.readouterr().err
+
+
+def test_the_plugin_launcher_names_the_lab_for_missing_embedded_data(tmp_path, monkeypatch, capsys):
+    from mates_megatron import cli, launch
+
     config = tmp_path / "run.yaml"
     config.write_text("data_prefix: data/embedded/train\n")
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(cli.subprocess, "call", lambda *a, **k: pytest.fail("torchrun was launched"))
-    assert cli.launch_pretrain(config, []) == 2
-    assert "error: data/embedded was built by another mates-megatron" in capsys.readouterr().err
+    monkeypatch.setattr(launch.subprocess, "call", lambda *a, **k: pytest.fail("torchrun was launched"))
+    assert cli.main(["pretrain", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "data_prefix data/embedded/train: data/embedded/train.bin not found" in err
+    assert "`mates-lab embedded --out data/embedded`" in err
+    assert cli.main(["demo"]) == 2
+    assert "run `mates-lab demo` (pip install '.[lab]')" in capsys.readouterr().err
 
 
 def test_reference_is_held_out_lambada(built):
@@ -356,7 +384,7 @@ def test_python_sources_are_parsed_not_imported():
         "    def m(self):\n"
         '        """Method doc that is long enough too."""\n'
     )
-    docs, code = embedded._file_docs_and_code(source)
+    docs, code = embedded_sources._file_docs_and_code(source)
     assert docs == [
         "Module doc that is long enough to keep.",
         "Function doc that is long enough too.",
@@ -369,14 +397,14 @@ def test_python_sources_are_parsed_not_imported():
 
 def test_chunks_merge_and_split():
     pieces = ["a" * 50, "b" * 60, "c" * 120, "d" * 30, "line\n" * 110]
-    out = list(embedded._chunks(pieces, 100, 200))
+    out = list(embedded_sources._chunks(pieces, 100, 200))
     assert all(100 <= len(d) <= 200 for d in out)
     assert out[:2] == ["a" * 50 + "\n\n" + "b" * 60, "c" * 120 + "\n\n" + "d" * 30]  # short pieces merged
     assert "".join(out[2:]).replace("\n", "") == "line" * 110  # the long piece is split at lines, not lost
     # Only a final fragment shorter than min_chars is dropped.
-    assert list(embedded._chunks(["x" * 90, "y" * 99], 100, 200)) == ["x" * 90 + "\n\n" + "y" * 99]
-    assert list(embedded._chunks(["x" * 150, "y" * 99], 100, 200)) == ["x" * 150]
-    assert list(embedded._chunks(["x" * 99], 100, 200)) == []
+    assert list(embedded_sources._chunks(["x" * 90, "y" * 99], 100, 200)) == ["x" * 90 + "\n\n" + "y" * 99]
+    assert list(embedded_sources._chunks(["x" * 150, "y" * 99], 100, 200)) == ["x" * 150]
+    assert list(embedded_sources._chunks(["x" * 99], 100, 200)) == []
 
 
 def test_empty_domain_is_a_clear_error(tmp_path, monkeypatch):

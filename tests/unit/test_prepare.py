@@ -191,18 +191,14 @@ def test_cli_reports_errors_without_traceback(tmp_path, capsys):
     last = err.strip().splitlines()[-1]  # after the progress bar
     assert last.startswith("error: ") and "in.jsonl line 2" in last and "Traceback" not in err
 
-    assert main(["prepare", "--input", str(src)]) == 2
-    assert "--input needs --output-prefix" in capsys.readouterr().err
     assert main(["prepare", "--input", str(src), "--output-prefix", "x", "--samples-per-shard", "0"]) == 2
     assert "samples_per_shard=0" in capsys.readouterr().err
-    assert main(["prepare", "--embedded", "--output-prefix", "x"]) == 2
-    assert "with --embedded use --out" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as e:  # argparse: exactly one of --input / --embedded
-        main(["prepare", "--input", str(src), "--embedded"])
-    assert e.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["prepare"])
-    assert "one of the arguments --input --embedded is required" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # argparse: both are required
+        main(["prepare", "--input", str(src)])
+    assert (
+        e.value.code == 2
+        and "the following arguments are required: --output-prefix" in capsys.readouterr().err
+    )
 
 
 def test_cli_prepares_user_jsonl(tmp_path, capsys):
@@ -218,9 +214,11 @@ def test_cli_prepares_user_jsonl(tmp_path, capsys):
 
 
 def test_cli_embedded(tmp_path, capsys):
-    """`prepare --embedded` gathers the corpus and prepares it to OUT/train; the summary has every domain."""
+    """`mates-lab embedded` gathers the corpus and prepares it to OUT/train; the summary has every domain."""
+    from mates_lab.cli import main as lab
+
     out_dir = tmp_path / "emb"
-    assert main(["prepare", "--embedded", "--out", str(out_dir), "--max-docs-per-domain", "20"]) == 0
+    assert lab(["embedded", "--out", str(out_dir), "--max-docs-per-domain", "20"]) == 0
     printed = capsys.readouterr().out
     meta = json.loads((out_dir / "train.meta.json").read_text())
     assert sorted(meta["domains"]) == ["junk", "licenses", "package_docs", "python_code", "python_docs"]

@@ -69,5 +69,5 @@ def test_bad_reference_files(tmp_path, content, message):
     path.write_bytes(content)
     with pytest.raises(ValueError, match=message):
         load_reference_set(path, load_tokenizer(), 8)
-    with pytest.raises(FileNotFoundError, match="prepare --embedded"):
+    with pytest.raises(FileNotFoundError, match="mates-lab embedded"):
         load_reference_set(tmp_path / "missing.jsonl", load_tokenizer(), 8)

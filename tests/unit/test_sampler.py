@@ -182,7 +182,7 @@ def test_pool_rounds_are_disjoint_and_deterministic():
 
 
 def test_bench_sampler_reports_its_figures():
-    from mates_megatron.bench import bench_sampler
+    from mates_lab.bench import bench_sampler
 
     r = bench_sampler(100_000, micro_batches=50)
     assert r["candidates"] == 100_000 and r["selected"] == 20_000

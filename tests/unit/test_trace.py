@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 
+from mates_lab.planted import plant
 from mates_megatron.trace.metrics import precision_recall_f1, recall_at_k, summarize
-from mates_megatron.trace.planted import plant
 
 BACKGROUND = [
     f"Piece {i} talks about topic {i}. It has a second sentence. And a third one." for i in range(12)

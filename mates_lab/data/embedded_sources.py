@@ -25,7 +25,7 @@ from packaging.utils import canonicalize_name
 from tqdm import tqdm
 
 if TYPE_CHECKING:
-    from mates_megatron.data.embedded import EmbeddedCorpusConfig
+    from mates_lab.data.embedded_config import EmbeddedCorpusConfig
 
 _SKIP_DIRS = {
     "test",
@@ -181,8 +181,10 @@ def _dependency_closure(
     found: dict[str, importlib.metadata.Distribution] = {}
     visited: set[tuple[str, str]] = set()
     stack: list[tuple[str, str]] = []  # (requirement, extra it is evaluated under)
+    # The root's requirements count with its `lab` extra: the builder runs in the lab, and the closure stays what
+    # it was when the lab's requirements were core ones (the corpus, and so every demo figure, unchanged).
     for line in _root_requires() if requires is None else requires:
-        stack.append((line, ""))
+        stack.append((line, "lab"))
     while stack:
         line, extra = stack.pop()
         try:

@@ -1,4 +1,4 @@
-"""`mates-megatron bench trace`: plant facts and leaked reference examples in the embedded pool, train the
+"""`mates-lab bench trace`: plant facts and leaked reference examples in the embedded pool, train the
 demo model on it, then trace the facts and the leaks back with every method.
 
 The pool: ``background`` pieces of about 240 characters cut from the embedded corpus (every domain), with
@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
 MODEL = {
     "num_layers": 4,
@@ -68,9 +67,9 @@ def leak_examples(reference: Path, n: int, tokenizer, budget: int, seed: int) ->
 
 def build_pool(data: Path, work: Path, *, background: int, facts: int, leaks: int, seed: int) -> dict:
     """The planted corpus, prepared into ``work/data`` (indexed + shards), and the query files."""
+    from mates_lab.planted import plant
     from mates_megatron.data.prepare import PrepareConfig, prepare_corpus
     from mates_megatron.data.tokenizer import load_tokenizer
-    from mates_megatron.trace.planted import plant
 
     plan = work / "planted.json"
     settings = {"background": background, "facts": facts, "leaks": leaks, "seed": seed}
@@ -110,11 +109,9 @@ def build_pool(data: Path, work: Path, *, background: int, facts: int, leaks: in
 
 
 def train(work: Path, prefix: str, *, steps: int, seed: int) -> Path:
-    from mates_megatron.cli import launch_pretrain
-    from mates_megatron.training.checkpoint import latest_iteration
+    from mates_megatron.launch import run_config
 
     ckpt = work / "ckpt"
-    config = work / "run.yaml"
     run = {
         "data_prefix": prefix, "model": MODEL,
         "parallel": {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 1, "cpu": not torch.cuda.is_available()},
@@ -122,23 +119,20 @@ def train(work: Path, prefix: str, *, steps: int, seed: int) -> Path:
         "lr_warmup_iters": 20, "lr_decay_style": "cosine", "weight_decay": 0.1, "clip_grad": 1.0,
         "seed": seed, "log_interval": 50, "save": str(ckpt), "load": str(ckpt), "save_interval": steps,
     }  # fmt: skip
-    config.write_text(yaml.safe_dump(run))
-    done = latest_iteration(ckpt) == steps
-    if not done and launch_pretrain(config, ["--metrics-out", str(work / "metrics.json")]):
-        raise RuntimeError(f"training {config} failed; run the bench again to resume it")
-    return config
+    run_config(run, work)
+    return work / "config.yaml"
 
 
 def trace(work: Path, config: Path, shards: str, method: str, queries: str, options: dict) -> dict:
-    from mates_megatron.cli import main
+    from mates_megatron.trace.run import trace_command
 
     out = work / f"trace_{method}_{queries}.jsonl"
     meta = out.with_name(out.name + ".meta.json")
     if not meta.is_file():
-        argv = ["trace", "--method", method, "--shards", shards, "--queries", str(work / f"{queries}.jsonl"),
+        argv = ["--method", method, "--shards", shards, "--queries", str(work / f"{queries}.jsonl"),
                 "--out", str(out), "--config", str(config), "--load", str(work / "ckpt"),
                 "--options", json.dumps(options)]  # fmt: skip
-        if main(argv):
+        if trace_command(argv):
             raise RuntimeError(f"trace --method {method} on {queries} failed")
     ranked = {}
     verdicts = {}

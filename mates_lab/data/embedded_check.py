@@ -1,16 +1,14 @@
-"""Check embedded data already on disk before a run trains on it (the launcher calls it)."""
+"""Embedded data before a lab run trains on it: built when missing, checked against this machine when present."""
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
+from typing import Any
 
-from mates_megatron.data.embedded import (
-    EMBEDDED_FORMAT,
-    EmbeddedCorpusError,
-    _dependency_closure,
-    _machine,
-)
+from mates_lab.data.embedded_config import EMBEDDED_FORMAT
+from mates_lab.data.embedded_sources import EmbeddedCorpusError, _dependency_closure, _machine
 
 
 def check_embedded_data(out_dir: str | Path) -> str | None:
@@ -23,7 +21,7 @@ def check_embedded_data(out_dir: str | Path) -> str | None:
     outside that closure (extras, anything else installed) do not matter: the builder does not read them.
     """
     out = Path(out_dir)
-    rebuild = f"rebuild it with `mates-megatron prepare --embedded --out {out}`"
+    rebuild = f"rebuild it with `mates-lab embedded --out {out}`"
     path = out / "embedded_manifest.json"
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
@@ -51,3 +49,24 @@ def check_embedded_data(out_dir: str | Path) -> str | None:
             f"figures differ from a fresh build here; to match one, {rebuild}"
         )
     return None
+
+
+def ensure_embedded_data(cfg: dict[str, Any]) -> int:
+    """Before a run of ``cfg``: when it trains on data/embedded, build that data if it is missing, or check it
+    (``check_embedded_data``) if present. Returns an exit code (2 with ``error: ...`` on stderr)."""
+    prefix = Path(cfg.get("data_prefix", ""))
+    if prefix.parent != Path("data/embedded"):
+        return 0
+    if not Path(f"{prefix}.bin").is_file():
+        from mates_lab.data.commands import embed
+
+        print(f"[mates-lab] preparing the embedded data into {prefix.parent} (first run only)", flush=True)
+        return embed(prefix.parent)
+    try:
+        warning = check_embedded_data(prefix.parent)
+    except EmbeddedCorpusError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if warning:
+        print(f"[mates-lab] warning: {warning}", flush=True)
+    return 0

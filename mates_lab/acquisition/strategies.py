@@ -32,8 +32,8 @@ from dataclasses import replace
 
 import numpy as np
 
-from mates_megatron.acquisition.market import Market, MarketError, MarketView
-from mates_megatron.acquisition.score import cost, fit_predict, validate_purchase, within_budget
+from mates_lab.acquisition.market import Market, MarketError, MarketView
+from mates_lab.acquisition.score import cost, fit_predict, validate_purchase, within_budget
 
 Strategy = Callable[[MarketView, int], dict[str, int]]
 STRATEGIES: dict[str, Strategy] = {}

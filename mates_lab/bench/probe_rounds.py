@@ -1,4 +1,4 @@
-"""`mates-megatron bench probe --config CFG --seeds ...`: every estimator against the oracle at every scored round
+"""`mates-lab bench probe --config CFG --seeds ...`: every estimator against the oracle at every scored round
 of a run config (the demo's by default), not at one model state.
 
 The run is trained as its config says (layout, model, optimizer, schedule, reference set, ``probe_tokens``), on

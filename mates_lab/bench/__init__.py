@@ -1,4 +1,4 @@
-"""`mates-megatron bench ...`: benchmarks that print and write their figures (never timed tests)."""
+"""`mates-lab bench ...`: benchmarks that print and write their figures (never timed tests)."""
 
 from __future__ import annotations
 
@@ -58,18 +58,18 @@ def _write(result: dict, out: Path | None) -> None:
 
 def _run_probe_bench(a) -> int:
     if a.config is not None:
-        from mates_megatron.bench.probe_rounds import bench_probe_rounds
+        from mates_lab.bench.probe_rounds import bench_probe_rounds
 
         _write(bench_probe_rounds(a.config, a.seeds, a.probes or 0, a.oracle_probes), a.out)
         return 0
-    from mates_megatron.bench.probe import bench_probe
+    from mates_lab.bench.probe import bench_probe
 
     _write(bench_probe(a.data, a.probes or 64, a.warmup_steps, a.reference_size, bf16=a.bf16), a.out)
     return 0
 
 
 def _run_influence_bench(a) -> int:
-    from mates_megatron.bench.influence import bench_influence
+    from mates_lab.bench.influence import bench_influence
 
     _write(
         bench_influence(
@@ -83,7 +83,7 @@ def _run_influence_bench(a) -> int:
 
 
 def _run_round_bench(a) -> int:
-    from mates_megatron.bench.rounds import bench_round
+    from mates_lab.bench.rounds import bench_round
 
     _write(
         bench_round(
@@ -101,13 +101,13 @@ def _run_round_bench(a) -> int:
 
 
 def _quality(probes: int, epochs: int) -> dict:
-    from mates_megatron.bench.influence_quality import bench_influence_quality
+    from mates_lab.bench.influence_quality import bench_influence_quality
 
     return bench_influence_quality(probes=probes, epochs=epochs)
 
 
 def _run_ot_bench(a) -> int:
-    from mates_megatron.bench.ot import bench_ot
+    from mates_lab.bench.ot import bench_ot
 
     _write(
         bench_ot(
@@ -121,14 +121,14 @@ def _run_ot_bench(a) -> int:
 
 
 def _run_autoscale_bench(a) -> int:
-    from mates_megatron.bench.autoscale import bench_autoscale
+    from mates_lab.bench.autoscale import bench_autoscale
 
     _write(bench_autoscale(a.data, a.work, steps=a.steps, seed=a.seed), a.out)
     return 0
 
 
 def _run_projektor_bench(a) -> int:
-    from mates_megatron.bench.projektor import bench_projektor
+    from mates_lab.bench.projektor import bench_projektor
 
     _write(
         bench_projektor(a.data, a.work, steps=a.steps, mixtures=a.mixtures, evaluate=a.evaluate,
@@ -139,7 +139,7 @@ def _run_projektor_bench(a) -> int:
 
 
 def _run_dam_bench(a) -> int:
-    from mates_megatron.bench.dam import bench_dam
+    from mates_lab.bench.dam import bench_dam
 
     _write(bench_dam(a.data, a.work, markets=a.markets, seed=a.seed, draws=a.draws), a.out)
     return 0
@@ -148,7 +148,7 @@ def _run_dam_bench(a) -> int:
 def _run_trace_bench(a) -> int:
     import yaml
 
-    from mates_megatron.bench.trace import bench_trace
+    from mates_lab.bench.trace import bench_trace
 
     options = yaml.safe_load(a.options) or {}
     _write(
@@ -187,7 +187,7 @@ def add_bench_parser(sub) -> None:
         type=Path,
         default=None,
         help="a run config (e.g. configs/demo_cpu.yaml): every estimator against the oracle at each of its scored "
-        "rounds, trained as it says (mates_megatron.bench.probe_rounds)",
+        "rounds, trained as it says (mates_lab.bench.probe_rounds)",
     )
     pr.add_argument(
         "--seeds", type=int, nargs="+", default=[1234, 1, 2], help="with --config: the runs' seeds"

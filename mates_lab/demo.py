@@ -1,4 +1,4 @@
-"""`mates-megatron demo`: the arms of the evidence, same model, budget and seeds, on the embedded data.
+"""`mates-lab demo`: the arms of the evidence, same model, budget and seeds, on the embedded data.
 
 Every arm is the config run once under torchrun (``mates_megatron.pretrain``, so its progress streams to the
 terminal) with only its selection changed:
@@ -177,7 +177,7 @@ def _arm(run: dict[str, Any], random_run: dict[str, Any], headline: str) -> dict
     if headline not in evals:
         raise ValueError(
             f"evaluation set {headline!r} was not logged (logged: {sorted(evals) or 'none'}); set eval_sets in "
-            "the config (`prepare --embedded` writes heldout.jsonl) or pass --headline"
+            "the config (`mates-lab embedded` writes heldout.jsonl) or pass --headline"
         )
     held = _curve_figures(run, evals[headline], random_run["eval"][headline], random_run)
     probe = _curve_figures(run, run["reference_loss"], random_run["reference_loss"], random_run)
@@ -296,7 +296,8 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from mates_megatron.cli import launch_pretrain
+    from mates_lab.data.embedded_check import ensure_embedded_data
+    from mates_megatron.launch import launch_pretrain, run_config
 
     if not args.config.is_file():
         print(f"error: config {args.config} not found (run from the repository root or pass --config)",
@@ -311,15 +312,19 @@ def run_demo(args: argparse.Namespace) -> int:
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     runs: dict[str, dict[str, Any]] = {}
+    if (rc := ensure_embedded_data(next(iter(configs.values())))) != 0:
+        return rc
     for i, (name, cfg) in enumerate(configs.items(), 1):
-        cfg_path, metrics_path = args.out / f"{name}.yaml", args.out / f"{name}.json"
-        cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-        print(f"[demo] run {i}/{len(configs)}: {name} ({cfg_path})", flush=True)
-        rc = launch_pretrain(cfg_path, ["--metrics-out", str(metrics_path)], args.nproc_per_node)
-        if rc:
-            print(f"error: the {name} run failed (exit code {rc}); see its output above", file=sys.stderr)
-            return rc
-        runs[name] = json.loads(metrics_path.read_text())
+        print(f"[demo] run {i}/{len(configs)}: {name} ({args.out / name / 'config.yaml'})", flush=True)
+        try:
+            runs[name] = run_config(
+                cfg,
+                args.out / name,
+                runner=lambda path, rest: launch_pretrain(path, rest, args.nproc_per_node),
+            )
+        except RuntimeError as e:
+            print(f"error: the {name} run: {e}", file=sys.stderr)
+            return 1
     try:
         report = build_report(runs, args.headline)
     except ValueError as e:

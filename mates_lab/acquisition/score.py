@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from mates_megatron.acquisition.market import Market, MarketError, MarketView
+from mates_lab.acquisition.market import Market, MarketError, MarketView
 
 MAX_ITER = 1000
 """Iterations of the logistic regression's solver."""

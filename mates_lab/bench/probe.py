@@ -1,4 +1,4 @@
-"""`mates-megatron bench probe`: probe throughput, agreement, memory and phases on the embedded data (one process).
+"""`mates-lab bench probe`: probe throughput, agreement, memory and phases on the embedded data (one process).
 
 A small GPT is warmed up on the embedded corpus, then the same probe samples are scored five ways:
 "reload" (the reference implementation's loop: load the saved model + optimizer state from disk before
@@ -167,8 +167,6 @@ def bench_probe(
     from mates_megatron.compat.spawn import run_on_ranks
 
     if not Path(f"{data_dir}/train.bin").is_file():
-        raise FileNotFoundError(
-            f"{data_dir}/train.bin not found: run `mates-megatron prepare --embedded --out {data_dir}`"
-        )
+        raise FileNotFoundError(f"{data_dir}/train.bin not found: run `mates-lab embedded --out {data_dir}`")
     args = (data_dir, probes, warmup_steps, reference_size, bf16)
     return run_on_ranks(_worker, 1, *args, timeout=3600, cuda=torch.cuda.is_available())[0]

@@ -76,8 +76,8 @@ def bench_dam(
 ) -> dict[str, Any]:  # fmt: skip
     from scipy.stats import spearmanr
 
-    from mates_megatron.acquisition import STRATEGIES, build_market, run_strategy, save_market, score
-    from mates_megatron.acquisition.strategies import lava_worth, one_thread
+    from mates_lab.acquisition import STRATEGIES, build_market, run_strategy, save_market, score
+    from mates_lab.acquisition.strategies import lava_worth, one_thread
 
     if markets < 1:
         raise ValueError(f"markets={markets} must be >= 1")

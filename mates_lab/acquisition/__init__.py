@@ -2,7 +2,7 @@
 see only a public view, and the scorer (logistic-regression accuracy on a hidden test set, DataPerf's
 ``0.98 * accuracy + 0.02 * unspent budget share``)."""
 
-from mates_megatron.acquisition.market import (
+from mates_lab.acquisition.market import (
     Market,
     MarketError,
     MarketView,
@@ -12,8 +12,8 @@ from mates_megatron.acquisition.market import (
     load_market,
     save_market,
 )
-from mates_megatron.acquisition.score import cost, dam_score, score, validate_purchase
-from mates_megatron.acquisition.strategies import STRATEGIES, get_strategy, rows_for_mixture, run_strategy
+from mates_lab.acquisition.score import cost, dam_score, score, validate_purchase
+from mates_lab.acquisition.strategies import STRATEGIES, get_strategy, rows_for_mixture, run_strategy
 
 __all__ = [
     "STRATEGIES",

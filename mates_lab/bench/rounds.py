@@ -1,4 +1,4 @@
-"""`mates-megatron bench round`: one selection round at growing candidate counts, each phase measured beside the
+"""`mates-lab bench round`: one selection round at growing candidate counts, each phase measured beside the
 cost model's projection, and the paper rounds projected.
 
 Measured: a whole round after the probes on a synthetic token-id pool (candidates are generated from their
@@ -92,7 +92,7 @@ def _round_on_rank(n: int, seq_length: int, probes: int, batch_size: int, token_
     rss["setup"] = _peak_rss()
     from threadpoolctl import threadpool_limits
 
-    from mates_megatron.bench.calibrate import host_flops, lookup_op_seconds, tokenize_rate
+    from mates_lab.bench.calibrate import host_flops, lookup_op_seconds, tokenize_rate
 
     # One BLAS thread per rank, as torchrun's OMP_NUM_THREADS=1 sets it (spawned ranks would otherwise spin
     # every core each, and the ridge fit's solves take 20x the CPU here).
@@ -175,7 +175,7 @@ def bench_round(
     embedded data in ``data_dir`` (0: not measured; ``probe_options``: ``measure_probe_phases``'s keywords);
     set every phase beside its projection; project the paper rounds. ``token_ids``: the encoder reads the
     candidates' ids (``influence.pass_token_ids``) instead of their decoded text."""
-    from mates_megatron.bench.paper_cost import paper_cost
+    from mates_lab.bench.paper_cost import paper_cost
     from mates_megatron.compat.spawn import run_on_ranks
 
     load = _load()
@@ -200,7 +200,7 @@ def bench_round(
     phases = [row for run in runs for row in _influence_rows(run, seq_length, probes, batch_size, token_ids)]
     probe_phases = None
     if gpt_probes:
-        from mates_megatron.bench.round_probes import compare, measure_probe_phases
+        from mates_lab.bench.round_probes import compare, measure_probe_phases
 
         probe_phases = measure_probe_phases(data_dir, probes=gpt_probes, **(probe_options or {}))
         for label in ("calibrated", "preset"):

@@ -1,4 +1,4 @@
-"""`mates-megatron bench ot`: LAVA's and GOT-D's effects at toy scale on the embedded data, and the scale of
+"""`mates-lab bench ot`: LAVA's and GOT-D's effects at toy scale on the embedded data, and the scale of
 the streamed Sinkhorn.
 
 - ``lava_flip_recall_at_10pct``: a 5-class text task, label = the document's domain: a class-balanced
@@ -103,21 +103,18 @@ def _continue_runs(
     seed: int,
 ) -> dict[str, Any]:
     """Pretrain on the random mix, then continue each arm from those weights; held-out losses."""
-    from mates_megatron.cli import launch_pretrain
-    from mates_megatron.demo import smooth
+    from mates_lab.demo import smooth
+    from mates_megatron.launch import run_config
     from mates_megatron.ot.values_file import write_values
 
     base_cfg = yaml.safe_load(config.read_text())
     base_cfg = {**base_cfg, "seed": seed, "train_iters": base_iters, "eval_interval": 20}
     sel = base_cfg["selection"]
     base_dir = out / f"base_seed{seed}"
-    if not (base_dir / "latest_checkpointed_iteration.txt").is_file():
-        cfg = {**base_cfg, "save": str(base_dir),
-               "selection": {**sel, "selector": "random", "scorer": "none", "scorer_options": {}, "seed": seed}}  # fmt: skip
-        path = out / f"base_seed{seed}.yaml"
-        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-        if launch_pretrain(path, []):
-            raise RuntimeError(f"the base pretraining run {path} failed")
+    # The base run's checkpoint is what the arms continue from: kept (its own directory holds config and metrics).
+    run_config({**base_cfg, "save": str(base_dir / "ckpt"),
+                "selection": {**sel, "selector": "random", "scorer": "none", "scorer_options": {}, "seed": seed}},
+               base_dir)  # fmt: skip
     for name, v in values.items():
         write_values(
             data / "train-shards", f"bench_{name}", v, {"method": name, "pool_fingerprint": fingerprint}
@@ -140,13 +137,9 @@ def _continue_runs(
         cfg = {
             **base_cfg, "train_iters": iters, "lr_warmup_iters": 0, "lr_decay_style": "constant",
             "lr": base_cfg.get("min_lr", 2e-4), "min_lr": base_cfg.get("min_lr", 2e-4), "eval_interval": 5,
-            "pretrained_checkpoint": str(base_dir), "selection": {**sel, **common, **arm},
+            "pretrained_checkpoint": str(base_dir / "ckpt"), "selection": {**sel, **common, **arm},
         }  # fmt: skip
-        path, metrics = out / f"{name}_seed{seed}.yaml", out / f"{name}_seed{seed}.json"
-        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-        if launch_pretrain(path, ["--metrics-out", str(metrics)]):
-            raise RuntimeError(f"the continued-training run {path} failed")
-        run = json.loads(metrics.read_text())
+        run = run_config(cfg, out / f"{name}_seed{seed}")
         held = run["eval"]["heldout/python_docs"]
         result[name] = {
             "heldout": smooth(held)[-1],

@@ -1,4 +1,4 @@
-"""`mates-megatron bench autoscale`: AutoScale's two effects at toy scale on the embedded domains.
+"""`mates-lab bench autoscale`: AutoScale's two effects at toy scale on the embedded domains.
 
 DDO at two small budgets (``steps`` and ``2 * steps``, 11 proxy runs each over the 5 domains), AutoScale's
 prediction for ``8 * steps`` (four times the larger), and DDO run directly at ``8 * steps`` as the check. Then

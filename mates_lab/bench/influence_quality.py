@@ -1,4 +1,4 @@
-"""`mates-megatron bench influence-quality`: how well influence models predict oracle scores.
+"""`mates-lab bench influence-quality`: how well influence models predict oracle scores.
 
 Two rounds on the embedded data: warm up a small GPT, score `probes` pool documents with the linearized
 oracle (it ranks exactly like the locally probed oracle here: Spearman 1.0 in `bench probe`), train on, score

@@ -1,4 +1,4 @@
-"""`mates-megatron bench influence`: the influence stage's candidates/s, end to end and encoder only, against
+"""`mates-lab bench influence`: the influence stage's candidates/s, end to end and encoder only, against
 the encoder's FLOP bound; and the fit's throughput.
 
 Candidates are windows of the embedded indexed dataset (``seq_length`` pretraining tokens each), read through
@@ -132,9 +132,7 @@ def _candidate_texts(data: Path, cache: Path, n: int, seq_length: int, *, tokeni
 
     prefix = data / "train"
     if not Path(f"{prefix}.bin").is_file():
-        raise FileNotFoundError(
-            f"{prefix}.bin not found: run `mates-megatron prepare --embedded --out {data}`"
-        )
+        raise FileNotFoundError(f"{prefix}.bin not found: run `mates-lab embedded --out {data}`")
     info = TokenizerInfo.from_meta(prefix)
     ds = build_gpt_dataset(
         prefix, seq_length=seq_length, num_samples=n, seed=0, tokenizer=info, cache_dir=cache

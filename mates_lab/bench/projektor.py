@@ -1,4 +1,4 @@
-"""`mates-megatron bench projektor`: Projektor's projection and mixture at toy scale on the embedded domains.
+"""`mates-lab bench projektor`: Projektor's projection and mixture at toy scale on the embedded domains.
 
 The sources are the 5 embedded domains; each reveals ``revealed`` documents (what the OT reads), and the
 pilot runs (``steps`` and ``2 * steps``, every pilot mixture: uniform, each source alone, seeded Dirichlet
@@ -36,7 +36,7 @@ def bench_projektor(
     data: Path, out: Path, *, steps: int = 40, mixtures: int = 16, evaluate: int = 8, revealed: int = 100,
     seed: int = 0,
 ) -> dict[str, Any]:  # fmt: skip
-    from mates_megatron.bench.autoscale import base_config, split_heldout
+    from mates_lab.bench.autoscale import base_config, split_heldout
     from mates_megatron.mixture.plan import train_once, write_run_config
     from mates_megatron.mixture.projektor import (
         PLAN,

@@ -30,7 +30,7 @@ def _clock(name: str):
 
 def _worker(data_dir: str, gpt: dict, micro_batch_size: int, probes: int, oracle_probes: int, reference: int,
             steps: int, repeats: int, clock_name: str) -> dict:  # fmt: skip
-    from mates_megatron.bench.calibrate import calibrate, mean_machine
+    from mates_lab.bench.calibrate import calibrate, mean_machine
     from mates_megatron.cost import MACHINES, Layout, TransformerShape
     from mates_megatron.cost.phases import probe_parts
     from mates_megatron.cost.seconds import RankSeconds
@@ -134,9 +134,7 @@ def measure_probe_phases(
     from mates_megatron.compat.spawn import run_on_ranks
 
     if not Path(f"{data_dir}/train.bin").is_file():
-        raise FileNotFoundError(
-            f"{data_dir}/train.bin not found: run `mates-megatron prepare --embedded --out {data_dir}`"
-        )
+        raise FileNotFoundError(f"{data_dir}/train.bin not found: run `mates-lab embedded --out {data_dir}`")
     oracle = oracle_probes if oracle_probes is not None else max(1, probes // 4)
     args = (data_dir, gpt or SMALL_GPT, micro_batch_size, probes, oracle, reference, steps, repeats, clock)
     return run_on_ranks(_worker, 1, *args, timeout=3600)[0]
