@@ -33,7 +33,7 @@ class SelectionConfig:
     selection_ratio: float = 0.2
     """Fraction of a round's candidates that it trains on (the round's pool is 1/ratio x its batches)."""
     selector: str = "random"
-    """Selector (mates_megatron.select.SELECTORS): random, topk, gumbel (Gumbel-top-k, MATES) or importance
+    """Selector (mates_megatron.selectors.SELECTORS): random, topk, gumbel (Gumbel-top-k, MATES) or importance
     (Gumbel-top-k on raw log importance weights at temperature 1: DSIR's resampling, with scorer 'dsir')."""
     temperature: float = 0.5
     """Gumbel-top-k temperature (selector 'gumbel'), applied to scores z-scored within the round."""
@@ -118,7 +118,7 @@ class SelectionConfig:
         from mates_megatron.probe.estimators import ESTIMATORS
         from mates_megatron.registry import import_modules
         from mates_megatron.scorers import SCORERS
-        from mates_megatron.select import SELECTORS
+        from mates_megatron.selectors import SELECTORS
 
         import_modules(self.imports)
         if self.selector == "mates":
@@ -137,7 +137,7 @@ class SelectionConfig:
                 "selector 'mixture' needs mixture_weights (a domain-weight file), and mixture_weights is read by "
                 f"selector 'mixture' only; got selector={self.selector!r}, mixture_weights={self.mixture_weights!r}"
             )
-        from mates_megatron.mixture.selector import WHEN_SHORT
+        from mates_megatron.selectors.mixture import WHEN_SHORT
 
         if self.mixture_when_short not in WHEN_SHORT:
             raise ValueError(
@@ -282,7 +282,7 @@ class SelectionConfig:
         a ``from_config(sel, pool)`` classmethod (e.g. 'mixture', which reads the pool's domains) is built by it."""
         from dataclasses import fields
 
-        from mates_megatron.select import SELECTORS
+        from mates_megatron.selectors import SELECTORS
 
         cls = SELECTORS.get(self.selector)
         if hasattr(cls, "from_config"):

@@ -40,7 +40,7 @@ from mates_megatron.pool.manifest import SelectionStore
 from mates_megatron.runtime.rng import get_rng_state, set_rng_state
 from mates_megatron.sampler import MatesSampler
 from mates_megatron.scorers.base import PendingScores, RoundInput, Scorer
-from mates_megatron.select import RandomSelector, Selector
+from mates_megatron.selectors import RandomSelector, Selector
 
 log = logging.getLogger("mates_megatron.hooks")
 

@@ -17,7 +17,7 @@ def bench_sampler(candidates: int, *, ratio: float = 0.2, micro_batches: int = 1
     """
     from mates_megatron.pool.base import PoolRounds
     from mates_megatron.sampler import MatesSampler
-    from mates_megatron.select import RandomSelector
+    from mates_megatron.selectors import RandomSelector
 
     k = int(candidates * ratio)
     mbs, dp = 8, 1

@@ -67,7 +67,7 @@ def _round_on_rank(n: int, seq_length: int, probes: int, batch_size: int, token_
     from mates_megatron.influence.registry import build_influence_model
     from mates_megatron.pool.base import PoolRounds, candidate_inputs
     from mates_megatron.sampler import MatesSampler
-    from mates_megatron.select import GumbelTopKSelector
+    from mates_megatron.selectors import GumbelTopKSelector
 
     seconds: dict[str, float] = {}
     cpu: dict[str, float] = {}

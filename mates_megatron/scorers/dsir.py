@@ -49,7 +49,6 @@ import numpy as np
 
 from mates_megatron.pool.base import candidate_inputs
 from mates_megatron.scorers.base import SCORERS, RoundInput, Scorer, Scores
-from mates_megatron.select import SELECTORS, GumbelTopKSelector
 
 WORDPUNCT = r"\w+|[^\w\s]+"
 """nltk's WordPunctTokenizer pattern: the ``data-selection`` package's default tokenizer."""
@@ -193,21 +192,3 @@ class DSIRScorer(Scorer):
             "seconds": {"score": time.perf_counter() - t},
         }
         return Scores(-log_w, record)
-
-
-@SELECTORS.register("importance")
-@dataclass(frozen=True)
-class ImportanceResamplingSelector:
-    """DSIR's resampling: keep the k lowest of ``score - G``, G ~ Gumbel(0, 1), on the raw scores.
-
-    With scores = minus log importance weights this draws k candidates without replacement with
-    probabilities proportional to the weights (Gumbel-top-k at temperature 1, no z-scoring). It has no
-    temperature: ``selection.temperature`` does not apply.
-    """
-
-    needs_scores: ClassVar[bool] = True
-
-    def select(self, candidates, k, *, scores, seed, round_):
-        return GumbelTopKSelector(temperature=1.0, standardize=False).select(
-            candidates, k, scores=scores, seed=seed, round_=round_
-        )

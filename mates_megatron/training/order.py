@@ -4,14 +4,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
 from mates_megatron.training.data import sequential_indices
-
-if TYPE_CHECKING:
-    from mates_megatron.training.loop import Trainer
 
 
 class SampleOrder(Protocol):
@@ -32,7 +29,8 @@ class TrainerHook(Protocol):
     An optional ``state_rank: int`` names the rank whose ``state_dict`` is complete (default 0); an optional
     ``settle()`` is called on every rank before ``state_dict`` (work in flight finishes first)."""
 
-    def on_step_end(self, trainer: Trainer, iteration: int, metrics: dict[str, float]) -> None: ...
+    # ``trainer`` is the loop's Trainer, left untyped so that the protocols do not import the loop.
+    def on_step_end(self, trainer: Any, iteration: int, metrics: dict[str, float]) -> None: ...
 
     def state_dict(self) -> dict[str, Any]: ...
 

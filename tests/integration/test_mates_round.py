@@ -19,7 +19,7 @@ def _train(data, overrides):
     selection = overrides.pop("selection", {})
     worker_delay = overrides.pop("worker_delay", 0.0)
     from mates_megatron.configio import build
-    from mates_megatron.select import RandomSelector
+    from mates_megatron.selectors import RandomSelector
     from mates_megatron.training.build import build_trainer
     from mates_megatron.training.loop import TrainConfig
 

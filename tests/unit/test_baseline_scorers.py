@@ -22,8 +22,8 @@ from mates_megatron.config import SelectionConfig
 from mates_megatron.pool.base import PoolRounds
 from mates_megatron.probe.reference import ReferenceSet
 from mates_megatron.scorers import SCORERS, RoundInput
-from mates_megatron.scorers.dsir import WORDPUNCT, ImportanceResamplingSelector
-from mates_megatron.select import SELECTORS
+from mates_megatron.scorers.dsir import WORDPUNCT
+from mates_megatron.selectors import SELECTORS, ImportanceResamplingSelector
 
 CATS = [
     "the cat sat on the mat and the cat purred softly",

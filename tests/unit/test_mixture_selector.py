@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from mates_megatron.config import SelectionConfig
-from mates_megatron.mixture.selector import MixtureSelector, quotas
 from mates_megatron.mixture.weights import MixtureError, read_weights
 from mates_megatron.pool.base import PoolError
+from mates_megatron.selectors.mixture import MixtureSelector, quotas
 
 DOMAINS = ["a", "b", "c", "d"]
 SIZES = [3000, 1000, 500, 200]

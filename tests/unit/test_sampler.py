@@ -7,7 +7,7 @@ import pytest
 
 from mates_megatron.pool.base import PoolError, PoolRounds
 from mates_megatron.sampler import MatesSampler
-from mates_megatron.select import RandomSelector
+from mates_megatron.selectors import RandomSelector
 
 GBS, MBS, STEPS_PER_ROUND, STEPS = 8, 2, 5, 23
 SPR = GBS * STEPS_PER_ROUND

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.stats import chisquare
 
-from mates_megatron.select import SELECTORS, GumbelTopKSelector, RandomSelector, TopKSelector
+from mates_megatron.selectors import SELECTORS, GumbelTopKSelector, RandomSelector, TopKSelector
 
 CANDIDATES = np.arange(100, 130, dtype=np.int32)
 

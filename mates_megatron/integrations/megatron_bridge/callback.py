@@ -23,8 +23,8 @@ import torch
 import torch.distributed as dist
 
 from mates_megatron.config import SelectionConfig
-from mates_megatron.integrations.megatron_bridge import import_bridge
 from mates_megatron.integrations.megatron_bridge.host import bridge_host
+from mates_megatron.integrations.megatron_bridge.imports import import_bridge
 from mates_megatron.integrations.megatron_lm import state as mlm_state
 from mates_megatron.integrations.megatron_lm.loader import build_mates_data_loader
 from mates_megatron.probe.settings import Refusal, Spelling, core_values, probe_setting_problems

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from mates_megatron.integrations.megatron_bridge import import_bridge
+from mates_megatron.integrations.megatron_bridge.imports import import_bridge
 from mates_megatron.plugin import pool_num_samples
 
 DatasetProvider = import_bridge("megatron.bridge.training.config").DatasetProvider

@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from mates_megatron.mixture.weights import MixtureError, read_weights
 from mates_megatron.pool.base import PoolError
-from mates_megatron.select import SELECTORS
+from mates_megatron.selectors.base import SELECTORS
 
 log = logging.getLogger("mates_megatron.mixture")
 
