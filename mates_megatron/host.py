@@ -1,8 +1,9 @@
 """The host protocol: what the round needs of the training job that runs it.
 
-A host is the training job: the project's own Megatron-Core loop (``mates_megatron.training``), Megatron-LM
-(``mates_megatron.integrations.megatron_lm``) or, later, Megatron-Bridge. The round never imports a host;
-each host implements ``Host`` and passes itself to ``MatesHook.on_step_end(host, iteration, metrics)``.
+A host is the training job: the project's own Megatron-Core loop (``mates_megatron.training``),
+Megatron-LM (``mates_megatron.integrations.megatron_lm``) or Megatron-Bridge, through a callback
+(``mates_megatron.integrations.megatron_bridge``). The round never imports a host; each host implements
+``Host`` and passes itself to ``MatesHook.on_step_end(host, iteration, metrics)``.
 As Megatron-Core injects ``forward_step_func`` instead of importing the training script, the host injects
 its live objects here.
 """

@@ -3,7 +3,7 @@ demo model on it, then trace the facts and the leaks back with every method.
 
 The pool: ``background`` pieces of about 240 characters cut from the embedded corpus (every domain), with
 ``facts`` made-up facts planted in 3 supporting documents each and their entities in 3 distractor documents
-each (``trace/planted.py``), and ``leaks`` reference examples (cut to fit the window) copied in twice. The
+each (``mates_lab/planted.py``), and ``leaks`` reference examples (cut to fit the window) copied in twice. The
 model: the CPU demo's GPT (4 layers, 128 wide, TP=2), trained on that pool. Judged per method: recall@10
 of the supporting documents, the F1 of its supportive set (FASTTRACK's verdicts; the others' top 10, and
 their best top-k over k in 1..10 beside it), seconds per query over the whole pool (the 20 fact queries

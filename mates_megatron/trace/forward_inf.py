@@ -1,4 +1,4 @@
-"""Forward-INF (Jia et al. 2024, the mirrored influence hypothesis): train on the query, watch the pool.
+"""Forward-INF (Ko et al., CVPR 2024, the mirrored influence hypothesis): train on the query, watch the pool.
 
 The influence of a training document on a query mirrors the influence of the query on the document's loss.
 So, per query: ``steps`` gradient-descent steps on the query alone, each sized so that it lowers the query's
