@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
-import os
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mates_megatron import configio
+from mates_megatron.files import atomic_write_json
 
 if TYPE_CHECKING:
     from mates_megatron.training.config import TrainConfig
@@ -170,9 +169,7 @@ def main(argv: list[str] | None = None) -> None:
         rounds = [h for h in trainer.hooks if isinstance(h, MatesHook)]
         if rounds:
             out["selection"] = rounds[0].summary()
-        tmp = args.metrics_out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(out, indent=1))
-        os.replace(tmp, args.metrics_out)
+        atomic_write_json(args.metrics_out, out)
     destroy_parallel()
 
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
+
+from mates_megatron.files import atomic_write_text
 
 
 def bench_sampler(candidates: int, *, ratio: float = 0.2, micro_batches: int = 1000, seed: int = 0) -> dict:
@@ -50,10 +51,7 @@ def _write(result: dict, out: Path | None) -> None:
     text = json.dumps(result, indent=1)
     print(text)
     if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(out.suffix + ".tmp")
-        tmp.write_text(text + "\n")
-        os.replace(tmp, out)
+        atomic_write_text(out, text + "\n")
 
 
 def _run_probe_bench(a) -> int:

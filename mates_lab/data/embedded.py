@@ -53,10 +53,9 @@ from mates_lab.data.embedded_sources import (
     _machine,
     _package_docs,
     _python_sources,
-    _sha256,
     _stdlib_root,
-    _write_jsonl,
 )
+from mates_megatron.files import sha256_file, write_jsonl
 
 _WORD = re.compile(r"\S+")
 # A word of >= 3 ASCII letters, followed only by closing punctuation (not "name()" or "a.b").
@@ -297,10 +296,10 @@ def build_embedded_corpus(cfg: EmbeddedCorpusConfig, out_dir: str | Path) -> dic
         "eval_lambada": out / "eval_lambada.jsonl",
         "heldout": out / "heldout.jsonl",
     }
-    _write_jsonl(paths["corpus"], rows)
-    _write_jsonl(paths["reference"], split.reference)
-    _write_jsonl(paths["eval_lambada"], split.eval_examples)
-    _write_jsonl(paths["heldout"], heldout_rows)
+    write_jsonl(paths["corpus"], rows)
+    write_jsonl(paths["reference"], split.reference)
+    write_jsonl(paths["eval_lambada"], split.eval_examples)
+    write_jsonl(paths["heldout"], heldout_rows)
     counts = {name: len(docs) for name, docs in texts_by_domain.items()}
     heldout_counts = {name: len(heldout[name]) for name in DOMAINS}
     manifest = {
@@ -336,7 +335,7 @@ def build_embedded_corpus(cfg: EmbeddedCorpusConfig, out_dir: str | Path) -> dic
             },
             **_machine(dists),
         },
-        "sha256": {path.name: _sha256(path) for path in paths.values()},
+        "sha256": {path.name: sha256_file(path) for path in paths.values()},
     }
     manifest_path = out / "embedded_manifest.json"
     manifest_path.write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")

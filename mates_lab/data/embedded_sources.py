@@ -8,9 +8,7 @@ corpus). Documents are kept with their source (the stdlib file or the distributi
 from __future__ import annotations
 
 import ast
-import hashlib
 import importlib.metadata
-import json
 import platform
 import random
 import re
@@ -291,15 +289,3 @@ def _machine(dists: list[tuple[str, importlib.metadata.Distribution]]) -> dict:
         "python": platform.python_version(),
         "distributions": [f"{name}=={dist.version}" for name, dist in dists],
     }
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    tmp.replace(path)

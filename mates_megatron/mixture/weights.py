@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from mates_megatron.files import atomic_write_json
 
 FORMAT = "mates-mixture/1"
 
@@ -117,12 +118,7 @@ def read_weights(path: str | Path) -> WeightSchedule:
 
 def write_weights(path: str | Path, schedule: WeightSchedule) -> Path:
     """Atomic: a running job reading the file between rounds never sees half of it."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(schedule.to_json(), indent=1) + "\n")
-    os.replace(tmp, p)
-    return p
+    return atomic_write_json(path, schedule.to_json())
 
 
 def constant(weights: dict[str, float], source: dict[str, Any] | None = None) -> WeightSchedule:

@@ -50,7 +50,7 @@ def add_value_parser(sub) -> None:
 def value_pool(shards: Path, reference: Path, method: str, options: dict, seed: int = 0):
     """(values, meta) of every candidate of the pool at ``shards``."""
     from mates_megatron.config import SelectionConfig
-    from mates_megatron.ot.values_file import sha256_file
+    from mates_megatron.files import sha256_file
     from mates_megatron.pool.webdataset_pool import WebDatasetPool
     from mates_megatron.scorers import SCORERS, RoundInput
 

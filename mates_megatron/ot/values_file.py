@@ -7,13 +7,14 @@ A reader refuses values whose pool fingerprint or length differs from the pool i
 
 from __future__ import annotations
 
-import hashlib
+import io
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from mates_megatron.files import atomic_write_bytes, atomic_write_json
 
 
 def values_paths(shards_dir: str | Path, name: str) -> tuple[Path, Path]:
@@ -23,29 +24,16 @@ def values_paths(shards_dir: str | Path, name: str) -> tuple[Path, Path]:
     return d / f"{name}.npy", d / f"{name}.json"
 
 
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def write_values(shards_dir: str | Path, name: str, values: np.ndarray, meta: dict[str, Any]) -> Path:
     """Write atomically (a reader never sees half a file)."""
     values = np.asarray(values, dtype=np.float64)
     if not np.isfinite(values).all():
         raise ValueError(f"values {name!r} have {int((~np.isfinite(values)).sum())} non-finite entries")
     npy, js = values_paths(shards_dir, name)
-    npy.parent.mkdir(parents=True, exist_ok=True)
-    for path, write in (
-        (npy, lambda f: np.save(f, values)),
-        (js, lambda f: f.write(json.dumps({**meta, "count": len(values)}, indent=1).encode())),
-    ):
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
+    buf = io.BytesIO()
+    np.save(buf, values)
+    atomic_write_bytes(npy, buf.getvalue())
+    atomic_write_json(js, {**meta, "count": len(values)})
     return npy
 
 

@@ -23,42 +23,10 @@ from typing import BinaryIO
 
 import numpy as np
 
+from mates_megatron.files import atomic_write_bytes, sha256_file
 from mates_megatron.pool.base import PoolError
 
 MANIFEST = "manifest.json"
-
-
-def sha256_file(source: Path | BinaryIO, chunk: int = 1 << 20) -> str:
-    """The sha256 of a file, by path or through an open file (read with ``os.pread``: the file's offset,
-    which a forked process may share, is neither used nor moved)."""
-    if hasattr(source, "fileno"):
-        return _sha256_fd(source.fileno(), chunk)
-    with Path(source).open("rb") as f:
-        return _sha256_fd(f.fileno(), chunk)
-
-
-def _sha256_fd(fd: int, chunk: int) -> str:
-    h = hashlib.sha256()
-    offset = 0
-    while block := os.pread(fd, chunk, offset):
-        h.update(block)
-        offset += len(block)
-    return h.hexdigest()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; these files are read by other users' jobs too
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_manifest(shards_dir: Path, shards: list[dict]) -> Path:

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mates_megatron.files import atomic_write_json
+
 INDEX = "fasttrack"
 
 
@@ -188,7 +190,5 @@ def load_or_build(
     np.savez(tmp, **vars(index))
     os.replace(tmp, npz)
     meta = {**want, "leaves": index.num_leaves, "seconds": time.perf_counter() - t0}
-    tmp = meta_path.with_name(meta_path.name + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, meta_path)
+    atomic_write_json(meta_path, meta)
     return index, f"built: {why}"
