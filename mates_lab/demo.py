@@ -295,6 +295,26 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _check_arms(configs: dict[str, dict[str, Any]], path: Path, built: dict | None = None) -> dict | None:
+    """Each arm's TrainConfig built as its ranks build it (``pretrain.train_config_from_dict``), or with
+    ``built`` (those configs) the files they read checked (``pretrain.check_run_files``); None after one
+    ``error: <config>: ...`` line on stderr."""
+    from mates_megatron.pretrain import check_run_files, train_config_from_dict
+
+    out = {}
+    for name, cfg in configs.items():
+        where = f"{path} (arm {name})"
+        try:
+            if built is None:
+                out[name] = train_config_from_dict(cfg, where=where)
+            else:
+                check_run_files(built[name], where=where)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return None
+    return out if built is None else built
+
+
 def run_demo(args: argparse.Namespace) -> int:
     from mates_lab.data.embedded_check import ensure_embedded_data
     from mates_megatron.launch import launch_pretrain, run_config
@@ -310,10 +330,16 @@ def run_demo(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"error: {args.config}: {e}", file=sys.stderr)
         return 2
+    # Every arm's config as its ranks will build it, before anything is built or launched: a bad arm is refused
+    # in one line, not after the arms before it have trained.
+    if (built := _check_arms(configs, args.config)) is None:
+        return 2
     args.out.mkdir(parents=True, exist_ok=True)
     runs: dict[str, dict[str, Any]] = {}
     if (rc := ensure_embedded_data(next(iter(configs.values())))) != 0:
         return rc
+    if _check_arms(configs, args.config, built) is None:  # the files, once the embedded data exists
+        return 2
     for i, (name, cfg) in enumerate(configs.items(), 1):
         print(f"[demo] run {i}/{len(configs)}: {name} ({args.out / name / 'config.yaml'})", flush=True)
         try:

@@ -6,8 +6,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import yaml
-
 from mates_megatron import __version__
 from mates_megatron.launch import launch_pretrain
 
@@ -39,17 +37,13 @@ def _run_pretrain(args: argparse.Namespace, rest: list[str]) -> int:
             file=sys.stderr,
         )
         return 2
-    cfg = yaml.safe_load(args.config.read_text()) or {}
-    prefix = cfg.get("data_prefix")
-    if prefix and "--data-path" not in rest and not Path(f"{prefix}.bin").is_file():
-        fix = (
-            "build it with `mates-lab embedded --out data/embedded` (pip install '.[lab]'), or run `mates-lab demo`"
-            if Path(prefix).parent == Path("data/embedded")
-            else "prepare it with `mates-megatron prepare --input CORPUS.jsonl --output-prefix "
-            + str(prefix)
-            + "`"
-        )
-        print(f"error: {args.config}: data_prefix {prefix}: {prefix}.bin not found; {fix}", file=sys.stderr)
+    from mates_megatron.pretrain import check_launch
+
+    try:
+        # What both ranks would refuse at their start, refused once here: torchrun never starts.
+        check_launch(args.config, rest)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     return launch_pretrain(args.config, rest, args.nproc_per_node)
 

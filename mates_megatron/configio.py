@@ -171,7 +171,10 @@ def load_yaml(path: str | Path, *, section: str | None = None, where: str | None
     where = where or str(path)
     if not path.is_file():
         raise ValueError(f"{where}: no such file")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{where}: not valid YAML ({' '.join(str(e).split())})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{where}: expected a mapping at the top level, got {type(data).__name__}")
     if section is not None and section in data:

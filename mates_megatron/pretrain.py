@@ -5,6 +5,11 @@
 A YAML config gives the complete run (the fields of TrainConfig); flags override single fields: Megatron-LM's
 spellings for the run (``--num-layers``, ``--lr``, ...) and, for its ``selection`` section, the same
 ``--mates-*`` flags as the Megatron-LM integration. YAML and flags go through ``configio.build`` alike.
+
+``load_run`` is what every rank does before it touches torch.distributed: parse, build and validate the
+TrainConfig, and check the files it reads first (``check_run_files``). The launchers (``mates-megatron
+pretrain``, ``mates-lab demo``) call the same code before torchrun (``check_launch``), so that a bad config
+is refused once, in one line, and never by both ranks inside their tracebacks.
 """
 
 from __future__ import annotations
@@ -116,10 +121,17 @@ def train_config_from_dict(
     return configio.build(TrainConfig, data, where=where, sources=sources)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description="Megatron-Core GPT pretraining (CPU mode with --cpu)", allow_abbrev=False
-    )
+class _RefusingParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are ValueErrors (argparse prints usage and exits on its own)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise ValueError(message)
+
+
+def build_parser(*, exit_on_error: bool = True) -> argparse.ArgumentParser:
+    """The entry point's flags; with ``exit_on_error=False`` a bad flag raises ValueError instead of exiting."""
+    cls = argparse.ArgumentParser if exit_on_error else _RefusingParser
+    p = cls(description="Megatron-Core GPT pretraining (CPU mode with --cpu)", allow_abbrev=False)
     p.add_argument("--config", type=Path, help="YAML run config (fields of TrainConfig); flags override it")
     p.add_argument("--metrics-out", type=Path, help="write the loss/reference-loss history as JSON here")
     flags = _flags()
@@ -132,22 +144,91 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The TrainConfig of ``--config`` with the given flags laid over it (flags win)."""
+def _built(args: argparse.Namespace) -> tuple[TrainConfig, str, dict[str, str]]:
+    where = str(args.config or "flags")
     data: dict[str, Any] = configio.load_yaml(args.config) if args.config else {}
     flags = _flags()
-    overrides = configio.overrides_from_args(args, flags)
+    try:
+        overrides = configio.overrides_from_args(args, flags)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
     by_path = {f.path: f.flag for f in flags}
     sources = {p: by_path[p] for p in configio.given_paths(overrides) if p in by_path}
-    where = f"{args.config} + flags" if args.config and overrides else str(args.config or "flags")
-    return train_config_from_dict(configio.merge(data, overrides), where=where, sources=sources)
+    if args.config and overrides:
+        where = f"{args.config} + flags"
+    return (
+        train_config_from_dict(configio.merge(data, overrides), where=where, sources=sources),
+        where,
+        sources,
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig of ``--config`` with the given flags laid over it (flags win)."""
+    return _built(args)[0]
+
+
+def checked_config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """``config_from_args`` with the files the run reads checked (``check_run_files``)."""
+    cfg, where, sources = _built(args)
+    check_run_files(cfg, where=where, sources=sources)
+    return cfg
+
+
+def _data_fix(prefix: str) -> str:
+    if Path(prefix).parent == Path("data/embedded"):
+        return "build it with `mates-lab embedded --out data/embedded` (pip install '.[lab]'), or run `mates-lab demo`"
+    return f"prepare it with `mates-megatron prepare --input CORPUS.jsonl --output-prefix {prefix}`"
+
+
+def check_run_files(cfg: TrainConfig, *, where: str, sources: dict[str, str] | None = None) -> None:
+    """Refuse a run whose files are missing, before anything is built: the indexed dataset (``data_prefix``
+    .bin/.idx/.meta.json), the probe ``reference`` and every ``eval_sets`` file. ValueError naming ``where``,
+    the field (and the flag that set it) and the fix. Their contents are read later, by the ranks."""
+    from mates_megatron.probe.reference import require_jsonl
+
+    sources = sources or {}
+
+    def named(path: str, value: str) -> str:
+        return f"{path} {value}" + (f" ({sources[path]})" if path in sources else "")
+
+    prefix = cfg.data_prefix
+    for ext in (".bin", ".idx", ".meta.json"):
+        if not Path(f"{prefix}{ext}").is_file():
+            raise ValueError(
+                f"{where}: {named('data_prefix', prefix)}: {prefix}{ext} not found; {_data_fix(prefix)}"
+            )
+    files = [("reference", cfg.reference, "reference set")] if cfg.reference else []
+    files += [(f"eval_sets.{n}", p, f"evaluation set {n!r}") for n, p in cfg.eval_sets.items()]
+    for path, value, what in files:
+        try:
+            require_jsonl(value, what)
+        except FileNotFoundError as e:
+            raise ValueError(f"{where}: {named(path, value)}: {e}") from None
+
+
+def load_run(argv: list[str] | None = None) -> tuple[argparse.Namespace, TrainConfig]:
+    """The entry point's flags and its checked TrainConfig (``checked_config_from_args``): what every rank does
+    before it touches torch.distributed or builds the model."""
+    args = build_parser().parse_args(argv)
+    return args, checked_config_from_args(args)
+
+
+def check_launch(config: str | Path, rest: list[str]) -> TrainConfig:
+    """Refuse, before torchrun starts, what every rank of ``-m mates_megatron.pretrain --config config *rest``
+    would refuse at its start (``load_run`` without argparse's exit): ValueError whose message starts with the
+    config path. The launchers print it as one ``error:`` line."""
+    try:
+        args = build_parser(exit_on_error=False).parse_args(["--config", str(config), *rest])
+    except ValueError as e:
+        raise ValueError(f"{config} + flags: {e}") from None
+    return checked_config_from_args(args)
 
 
 def main(argv: list[str] | None = None) -> None:
     # Before anything imports megatron-core: its notices fire at import time.
     silence_megatron_core_notices()
-    args = build_parser().parse_args(argv)
-    cfg = config_from_args(args)
+    args, cfg = load_run(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     # megatron-core logs every parameter name and its whole optimizer config at INFO.
     logging.getLogger("megatron").setLevel(logging.WARNING)

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING
 
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
-from tqdm import tqdm
+
+from mates_megatron.progress import progress as progress_bar
 
 if TYPE_CHECKING:
     from mates_lab.data.embedded_config import EmbeddedCorpusConfig
@@ -134,7 +135,7 @@ def _python_sources(cfg: EmbeddedCorpusConfig, root: Path) -> tuple[list[Doc], l
     docs: list[Doc] = []
     code: list[Doc] = []
     n_files = 0
-    for path in tqdm(_stdlib_files(root), desc="embedded: stdlib", unit="file", leave=False):
+    for path in progress_bar(_stdlib_files(root), desc="embedded: stdlib", unit="file", leave=False):
         try:
             file_docs, file_code = _file_docs_and_code(path.read_text(encoding="utf-8"))
         except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
@@ -223,7 +224,7 @@ def _licenses(
     cfg: EmbeddedCorpusConfig, dists: list[tuple[str, importlib.metadata.Distribution]]
 ) -> tuple[list[Doc], int]:
     files: list[tuple[str, Path]] = []
-    for name, dist in tqdm(dists, desc="embedded: licenses", unit="pkg", leave=False):
+    for name, dist in progress_bar(dists, desc="embedded: licenses", unit="pkg", leave=False):
         info = _dist_dir(dist)
         if info is not None:
             files += (
@@ -248,7 +249,7 @@ def _package_docs(
 ) -> tuple[list[Doc], int]:
     docs: list[Doc] = []
     n_files = 0
-    for name, dist in tqdm(dists, desc="embedded: package docs", unit="pkg", leave=False):
+    for name, dist in progress_bar(dists, desc="embedded: package docs", unit="pkg", leave=False):
         text = dist.read_text("METADATA") or dist.read_text("PKG-INFO")
         if not text:
             continue

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from mates_megatron.data.tokenizer import default_tokenizer_path, eod_token_id, load_tokenizer
+from mates_megatron.progress import progress as progress_bar
 
 META_FORMAT = 1
 _MAX_DOMAINS = int(np.iinfo(np.int16).max) + 1
@@ -214,7 +214,7 @@ def prepare_corpus(cfg: PrepareConfig) -> PreparedCorpus:
                 shards[-1]["num_samples"] += 1
 
         batch: list[tuple[int, str, str]] = []
-        for item in tqdm(
+        for item in progress_bar(
             read_jsonl(cfg.input), total=total_lines, desc=f"prepare {cfg.input.name}", unit="doc"
         ):
             batch.append(item)

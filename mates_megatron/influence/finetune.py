@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from mates_megatron.influence.base import (
     FitResult,
@@ -30,6 +29,7 @@ from mates_megatron.influence.config import InfluenceConfig
 from mates_megatron.influence.encoder import EncoderRegressor
 from mates_megatron.influence.loader import batches as read_batches
 from mates_megatron.influence.loader import spans
+from mates_megatron.progress import progress as progress_bar
 from mates_megatron.stats import pearson, spearman
 
 MIN_HELDOUT = 3
@@ -137,7 +137,7 @@ def fit(
             texts, [b[rank::size] for b in batches], net.chunker.encode, workers=cfg.loader_workers,
             device=device, timeout_s=cfg.timeout_s,
         )  # fmt: skip
-        for batch, inputs in tqdm(
+        for batch, inputs in progress_bar(
             zip(batches, encoded, strict=True),
             total=steps,
             desc=f"influence fit epoch {epoch + 1}",
@@ -184,7 +184,7 @@ def predict(
         timeout_s=net.cfg.timeout_s,
     )  # fmt: skip
     show = progress and _show(group)
-    for part, inputs in tqdm(
+    for part, inputs in progress_bar(
         zip(parts, encoded, strict=True),
         total=len(parts),
         desc="influence predict",

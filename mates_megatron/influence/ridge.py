@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from mates_megatron.influence.base import (
     FitResult,
@@ -29,6 +28,7 @@ from mates_megatron.influence.config import InfluenceConfig
 from mates_megatron.influence.encoder import EncoderRegressor
 from mates_megatron.influence.loader import batches as read_batches
 from mates_megatron.influence.loader import spans
+from mates_megatron.progress import progress as progress_bar
 from mates_megatron.stats import pearson, spearman
 
 
@@ -67,7 +67,7 @@ class RidgeInfluenceModel(InfluenceModel):
         out = torch.zeros(per, dtype=torch.float32)
         parts = spans(lo, hi, self.cfg.predict_batch_size)
         show = rank_size(group)[0] == 0
-        for part, feats in tqdm(
+        for part, feats in progress_bar(
             zip(parts, streamed_features(net, texts, parts), strict=True),
             total=len(parts), desc="influence predict", leave=False, disable=not show,
         ):  # fmt: skip
@@ -121,7 +121,7 @@ def embed(net: EncoderRegressor, texts: Sequence[str], *, group=None, batch_size
     out = torch.zeros(per, net.encoder.config.hidden_size, dtype=torch.float64)
     parts = spans(lo, hi, batch_size)
     show = rank_size(group)[0] == 0
-    for part, chunk in tqdm(
+    for part, chunk in progress_bar(
         zip(parts, streamed_features(net, texts, parts), strict=True),
         total=len(parts), desc="influence embed", leave=False, disable=not show,
     ):  # fmt: skip

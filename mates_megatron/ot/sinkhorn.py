@@ -33,7 +33,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
-from tqdm import tqdm
+
+from mates_megatron.progress import progress as progress_bar
 
 
 @dataclass
@@ -249,7 +250,7 @@ def sinkhorn(
     g = torch.zeros(m, dtype=dt, device=dev) if g_init is None else torch.as_tensor(g_init).to(dev, dt)
     f = torch.empty(n, dtype=dt)
     err, it = math.inf, 0
-    bar = tqdm(total=cfg.max_iter, desc="sinkhorn", disable=not cfg.progress, leave=False)
+    bar = progress_bar(total=cfg.max_iter, desc="sinkhorn", disable=not cfg.progress, leave=False)
     b_exact = torch.as_tensor(b_np, device=dev)  # float64: the marginal sums are accumulated in it
     for it in range(1, cfg.max_iter + 1):
         # One pass: every block's f from the current g, then the plan's target marginal from the same

@@ -20,9 +20,9 @@ from dataclasses import replace
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from mates_megatron.ot.sinkhorn import OTResult, SinkhornConfig, sinkhorn
+from mates_megatron.progress import progress as progress_bar
 
 
 def embed_texts(
@@ -35,7 +35,9 @@ def embed_texts(
     net.eval()
     out = np.empty((len(texts), net.encoder.config.hidden_size), dtype=np.float32)
     with torch.no_grad():
-        for s in tqdm(range(0, len(texts), batch_size), desc="embed", leave=False, disable=not progress):
+        for s in progress_bar(
+            range(0, len(texts), batch_size), desc="embed", leave=False, disable=not progress
+        ):
             out[s : s + batch_size] = features(net, texts[s : s + batch_size])
     if normalize:
         norms = np.linalg.norm(out, axis=1, keepdims=True)

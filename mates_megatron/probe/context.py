@@ -17,9 +17,9 @@ import torch
 import torch.distributed as dist
 from megatron.core.tensor_parallel.layers import param_is_not_tensor_parallel_duplicate
 from megatron.core.transformer.module import param_is_not_shared
-from tqdm import tqdm
 
 from mates_megatron.host import ProcessGroups
+from mates_megatron.progress import progress as progress_bar
 from mates_megatron.runtime.schedule import Batch, evaluate, run_schedule
 
 if TYPE_CHECKING:
@@ -164,7 +164,7 @@ def gather_scores(
 
 def progress(items, ctx: ProbeContext, desc: str):
     show = ctx.show_progress and (not dist.is_initialized() or dist.get_rank() == 0)
-    return tqdm(items, desc=desc, unit="probe", leave=False, disable=not show)
+    return progress_bar(items, desc=desc, unit="probe", leave=False, disable=not show)
 
 
 def zero_grads(ctx: ProbeContext) -> None:

@@ -84,14 +84,21 @@ def make_batch(tokens: np.ndarray, loss_mask: np.ndarray) -> Batch:
     }
 
 
-def read_jsonl(path: str | Path, what: str = "reference set") -> list[tuple[int, dict]]:
-    """(line number, object) of every non-blank line; a line that is not a UTF-8 JSON object names itself."""
+def require_jsonl(path: str | Path, what: str = "reference set") -> Path:
+    """``path``, or FileNotFoundError naming ``what`` and the fix when it is no file (also checked by the
+    launchers before torchrun: ``pretrain.check_run_files``)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
             f'{what} {path} not found: pass a JSONL of {{"context", "target"}} or {{"text"}} lines '
             "(`mates-lab embedded --out DIR` writes DIR/reference.jsonl)"
         )
+    return path
+
+
+def read_jsonl(path: str | Path, what: str = "reference set") -> list[tuple[int, dict]]:
+    """(line number, object) of every non-blank line; a line that is not a UTF-8 JSON object names itself."""
+    path = require_jsonl(path, what)
     out = []
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, 1):

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import torch.distributed as dist
-from tqdm import tqdm
 
+from mates_megatron.progress import progress as progress_bar
 from mates_megatron.registry import Registry
 
 if TYPE_CHECKING:
@@ -135,7 +135,7 @@ class TopK:
 def chunks(inp: TraceInput, ids: np.ndarray, desc: str) -> Iterator[np.ndarray]:
     """``ids`` in chunks of ``inp.chunk``, with a progress bar on rank 0."""
     show = inp.show_progress and (not dist.is_initialized() or dist.get_rank() == 0)
-    with tqdm(total=len(ids), desc=desc, unit="doc", leave=False, disable=not show) as bar:
+    with progress_bar(total=len(ids), desc=desc, unit="doc", leave=False, disable=not show) as bar:
         for s in range(0, len(ids), inp.chunk):
             part = ids[s : s + inp.chunk]
             yield part

@@ -1,0 +1,166 @@
+"""A bad run config is refused once, before torchrun starts, in one line that names the key or file (issue 34).
+
+The launchers (``mates-megatron pretrain``, ``mates-lab demo``) build and check the config through the code the
+ranks run at their start (``pretrain.load_run``), so the two cannot disagree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mates_megatron import launch, pretrain
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _base(tmp_path: Path) -> dict:
+    """configs/demo_cpu.yaml with its files in tmp_path (empty: only their presence is checked here)."""
+    cfg = yaml.safe_load((REPO / "configs" / "demo_cpu.yaml").read_text())
+    data = tmp_path / "data"
+    data.mkdir(exist_ok=True)
+    for ext in (".bin", ".idx", ".meta.json"):
+        (data / f"train{ext}").write_text("")
+    for name in ("reference", "heldout", "lambada"):
+        (data / f"{name}.jsonl").write_text('{"text": "x"}\n')
+    cfg["data_prefix"] = str(data / "train")
+    cfg["reference"] = str(data / "reference.jsonl")
+    cfg["eval_sets"] = {"heldout": str(data / "heldout.jsonl"), "lambada": str(data / "lambada.jsonl")}
+    return cfg
+
+
+def _write(tmp_path: Path, cfg: dict, name: str = "run.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def _misspelt(cfg):
+    cfg["selection"]["temprature"] = 0.3
+
+
+def _ratio(cfg):
+    cfg["selection"]["selection_ratio"] = 1.5
+
+
+def _no_reference(cfg):
+    cfg["reference"] = str(Path(cfg["reference"]).with_name("missing.jsonl"))
+
+
+BAD = {
+    # (break the base config, what the one error line must name)
+    "misspelt_key": (_misspelt, ["unknown field 'selection.temprature'", "temperature"]),
+    "selection_ratio": (_ratio, ["selection_ratio=1.5", "must be in (0, 1]"]),
+    "missing_reference": (_no_reference, ["reference ", "missing.jsonl not found"]),
+}
+
+
+def test_the_base_config_passes(tmp_path):
+    cfg = pretrain.check_launch(_write(tmp_path, _base(tmp_path)), [])
+    assert cfg.selection is not None and cfg.selection.temperature == 0.25
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_launcher_and_ranks_refuse_the_same_way(case, tmp_path):
+    breaks, expected = BAD[case]
+    cfg = _base(tmp_path)
+    breaks(cfg)
+    path = _write(tmp_path, cfg)
+    with pytest.raises(ValueError) as launcher:
+        pretrain.check_launch(path, [])
+    with pytest.raises(ValueError) as rank:  # what each rank runs before torch.distributed
+        pretrain.load_run(["--config", str(path)])
+    assert str(launcher.value) == str(rank.value)
+    assert str(rank.value).startswith(f"{path}: ")
+    for text in expected:
+        assert text in str(rank.value)
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_pretrain_refuses_a_bad_config_in_one_line_without_torchrun(case, tmp_path):
+    """The console script as a user runs it (a real process, nothing patched)."""
+    breaks, expected = BAD[case]
+    cfg = _base(tmp_path)
+    breaks(cfg)
+    path = _write(tmp_path, cfg, "bad.yaml")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "mates_megatron.cli", "pretrain", "--config", str(path)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, out
+    assert errors[0].startswith(f"error: {path}: ")
+    for text in expected:
+        assert text in errors[0]
+    assert "Traceback" not in out and "ChildFailedError" not in out
+    assert "torch.distributed.run" not in out  # torchrun never started
+
+
+def test_flag_overrides_are_checked_and_named(tmp_path):
+    path = _write(tmp_path, _base(tmp_path))
+    with pytest.raises(ValueError, match=r"--data-path.*nowhere\.bin not found; prepare it with"):
+        pretrain.check_launch(path, ["--data-path", str(tmp_path / "nowhere")])
+    with pytest.raises(ValueError, match=r"selection\.temperature=.*--mates-temperature"):
+        pretrain.check_launch(path, ["--mates-temperature", "-1"])
+    with pytest.raises(ValueError, match=r"\+ flags: unrecognized arguments: --no-such-flag"):
+        pretrain.check_launch(path, ["--no-such-flag"])
+    # --data-path replaces a missing YAML prefix: its own files are the ones checked.
+    cfg = _base(tmp_path)
+    good = cfg["data_prefix"]
+    cfg["data_prefix"] = str(tmp_path / "gone")
+    assert pretrain.check_launch(_write(tmp_path, cfg), ["--data-path", good]).data_prefix == good
+
+
+def test_eval_set_files_are_checked(tmp_path):
+    cfg = _base(tmp_path)
+    cfg["eval_sets"]["heldout"] = str(tmp_path / "nope.jsonl")
+    with pytest.raises(
+        ValueError, match=r"eval_sets\.heldout .*evaluation set 'heldout' .*nope\.jsonl not found"
+    ):
+        pretrain.check_launch(_write(tmp_path, cfg), [])
+
+
+def test_invalid_yaml_is_one_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("selection: [\n")
+    with pytest.raises(ValueError, match="not valid YAML") as e:
+        pretrain.check_launch(path, [])
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("case", ["misspelt_key", "missing_reference"])
+def test_the_demo_refuses_a_bad_arm_before_any_arm_launches(case, tmp_path, monkeypatch, capsys):
+    from mates_lab.demo import run_demo
+
+    monkeypatch.setattr(launch.subprocess, "call", lambda *a, **k: pytest.fail("torchrun was launched"))
+    breaks, expected = BAD[case]
+    cfg = _base(tmp_path)
+    breaks(cfg)
+    path = _write(tmp_path, cfg)
+    args = argparse.Namespace(
+        config=path,
+        seed=None,
+        arms="random,mates",
+        out=tmp_path / "out",
+        headline="heldout",
+        nproc_per_node=1,
+    )
+    assert run_demo(args) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {path} (arm random): "), err
+    for text in expected:
+        assert text in err[0]
+    assert not (tmp_path / "out" / "random").exists()
