@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from mates_megatron.data.commands import print_summary
+from mates_megatron.data.commands import add_prepare_options, print_summary
 from mates_megatron.data.prepare import PrepareConfig, PrepareError, prepare_corpus
 from mates_megatron.data.tokenizer import default_tokenizer_path
 
@@ -30,13 +30,7 @@ def add_embedded_parser(subparsers) -> None:
     p.add_argument(
         "--out", type=Path, default=DEFAULT_EMBEDDED_OUT, help="output directory (default %(default)s)"
     )
-    p.add_argument(
-        "--tokenizer",
-        type=Path,
-        default=None,
-        help=f"local tokenizer directory (default {default_tokenizer_path()})",
-    )
-    p.add_argument("--samples-per-shard", type=int, default=1000, help="documents per tar shard")
+    add_prepare_options(p)
     p.add_argument("--seed", type=int, default=None, help="seed of the embedded corpus (default 1234)")
     p.add_argument(
         "--max-docs-per-domain",

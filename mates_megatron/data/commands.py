@@ -26,6 +26,13 @@ def add_prepare_parser(subparsers) -> None:
     )
     p.add_argument("--input", type=Path, required=True, help="your JSONL corpus")
     p.add_argument("--output-prefix", type=Path, required=True, help="output prefix, e.g. data/mydata/train")
+    add_prepare_options(p)
+    p.set_defaults(func=run_prepare)
+
+
+def add_prepare_options(p: argparse.ArgumentParser) -> None:
+    """The options of the prepare step (``--tokenizer``, ``--samples-per-shard``), shared by the commands
+    that end in it (`prepare`, the lab's `embedded`)."""
     p.add_argument(
         "--tokenizer",
         type=Path,
@@ -33,7 +40,6 @@ def add_prepare_parser(subparsers) -> None:
         help=f"local tokenizer directory (default {default_tokenizer_path()})",
     )
     p.add_argument("--samples-per-shard", type=int, default=1000, help="documents per tar shard")
-    p.set_defaults(func=run_prepare)
 
 
 def run_prepare(args: argparse.Namespace) -> int:
