@@ -111,6 +111,38 @@ def document_sample(ids: np.ndarray, seq_length: int, pad_id: int) -> dict[str, 
     }
 
 
+class PoolBase:
+    """What every pool does alike: a pool reads as a dataset of its training samples (``len`` and ``[gid]``),
+    and names its domains in the order they are first met."""
+
+    _domains: list[str]
+
+    def __len__(self) -> int:
+        return self.num_candidates
+
+    def __getitem__(self, gid: int) -> dict[str, np.ndarray]:
+        return self.training_sample(gid)
+
+    def _domain_index(self, name: str | None) -> int:
+        """The index of domain ``name`` in ``domains``, added when new; -1 for no domain."""
+        if name is None:
+            return -1
+        if name not in self._domains:
+            self._domains.append(name)
+        return self._domains.index(name)
+
+
+class DocumentPool(PoolBase):
+    """A pool of whole documents (WebDataset, Energon): a training sample is a document's first seq_length + 1
+    tokens, padding (if shorter) masked out of the loss."""
+
+    seq_length: int
+    pad_id: int
+
+    def training_sample(self, gid: int) -> dict[str, np.ndarray]:
+        return document_sample(self.tokens(gid), self.seq_length, self.pad_id)
+
+
 class CandidateTexts(Sequence[str]):
     """The texts of a round's candidates, decoded when read (an int gives a str, a slice a list).
 

@@ -31,7 +31,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from mates_megatron.data.tokenizer import eod_token_id
-from mates_megatron.pool.base import POOLS, PoolError, document_sample, identity_digest, refuse_if_changed
+from mates_megatron.pool.base import POOLS, DocumentPool, PoolError, identity_digest, refuse_if_changed
 from mates_megatron.pool.manifest import SelectionStore
 
 SHARD_DOMAIN = "__shard__"
@@ -51,7 +51,7 @@ def require_energon() -> None:
 
 
 @POOLS.register("energon")
-class EnergonPool:
+class EnergonPool(DocumentPool):
     """A pool over one split of the Energon-prepared dataset at ``path`` (``selection.shards``)."""
 
     host_dataset: ClassVar[bool] = False
@@ -352,11 +352,6 @@ class EnergonPool:
             reader.close()
         return out
 
-    def _domain_index(self, name: str) -> int:
-        if name not in self._domains:
-            self._domains.append(name)
-        return self._domains.index(name)
-
     # -- CandidatePool ------------------------------------------------------------------------------------
     @property
     def num_candidates(self) -> int:
@@ -378,10 +373,6 @@ class EnergonPool:
         ids = self._tokenizer(self._text(int(gid)), add_special_tokens=False)["input_ids"]
         return np.asarray([*ids, self._eod], dtype=np.int32)
 
-    def training_sample(self, gid: int) -> dict[str, np.ndarray]:
-        """The document's first seq_length + 1 tokens; padding (if shorter) is masked out of the loss."""
-        return document_sample(self.tokens(gid), self.seq_length, self.pad_id)
-
     def fingerprint(self) -> str:
         """A hash of Energon's index of the split: dataset.yaml, the split, its shards' names, counts and
         sizes, their .tar.idx (every sample's byte offset), the excluded samples and the fields read; computed
@@ -398,12 +389,6 @@ class EnergonPool:
                 h.update(self._positions.tobytes())
             self._fingerprint = "energon:" + h.hexdigest()[:32]
         return self._fingerprint
-
-    def __getitem__(self, gid: int) -> dict[str, np.ndarray]:
-        return self.training_sample(gid)
-
-    def __len__(self) -> int:
-        return self._n
 
     def __getstate__(self) -> dict:
         """The dataset's root and settings, and a digest of the fingerprint to check the rebuild against; not

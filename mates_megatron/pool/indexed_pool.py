@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from mates_megatron.pool.base import POOLS, PoolError, identity_digest, refuse_if_changed
+from mates_megatron.pool.base import POOLS, PoolBase, PoolError, identity_digest, refuse_if_changed
 
 _FINGERPRINT_SPAN = 1 << 20
 """Bytes hashed at each end of the ``.idx`` and the ``.bin`` for the pool fingerprint."""
@@ -147,7 +147,7 @@ def _require_files(files: tuple[str, ...]) -> None:
 
 
 @POOLS.register("indexed")
-class IndexedPool:
+class IndexedPool(PoolBase):
     """Wraps a GPTDataset the host built (the Megatron dataset its run trains on)."""
 
     host_dataset: ClassVar[bool] = True
@@ -231,12 +231,6 @@ class IndexedPool:
                     h.update(f.read(_FINGERPRINT_SPAN))
             self._fingerprint = "indexed:" + h.hexdigest()[:32]
         return self._fingerprint
-
-    def __getitem__(self, gid: int) -> dict[str, np.ndarray]:
-        return self.training_sample(gid)
-
-    def __len__(self) -> int:
-        return self.num_candidates
 
     def _identity(self) -> str:
         """The fingerprint and the per-document domains: what a pickled copy must find unchanged."""

@@ -24,14 +24,14 @@ from typing import ClassVar
 import numpy as np
 from webdataset.tariterators import base_plus_ext
 
-from mates_megatron.pool.base import POOLS, PoolError, document_sample, identity_digest, refuse_if_changed
+from mates_megatron.pool.base import POOLS, DocumentPool, PoolError, identity_digest, refuse_if_changed
 from mates_megatron.pool.manifest import SelectionStore, ShardStamps, check_shard, read_manifest, verify_shard
 
 _FIX_CORRUPT = "re-create it with `mates-megatron prepare` or restore it from its source"
 
 
 @POOLS.register("webdataset")
-class WebDatasetPool:
+class WebDatasetPool(DocumentPool):
     """A pool over the shards listed in ``shards_dir/manifest.json``; candidate id = the sample's "id"."""
 
     host_dataset: ClassVar[bool] = False
@@ -148,13 +148,6 @@ class WebDatasetPool:
         except (tarfile.TarError, EOFError, OSError) as e:
             raise PoolError(f"shard {path} is corrupt or truncated ({e}); {_FIX_CORRUPT}") from e
 
-    def _domain_index(self, name: str | None) -> int:
-        if name is None:
-            return -1
-        if name not in self._domains:
-            self._domains.append(name)
-        return self._domains.index(name)
-
     # -- CandidatePool ------------------------------------------------------------------------------------
     @property
     def num_candidates(self) -> int:
@@ -195,18 +188,8 @@ class WebDatasetPool:
     def text(self, gid: int) -> str:
         return self._read(gid, self._txt_off).decode("utf-8")
 
-    def training_sample(self, gid: int) -> dict[str, np.ndarray]:
-        """The document's first seq_length + 1 tokens; padding (if shorter) is masked out of the loss."""
-        return document_sample(self.tokens(gid), self.seq_length, self.pad_id)
-
     def fingerprint(self) -> str:
         return "wds:" + ",".join(e["sha256"][:16] for e in self._entries)
-
-    def __getitem__(self, gid: int) -> dict[str, np.ndarray]:
-        return self.training_sample(gid)
-
-    def __len__(self) -> int:
-        return self._n
 
     def __getstate__(self) -> dict:
         """The directory and settings, and a digest of the fingerprint to check the rebuild against; not the
