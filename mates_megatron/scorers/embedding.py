@@ -13,13 +13,15 @@ at 25.6M candidates a round the embedding should be sharded over ranks and gathe
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from mates_megatron.ot.valuation import embed_texts
 from mates_megatron.pool.base import candidate_inputs
+from mates_megatron.scorers.base import RoundInput, Scorer
 from mates_megatron.scorers.dsir import reference_texts
 
 FEATURES = ("encoder", "token_embeddings")
@@ -72,3 +74,21 @@ class Embedder:
             emb = self.embed(candidate_inputs(pool, todo, token_ids=False))
             self._cache.update(zip(todo.tolist(), emb, strict=True))
         return np.stack([self._cache[i] for i in ids.tolist()])
+
+
+class EmbeddingScorer(Scorer):
+    """A scorer on frozen-encoder embeddings of the reference and the round's candidates ('lava', 'gotd',
+    'lookalike'): its ``Config`` carries the ``Embedder`` options (features, batch_size, max_length)."""
+
+    needs: ClassVar[frozenset[str]] = frozenset({"reference", "text"})
+
+    def __init__(self, config: Any = None, *, selection, device=None, **_: Any) -> None:
+        super().__init__(config or self.Config(), selection=selection, device=device)
+        self.embedder = Embedder.for_options(selection, self.config, device)
+
+    def embed(self, r: RoundInput, *, scorer: str) -> tuple[np.ndarray, np.ndarray, float]:
+        """(candidates, reference) embeddings of the round, and the seconds they took."""
+        t = time.perf_counter()
+        y = self.embedder.reference(r.host.reference, scorer=scorer)
+        x = self.embedder.candidates(r.pool, r.candidates)
+        return x, y, time.perf_counter() - t

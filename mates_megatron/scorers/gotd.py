@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
-from typing import Any, ClassVar
 
 import numpy as np
 
 from mates_megatron.ot.valuation import gotd_values, screen_domains
-from mates_megatron.scorers.base import SCORERS, RoundInput, Scorer, Scores
-from mates_megatron.scorers.embedding import Embedder
+from mates_megatron.scorers.base import SCORERS, RoundInput, Scores
+from mates_megatron.scorers.embedding import EmbeddingScorer
 from mates_megatron.scorers.lava import OTScorerConfig, ot_record
 
 
@@ -48,20 +47,14 @@ class GotdConfig(OTScorerConfig):
 
 
 @SCORERS.register("gotd")
-class GotdScorer(Scorer):
+class GotdScorer(EmbeddingScorer):
     """Score = the calibrated OT potential toward the reference (lower = selected first)."""
 
-    needs: ClassVar[frozenset[str]] = frozenset({"reference", "text"})
     Config = GotdConfig
-
-    def __init__(self, config: GotdConfig | None = None, *, selection, device=None, **_: Any) -> None:
-        super().__init__(config or GotdConfig(), selection=selection, device=device)
-        self.embedder = Embedder.for_options(selection, self.config, device)
 
     def score(self, r: RoundInput) -> Scores:
         c, t = self.config, time.perf_counter()
-        y = self.embedder.reference(r.host.reference, scorer="gotd")
-        x = self.embedder.candidates(r.pool, r.candidates)
+        x, y, _ = self.embed(r, scorer="gotd")
         t_embed = time.perf_counter() - t
         cfg = c.sinkhorn(r.seed, momentum=c.momentum)
         values, res = gotd_values(x, y, cfg)

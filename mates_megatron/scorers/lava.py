@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 
 from mates_megatron.ot import SinkhornConfig
 from mates_megatron.ot.valuation import lava_values
-from mates_megatron.scorers.base import SCORERS, RoundInput, Scorer, Scores
-from mates_megatron.scorers.embedding import Embedder, check_features
+from mates_megatron.scorers.base import SCORERS, RoundInput, Scores
+from mates_megatron.scorers.embedding import EmbeddingScorer, check_features
 
 
 @dataclass
@@ -97,21 +97,14 @@ def reference_domains(reference: Any, names: list[str]) -> np.ndarray:
 
 
 @SCORERS.register("lava")
-class LavaScorer(Scorer):
+class LavaScorer(EmbeddingScorer):
     """Score = the LAVA value (calibrated OT gradient toward the reference; lower = more useful)."""
 
-    needs: ClassVar[frozenset[str]] = frozenset({"reference", "text"})
     Config = LavaConfig
-
-    def __init__(self, config: LavaConfig | None = None, *, selection, device=None, **_: Any) -> None:
-        super().__init__(config or LavaConfig(), selection=selection, device=device)
-        self.embedder = Embedder.for_options(selection, self.config, device)
 
     def score(self, r: RoundInput) -> Scores:
         c, t = self.config, time.perf_counter()
-        y = self.embedder.reference(r.host.reference, scorer="lava")
-        x = self.embedder.candidates(r.pool, r.candidates)
-        t_embed = time.perf_counter() - t
+        x, y, t_embed = self.embed(r, scorer="lava")
         labels = {}
         if c.labelled:
             labels = dict(

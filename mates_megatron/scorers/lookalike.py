@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, ClassVar
 
 import numpy as np
 
-from mates_megatron.scorers.base import SCORERS, RoundInput, Scorer, Scores
-from mates_megatron.scorers.embedding import Embedder, check_features
+from mates_megatron.scorers.base import SCORERS, RoundInput, Scores
+from mates_megatron.scorers.embedding import EmbeddingScorer, check_features
 
 
 @dataclass
@@ -38,18 +37,12 @@ class LookalikeConfig:
 
 
 @SCORERS.register("lookalike")
-class LookalikeScorer(Scorer):
-    needs: ClassVar[frozenset[str]] = frozenset({"reference", "text"})
+class LookalikeScorer(EmbeddingScorer):
     Config = LookalikeConfig
-
-    def __init__(self, config: LookalikeConfig | None = None, *, selection, device=None, **_: Any) -> None:
-        super().__init__(config or LookalikeConfig(), selection=selection, device=device)
-        self.embedder = Embedder.for_options(selection, self.config, device)
 
     def score(self, r: RoundInput) -> Scores:
         t = time.perf_counter()
-        y = self.embedder.reference(r.host.reference, scorer="lookalike")
-        x = self.embedder.candidates(r.pool, r.candidates)
+        x, y, _ = self.embed(r, scorer="lookalike")
         k, b = min(self.config.k, len(y)), self.config.batch_size
         scores = np.empty(len(x), dtype=np.float64)
         for lo in range(0, len(x), b):  # in chunks: the similarities of a whole round would be N x M
