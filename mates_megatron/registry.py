@@ -16,8 +16,11 @@ T = TypeVar("T")
 class Registry(Generic[T]):
     """Name -> component class for one extension point."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, *, how_to_register: str | None = None) -> None:
         self.kind = kind
+        self.how_to_register = how_to_register or (
+            f"register your own with @{kind.upper()}S.register(name) in a module listed in selection.imports"
+        )
         self._items: dict[str, T] = {}
 
     def register(self, name: str) -> Callable[[T], T]:
@@ -34,8 +37,8 @@ class Registry(Generic[T]):
     def get(self, name: str) -> T:
         if name not in self._items:
             raise ValueError(
-                f"unknown {self.kind} {name!r}; registered: {', '.join(sorted(self._items))} (register your "
-                f"own with @{self.kind.upper()}S.register(name) in a module listed in selection.imports)"
+                f"unknown {self.kind} {name!r}; registered: {', '.join(sorted(self._items))} "
+                f"({self.how_to_register})"
             )
         return self._items[name]
 
@@ -47,6 +50,10 @@ class Registry(Generic[T]):
 
     def __contains__(self, name: object) -> bool:
         return name in self._items
+
+    def unregister(self, name: str) -> None:
+        """Remove ``name`` (a test's temporary entry)."""
+        del self._items[name]
 
 
 def import_modules(modules: Iterable[str]) -> None:

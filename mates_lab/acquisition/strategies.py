@@ -34,25 +34,14 @@ import numpy as np
 
 from mates_lab.acquisition.market import Market, MarketError, MarketView
 from mates_lab.acquisition.score import cost, fit_predict, validate_purchase, within_budget
+from mates_megatron.registry import Registry
 
 Strategy = Callable[[MarketView, int], dict[str, int]]
-STRATEGIES: dict[str, Strategy] = {}
-
-
-def register(name: str) -> Callable[[Strategy], Strategy]:
-    def add(fn: Strategy) -> Strategy:
-        if name in STRATEGIES and STRATEGIES[name] is not fn:
-            raise ValueError(f"strategy {name!r} is registered twice: rename one of them")
-        STRATEGIES[name] = fn
-        return fn
-
-    return add
-
-
-def get_strategy(name: str) -> Strategy:
-    if name not in STRATEGIES:
-        raise ValueError(f"unknown strategy {name!r}; registered: {', '.join(sorted(STRATEGIES))}")
-    return STRATEGIES[name]
+STRATEGIES: Registry[Strategy] = Registry(
+    "strategy", how_to_register="register your own with @register(name) from mates_lab.acquisition.strategies"
+)
+register = STRATEGIES.register
+get_strategy = STRATEGIES.get
 
 
 def run_strategy(name: str, market: Market | MarketView, seed: int = 0) -> dict[str, int]:

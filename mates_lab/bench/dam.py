@@ -92,7 +92,7 @@ def bench_dam(
         flush=True,
     )
     x = embed_pieces(texts, work, max_length)
-    strategies = strategies or sorted(STRATEGIES)
+    strategies = strategies or STRATEGIES.names()
     per_market = []
     for s in range(seed, seed + markets):
         market = build_market(x, labels, labels, seed=s)

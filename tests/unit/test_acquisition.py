@@ -287,11 +287,11 @@ def test_strategies_see_only_the_public_view(market):
     with pytest.raises(dataclasses.FrozenInstanceError):
         view.budget = 1e9
     seen = []
-    STRATEGIES["_spy"] = lambda v, seed: seen.append(v) or {}
+    STRATEGIES.register("_spy")(lambda v, seed: seen.append(v) or {})
     try:
         run_strategy("_spy", market, 0)
     finally:
-        del STRATEGIES["_spy"]
+        STRATEGIES.unregister("_spy")
     assert isinstance(seen[0], MarketView)
 
 
