@@ -65,6 +65,6 @@ def test_a_scorer_in_one_file_runs_through_a_real_round(small_embedded):
 
 def test_the_readme_shows_the_example_as_it_is():
     readme = (EXAMPLE.parents[1] / "README.md").read_text()
-    shown = readme.split("## Extending")[1].split("```python\n")[1].split("```")[0]
+    shown = readme.split("## Extend\n")[1].split("```python\n")[1].split("```")[0]
     code = (EXAMPLE / "prefer_domains.py").read_text().split('"""\n\n', 1)[1]
     assert shown == code
