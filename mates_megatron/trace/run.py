@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -24,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from mates_megatron.files import write_jsonl
 from mates_megatron.trace.base import TRACERS, Queries, TraceInput, TraceResult
 
 # Registered by import: every tracer module.
@@ -151,16 +151,14 @@ def run_trace(cfg: TraceConfig, model=None) -> tuple[TraceResult, Queries, Any]:
 
 
 def write_trace(out: Path, cfg: TraceConfig, result: TraceResult, queries: Queries, pool) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    with tmp.open("w") as f:
-        for q, qid in enumerate(queries.ids):
-            keep = result.ids[q] >= 0
-            line = {"id": qid, "ids": result.ids[q][keep].tolist(), "scores": result.scores[q][keep].tolist()}
-            if result.verdicts is not None:
-                line["supportive"] = result.verdicts[q].tolist()
-            f.write(json.dumps(line) + "\n")
-    os.replace(tmp, out)
+    lines = []
+    for q, qid in enumerate(queries.ids):
+        keep = result.ids[q] >= 0
+        line = {"id": qid, "ids": result.ids[q][keep].tolist(), "scores": result.scores[q][keep].tolist()}
+        if result.verdicts is not None:
+            line["supportive"] = result.verdicts[q].tolist()
+        lines.append(line)
+    write_jsonl(out, lines, ensure_ascii=True)
     meta = {
         "config": asdict(cfg), "method": result.method, "queries": len(queries), "pool_candidates": len(pool),
         "pool_fingerprint": pool.fingerprint(), "record": result.record,
