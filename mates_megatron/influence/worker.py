@@ -22,6 +22,7 @@ from __future__ import annotations
 import multiprocessing.util as mp_util
 import os
 import pickle
+import socket
 import time
 import traceback
 from dataclasses import dataclass
@@ -39,8 +40,8 @@ from mates_megatron.runtime.rng import set_host_rng_state
 
 REPORT_GRACE_S = 10.0
 """A training rank waits this long beyond ``timeout_s`` for its worker's answer, so that a worker whose own
-wait on a peer timed out reports that peer first (torch's store client retries a few seconds past its
-timeout)."""
+wait on a peer timed out reports that peer first. The worker's waits end at their deadline (``join_world``
+bounds the store connection itself), so the grace covers only the report's own latency on a loaded host."""
 
 
 @dataclass(frozen=True)
@@ -79,28 +80,41 @@ def join_world(world: WorkerWorld, timeout_s: float):
     """Join the workers' world through a TCP store that worker rank 0 hosts; InfluenceTimeout naming the
     workers that did not join within ``timeout_s``."""
     host, port = world.address.rsplit(":", 1)
+    deadline = time.monotonic() + timeout_s
     timeout = timedelta(seconds=timeout_s)
+
+    def host_missing(torch_said: str = "") -> InfluenceTimeout:
+        return InfluenceTimeout(
+            timeout_message(
+                "worker start",
+                f"{world.name(0)}, which hosts the workers' store at {world.address}",
+                timeout_s,
+                f"{torch_said}where that address is not reachable from every node, set "
+                "MATES_INFLUENCE_WORKER_ADDR to one that is",
+            )
+        )
+
+    if world.rank != 0 and not _await_listener(host, int(port), deadline):
+        raise host_missing()
     # An explicit store, never init_method's rendezvous: that one reads TORCHELASTIC_USE_AGENT_STORE, which
     # torchrun's children inherit as True, and makes every worker a client of a store nobody serves (torch's
     # own async-checkpoint process resets the variable for the same reason).
     try:
         store = dist.TCPStore(
-            host, int(port), world.size, is_master=world.rank == 0, timeout=timeout, wait_for_workers=False
+            host,
+            int(port),
+            world.size,
+            is_master=world.rank == 0,
+            timeout=timedelta(seconds=max(deadline - time.monotonic(), 1.0)),
+            wait_for_workers=False,
         )
+        store.set_timeout(timeout)  # the store's later operations get the whole timeout again
     except (RuntimeError, TimeoutError) as e:  # DistNetworkError is a RuntimeError
-        raise InfluenceTimeout(
-            timeout_message(
-                "worker start",
-                f"{world.name(0)}, which hosts the workers' store at {world.address}",
-                timeout_s,
-                f"torch: {str(e).splitlines()[0]}\nwhere that address is not reachable from every node, set "
-                "MATES_INFLUENCE_WORKER_ADDR to one that is",
-            )
-        ) from None
+        raise host_missing(f"torch: {str(e).splitlines()[0]}\n") from None
     keys = [f"mates/joined/{r}" for r in range(world.size)]
     store.set(keys[world.rank], "1")
-    try:
-        store.wait(keys, timeout)
+    try:  # what is left of the phase's timeout: connecting counted against it
+        store.wait(keys, timedelta(seconds=max(deadline - time.monotonic(), 0.001)))
     except RuntimeError:  # DistStoreError: some worker never joined
         missing = [r for r, key in enumerate(keys) if not store.check([key])]
         raise InfluenceTimeout(
@@ -108,6 +122,21 @@ def join_world(world: WorkerWorld, timeout_s: float):
         ) from None
     dist.init_process_group("gloo", store=store, rank=world.rank, world_size=world.size, timeout=timeout)
     return dist.group.WORLD
+
+
+def _await_listener(host: str, port: int, deadline: float) -> bool:
+    """Whether the store's port accepts a connection before ``deadline``. A client checks this itself, not by
+    the store's timeout: torch's TCPStore client retries after its timeout runs out (a 15 s timeout took 25 s
+    here), so a missing host would be reported after the training rank had given up on the worker."""
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        try:
+            socket.create_connection((host, port), timeout=min(left, 1.0)).close()
+            return True
+        except OSError:  # refused (nobody listens yet) or timed out: try again until the deadline
+            time.sleep(min(0.1, max(deadline - time.monotonic(), 0)))
 
 
 def _serve(conn, cfg: InfluenceConfig, pool, device: str, imports: list[str], threads: int, world) -> None:

@@ -181,6 +181,23 @@ def test_a_worker_world_member_that_never_joins_fails_naming_the_phase_and_the_r
     assert time.monotonic() - t < 90
 
 
+@pytest.mark.parametrize("rank", [0, 1], ids=["host-alone", "no-host"])
+def test_joining_gives_up_at_its_timeout_not_after_torchs_retries(rank):
+    """The join ends within its timeout (plus a little), so a worker reports the missing peer before its
+    training rank stops waiting (timeout_s + REPORT_GRACE_S). Before: a client's TCPStore with a 4 s timeout
+    retried to about 7 s (15 s took 25 s, past the training rank's patience: CI saw the wrong rank named)."""
+    from mates_megatron.influence.group import InfluenceTimeout
+    from mates_megatron.influence.worker import WorkerWorld, join_world, worker_address
+
+    world = WorkerWorld(rank, (3, 5), worker_address())
+    t = time.monotonic()
+    with pytest.raises(
+        InfluenceTimeout, match=rf"phase 'worker start': worker rank {1 - rank} .* within 4 s"
+    ):
+        join_world(world, 4.0)
+    assert time.monotonic() - t < 5.5
+
+
 def test_a_worker_that_never_answers_fails_naming_the_phase_and_the_worker():
     """A worker stopped (SIGSTOP) before a fit: its training rank gives up after timeout_s plus the grace
     (2 + 10 s) naming the phase and the worker, and kills it. Before: result() waited forever."""
