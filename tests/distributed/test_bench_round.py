@@ -13,7 +13,7 @@ pytestmark = [pytest.mark.distributed]
 def test_bench_round_reports_phases_memory_and_the_paper_projection():
     from mates_lab.bench.rounds import PAPER_CANDIDATES, PAPER_RANKS, SyntheticTokenPool, bench_round
 
-    sizes = [2_000, 8_000, 16_000]
+    sizes = [1_000, 2_000, 4_000]
     r = bench_round(sizes, ranks=2, seq_length=32, probes=64, batch_size=64, gpt_probes=0)
     assert r["sizes"] == sizes and len(r["seconds_per_phase"]) == len(r["peak_rss_bytes"]) == 3
     for phases in r["seconds_per_phase"] + r["cpu_seconds_per_phase"]:

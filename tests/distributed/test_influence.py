@@ -59,9 +59,12 @@ CPU = torch.device("cpu")
 
 
 def _cfg(model="finetune", max_length=64, **kw):
-    """An InfluenceConfig; ``finetune_*`` / ``ridge_*`` keywords go to the model's own section."""
+    """An InfluenceConfig; ``finetune_*`` / ``ridge_*`` keywords go to the model's own section. Texts are read
+    in the test's process (``loader_workers`` 0): the workers give the same batches bit for bit
+    (tests/distributed/test_influence_loader.py), and forking 4 of them per pass cost minutes on 2 cores."""
     from mates_megatron.influence.config import FinetuneConfig, InfluenceConfig, RidgeConfig
 
+    kw.setdefault("loader_workers", 0)
     ft = {k[9:]: kw.pop(k) for k in list(kw) if k.startswith("finetune_")}
     rd = {k[6:]: kw.pop(k) for k in list(kw) if k.startswith("ridge_")}
     return InfluenceConfig(
@@ -445,7 +448,7 @@ def _reads(texts, positions, target, model):
     torch.set_num_threads(1)
     # Read in this process (loader_workers=0), where the recording sees it; the loader's batches are the same
     # with workers (tests/distributed/test_influence_loader.py).
-    cfg = _cfg(model, max_length=32, finetune_epochs=1, finetune_batch_size=8, loader_workers=0)
+    cfg = _cfg(model, max_length=32, finetune_epochs=1, finetune_batch_size=8)
     runner = InfluenceRunner(cfg, device="cpu")
     recording = _RecordingTexts(texts)
     pred, _, _ = runner.score_round(recording, positions, target[positions])

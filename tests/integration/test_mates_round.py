@@ -50,7 +50,9 @@ def _train(data, overrides):
             # The oracle's mechanics at toy size: each probe evaluates the whole reference set, which costs
             # several times the round's training (refused at the 0.1 default, as it should be at scale).
             "max_selection_cost": 50.0,
-            "influence": {"model": "ridge", "ridge": {"features": "token_embeddings"}},
+            # Read in the rank's own process (loader_workers 0): workers give the same batches bit for bit
+            # (tests/distributed/test_influence_loader.py) and cost minutes to fork on 2 cores.
+            "influence": {"model": "ridge", "ridge": {"features": "token_embeddings"}, "loader_workers": 0},
             # The poor-fit guard off: 16 probes can fit below its default, and these tests are about the
             # rounds selecting by scores (tests/integration/test_evidence_round.py tests the guard).
             "min_influence_spearman": -1,
@@ -203,7 +205,12 @@ def test_checkpoint_holds_the_influence_model_when_rank_0_fits_none(small_embedd
 # token ids (the embedded data is tokenised with MiniLM's vocabulary), in this process and in the workers.
 LEAD = {
     "probe_lead_steps": 1,
-    "influence": {"model": "ridge", "ridge": {"features": "token_embeddings"}, "pass_token_ids": True},
+    "influence": {
+        "model": "ridge",
+        "ridge": {"features": "token_embeddings"},
+        "pass_token_ids": True,
+        "loader_workers": 0,
+    },
 }
 
 
