@@ -7,12 +7,12 @@ from typing import ClassVar
 
 import numpy as np
 
-from mates_megatron.selectors.base import SELECTORS, check_selection, selection_rng
+from mates_megatron.selectors.base import SELECTORS, Selector, check_selection, selection_rng
 
 
 @SELECTORS.register("random")
 @dataclass(frozen=True)
-class RandomSelector:
+class RandomSelector(Selector):
     """Uniform sample of k candidates without replacement (the baseline)."""
 
     needs_scores: ClassVar[bool] = False
@@ -25,7 +25,7 @@ class RandomSelector:
 
 @SELECTORS.register("topk")
 @dataclass(frozen=True)
-class TopKSelector:
+class TopKSelector(Selector):
     """The k lowest scores (ties broken by candidate id)."""
 
     needs_scores: ClassVar[bool] = True
@@ -38,7 +38,7 @@ class TopKSelector:
 
 @SELECTORS.register("gumbel")
 @dataclass(frozen=True)
-class GumbelTopKSelector:
+class GumbelTopKSelector(Selector):
     """MATES: keep the k lowest of ``z(score) / temperature - G``, G ~ Gumbel(0, 1) i.i.d.
 
     Gumbel-top-k draws k candidates without replacement with probabilities ``softmax(-z / temperature)``
