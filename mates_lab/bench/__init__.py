@@ -159,6 +159,13 @@ def _run_trace_bench(a) -> int:
     return 0
 
 
+def _run_forward_inf_convex(a) -> int:
+    from mates_lab.bench.forward_inf_convex import convex_check
+
+    _write(convex_check(seeds=tuple(a.seeds), train=a.train, queries=a.queries), a.out)
+    return 0
+
+
 def add_bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks that print and write figures")
     bsub = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
@@ -340,6 +347,15 @@ def add_bench_parser(sub) -> None:
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--out", type=Path, default=None)
     tr.set_defaults(func=_run_trace_bench)
+    fc = bsub.add_parser(
+        "forward-inf-convex",
+        help="Forward-INF's convex check: exact leave-one-out against dual leave-one-out (logistic regression)",
+    )
+    fc.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    fc.add_argument("--train", type=int, default=200, help="training rows per seed")
+    fc.add_argument("--queries", type=int, default=5, help="test rows per seed")
+    fc.add_argument("--out", type=Path, default=None)
+    fc.set_defaults(func=_run_forward_inf_convex)
 
 
 def main(argv: list[str] | None = None) -> int:
