@@ -118,6 +118,13 @@ def _run_ot_bench(a) -> int:
     return 0
 
 
+def _run_gotd_digits_bench(a) -> int:
+    from mates_lab.bench.gotd_digits import bench_gotd_digits
+
+    _write(bench_gotd_digits(a.seeds), a.out)
+    return 0
+
+
 def _run_autoscale_bench(a) -> int:
     from mates_lab.bench.autoscale import bench_autoscale
 
@@ -285,6 +292,14 @@ def add_bench_parser(sub) -> None:
     o.add_argument("--skip-training", action="store_true", help="LAVA figures and the scale run only")
     o.add_argument("--out", type=Path, default=None)
     o.set_defaults(func=_run_ot_bench)
+    gd = bsub.add_parser(
+        "gotd-digits",
+        help="GOT-D vs look-alike and random on load_digits with classes the pretraining set under-covers: "
+        "held-out balanced accuracy of a logistic regression, rare-class share of each selection",
+    )
+    gd.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5])
+    gd.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
+    gd.set_defaults(func=_run_gotd_digits_bench)
     a = bsub.add_parser(
         "autoscale",
         help="DDO at two budgets, AutoScale's prediction at 4x the larger vs DDO run there; train all four",
