@@ -222,7 +222,7 @@ class SelectionConfig:
                 "(or raise warmup_steps)"
             )
         if self.asynchronous:
-            if not getattr(scorer, "has_influence_stage", False):
+            if not scorer.has_influence_stage:
                 raise ValueError(
                     f"SelectionConfig.asynchronous runs the influence stage beside training, and scorer "
                     f"{self.scorer!r} has none: set asynchronous: false"
@@ -248,13 +248,13 @@ class SelectionConfig:
     @property
     def needs_text_decoding(self) -> bool:
         """Whether the host must pass its pretraining tokenizer: the pool tokenises text itself (a pool
-        class with ``tokenizes_text``, e.g. 'energon'), or the scorer reads text and the pool holds token ids,
+        class that declares ``tokenizes_text``, e.g. 'energon'), or the scorer reads text and the pool holds token ids,
         or the influence encoder reads the pool's ids (``influence.pass_token_ids``, checked against it)."""
         from mates_megatron.pool import POOLS
         from mates_megatron.scorers import SCORERS
 
         pool = POOLS.get(self.pool)
-        if getattr(pool, "tokenizes_text", False):
+        if pool.tokenizes_text:
             return True
         reads_text = "text" in SCORERS.get(self.scorer).needs
         return reads_text and (pool.decodes_text or self.influence.pass_token_ids)
@@ -278,21 +278,16 @@ class SelectionConfig:
         return self.warmup_steps // self.select_every if self.scored else 0
 
     def build_selector(self, pool=None):
-        """The configured selector; one with a ``temperature`` field gets the configured temperature, one with
-        a ``from_config(sel, pool)`` classmethod (e.g. 'mixture', which reads the pool's domains) is built by it."""
-        from dataclasses import fields
-
+        """The configured selector (``Selector.build``); one ``built_on_pool`` (e.g. 'mixture', which reads the
+        pool's domains) needs the pool."""
         from mates_megatron.selectors import SELECTORS
 
         cls = SELECTORS.get(self.selector)
-        if hasattr(cls, "from_config"):
-            if pool is None:
-                raise ValueError(
-                    f"selector {self.selector!r} is built on the pool: pass build_selector(pool=...)"
-                )
-            return cls.from_config(self, pool)
-        takes = {f.name for f in fields(cls)} if hasattr(cls, "__dataclass_fields__") else set()
-        return cls(temperature=self.temperature) if "temperature" in takes else cls()
+        if cls.built_on_pool and pool is None:
+            raise ValueError(
+                f"selector {self.selector!r} is built on the pool: pass build_selector(pool=...)"
+            )
+        return cls.build(self, pool)
 
     def samples_per_round(self, global_batch_size: int) -> int:
         return self.select_every * global_batch_size

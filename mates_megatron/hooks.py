@@ -97,7 +97,7 @@ class MatesHook:
         """Per scored round: what the scorer reported, the time per phase and the selected domain shares."""
         # Unscored rounds (round 0, warm-up, a score-free run) are a uniform draw, unless the selector draws
         # every round itself (the mixture selector serves its weights from round 0).
-        self._unscored = selector if getattr(selector, "draws_every_round", False) else RandomSelector()
+        self._unscored = selector if selector.draws_every_round else RandomSelector()
         self.publish(
             0, self._unscored.select(rounds.candidates(0), sampler.samples_per_round, seed=seed, round_=0)
         )
@@ -229,7 +229,7 @@ class MatesHook:
             "rounds": [self.records[r] for r in sorted(self.records)],
             "selection_seconds": self.selection_seconds(),
             "stall_seconds": self.stall_seconds(),
-            **({"selector": self.selector.summary()} if hasattr(self.selector, "summary") else {}),
+            **({"selector": summary} if (summary := self.selector.summary()) else {}),
         }
 
     # -- checkpoint ---------------------------------------------------------------------------------------
@@ -245,7 +245,7 @@ class MatesHook:
             "domain_share": self.domain_share,
             "records": self.records,
             "scorer": self.scorer.state_dict() if self.scorer is not None else None,
-            "selector": self.selector.state_dict() if hasattr(self.selector, "state_dict") else None,
+            "selector": self.selector.state_dict() if self.selector.stateful else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -260,7 +260,7 @@ class MatesHook:
         self._pending = {}
         if self.scorer is not None and state.get("scorer") is not None:
             self.scorer.load_state_dict(state["scorer"])
-        if hasattr(self.selector, "load_state_dict"):
+        if self.selector.stateful:
             if state.get("selector") is None:
                 raise ValueError(
                     f"the checkpoint holds no state for selector {type(self.selector).__name__} (written by a run "

@@ -183,7 +183,8 @@ def _data_fix(prefix: str) -> str:
 
 def check_run_files(cfg: TrainConfig, *, where: str, sources: dict[str, str] | None = None) -> None:
     """Refuse a run whose files are missing, before anything is built: the indexed dataset (``data_prefix``
-    .bin/.idx/.meta.json), the probe ``reference`` and every ``eval_sets`` file. ValueError naming ``where``,
+    .bin/.idx/.meta.json), the probe ``reference``, every ``eval_sets`` file, the mixture weights (read whole)
+    and a WebDataset or Energon pool's index. ValueError naming ``where``,
     the field (and the flag that set it) and the fix. Their contents are read later, by the ranks."""
     from mates_megatron.probe.reference import require_jsonl
 
@@ -205,6 +206,25 @@ def check_run_files(cfg: TrainConfig, *, where: str, sources: dict[str, str] | N
             require_jsonl(value, what)
         except FileNotFoundError as e:
             raise ValueError(f"{where}: {named(path, value)}: {e}") from None
+    sel = cfg.selection
+    if sel is None:
+        return
+    if sel.mixture_weights:
+        from mates_megatron.mixture.weights import MixtureError, read_weights
+
+        try:  # a small file: read it whole, so that a malformed one is refused here too
+            read_weights(sel.mixture_weights)
+        except (FileNotFoundError, MixtureError) as e:
+            raise ValueError(
+                f"{where}: {named('selection.mixture_weights', sel.mixture_weights)}: {e}"
+            ) from None
+    # The pool's own index, whose absence the ranks would otherwise report after torchrun has started them.
+    needed = {"webdataset": "manifest.json", "energon": ".nv-meta"}.get(sel.pool)
+    if needed and sel.shards and not (Path(sel.shards) / needed).exists():
+        raise ValueError(
+            f"{where}: {named('selection.shards', sel.shards)}: {Path(sel.shards) / needed} not found; prepare "
+            f"the pool with `mates-megatron prepare` (pool {sel.pool!r}), or point selection.shards at it"
+        )
 
 
 def load_run(argv: list[str] | None = None) -> tuple[argparse.Namespace, TrainConfig]:

@@ -16,8 +16,9 @@ T = TypeVar("T")
 class Registry(Generic[T]):
     """Name -> component class for one extension point."""
 
-    def __init__(self, kind: str, *, how_to_register: str | None = None) -> None:
-        self.kind = kind
+    def __init__(self, kind: str, *, base: type | None = None, how_to_register: str | None = None) -> None:
+        # base: the class every registered component derives from (None: any object, e.g. a function).
+        self.kind, self.base = kind, base
         self.how_to_register = how_to_register or (
             f"register your own with @{kind.upper()}S.register(name) in a module listed in selection.imports"
         )
@@ -27,6 +28,12 @@ class Registry(Generic[T]):
         """Class decorator: ``@SCORERS.register("length")``; a name is registered once."""
 
         def add(item: T) -> T:
+            if self.base is not None and not (isinstance(item, type) and issubclass(item, self.base)):
+                raise TypeError(
+                    f"{self.kind} {name!r}: {getattr(item, '__name__', item)!r} does not derive from "
+                    f"{self.base.__module__}.{self.base.__name__}; subclass it (the base declares what the run "
+                    "reads of a component)"
+                )
             if name in self._items and self._items[name] is not item:
                 raise ValueError(f"{self.kind} {name!r} is registered twice: rename one of them")
             self._items[name] = item

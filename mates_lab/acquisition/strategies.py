@@ -202,16 +202,6 @@ def rows_for_mixture(view: MarketView, p: np.ndarray) -> dict[str, int]:
     return out
 
 
-def pilot_mixtures(m: int, extra: int, seed: int) -> np.ndarray:
-    """Uniform, every seller-heavy mixture (60% on it), then ``extra`` seeded Dirichlet(1) mixtures."""
-    ps = [np.full(m, 1.0 / m)]
-    if m > 1:
-        ps += [0.6 * np.eye(m)[i] + 0.4 / (m - 1) * (1 - np.eye(m)[i]) for i in range(m)]
-    rng = np.random.default_rng([seed, 0xD1C])
-    ps += [rng.dirichlet(np.ones(m)) for _ in range(extra)]
-    return np.array(ps)
-
-
 def pilot_error(view: MarketView, p: np.ndarray, size: int, rng: np.random.Generator) -> float:
     """Error rate on the buyer's eval set of a logistic regression on ``size`` sample rows drawn (with
     replacement) from the sellers' samples by the mixture ``p``."""
@@ -238,13 +228,21 @@ def projektor_mixture(
     steps: int = 100,
 ) -> tuple[np.ndarray, dict]:
     """Projektor's mixture over the sellers and what it was fitted on (see the module docstring)."""
-    from mates_megatron.mixture.projektor import choose_mixture, fit_stage1, mixture_ot, projected
+    from mates_megatron.mixture.projektor import (
+        choose_mixture,
+        fit_stage1,
+        mixture_ot,
+        pilot_simplex,
+        projected,
+    )
     from mates_megatron.ot import SinkhornConfig
     from mates_megatron.ot.valuation import label_distances
 
     m = len(view.sellers)
     n0, n1 = pilot_sizes
-    ps = pilot_mixtures(m, m if extra is None else extra, seed)
+    # Uniform, every seller-heavy mixture (60% on it, the rest even over the others),
+    # then ``extra`` seeded Dirichlet(1) mixtures.
+    ps = pilot_simplex(m, 1 + m + (m if extra is None else extra), seed, vertex_share=0.6)
     err = np.array([
         [np.mean([pilot_error(view, p, n, np.random.default_rng([seed, j, n, r, 0x9A7])) for r in range(draws)])
          for n in (n0, n1)]

@@ -118,6 +118,13 @@ def _run_ot_bench(a) -> int:
     return 0
 
 
+def _run_gotd_digits_bench(a) -> int:
+    from mates_lab.bench.gotd_digits import bench_gotd_digits
+
+    _write(bench_gotd_digits(a.seeds), a.out)
+    return 0
+
+
 def _run_autoscale_bench(a) -> int:
     from mates_lab.bench.autoscale import bench_autoscale
 
@@ -156,6 +163,13 @@ def _run_trace_bench(a) -> int:
         ),
         a.out,
     )  # fmt: skip
+    return 0
+
+
+def _run_forward_inf_convex(a) -> int:
+    from mates_lab.bench.forward_inf_convex import convex_check
+
+    _write(convex_check(seeds=tuple(a.seeds), train=a.train, queries=a.queries), a.out)
     return 0
 
 
@@ -278,6 +292,14 @@ def add_bench_parser(sub) -> None:
     o.add_argument("--skip-training", action="store_true", help="LAVA figures and the scale run only")
     o.add_argument("--out", type=Path, default=None)
     o.set_defaults(func=_run_ot_bench)
+    gd = bsub.add_parser(
+        "gotd-digits",
+        help="GOT-D vs look-alike and random on load_digits with classes the pretraining set under-covers: "
+        "held-out balanced accuracy of a logistic regression, rare-class share of each selection",
+    )
+    gd.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5])
+    gd.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
+    gd.set_defaults(func=_run_gotd_digits_bench)
     a = bsub.add_parser(
         "autoscale",
         help="DDO at two budgets, AutoScale's prediction at 4x the larger vs DDO run there; train all four",
@@ -340,6 +362,15 @@ def add_bench_parser(sub) -> None:
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--out", type=Path, default=None)
     tr.set_defaults(func=_run_trace_bench)
+    fc = bsub.add_parser(
+        "forward-inf-convex",
+        help="Forward-INF's convex check: exact leave-one-out against dual leave-one-out (logistic regression)",
+    )
+    fc.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    fc.add_argument("--train", type=int, default=200, help="training rows per seed")
+    fc.add_argument("--queries", type=int, default=5, help="test rows per seed")
+    fc.add_argument("--out", type=Path, default=None)
+    fc.set_defaults(func=_run_forward_inf_convex)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -62,9 +62,9 @@ def _round_on_rank(n: int, seq_length: int, probes: int, batch_size: int, token_
     """One round of ``n`` candidates on this rank of the world (the influence group = the world)."""
     import torch.distributed as dist
 
+    from mates_megatron.influence import build_influence_model
     from mates_megatron.influence.config import InfluenceConfig, RidgeConfig
     from mates_megatron.influence.group import influence_group
-    from mates_megatron.influence.registry import build_influence_model
     from mates_megatron.pool.base import PoolRounds, candidate_inputs
     from mates_megatron.sampler import MatesSampler
     from mates_megatron.selectors import GumbelTopKSelector

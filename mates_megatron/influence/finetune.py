@@ -29,6 +29,7 @@ from mates_megatron.influence.config import InfluenceConfig
 from mates_megatron.influence.encoder import EncoderRegressor
 from mates_megatron.influence.loader import batches as read_batches
 from mates_megatron.influence.loader import spans
+from mates_megatron.influence.registry import INFLUENCE_MODELS
 from mates_megatron.progress import progress as progress_bar
 from mates_megatron.stats import pearson, spearman
 
@@ -36,6 +37,7 @@ MIN_HELDOUT = 3
 """Fewest held-out pairs (and fewest training pairs) of a split: a rank correlation of 2 is always +-1."""
 
 
+@INFLUENCE_MODELS.register("finetune")
 class FinetuneInfluenceModel(InfluenceModel):
     """See ``InfluenceModel``; the state is the whole network (encoder and head)."""
 

@@ -28,10 +28,12 @@ from mates_megatron.influence.config import InfluenceConfig
 from mates_megatron.influence.encoder import EncoderRegressor
 from mates_megatron.influence.loader import batches as read_batches
 from mates_megatron.influence.loader import spans
+from mates_megatron.influence.registry import INFLUENCE_MODELS
 from mates_megatron.progress import progress as progress_bar
 from mates_megatron.stats import pearson, spearman
 
 
+@INFLUENCE_MODELS.register("ridge")
 class RidgeInfluenceModel(InfluenceModel):
     """See ``InfluenceModel``; the state is the head alone (the encoder is the pretrained one)."""
 

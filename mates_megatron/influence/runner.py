@@ -10,11 +10,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from mates_megatron.influence import build_influence_model
 from mates_megatron.influence.base import InfluenceModel
 from mates_megatron.influence.config import InfluenceConfig
 from mates_megatron.influence.encoder import resolve_device
 from mates_megatron.influence.group import accelerator_group, influence_group, meet
-from mates_megatron.influence.registry import build_influence_model
 from mates_megatron.influence.worker import InfluenceWorker, WorkerWorld, worker_address
 from mates_megatron.runtime.rng import get_host_rng_state
 

@@ -141,7 +141,7 @@ def _await_listener(host: str, port: int, deadline: float) -> bool:
 
 def _serve(conn, cfg: InfluenceConfig, pool, device: str, imports: list[str], threads: int, world) -> None:
     """The worker's loop: one request at a time from the training rank that started it."""
-    from mates_megatron.influence.registry import build_influence_model
+    from mates_megatron.influence import build_influence_model
     from mates_megatron.pool.base import candidate_inputs
     from mates_megatron.registry import import_modules
 

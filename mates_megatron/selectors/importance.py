@@ -5,13 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from mates_megatron.selectors.base import SELECTORS
+from mates_megatron.selectors.base import SELECTORS, Selector
 from mates_megatron.selectors.basic import GumbelTopKSelector
 
 
 @SELECTORS.register("importance")
 @dataclass(frozen=True)
-class ImportanceResamplingSelector:
+class ImportanceResamplingSelector(Selector):
     """DSIR's resampling: keep the k lowest of ``score - G``, G ~ Gumbel(0, 1), on the raw scores.
 
     With scores = minus log importance weights this draws k candidates without replacement with

@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from mates_megatron.mixture.weights import MixtureError, read_weights
 from mates_megatron.pool.base import PoolError
-from mates_megatron.selectors.base import SELECTORS
+from mates_megatron.selectors.base import SELECTORS, Selector
 
 log = logging.getLogger("mates_megatron.mixture")
 
@@ -49,12 +49,13 @@ def quotas(k: int, weights: np.ndarray) -> np.ndarray:
 
 
 @SELECTORS.register("mixture")
-class MixtureSelector:
+class MixtureSelector(Selector):
     """Serves domain weights from per-domain streams (see the module); stateful: rounds are drawn in order."""
 
     needs_scores: ClassVar[bool] = False
     draws_every_round: ClassVar[bool] = True
-    """The hook draws round 0 and the rounds of a score-free run with this selector (not a uniform draw)."""
+    built_on_pool: ClassVar[bool] = True
+    stateful: ClassVar[bool] = True
 
     def __init__(
         self, domains: list[str], domain_of: np.ndarray, weights_path: str, *, seed: int,
@@ -83,7 +84,7 @@ class MixtureSelector:
         self.check_schedule(read_weights(weights_path))
 
     @classmethod
-    def from_config(cls, sel, pool) -> MixtureSelector:
+    def build(cls, sel, pool=None) -> MixtureSelector:
         if not sel.mixture_weights:
             raise ValueError(
                 "selector 'mixture' serves domain weights from a file: set mixture_weights (--mates-mixture-"

@@ -14,6 +14,12 @@ and 0.998 with gradient-dot's; a step of 0.1 only 0.57 and of 1.0 (the query's o
 
 Plain descent rather than the run's optimizer: a resumed Adam's step is dominated by its moments from
 training (the same direction for every query), which would drown the query's own gradient.
+
+``form: adam_ascent`` is the authors' notebook instead: one step of a fresh Adam (lr 5e-3) of gradient ascent
+on the query (their query duplicated twice in a batch: with a token-mean loss that is the same gradient), then
+score = loss after - loss before (a document the query supports gets harder). A fresh Adam's first step is
+``lr * sign(g)`` up to eps: every parameter moves by lr, not along the gradient, so it leaves the first-order
+regime above and is not gradient-dot's ranking.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import numpy as np
 from mates_megatron.probe.reference import make_batch
 from mates_megatron.probe.snapshot import TrainingSnapshot
 from mates_megatron.trace.base import TRACERS, TopK, TraceInput, Tracer, TraceResult, chunks, replica_share
-from mates_megatron.trace.model_passes import candidate_batches, descend, losses, query_rows
+from mates_megatron.trace.model_passes import adam_ascent, candidate_batches, descend, losses, query_rows
 
 
 @dataclass
@@ -38,6 +44,11 @@ class ForwardInfOptions:
     steps: int = 1
     micro_batch_size: int = 16
     """Candidates per forward pass."""
+    form: str = "first_order"
+    """"first_order" (descent steps sized by ``drop``, the default) or "adam_ascent" (the authors' notebook:
+    one fresh-Adam ascent step of ``lr``; ``drop`` and ``steps`` do not apply)."""
+    lr: float = 5e-3
+    """The Adam step's learning rate (form "adam_ascent"; the authors' notebook's 5e-3)."""
 
     def __post_init__(self) -> None:
         if not (self.drop > 0 and np.isfinite(self.drop)) or self.steps < 1 or self.micro_batch_size < 1:
@@ -45,6 +56,10 @@ class ForwardInfOptions:
                 f"forward-inf options drop={self.drop}, steps={self.steps}, micro_batch_size="
                 f"{self.micro_batch_size}: need drop > 0, steps >= 1, micro_batch_size >= 1"
             )
+        if self.form not in ("first_order", "adam_ascent"):
+            raise ValueError(f"forward-inf options form={self.form!r}: use 'first_order' or 'adam_ascent'")
+        if not (self.lr > 0 and np.isfinite(self.lr)):
+            raise ValueError(f"forward-inf options lr={self.lr}: need lr > 0")
 
 
 @TRACERS.register("forward-inf")
@@ -73,11 +88,16 @@ class ForwardInfTracer(Tracer):
         try:
             for qi in range(len(rows)):
                 query = make_batch(rows.tokens[qi : qi + 1], rows.loss_mask[qi : qi + 1])
-                norms.append(descend(ctx, query, self.options.drop, self.options.steps))
+                ascent = self.options.form == "adam_ascent"
+                if ascent:
+                    norms.append(adam_ascent(ctx, query, self.options.lr))
+                else:
+                    norms.append(descend(ctx, query, self.options.drop, self.options.steps))
                 top, start = TopK(1, inp.top_k), 0
                 for ids in chunks(inp, mine, f"forward-inf query {qi + 1}/{len(rows)}"):
                     after = losses(ctx, candidate_batches(inp.pool, ids, mbs), len(ids))
-                    top.add(ids, (before[start : start + len(ids)] - after)[None])
+                    change = before[start : start + len(ids)] - after
+                    top.add(ids, (-change if ascent else change)[None])
                     start += len(ids)
                 per_query.append(top)
                 snap.restore()

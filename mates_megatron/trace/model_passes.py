@@ -90,6 +90,36 @@ def descend(ctx: ProbeContext, batch: Batch, drop: float, steps: int = 1) -> flo
     return first
 
 
+@torch.no_grad()
+def adam_ascent(ctx: ProbeContext, batch: Batch, lr: float, eps: float = 1e-8) -> float:
+    """One Adam step of gradient *ascent* on ``batch`` from a fresh optimizer state (Forward-INF's notebook:
+    ``torch.optim.Adam(lr)`` on the negated query loss). Adam's first step, bias-corrected, is
+    ``lr * g / (|g| + eps)`` elementwise, whatever its betas, so it is taken in that closed form on the
+    sharded parameters; returns the gradient's norm. The caller restores the model."""
+    params = counted_params(ctx)
+    every = [p for c in ctx.model_chunks for p in c.parameters()]
+    with torch.enable_grad(), replica_local_grads(ctx, always=True), eval_mode(ctx.model_chunks):
+        zero_grads(ctx)
+        ctx.run([batch], forward_only=False)
+    grads = {p: param_grad(p) for p in every}
+    sq = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    for p in params:
+        if grads[p] is not None:
+            sq += grads[p].double().pow(2).sum()
+    norm = float(model_parallel_sum(ctx, sq).sqrt())
+    if not np.isfinite(norm) or norm == 0:
+        raise FloatingPointError(
+            f"trace ascent step: the query's gradient norm is {norm}; the query has no counted token or the "
+            "checkpoint is not finite"
+        )
+    for p in every:
+        if grads[p] is not None:
+            g = grads[p].float()
+            p.data.add_((lr * g / (g.abs() + eps)).to(p.dtype))
+    zero_grads(ctx)
+    return norm
+
+
 def model_parallel_sum(ctx: ProbeContext, t: torch.Tensor) -> torch.Tensor:
     """Complete per-shard partial sums over the tensor x pipeline group."""
     if dist.get_world_size(ctx.groups.model_parallel) > 1:

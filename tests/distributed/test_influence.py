@@ -346,9 +346,9 @@ def test_token_embeddings_are_the_mean_input_embedding_of_every_token():
 
 
 def test_config_errors_name_the_field_and_the_fix():
+    from mates_megatron.influence import INFLUENCE_MODELS, build_influence_model
     from mates_megatron.influence.config import FinetuneConfig, InfluenceConfig, RidgeConfig
     from mates_megatron.influence.finetune import FinetuneInfluenceModel
-    from mates_megatron.influence.registry import INFLUENCE_MODELS, build_influence_model
     from mates_megatron.influence.ridge import RidgeInfluenceModel
 
     assert dict(INFLUENCE_MODELS.items()) == {

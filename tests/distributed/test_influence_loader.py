@@ -97,7 +97,7 @@ def _pool(n: int, seq_length: int):
 )
 def test_scores_are_bit_for_bit_the_same_with_0_and_2_loader_workers(model, features):
     """Fit and predict over a pool's decoded text (decoded and tokenised in the workers), uneven batches."""
-    from mates_megatron.influence.registry import build_influence_model
+    from mates_megatron.influence import build_influence_model
     from mates_megatron.pool.base import CandidateTexts
 
     pool = _pool(45, 40)

@@ -35,7 +35,7 @@ def _pool(n=96):
 def test_worker_scores_bit_for_bit_like_this_process_and_survives_a_bad_fit():
     """The worker reads through its own loader workers (before: a daemonic worker, which may not start them);
     this process reads in process."""
-    from mates_megatron.influence.registry import build_influence_model
+    from mates_megatron.influence import build_influence_model
     from mates_megatron.influence.worker import InfluenceWorker
     from mates_megatron.pool.base import CandidateTexts
     from mates_megatron.runtime.rng import get_host_rng_state

@@ -98,6 +98,28 @@ def test_heldout_figures_are_read_from_smoothed_curves():
     assert "steps_to_random_final_ratio" not in report  # the probe-set MATES figures need a mates arm
 
 
+def test_the_second_headline_averages_every_heldout_domain():
+    """Each domain weighted alike: the arm wins its headline domain by what it gives up on the other, and the
+    average shows it level with random."""
+    evals = {"held/a": [6.0, 5.0, 4.0, 3.0, 2.0], "held/b": [6.0, 6.0, 6.0, 6.0, 6.0], "held": [6.0] * 5}
+    random_evals = {
+        "held/a": [6.0, 5.5, 5.0, 4.5, 4.0],
+        "held/b": [6.0, 5.5, 5.0, 4.5, 4.0],
+        "held": [6.0] * 5,
+    }
+    random_run = {**_run([9.0] * 5, [1.0] * 40), "eval": random_evals}
+    arm_run = {**_run([9.0] * 5, [1.0] * 40, _selection(0.0)), "eval": evals}
+    report = build_report({"random": random_run, "classifier": arm_run}, "held/a")
+    arm = report["arms"]["classifier"]
+    assert arm["all_domains_sets"] == ["held/a", "held/b"]
+    # Both mean curves are [6, 5.5, 5, 4.5, 4]; smoothed over 3 they end at the mean of the last three.
+    assert arm["final_heldout_loss_all_domains"] == pytest.approx((5.0 + 4.5 + 4.0) / 3)
+    assert report["random_final_heldout_loss_all_domains"] == pytest.approx((5.0 + 4.5 + 4.0) / 3)
+    assert arm["steps_to_random_final_heldout_ratio"] < 1  # its headline domain: ahead of random
+    assert arm["steps_to_random_final_heldout_all_domains_ratio"] == pytest.approx(1.0)  # the average: level
+    assert "all-domain" in format_table(report)
+
+
 def test_report_names_a_missing_headline_set():
     runs = {"random": _run([6.0] * 5, [1.0] * 40), "mates": _run([6.0] * 5, [1.0] * 40, _selection(0.0))}
     with pytest.raises(ValueError, match="evaluation set 'other' was not logged"):
@@ -131,7 +153,7 @@ def test_run_configs_differ_only_in_the_selection():
     }
     assert runs["mates"]["selection"] == seeded
     assert runs["static"]["selection"] == {**seeded, "scorer": "static"}
-    free = {"scorer_options": {}, "warmup_steps": 0}
+    free = {"scorer_options": {}}  # the config's warm-up, as every arm (warmup_steps 20 in seeded)
     assert runs["dsir"]["selection"] == {**seeded, **free, "selector": "importance", "scorer": "dsir"}
     assert runs["classifier"]["selection"] == {**seeded, **free, "selector": "topk", "scorer": "classifier"}
     ot = {**seeded, **free, "selector": "topk", "scorer_options": {"max_length": 128}}

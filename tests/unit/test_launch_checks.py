@@ -53,11 +53,27 @@ def _no_reference(cfg):
     cfg["reference"] = str(Path(cfg["reference"]).with_name("missing.jsonl"))
 
 
+def _missing_weights(cfg):
+    cfg["selection"].update(selector="mixture", scorer="none", mixture_weights="/nowhere/weights.json")
+
+
+def _shards_without_manifest(cfg):
+    cfg["selection"].update(pool="webdataset", shards=str(Path(cfg["reference"]).parent))
+
+
 BAD = {
     # (break the base config, what the one error line must name)
     "misspelt_key": (_misspelt, ["unknown field 'selection.temprature'", "temperature"]),
     "selection_ratio": (_ratio, ["selection_ratio=1.5", "must be in (0, 1]"]),
     "missing_reference": (_no_reference, ["reference ", "missing.jsonl not found"]),
+    "missing_mixture_weights": (
+        _missing_weights,
+        ["selection.mixture_weights /nowhere/weights.json", "no such file", "mates-megatron mixture fit"],
+    ),
+    "shards_without_manifest": (
+        _shards_without_manifest,
+        ["selection.shards ", "manifest.json not found", "mates-megatron prepare"],
+    ),
 }
 
 

@@ -35,7 +35,7 @@ class TextPool(TokenPool):
 
 @pytest.mark.parametrize("features", ["token_embeddings", "encoder"])
 def test_ids_score_exactly_like_their_text(features):
-    from mates_megatron.influence.registry import build_influence_model
+    from mates_megatron.influence import build_influence_model
     from mates_megatron.pool.base import candidate_inputs
 
     cfg = InfluenceConfig(model="ridge", ridge=RidgeConfig(features=features), max_length=32, max_chunks=2)

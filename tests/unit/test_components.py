@@ -1,0 +1,73 @@
+"""Registered components derive from their kind's base, and the run reads what they declare there."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+
+def test_a_registry_refuses_a_class_that_does_not_derive_from_its_base():
+    from mates_megatron.pool.base import POOLS
+    from mates_megatron.scorers import SCORERS
+    from mates_megatron.selectors import SELECTORS
+
+    class Duck:  # has select(), as a Protocol would have accepted
+        needs_scores = False
+
+        def select(self, candidates, k, *, scores=None, seed, round_):
+            return candidates[:k]
+
+    for registry, base in ((SELECTORS, "selectors.base.Selector"), (SCORERS, "scorers.base.Scorer"),
+                           (POOLS, "pool.base.PoolBase")):  # fmt: skip
+        with pytest.raises(
+            TypeError, match=rf"'Duck' does not derive from mates_megatron\.{base}; subclass it"
+        ):
+            registry.register("duck")(Duck)
+        assert "duck" not in registry
+
+
+def test_a_selector_is_built_from_what_it_declares():
+    from mates_megatron.config import SelectionConfig
+    from mates_megatron.selectors import SELECTORS, Selector
+
+    @SELECTORS.register("_first_k")
+    @dataclass(frozen=True)
+    class FirstK(Selector):
+        temperature: float = 1.0
+
+        def select(self, candidates, k, *, scores=None, seed, round_):
+            return np.sort(np.asarray(candidates, dtype=np.int32)[:k])
+
+    try:
+        sel = SelectionConfig(selector="_first_k", temperature=0.25)
+        built = sel.build_selector()
+        # The defaults of the base: the temperature field is filled, no state is checkpointed, no summary.
+        assert built == FirstK(temperature=0.25)
+        assert not built.stateful and built.state_dict() == {} and built.summary() == {}
+        assert not FirstK.draws_every_round and not FirstK.built_on_pool
+    finally:
+        SELECTORS.unregister("_first_k")
+
+
+def test_a_selector_built_on_the_pool_is_refused_without_one():
+    from mates_megatron.config import SelectionConfig
+    from mates_megatron.selectors import SELECTORS
+
+    assert SELECTORS.get("mixture").built_on_pool and SELECTORS.get("mixture").stateful
+    sel = SelectionConfig.__new__(SelectionConfig)  # skip the file check of __post_init__
+    sel.selector = "mixture"
+    with pytest.raises(
+        ValueError, match=r"selector 'mixture' is built on the pool: pass build_selector\(pool=\.\.\.\)"
+    ):
+        sel.build_selector()
+
+
+def test_pool_capabilities_are_declared_on_the_base():
+    from mates_megatron.pool.base import POOLS, PoolBase
+
+    assert (PoolBase.host_dataset, PoolBase.decodes_text, PoolBase.tokenizes_text) == (False, False, False)
+    declared = {name: (c.host_dataset, c.decodes_text, c.tokenizes_text) for name, c in POOLS.items()}
+    assert declared["indexed"] == (True, True, False)
+    assert declared["webdataset"] == (False, False, False)
