@@ -98,8 +98,11 @@ def test_trace_identical_at_tp1_tp2_dp2(small_embedded, tmp_path):
             # layouts' gradient dots differ by up to 3e-4 relative, their losses by a few float32 ulps (~1e-6
             # of a loss near 5, on loss changes near 5e-3), and FASTTRACK's z-scores (loss changes over the
             # null's spread, ~1e-3) by up to 0.01 (measured).
+            # The authors' Adam step moves each parameter by about lr * sign(g): an entry whose gradient is
+            # float32 noise can step the other way in another layout, so its scores differ by up to 0.2%
+            # relative (measured 2.0e-3), while the top-k is the same.
             tol = {"gradient": {"rtol": 1e-3}, "forward-inf": {"atol": 5e-6}, "fasttrack": {"atol": 0.02},
-                   "forward-inf adam": {"atol": 1e-4}}  # fmt: skip
+                   "forward-inf adam": {"rtol": 5e-3}}  # fmt: skip
             np.testing.assert_allclose(got[method]["scores"], want["scores"], **tol[method], err_msg=method)
             if method == "fasttrack":
                 for a, b in zip(got[method]["verdicts"], want["verdicts"], strict=True):
