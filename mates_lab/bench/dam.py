@@ -3,7 +3,7 @@
 The labelled pool is a 5-class text task: ``data/corpus.jsonl`` documents cut into pieces of about
 ``piece_chars`` characters (at most ``per_domain`` pieces per domain, a fixed seeded sample, so the pool and
 its cached embeddings are the same for every seed), label = the piece's domain, features = the influence
-encoder's normalised embeddings (``Embedder``, cached in ``work/`` by a hash of the texts), groups = domain.
+encoder's normalised embeddings (``mates_megatron.encoder.Encoder``, cached in ``work/`` by a hash of the texts), groups = domain.
 ``markets`` markets are built with seeds ``seed .. seed + markets - 1`` (``acquisition.build_market``; each
 saved under ``work/market_S/``), every registered strategy buys on each (its seed = the market's), and each
 purchase is scored over ``draws`` draws.
@@ -60,11 +60,10 @@ def embed_pieces(texts: list[str], work: Path, max_length: int) -> np.ndarray:
         with np.load(cache) as z:
             if str(z["fingerprint"]) == key:
                 return z["features"]
-    from mates_megatron.config import SelectionConfig
-    from mates_megatron.scorers.embedding import Embedder
+    from mates_megatron.encoder import Encoder, EncoderConfig
 
     t = time.perf_counter()
-    x = Embedder(SelectionConfig(), features="encoder", batch_size=32, max_length=max_length).embed(texts)
+    x = Encoder(EncoderConfig(max_length=max_length, batch_size=32)).embed(texts)
     print(f"[bench dam] embedded {len(texts)} pieces in {time.perf_counter() - t:.0f}s", flush=True)
     np.savez(cache, features=x, fingerprint=key)
     return x

@@ -33,23 +33,20 @@ import yaml
 
 def _embed_pool(data: Path, out: Path, max_length: int) -> tuple[np.ndarray, np.ndarray, list[str], Any]:
     """Embeddings of every pool document and of the reference (cached in ``out``), the domain ids/names."""
-    from mates_megatron.config import SelectionConfig
+    from mates_megatron.encoder import Encoder, EncoderConfig
     from mates_megatron.pool.base import candidate_inputs
     from mates_megatron.pool.webdataset_pool import WebDatasetPool
-    from mates_megatron.scorers.embedding import Embedder
 
     pool = WebDatasetPool(data / "train-shards", seq_length=1)
     cache = out / f"embeddings_{max_length}.npz"
     if cache.is_file() and str(np.load(cache)["fingerprint"]) == pool.fingerprint():
         z = np.load(cache)
         return z["pool"], z["reference"], list(pool.domains), pool
-    emb = Embedder(SelectionConfig(), features="encoder", batch_size=32, max_length=max_length)
+    emb = Encoder(EncoderConfig(max_length=max_length, batch_size=32))
     t = time.perf_counter()
     ids = np.arange(len(pool))
     x = emb.embed(candidate_inputs(pool, ids, token_ids=False))
-    from types import SimpleNamespace
-
-    y = emb.reference(SimpleNamespace(path=str(data / "reference.jsonl")), scorer="bench")
+    y = emb.embed_reference(data / "reference.jsonl", scorer="bench")
     print(f"[bench ot] embedded {len(x)} pool documents in {time.perf_counter() - t:.0f}s", flush=True)
     np.savez(cache, pool=x, reference=y, fingerprint=pool.fingerprint())
     return x, y, list(pool.domains), pool

@@ -11,6 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 FEATURES = ("encoder", "token_embeddings")
+ENCODER_FIELDS = ("model_path", "max_length", "max_chunks", "device", "bf16")
+"""The ``InfluenceConfig`` fields that describe its encoder: ``mates_megatron.encoder.EncoderConfig`` has the
+same fields with the same defaults (``EncoderConfig.from_influence`` reads them, ``influence_config`` writes
+them), so the influence model and the OT scorers run one encoder from one description."""
 
 
 @dataclass

@@ -335,10 +335,9 @@ def embed_sources(plan: dict[str, Any], work: Path, *, max_length: int = 128):
     if cache.is_file() and str(np.load(cache)["key"]) == key:
         z = np.load(cache)
         return [z[f"s{i}"] for i in range(len(texts))], z["val"]
-    from mates_megatron.config import SelectionConfig
-    from mates_megatron.scorers.embedding import Embedder
+    from mates_megatron.encoder import Encoder, EncoderConfig
 
-    emb = Embedder(SelectionConfig(), features="encoder", batch_size=32, max_length=max_length)
+    emb = Encoder(EncoderConfig(max_length=max_length, batch_size=32))
     t = time.perf_counter()
     srcs = [emb.embed(t_) for t_ in texts]
     y = emb.embed(val)

@@ -13,7 +13,6 @@ import json
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import yaml
@@ -52,6 +51,7 @@ def value_pool(shards: Path, reference: Path, method: str, options: dict, seed: 
     from mates_megatron.config import SelectionConfig
     from mates_megatron.files import sha256_file
     from mates_megatron.pool.webdataset_pool import WebDatasetPool
+    from mates_megatron.probe.reference import ReferenceFile
     from mates_megatron.scorers import SCORERS, RoundInput
 
     if not reference.is_file():
@@ -59,11 +59,11 @@ def value_pool(shards: Path, reference: Path, method: str, options: dict, seed: 
     pool = WebDatasetPool(shards, seq_length=1)
     sel = SelectionConfig(scorer=method, selector="topk", scorer_options=options, seed=seed)
     cls = SCORERS.get(method)
-    scorer = cls(cls.options(sel), selection=sel)
-    host = SimpleNamespace(reference=SimpleNamespace(path=str(reference)))
+    # No host offline: the scorer is given the reference file it would read from the host's reference set.
+    scorer = cls(cls.options(sel), selection=sel, reference=ReferenceFile(str(reference)))
     ids = np.arange(len(pool), dtype=np.int64)
     t = time.perf_counter()
-    scores = scorer.score(RoundInput(round=0, candidates=ids, pool=pool, host=host, seed=seed))
+    scores = scorer.score(RoundInput(round=0, candidates=ids, pool=pool, host=None, seed=seed))
     meta = {
         "method": method,
         "options": options,

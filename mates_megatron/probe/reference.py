@@ -84,6 +84,35 @@ def make_batch(tokens: np.ndarray, loss_mask: np.ndarray) -> Batch:
     }
 
 
+@dataclass(frozen=True)
+class ReferenceFile:
+    """A reference set by its JSONL file alone, untokenised: what the scorers that read the reference as text
+    ('dsir', 'classifier', 'lava', 'gotd', 'lookalike') take of the host's ``ReferenceSet``, for use where
+    there is no host (``mates-megatron value``, the lab's benchmarks)."""
+
+    path: str
+    """The JSONL file of {"context", "target"} or {"text"} lines."""
+
+
+def reference_texts(reference: ReferenceSet | ReferenceFile | None, *, scorer: str) -> list[str]:
+    """The reference examples as text (context + target, or text), read from ``reference.path``'s JSONL."""
+    if reference is None:
+        raise ValueError(f"scorer {scorer!r} fits toward a reference set: the host has none configured")
+    texts = []
+    for lineno, obj in read_jsonl(reference.path):
+        if "context" in obj and "target" in obj:
+            texts.append(obj["context"] + obj["target"])
+        elif "text" in obj:
+            texts.append(obj["text"])
+        else:
+            raise ValueError(
+                f'{reference.path} line {lineno}: expected {{"context": ..., "target": ...}} or {{"text": ...}}'
+            )
+    if not texts:
+        raise ValueError(f"reference set {reference.path} is empty: it needs at least one example")
+    return texts
+
+
 def require_jsonl(path: str | Path, what: str = "reference set") -> Path:
     """``path``, or FileNotFoundError naming ``what`` and the fix when it is no file (also checked by the
     launchers before torchrun: ``pretrain.check_run_files``)."""

@@ -48,8 +48,9 @@ class RoundInput:
     """Its int32 candidate ids (the order of the scores to return)."""
     pool: CandidatePool
     """Candidates by id: ``text``, ``tokens``, ``domain_ids``, ``training_sample``."""
-    host: Host
-    """The live training job (model, optimizer, reference set, process groups)."""
+    host: Host | None
+    """The live training job (model, optimizer, reference set, process groups). None offline, in
+    ``mates-megatron value``: only an OT scorer given its reference file when built runs without a host."""
     seed: int
     """The selection seed."""
 

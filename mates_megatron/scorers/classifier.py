@@ -29,8 +29,8 @@ from typing import Any, ClassVar
 import numpy as np
 
 from mates_megatron.pool.base import candidate_inputs
+from mates_megatron.probe.reference import reference_texts
 from mates_megatron.scorers.base import SCORERS, RoundInput, Scorer, Scores
-from mates_megatron.scorers.dsir import reference_texts
 
 
 @dataclass

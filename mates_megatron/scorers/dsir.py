@@ -48,31 +48,11 @@ from typing import Any, ClassVar
 import numpy as np
 
 from mates_megatron.pool.base import candidate_inputs
+from mates_megatron.probe.reference import reference_texts
 from mates_megatron.scorers.base import SCORERS, RoundInput, Scorer, Scores
 
 WORDPUNCT = r"\w+|[^\w\s]+"
 """nltk's WordPunctTokenizer pattern: the ``data-selection`` package's default tokenizer."""
-
-
-def reference_texts(reference: Any, *, scorer: str) -> list[str]:
-    """The reference examples as text (context + target, or text), read from ``reference.path``'s JSONL."""
-    from mates_megatron.probe.reference import read_jsonl
-
-    if reference is None:
-        raise ValueError(f"scorer {scorer!r} fits toward a reference set: the host has none configured")
-    texts = []
-    for lineno, obj in read_jsonl(reference.path):
-        if "context" in obj and "target" in obj:
-            texts.append(obj["context"] + obj["target"])
-        elif "text" in obj:
-            texts.append(obj["text"])
-        else:
-            raise ValueError(
-                f'{reference.path} line {lineno}: expected {{"context": ..., "target": ...}} or {{"text": ...}}'
-            )
-    if not texts:
-        raise ValueError(f"reference set {reference.path} is empty: it needs at least one example")
-    return texts
 
 
 def ngram_featurizer(num_buckets: int, ngrams: int):

@@ -17,10 +17,11 @@ from typing import Any
 
 import numpy as np
 
+from mates_megatron.encoder import check_features
 from mates_megatron.ot import SinkhornConfig
 from mates_megatron.ot.valuation import lava_values
 from mates_megatron.scorers.base import SCORERS, RoundInput, Scores
-from mates_megatron.scorers.embedding import EmbeddingScorer, check_features
+from mates_megatron.scorers.embedding import EmbeddingScorer
 
 
 @dataclass
@@ -109,7 +110,7 @@ class LavaScorer(EmbeddingScorer):
         if c.labelled:
             labels = dict(
                 x_labels=r.pool.domain_ids(np.asarray(r.candidates)).astype(np.int64),
-                y_labels=reference_domains(r.host.reference, list(r.pool.domains)),
+                y_labels=reference_domains(self.reference(r), list(r.pool.domains)),
             )
         values, res, _ = lava_values(
             x, y, c.sinkhorn(r.seed, cost_scale=0.5), label_weight=c.label_weight,

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mates_megatron.encoder import check_features
 from mates_megatron.scorers.base import SCORERS, RoundInput, Scores
-from mates_megatron.scorers.embedding import EmbeddingScorer, check_features
+from mates_megatron.scorers.embedding import EmbeddingScorer
 
 
 @dataclass

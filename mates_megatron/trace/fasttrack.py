@@ -149,21 +149,18 @@ class FastTrackTracer(Tracer):
         return score, score > self.options.z
 
     def trace(self, inp: TraceInput) -> TraceResult:
-        from mates_megatron.config import SelectionConfig
-        from mates_megatron.scorers.embedding import Embedder
+        from mates_megatron.encoder import Encoder, EncoderConfig
 
         ctx, rows, opt = inp.model, inp.queries.rows, self.options
         if ctx is None or rows is None:
             raise ValueError("fasttrack needs the model (its verifier) and tokenised queries")
-        emb = Embedder(SelectionConfig(), features="encoder", batch_size=32, max_length=opt.index.max_length)
+        emb = Encoder(EncoderConfig(max_length=opt.index.max_length, batch_size=32))
         directory = self.index_dir(inp.pool)
         t0 = time.perf_counter()
         rank0 = not dist.is_initialized() or dist.get_rank() == 0
         status = None
         if rank0:  # one writer; the others read what it wrote
-            _, status = load_or_build(
-                directory, inp.pool, opt.index, lambda pool, ids: emb.candidates(pool, ids)
-            )
+            _, status = load_or_build(directory, inp.pool, opt.index, emb.embed_candidates)
         if dist.is_initialized():
             dist.barrier()
         index, _ = load_or_build(directory, inp.pool, opt.index, None)

@@ -20,6 +20,7 @@ from mates_megatron.ot import SinkhornConfig
 from mates_megatron.ot.valuation import embed_texts, gotd_values, lava_values, screen_domains
 from mates_megatron.ot.values_file import read_values, write_values
 from mates_megatron.pool.webdataset_pool import WebDatasetPool
+from mates_megatron.probe.reference import ReferenceFile
 from mates_megatron.scorers import SCORERS, RoundInput
 
 DOMAINS = {
@@ -69,7 +70,7 @@ def _score(name, options, pool_dir, ids, seed=3):
     cls = SCORERS.get(name)
     scorer = cls(cls.options(sel), selection=sel)
     pool = WebDatasetPool(pool_dir["shards"], seq_length=8)
-    host = SimpleNamespace(reference=SimpleNamespace(path=str(pool_dir["reference"])))
+    host = SimpleNamespace(reference=ReferenceFile(str(pool_dir["reference"])))
     return scorer, pool, scorer.score(RoundInput(round=1, candidates=ids, pool=pool, host=host, seed=seed))
 
 
@@ -141,9 +142,9 @@ def test_lookalike_is_the_mean_similarity_to_the_nearest_reference(pool_dir, emb
 def test_embeddings_are_cached_by_candidate_id(pool_dir):
     scorer, pool, first = _score("gotd", {}, pool_dir, np.arange(6, dtype=np.int32))
     calls = []
-    embed = scorer.embedder.embed
-    scorer.embedder.embed = lambda texts: calls.append(len(texts)) or embed(texts)
-    host = SimpleNamespace(reference=SimpleNamespace(path=str(pool_dir["reference"])))
+    embed = scorer.encoder.embed
+    scorer.encoder.embed = lambda texts: calls.append(len(texts)) or embed(texts)
+    host = SimpleNamespace(reference=ReferenceFile(str(pool_dir["reference"])))
     ids = np.arange(3, 9, dtype=np.int32)
     scorer.score(RoundInput(round=2, candidates=ids, pool=pool, host=host, seed=3))
     assert calls == [3]  # only ids 6, 7, 8 were new

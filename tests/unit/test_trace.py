@@ -135,18 +135,17 @@ def test_bm25_cli_against_rank_bm25(tiny_pool, tmp_path, capsys):
 
 
 def test_fasttrack_index_rebuilt_when_the_pool_changes(tiny_pool, tmp_path):
-    from mates_megatron.config import SelectionConfig
     from mates_megatron.data.prepare import PrepareConfig, prepare_corpus
+    from mates_megatron.encoder import Encoder, EncoderConfig
     from mates_megatron.pool.webdataset_pool import WebDatasetPool
-    from mates_megatron.scorers.embedding import Embedder
     from mates_megatron.trace.index import IndexSettings, load_or_build, recursive_kmeans
 
-    emb = Embedder(SelectionConfig(), features="encoder", batch_size=32, max_length=64)
+    emb = Encoder(EncoderConfig(max_length=64, batch_size=32))
     calls = []
 
     def embed(pool, ids):
         calls.append(len(ids))
-        return emb.candidates(pool, ids)
+        return emb.embed_candidates(pool, ids)
 
     settings = IndexSettings(leaf_size=5, branching=3, max_length=64, max_keyword_df=0.2)
     pool = WebDatasetPool(tiny_pool["shards"], seq_length=32)
