@@ -125,6 +125,22 @@ def _run_gotd_digits_bench(a) -> int:
     return 0
 
 
+def _run_lava_digits_bench(a) -> int:
+    from mates_lab.bench.lava_digits import bench_lava_digits
+
+    _write(
+        bench_lava_digits(
+            a.seeds,
+            per_class=a.per_class,
+            trusted_per_class=a.trusted_per_class,
+            flip_rate=a.flip_rate,
+            k=a.k,
+        ),
+        a.out,
+    )
+    return 0
+
+
 def _run_autoscale_bench(a) -> int:
     from mates_lab.bench.autoscale import bench_autoscale
 
@@ -300,6 +316,20 @@ def add_bench_parser(sub) -> None:
     gd.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5])
     gd.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
     gd.set_defaults(func=_run_gotd_digits_bench)
+    ld = bsub.add_parser(
+        "lava-digits",
+        help="LAVA's flip detection on sklearn load_digits (LDA features): recall@10%% of the project's LAVA at "
+        "label weight 1 and 3 (and reweighted), an exact-OT POT peer, kNN disagreement and random, over seeds",
+    )
+    ld.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    ld.add_argument("--per-class", type=int, default=100, help="valued rows per class")
+    ld.add_argument("--trusted-per-class", type=int, default=30, help="trusted (validation) rows per class")
+    ld.add_argument(
+        "--flip-rate", type=float, default=0.1, help="share of the valued rows given another label"
+    )
+    ld.add_argument("--k", type=int, default=10, help="neighbours of the kNN disagreement baseline")
+    ld.add_argument("--out", type=Path, default=None)
+    ld.set_defaults(func=_run_lava_digits_bench)
     a = bsub.add_parser(
         "autoscale",
         help="DDO at two budgets, AutoScale's prediction at 4x the larger vs DDO run there; train all four",

@@ -6,7 +6,9 @@ squared distances lie in [0, 4] whatever the encoder's scale and the absolute ep
 - LAVA: candidates against a trusted reference; value = calibrated candidate potential, higher = more
   harmful. Labelled: the cost adds ``label_weight`` times the distance between the candidate's class and the
   reference point's class, each class distance the Sinkhorn divergence between the two classes' feature
-  clouds (OTDD's label distance, which LAVA uses).
+  clouds (OTDD's label distance, which LAVA uses). ``reweight_to_reference_classes`` gives each candidate
+  class the reference's share of the mass (spread evenly within the class), so that label flips that change
+  the class counts do not make balanced OT ship the surplus across labels.
 - GOT-D: candidates against the target; value = calibrated candidate potential, the most negative first
   (the data that moves the candidate distribution toward the target most).
 - Domain screening (GOT-D, before the selection): each domain's entropic OT value to the target on a seeded
@@ -93,20 +95,49 @@ def lava_values(
     label_weight: float = 1.0,
     label_epsilon: float | None = None,
     max_per_class: int = 1000,
+    reweight_to_reference_classes: bool = False,
 ) -> tuple[np.ndarray, OTResult, np.ndarray | None]:
     """LAVA values of candidates ``x`` against the reference ``y`` (higher = more harmful), the OT solution,
     and the label distances (None when feature-only), those computed at ``label_epsilon`` (None: the
-    transport's epsilon)."""
+    transport's epsilon).
+
+    ``label_weight`` 1 is the authors' (OTDD's ``DatasetDistance(λ_x=1, λ_y=1)`` in ruoxi-jia-group/LAVA).
+    ``reweight_to_reference_classes`` (labelled mode): the candidates' masses follow the reference's class
+    shares (``class_reweighted_masses``) instead of being uniform; the calibrated gradient is unchanged."""
     if (x_labels is None) != (y_labels is None):
         raise ValueError("LAVA's labelled mode needs labels for both the candidates and the reference")
     if x_labels is None:
+        if reweight_to_reference_classes:
+            raise ValueError(
+                "reweight_to_reference_classes needs labels (x_labels, y_labels): without them there are no "
+                "classes to reweight; pass the labels or leave it False"
+            )
         res = sinkhorn(x, y, cfg)
         return res.calibrated, res, None
     x_labels, y_labels = np.asarray(x_labels), np.asarray(y_labels)
+    a = class_reweighted_masses(x_labels, y_labels) if reweight_to_reference_classes else None
     label_cfg = cfg if label_epsilon is None else replace(cfg, epsilon=label_epsilon)
     w = label_distances(x, x_labels, y, y_labels, label_cfg, max_per_class=max_per_class, seed=cfg.seed)
-    res = sinkhorn(x, y, cfg, label_cost=label_weight * w, x_labels=x_labels, y_labels=y_labels)
+    res = sinkhorn(x, y, cfg, a=a, label_cost=label_weight * w, x_labels=x_labels, y_labels=y_labels)
     return res.calibrated, res, w
+
+
+def class_reweighted_masses(x_labels: np.ndarray, y_labels: np.ndarray) -> np.ndarray:
+    """Candidate masses [N] summing to one: class k's total is its share of the reference labels, spread
+    evenly over the candidates labelled k. With these, a balanced transport need not move mass between
+    labels when the candidates' class counts differ from the reference's (label flips change them)."""
+    x_labels, y_labels = np.asarray(x_labels), np.asarray(y_labels)
+    classes, counts = np.unique(x_labels, return_counts=True)
+    ref = {int(k): n for k, n in zip(*np.unique(y_labels, return_counts=True), strict=True)}
+    missing = [int(k) for k in classes if int(k) not in ref]
+    if missing:
+        raise ValueError(
+            f"reweight_to_reference_classes: candidate classes {missing} have no reference rows, so their "
+            "share (and mass) would be zero; add reference rows of those classes or leave it False"
+        )
+    share = {int(k): ref[int(k)] / n for k, n in zip(classes, counts, strict=True)}
+    a = np.array([share[int(k)] for k in x_labels], dtype=np.float64)
+    return a / a.sum()
 
 
 def gotd_values(x: np.ndarray, y: np.ndarray, cfg: SinkhornConfig) -> tuple[np.ndarray, OTResult]:
