@@ -223,6 +223,7 @@ def bench_ot(
     from mates_megatron.ot.valuation import gotd_values, lava_values
     from mates_megatron.scorers.gotd import GotdConfig
     from mates_megatron.scorers.lava import LavaConfig
+    from mates_megatron.scorers.lookalike import lookalike_scores
 
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -234,8 +235,7 @@ def bench_ot(
     clean_ref = lava_junk_auc(x, domains, names.index("junk"), reference_size=len(y), seed=seed)
     g = GotdConfig()
     gotd, _ = gotd_values(x, y, SinkhornConfig(epsilon=g.epsilon, momentum=g.momentum, seed=seed))
-    sim = x @ y.T
-    lookalike = -(-np.partition(-sim, 9, axis=1)[:, :10]).mean(1)
+    lookalike = lookalike_scores(x, y, k=10)  # the 'lookalike' scorer's own computation
     k = len(x) // 5
 
     def share(v):
