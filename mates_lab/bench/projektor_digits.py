@@ -33,8 +33,7 @@ Setup (chosen from the paper's description before any figure was seen; every see
   lbfgs capped at 1,000 iterations, the DAM rule) on the raw pixels; clean sources converge in under 100
   iterations, fits with much of the noisy source at N reach the cap (checked on seed 0: run to convergence,
   1,200 to 3,900 iterations, their test error moves by at most 0.016, uniform's by 0.003); the error rate
-  on the validation
-  (pilots, projections) and test sets, averaged over ``draws`` = 5 seeded draws. The draws' randomness is
+  on the validation (pilots, projections) and test sets, averaged over ``draws`` = 5 seeded draws. The draws' randomness is
   shared across mixtures at one size (common random numbers: the comparisons between mixtures are paired).
 - OT: as the DAM strategy's Projektor (``mates_lab.acquisition.strategies``): class-aware entropic OT on
   PCA(``pca_dims`` = 32) embeddings (fitted on the sources' rows) L2-normalised, LAVA's label distance
