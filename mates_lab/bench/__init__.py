@@ -141,6 +141,13 @@ def _run_lava_digits_bench(a) -> int:
     return 0
 
 
+def _run_projektor_digits_bench(a) -> int:
+    from mates_lab.bench.projektor_digits import bench_projektor_digits
+
+    _write(bench_projektor_digits(a.seeds), a.out)
+    return 0
+
+
 def _run_autoscale_bench(a) -> int:
     from mates_lab.bench.autoscale import bench_autoscale
 
@@ -362,6 +369,14 @@ def add_bench_parser(sub) -> None:
     pj.add_argument("--seed", type=int, default=0)
     pj.add_argument("--out", type=Path, default=None)
     pj.set_defaults(func=_run_projektor_bench)
+    pd = bsub.add_parser(
+        "projektor-digits",
+        help="Projektor on load_digits (three skewed sources, one noisy): projected vs actual error at 4x the "
+        "larger pilot against a per-mixture power law; the chosen mixture vs uniform and the best single source",
+    )
+    pd.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    pd.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
+    pd.set_defaults(func=_run_projektor_digits_bench)
     dm = bsub.add_parser(
         "dam", help="DataPerf DAM: the leaderboard metric of each buyer strategy over seeded local markets"
     )
