@@ -37,7 +37,7 @@ Setup (chosen from the paper's description before any figure was seen; every see
   shared across mixtures at one size (common random numbers: the comparisons between mixtures are paired).
 - OT: as the DAM strategy's Projektor (``mates_lab.acquisition.strategies``): class-aware entropic OT on
   PCA(``pca_dims`` = 32) embeddings (fitted on the sources' rows) L2-normalised, LAVA's label distance
-  weighted 3 (``LavaConfig``), epsilon 0.1, float64, between the p-mixture of ``revealed`` = 100 seeded rows
+  weighted by ``LavaConfig().label_weight`` (1 since issue 35), epsilon 0.1, float64, between the p-mixture of ``revealed`` = 100 seeded rows
   per source (the partially revealed sources) and the validation set.
 - Figures: (1) projection error at N on the 14 judged mixtures, mean absolute error against the actual
   validation error at N, of Projektor (stage 1 at both sizes + stage 2) and of a per-mixture power law
