@@ -252,7 +252,8 @@ def test_the_worker_selects_its_gpu_before_its_rng_state_and_its_model(monkeypat
     built on CPU (no GPU here), the call that asked for cuda:1 recorded."""
     import multiprocessing
 
-    from mates_megatron.influence import registry, runner, worker
+    import mates_megatron.influence as influence
+    from mates_megatron.influence import runner, worker
     from mates_megatron.runtime.rng import get_host_rng_state
 
     pool = _pool()
@@ -262,13 +263,13 @@ def test_the_worker_selects_its_gpu_before_its_rng_state_and_its_model(monkeypat
     rng = {**get_host_rng_state(), "cuda": torch.zeros(16, dtype=torch.uint8)}
     calls: list = []
     _record_cuda(monkeypatch, calls)
-    build = registry.build_influence_model
+    build = influence.build_influence_model
 
     def build_on_cpu(cfg, device=None):
         calls.append(("build", str(device)))
         return build(cfg, device="cpu")
 
-    monkeypatch.setattr(registry, "build_influence_model", build_on_cpu)
+    monkeypatch.setattr(influence, "build_influence_model", build_on_cpu)  # where the worker looks it up
     parent, child = multiprocessing.Pipe()
     job = {"ids": ids, "positions": positions, "scores": scores, "rng": rng, "delay": 0.0}
     parent.send(("fit_predict", job))
@@ -292,7 +293,8 @@ def test_a_worker_world_on_cuda_fits_with_its_accelerator_group(monkeypatch):
     on CUDA, the fit gets the accelerator group built over that world beside the gloo one (before: gloo only)."""
     import multiprocessing
 
-    from mates_megatron.influence import registry, worker
+    import mates_megatron.influence as influence
+    from mates_megatron.influence import worker
     from mates_megatron.influence.base import FitResult
     from mates_megatron.runtime.rng import get_host_rng_state
 
@@ -311,7 +313,7 @@ def test_a_worker_world_on_cuda_fits_with_its_accelerator_group(monkeypatch):
             calls.append(("fit_predict", group, device_group))
             return np.zeros(len(texts)), FitResult(0.0, 0.0, 0)
 
-    monkeypatch.setattr(registry, "build_influence_model", lambda cfg, device=None: Recorded())
+    monkeypatch.setattr(influence, "build_influence_model", lambda cfg, device=None: Recorded())
     pool = _pool(12)
     world = worker.WorkerWorld(0, (0, 1), "127.0.0.1:1")
     job = {"ids": np.arange(12), "positions": np.arange(10), "scores": np.arange(10.0), "delay": 0.0}
