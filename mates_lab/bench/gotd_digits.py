@@ -37,11 +37,12 @@ What was measured is in ``docs/results/gotd.md``. Not here: the language-model v
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+
+from mates_lab.bench.intervals import mean_ci
 
 ARMS = ("gotd", "lookalike", "random", "none")
 
@@ -192,18 +193,6 @@ def run_seed(seed: int, cfg: GotdDigitsConfig) -> dict[str, Any]:
             out["rare_share"][arm] = float(np.isin(labels[rows], split.rare).mean())
         out["selected"][arm] = rows.tolist()
     return out
-
-
-def mean_ci(values) -> dict[str, Any]:
-    """Mean and 95% t-interval over seeds (the interval is null for one seed)."""
-    from scipy.stats import t
-
-    v = np.asarray(values, dtype=np.float64)
-    mean = float(v.mean())
-    if len(v) < 2:
-        return {"per_seed": v.tolist(), "mean": mean, "ci95": None}
-    half = float(t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
-    return {"per_seed": v.tolist(), "mean": mean, "ci95": [mean - half, mean + half]}
 
 
 def bench_gotd_digits(seeds: list[int], cfg: GotdDigitsConfig | None = None) -> dict[str, Any]:

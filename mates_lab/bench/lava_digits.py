@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from mates_lab.bench.intervals import t_interval
+
 METHODS = (
     "lava_lambda1",
     "lava_lambda3",
@@ -115,17 +117,6 @@ def knn_disagreement(
         row = row[row != i][:k]  # itself (position i in the pool) left out
         out[i] = np.mean(pool_labels[row] != x_labels[i])
     return out
-
-
-def t_interval(v: list[float]) -> list[float] | None:
-    """95% t-interval of the mean (None for one value)."""
-    from scipy import stats
-
-    if len(v) < 2:
-        return None
-    m, se = float(np.mean(v)), float(np.std(v, ddof=1) / math.sqrt(len(v)))
-    h = float(stats.t.ppf(0.975, len(v) - 1)) * se
-    return [m - h, m + h]
 
 
 def one_seed(

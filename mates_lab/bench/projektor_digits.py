@@ -60,7 +60,7 @@ from typing import Any
 
 import numpy as np
 
-from mates_lab.bench.gotd_digits import mean_ci
+from mates_lab.bench.intervals import mean_ci
 
 _SPLIT_TAG, _NOISE_TAG, _DRAW_TAG, _JUDGED_TAG, _REVEAL_TAG = 0x9D1, 0x9D2, 0x9D3, 0x9D4, 0x9D5
 GROUPS = ((0, 1, 2, 3), (4, 5, 6), (7, 8, 9))
