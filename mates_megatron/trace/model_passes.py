@@ -60,32 +60,39 @@ def gradient(ctx: ProbeContext, batch: Batch, params: list[torch.nn.Parameter]) 
     return out
 
 
+def _query_gradient(ctx: ProbeContext, batch: Batch, step: str) -> tuple[dict, float]:
+    """Every parameter's gradient of ``batch``'s loss on this rank (None where it has none) and the whole
+    gradient's norm over the model-parallel group; FloatingPointError naming ``step`` when it is 0 or not
+    finite. The caller zeroes the gradients after its step."""
+    params = counted_params(ctx)
+    with torch.enable_grad(), replica_local_grads(ctx, always=True), eval_mode(ctx.model_chunks):
+        zero_grads(ctx)
+        ctx.run([batch], forward_only=False)
+    grads = {p: param_grad(p) for c in ctx.model_chunks for p in c.parameters()}
+    sq = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    for p in params:  # each parameter counted once over the model-parallel group
+        if grads[p] is not None:
+            sq += grads[p].double().pow(2).sum()
+    norm = float(model_parallel_sum(ctx, sq).sqrt())
+    if not np.isfinite(norm) or norm == 0:
+        raise FloatingPointError(
+            f"trace {step} step: the query's gradient norm is {norm}; the query has no counted token or the "
+            "checkpoint is not finite"
+        )
+    return grads, norm
+
+
 @torch.no_grad()
 def descend(ctx: ProbeContext, batch: Batch, drop: float, steps: int = 1) -> float:
     """``steps`` plain-descent steps on ``batch``, each lowering its loss by ``drop`` nats to first order
     (``theta -= drop * g / |g|^2``); returns the first gradient's norm. The caller restores the model."""
-    params = counted_params(ctx)
-    every = [p for c in ctx.model_chunks for p in c.parameters()]
     first = None
     for _ in range(steps):
-        with torch.enable_grad(), replica_local_grads(ctx, always=True), eval_mode(ctx.model_chunks):
-            zero_grads(ctx)
-            ctx.run([batch], forward_only=False)
-        grads = {p: param_grad(p) for p in every}
-        sq = torch.zeros((), dtype=torch.float64, device=ctx.device)
-        for p in params:  # each parameter counted once over the model-parallel group
-            if grads[p] is not None:
-                sq += grads[p].double().pow(2).sum()
-        norm = float(model_parallel_sum(ctx, sq).sqrt())
-        if not np.isfinite(norm) or norm == 0:
-            raise FloatingPointError(
-                f"trace descent step: the query's gradient norm is {norm}; the query has no counted token or the "
-                "checkpoint is not finite"
-            )
+        grads, norm = _query_gradient(ctx, batch, "descent")
         first = norm if first is None else first
-        for p in every:  # duplicated (TP-replicated) parameters get the same step on every rank
-            if grads[p] is not None:
-                p.data.add_(grads[p].to(p.dtype), alpha=-drop / norm**2)
+        for p, g in grads.items():  # duplicated (TP-replicated) parameters get the same step on every rank
+            if g is not None:
+                p.data.add_(g.to(p.dtype), alpha=-drop / norm**2)
         zero_grads(ctx)
     return first
 
@@ -96,25 +103,10 @@ def adam_ascent(ctx: ProbeContext, batch: Batch, lr: float, eps: float = 1e-8) -
     ``torch.optim.Adam(lr)`` on the negated query loss). Adam's first step, bias-corrected, is
     ``lr * g / (|g| + eps)`` elementwise, whatever its betas, so it is taken in that closed form on the
     sharded parameters; returns the gradient's norm. The caller restores the model."""
-    params = counted_params(ctx)
-    every = [p for c in ctx.model_chunks for p in c.parameters()]
-    with torch.enable_grad(), replica_local_grads(ctx, always=True), eval_mode(ctx.model_chunks):
-        zero_grads(ctx)
-        ctx.run([batch], forward_only=False)
-    grads = {p: param_grad(p) for p in every}
-    sq = torch.zeros((), dtype=torch.float64, device=ctx.device)
-    for p in params:
-        if grads[p] is not None:
-            sq += grads[p].double().pow(2).sum()
-    norm = float(model_parallel_sum(ctx, sq).sqrt())
-    if not np.isfinite(norm) or norm == 0:
-        raise FloatingPointError(
-            f"trace ascent step: the query's gradient norm is {norm}; the query has no counted token or the "
-            "checkpoint is not finite"
-        )
-    for p in every:
-        if grads[p] is not None:
-            g = grads[p].float()
+    grads, norm = _query_gradient(ctx, batch, "ascent")
+    for p, g in grads.items():
+        if g is not None:
+            g = g.float()
             p.data.add_((lr * g / (g.abs() + eps)).to(p.dtype))
     zero_grads(ctx)
     return norm
