@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from mates_lab.bench.intervals import t_interval
+from mates_lab.bench.intervals import mean_ci
 
 METHODS = (
     "lava_lambda1",
@@ -208,9 +208,6 @@ def bench_lava_digits(
             "embedder": "LinearDiscriminantAnalysis on the other rows, L2-normalised",
             "seeds": list(seeds),
         },  # fmt: skip
-        "recall_at_10pct": {
-            m: {"per_seed": v, "mean": float(np.mean(v)), "ci95": t_interval(v)}
-            for m, v in per_method.items()
-        },
+        "recall_at_10pct": {m: mean_ci(v) for m, v in per_method.items()},
         "runs": runs,
     }

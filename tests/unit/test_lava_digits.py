@@ -8,7 +8,8 @@ import pytest
 from scipy import stats
 from sklearn.datasets import load_digits
 
-from mates_lab.bench.lava_digits import METHODS, peer_lava_values, recall_at, split, t_interval
+from mates_lab.bench.intervals import t_interval
+from mates_lab.bench.lava_digits import METHODS, peer_lava_values, recall_at, split
 
 
 @pytest.fixture
