@@ -104,9 +104,14 @@ def _run_configs(cfg: dict[str, Any], seed: int | None, arms=DEFAULT_ARMS) -> di
         raise ValueError(
             "the demo config's selection has no scorer: set scorer: mates with selector: gumbel (or topk)"
         )
+    from mates_megatron.config import SelectionConfig
+    from mates_megatron.configio import normalize
+
+    sel = normalize(SelectionConfig, sel, where="the demo config's selection")  # scorer options in one place
     if seed is not None:
-        cfg = {**cfg, "seed": seed, "selection": {**sel, "seed": seed}}
-        sel = cfg["selection"]
+        sel = {**sel, "seed": seed}
+        cfg = {**cfg, "seed": seed}
+    mates = sel.get("scorer_options") or {}
     free = {"scorer_options": {}}  # model-free, with the config's warm-up like every arm
     selections = {
         "random": {**sel, "selector": "random", "scorer": "none", "scorer_options": {}},
@@ -118,9 +123,9 @@ def _run_configs(cfg: dict[str, Any], seed: int | None, arms=DEFAULT_ARMS) -> di
             a: {**sel, **free, "selector": "topk", "scorer": a, "scorer_options": {"max_length": 128}}
             for a in ("lava", "gotd", "lookalike")
         },
-        "mates_target": {**sel, "probe_tokens": "target"},
-        "mates_all": {**sel, "probe_tokens": "all"},
-        "mates_single": {**sel, "influence_rounds": 1},
+        "mates_target": {**sel, "scorer_options": {**mates, "probe_tokens": "target"}},
+        "mates_all": {**sel, "scorer_options": {**mates, "probe_tokens": "all"}},
+        "mates_single": {**sel, "scorer_options": {**mates, "influence_rounds": 1}},
     }
     return {a: {**cfg, "selection": selections[a]} for a in parse_arms(",".join(arms))}
 

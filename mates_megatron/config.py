@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
-
-from mates_megatron.influence.config import InfluenceConfig
 
 
 @dataclass
@@ -50,9 +50,11 @@ class SelectionConfig:
     selector: 'none' (score-free selectors), 'mates' (probes on the live model + data influence model),
     'static' (MATES's influence model fitted at the first scored round only, then reused), 'dsir' (hashed
     n-gram importance weights toward the probe reference), 'classifier' (probe reference vs pool, hashed
-    n-grams + logistic regression) or one of your own."""
+    n-grams + logistic regression) or one of your own. In YAML also a section: ``scorer: {kind: mates,
+    probe_samples: 256, influence: {...}}`` (the kind, then its options)."""
     scorer_options: dict[str, Any] = field(default_factory=dict)
-    """Fields of the scorer's own config dataclass (``Scorer.Config``), for scorers that have one."""
+    """Fields of the scorer's own config dataclass (``Scorer.Config``, e.g. ``MatesConfig`` for 'mates'),
+    validated against it; ``scorer_config`` is the built dataclass."""
     imports: list[str] = field(default_factory=list)
     """Python modules imported before the names above are looked up: where your own scorers, selectors or
     pools register themselves."""
@@ -63,37 +65,6 @@ class SelectionConfig:
     warmup_steps: int = 0
     """Steps trained on random selection before the first scored round (a multiple of select_every; scorers
     that read the live model need at least one round, since round 0 is chosen before the model has trained)."""
-    probe_samples: int = 256
-    """Probe samples per round (scorer 'mates'): drawn afresh (seeded) from the next round's candidates,
-    scored on the live model, and used as the influence model's training pairs."""
-    estimator: str = "linearized"
-    """How probes are scored (mates_megatron.probe.estimators.ESTIMATORS): 'linearized' (the oracle's
-    first-order form: one reference gradient per round and one gradient and optimizer step per probe),
-    'forward' (the same first order by forward passes only: each probe's loss derivative along the reference
-    gradient preconditioned by Adam's second moment, two batched forward passes of all probes per round;
-    `bench probe --config` measures it against the oracle at each scored round), 'oracle' (one optimizer
-    step, then the whole reference loss, per probe: the paper, and about a reference set's worth of forward
-    passes per probe) or 'mirrored' (one reference step, forward only)."""
-    probe_tokens: str = "target"
-    """Which reference tokens the probes' reference loss counts: 'target' (the LAMBADA form: the last word
-    only, the same loss the run reports) or 'all' (every token of each reference example, context and target:
-    a language-modelling loss on the reference text, far less noisy per probe and harder to win with data that
-    only teaches word frequencies)."""
-    influence: InfluenceConfig = field(default_factory=InfluenceConfig)
-    """The data influence model and its fitting (scorer 'mates')."""
-    influence_rounds: int = 1
-    """Scorer 'mates': fit each round's influence model on the probes of this round and of the previous
-    influence_rounds - 1 scored rounds, each round's probe scores z-scored within their round (the probes of
-    past rounds are read again from the pool by id, and predicted once more beside the candidates). 1: this
-    round's probes only (the paper). More rounds smooth the selection across rounds: a round whose oracle has
-    little to say (a small spread between domains) no longer decides the whole selection alone, at the cost
-    of following the live model's newest preference more slowly. The poor-fit guard reads the fit's
-    cross-validated Spearman over all its pairs: rounds that disagree lower it."""
-    min_influence_spearman: float = 0.1
-    """Poor-fit guard (scorers 'mates', 'static'): a round whose influence model's cross-validated Spearman
-    against the probes is below this (or undefined) is not selected by its scores: it falls back to a uniform
-    random draw of the round (seeded like the warm-up rounds), logged as the round's ``fallback``. -1 turns the
-    guard off."""
     max_selection_cost: float = 0.1
     """Largest projected selection cost per round, as a fraction of the round's training time, that the run
     starts with (projected in seconds on cost_machine from the config, the model shape and the parallel layout
@@ -115,7 +86,6 @@ class SelectionConfig:
 
     def __post_init__(self) -> None:
         from mates_megatron.pool import POOLS
-        from mates_megatron.probe.estimators import ESTIMATORS
         from mates_megatron.registry import import_modules
         from mates_megatron.scorers import SCORERS
         from mates_megatron.selectors import SELECTORS
@@ -158,24 +128,8 @@ class SelectionConfig:
             raise ValueError(
                 f"SelectionConfig.cost_machine={self.cost_machine!r}: choose one of {', '.join(MACHINES)}"
             )
-        if not -1 <= self.min_influence_spearman <= 1:
-            raise ValueError(
-                f"SelectionConfig.min_influence_spearman={self.min_influence_spearman} must be in [-1, 1] "
-                "(-1: no guard)"
-            )
-        if self.influence_rounds < 1:
-            raise ValueError(
-                f"SelectionConfig.influence_rounds={self.influence_rounds} must be >= 1 (1: this round's "
-                "probes only, the paper)"
-            )
         if self.temperature < 0:
             raise ValueError(f"SelectionConfig.temperature={self.temperature} must be >= 0 (0: exact top-k)")
-        if self.probe_tokens not in ("target", "all"):
-            raise ValueError(f"SelectionConfig.probe_tokens={self.probe_tokens!r}: use 'target' or 'all'")
-        if self.estimator not in ESTIMATORS:
-            raise ValueError(
-                f"SelectionConfig.estimator={self.estimator!r}: choose one of {', '.join(ESTIMATORS.names())}"
-            )
         if self.warmup_steps < 0 or self.warmup_steps % self.select_every:
             raise ValueError(
                 f"SelectionConfig.warmup_steps={self.warmup_steps} must be a non-negative multiple of "
@@ -193,7 +147,13 @@ class SelectionConfig:
                 "set scorer: none, or a selector that reads scores (topk, gumbel)"
             )
         scorer = SCORERS.get(self.scorer)
-        scorer.check_config(self)
+        # Not a field: built from scorer_options here, so a config always carries its scorer's checked options.
+        self.scorer_config = scorer.build_options(
+            self.scorer_options, name=self.scorer, where="selection.scorer_options"
+        )
+        if self.scorer_config is not None:  # every option spelled out: equal configs compare equal
+            self.scorer_options = dataclasses.asdict(self.scorer_config)
+        scorer.check_config(self.scorer_config, self.scorer_context())
         if "live_model" in scorer.needs and self.warmup_steps == 0:
             raise ValueError(
                 f"scorer {self.scorer!r} scores candidates with the trained model, but round 0 is chosen "
@@ -249,15 +209,17 @@ class SelectionConfig:
     def needs_text_decoding(self) -> bool:
         """Whether the host must pass its pretraining tokenizer: the pool tokenises text itself (a pool
         class that declares ``tokenizes_text``, e.g. 'energon'), or the scorer reads text and the pool holds token ids,
-        or the influence encoder reads the pool's ids (``influence.pass_token_ids``, checked against it)."""
+        or the scorer reads the pool's ids through its encoder (``Scorer.reads_token_ids``, e.g. 'mates' with
+        ``influence.pass_token_ids``: checked against the tokenizer)."""
         from mates_megatron.pool import POOLS
         from mates_megatron.scorers import SCORERS
 
         pool = POOLS.get(self.pool)
         if pool.tokenizes_text:
             return True
-        reads_text = "text" in SCORERS.get(self.scorer).needs
-        return reads_text and (pool.decodes_text or self.influence.pass_token_ids)
+        scorer = SCORERS.get(self.scorer)
+        reads_text = "text" in scorer.needs
+        return reads_text and (pool.decodes_text or scorer.reads_token_ids(self.scorer_config))
 
     @property
     def pool_is_host_dataset(self) -> bool:
@@ -289,8 +251,59 @@ class SelectionConfig:
             )
         return cls.build(self, pool)
 
+    def scorer_context(self, *, device: Any = None, pool: Any = None):
+        """The ``ScorerContext`` of this run: what a scorer reads of it besides its own options."""
+        from mates_megatron.scorers.base import ScorerContext
+
+        return ScorerContext(
+            seed=self.seed, device=device, pool=pool, influence_ranks=self.influence_ranks,
+            asynchronous=self.asynchronous, imports=tuple(self.imports),
+        )  # fmt: skip
+
+    def build_scorer(self, *, device: Any = None, pool: Any = None, **kw: Any):
+        """The configured scorer on its options and this run's context (collective for 'mates': its
+        influence group is created on every rank)."""
+        from mates_megatron.scorers import SCORERS
+
+        return SCORERS.get(self.scorer)(
+            self.scorer_config, context=self.scorer_context(device=device, pool=pool), **kw
+        )
+
+    @classmethod
+    def option_sections(cls, data: Mapping[str, Any]) -> dict[str, type]:
+        """``scorer_options``' dataclass (the named scorer's ``Config``), for ``configio.check_sections``."""
+        from mates_megatron.registry import import_modules
+        from mates_megatron.scorers import SCORERS
+
+        import_modules(list(data.get("imports") or []))
+        scorer = data.get("scorer", "none")
+        config = SCORERS.get(scorer).Config if isinstance(scorer, str) and scorer in SCORERS else None
+        return {"scorer_options": config} if config is not None else {}
+
+    @classmethod
+    def normalize_mapping(cls, data: Mapping[str, Any], *, where: str, path: str = "") -> dict[str, Any]:
+        """A YAML/flag mapping in today's spelling (``configio.build`` calls this first): a ``scorer:`` section
+        becomes ``scorer`` + ``scorer_options``, and the flat keys of earlier releases move with a
+        FutureWarning that names the new key (``legacy.py``)."""
+        from mates_megatron.legacy import normalize_selection
+
+        return normalize_selection(data, where=where, path=path)
+
     def samples_per_round(self, global_batch_size: int) -> int:
         return self.select_every * global_batch_size
 
     def candidates_per_round(self, global_batch_size: int) -> int:
         return int(round(self.samples_per_round(global_batch_size) / self.selection_ratio))
+
+
+def selection_flags(prefix: str, *, path: str = "") -> list:
+    """``flags.Flag``s of a selection config: one per SelectionConfig field, and one per ``MatesConfig``
+    field at ``scorer_options`` (``--mates-probe-samples``, ``--mates-influence-lr``: the spellings of earlier
+    releases, now setting the 'mates' scorer's options; with another scorer they are refused as options it
+    does not take)."""
+    from mates_megatron.flags import dataclass_flags
+    from mates_megatron.scorers.mates import MatesConfig
+
+    return dataclass_flags(SelectionConfig, prefix, path=path) + dataclass_flags(
+        MatesConfig, prefix, path=f"{path}scorer_options."
+    )

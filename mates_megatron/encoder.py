@@ -1,8 +1,7 @@
 """The frozen text encoder as a component: all-MiniLM-L6-v2 (or any local BERT-style model) read as
 L2-normalised embeddings, built from its own ``EncoderConfig``.
 
-One encoder serves the OT scorers ('lava', 'gotd', 'lookalike'; their options plus the influence model's
-encoder settings, ``EncoderConfig.from_influence``), FASTTRACK's index, Projektor and the lab's benchmarks.
+One encoder serves the OT scorers ('lava', 'gotd', 'lookalike'; their options derive from ``EncoderConfig``), FASTTRACK's index, Projektor and the lab's benchmarks.
 The network is the influence model's (``influence.encoder.EncoderRegressor`` on the ``InfluenceConfig`` that
 ``EncoderConfig.influence_config`` describes), so an embedding here is the one the influence model's
 'ridge' features would give for the same settings.
@@ -62,15 +61,16 @@ class EncoderConfig:
     """Texts per forward pass."""
 
     def __post_init__(self) -> None:
-        check_features(self.features, "EncoderConfig")
+        name = type(self).__name__  # the OT scorers' options derive from it
+        check_features(self.features, name)
         if self.max_length < 8:
-            raise ValueError(f"EncoderConfig.max_length={self.max_length}: set max_length >= 8")
+            raise ValueError(f"{name}.max_length={self.max_length}: set max_length >= 8")
         if self.max_chunks < 1:
-            raise ValueError(f"EncoderConfig.max_chunks={self.max_chunks}: set max_chunks >= 1")
+            raise ValueError(f"{name}.max_chunks={self.max_chunks}: set max_chunks >= 1")
         if self.batch_size < 1:
-            raise ValueError(f"EncoderConfig.batch_size={self.batch_size}: set batch_size >= 1")
+            raise ValueError(f"{name}.batch_size={self.batch_size}: set batch_size >= 1")
         if self.device is not None:
-            check_device_string(self.device, "EncoderConfig.device")
+            check_device_string(self.device, f"{name}.device")
 
     @classmethod
     def from_influence(
@@ -99,7 +99,7 @@ class Encoder:
         if not isinstance(config, EncoderConfig):
             raise TypeError(
                 f"Encoder takes an EncoderConfig, got {type(config).__name__}: build one with "
-                "EncoderConfig(...) or EncoderConfig.from_influence(selection.influence, ...)"
+                "EncoderConfig(...) or EncoderConfig.from_influence(mates_config.influence, ...)"
             )
         self.config, self.device = config, device
         self._net = None

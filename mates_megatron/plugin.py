@@ -67,11 +67,12 @@ def build_plugin(
     one device at ``micro_batch_size``, fp32).
     Collective when the scorer creates process groups (the 'mates' influence group).
     """
-    if sel.scored and sel.influence.pass_token_ids:
-        check_same_vocabulary(tokenizer, sel.influence)
+    if sel.scored and SCORERS.get(sel.scorer).reads_token_ids(sel.scorer_config):
+        check_same_vocabulary(tokenizer, sel.scorer_config.influence)
     cost = None
     if sel.scored and model_shape is not None:
         cost = SCORERS.get(sel.scorer).projected_cost(
+            sel.scorer_config,
             sel,
             model=model_shape,
             seq_length=seq_length,
@@ -111,8 +112,7 @@ def build_plugin(
     )
     scorer = None
     if sel.scored:
-        cls = SCORERS.get(sel.scorer)
-        scorer = cls(cls.options(sel), selection=sel, device=device, pool=pool)
+        scorer = sel.build_scorer(device=device, pool=pool)
     hook = MatesHook(
         pool=pool,
         rounds=rounds,

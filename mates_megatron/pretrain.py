@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from mates_megatron import configio
 from mates_megatron.files import atomic_write_json
+from mates_megatron.flags import Flag, add_flags, given_paths, named_flags, overrides_from_args
 
 if TYPE_CHECKING:
     from mates_megatron.training.config import TrainConfig
@@ -99,13 +100,11 @@ def silence_megatron_core_notices() -> None:
         warnings.filterwarnings("ignore", message=message, category=UserWarning)
 
 
-def _flags() -> list[configio.Flag]:
-    from mates_megatron.config import SelectionConfig
+def _flags() -> list[Flag]:
+    from mates_megatron.config import selection_flags
     from mates_megatron.training.config import TrainConfig
 
-    return configio.named_flags(TrainConfig, RUN_FLAGS) + configio.dataclass_flags(
-        SelectionConfig, "--mates-", path="selection."
-    )
+    return named_flags(TrainConfig, RUN_FLAGS) + selection_flags("--mates-", path="selection.")
 
 
 def train_config_from_dict(
@@ -136,24 +135,28 @@ def build_parser(*, exit_on_error: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--metrics-out", type=Path, help="write the loss/reference-loss history as JSON here")
     flags = _flags()
     run = p.add_argument_group("run", "TrainConfig fields (Megatron-LM spellings)")
-    configio.add_flags(run, [f for f in flags if not f.path.startswith("selection.")])
+    add_flags(run, [f for f in flags if not f.path.startswith("selection.")])
     sel = p.add_argument_group(
         "selection", "TrainConfig.selection fields (as the Megatron-LM --mates-* flags)"
     )
-    configio.add_flags(sel, [f for f in flags if f.path.startswith("selection.")])
+    add_flags(sel, [f for f in flags if f.path.startswith("selection.")])
     return p
 
 
 def _built(args: argparse.Namespace) -> tuple[TrainConfig, str, dict[str, str]]:
     where = str(args.config or "flags")
     data: dict[str, Any] = configio.load_yaml(args.config) if args.config else {}
+    if data:  # today's spelling before flags are laid over it (a flag overrides the file's new key)
+        from mates_megatron.training.config import TrainConfig
+
+        data = configio.normalize(TrainConfig, data, where=where)
     flags = _flags()
     try:
-        overrides = configio.overrides_from_args(args, flags)
+        overrides = overrides_from_args(args, flags)
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
     by_path = {f.path: f.flag for f in flags}
-    sources = {p: by_path[p] for p in configio.given_paths(overrides) if p in by_path}
+    sources = {p: by_path[p] for p in given_paths(overrides) if p in by_path}
     if args.config and overrides:
         where = f"{args.config} + flags"
     return (

@@ -67,9 +67,10 @@ def paper_cost(estimators: tuple[str, ...] = ("forward", "linearized", "oracle")
                 for dopt in (False, True):
                     for packed in (False, True):
                         for host in ("host", "no_host"):
-                            inf = dataclasses.replace(sel.influence, pass_token_ids=host == "no_host")
+                            mates = sel.scorer_config
+                            inf = dataclasses.replace(mates.influence, pass_token_ids=host == "no_host")
                             cost = project_mates_round(
-                                dataclasses.replace(sel, estimator=est, influence=inf), model=gpt,
+                                sel, dataclasses.replace(mates, estimator=est, influence=inf), model=gpt,
                                 seq_length=1024, global_batch_size=512, reference_rows=LAMBADA_ROWS,
                                 encoder=enc, machine="h100",
                                 layout=Layout(dp=8, micro_batch_size=16, bf16=True, distributed_optimizer=dopt),

@@ -45,16 +45,20 @@ def _worker(config: dict, seed: int, probes: int, oracle_probes: int, estimators
     from mates_megatron.training.loop import Trainer
 
     config = dict(config)
-    sel = config.pop("selection")
+    from mates_megatron.config import SelectionConfig
+    from mates_megatron.configio import normalize
+
+    sel = normalize(SelectionConfig, config.pop("selection"), where="bench probe --config")
+    options = sel.get("scorer_options") or {}
     config.pop("eval_sets", None)
     config["seed"] = seed
     config["log_interval"] = 10**9
     trainer = Trainer(train_config_from_dict(config))
     every, warmup = int(sel.get("select_every", 40)), int(sel.get("warmup_steps", 0))
     steps = [s for s in range(max(warmup, every), trainer.cfg.train_iters, every)]
-    probes = probes or int(sel.get("probe_samples", 256))
+    probes = probes or int(options.get("probe_samples", 256))
     reference = trainer.reference
-    if sel.get("probe_tokens") == "all":
+    if options.get("probe_tokens") == "all":
         reference = reference.with_all_tokens()
     reference = reference.trimmed()  # as the 'mates' scorer probes
     ctx = ProbeContext.from_host(trainer, reference.micro_batches(trainer.micro_batch_size))

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import resource
 import time
-from types import SimpleNamespace
 
 import numpy as np
 
@@ -272,7 +271,7 @@ def _influence_rows(run: dict, seq_length: int, probes: int, batch_size: int, to
     preset = MACHINES["cpu-2core"]
     for label, machine in (("calibrated", replace(preset, **calibrated)), ("preset", preset)):
         fit, predict = influence_parts(
-            SimpleNamespace(influence=inf), encoder, machine, tokens=seq_length, candidates=n,
+            inf, encoder, machine, tokens=seq_length, candidates=n,
             pairs=min(probes, n), probes=min(probes, n), ranks=ranks,
         )  # fmt: skip
         for phase, proj in (("fit", fit), ("predict_and_gather", predict)):

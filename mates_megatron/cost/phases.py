@@ -90,7 +90,7 @@ def encoder_seconds(
 
 
 def influence_parts(
-    sel,
+    inf,
     encoder: TransformerShape,
     machine: Machine,
     *,
@@ -105,7 +105,7 @@ def influence_parts(
     runs in W processes ahead of the encoder, so only what W workers cannot hide behind it is counted:
     max(0, host / W - encoder) a candidate (each worker one host thread; the host is assumed to have the cores).
     With W = 0 it runs on the rank's own thread, in series with the encoder."""
-    inf, m = sel.influence, machine
+    m = machine
     forward = encoder_seconds(inf, encoder, m, tokens, backward=False)
     host = 0.0 if inf.pass_token_ids else tokens / m.tokenize_tokens_per_s
     if inf.loader_workers > 0:

@@ -109,6 +109,7 @@ def _steps_optimizer(estimator: str) -> bool:
 
 def project_mates_round(
     sel,
+    mates=None,
     *,
     model: TransformerShape,
     seq_length: int,
@@ -119,15 +120,17 @@ def project_mates_round(
     machine: Machine | str | None = None,
     reference_tokens: int | None = None,
 ) -> RoundCost:
-    """The 'mates' scorer's round for ``sel`` (a SelectionConfig) on a GPT of shape ``model``.
+    """The 'mates' scorer's round for ``sel`` (a SelectionConfig: round sizes, influence ranks, cost machine)
+    and ``mates`` (its ``MatesConfig``; None: ``sel.scorer_config``) on a GPT of shape ``model``.
 
-    ``encoder``: the influence encoder's shape (default: read from ``sel.influence``'s local model).
+    ``encoder``: the influence encoder's shape (default: read from ``mates.influence``'s local model).
     ``layout``: the GPT's parallel layout and precision (default: one device, micro-batch 8, fp32).
     ``machine``: a preset name or a Machine (default: ``sel.cost_machine``).
     ``reference_tokens``: the reference set's real token count; given, its rows are packed (``reference_tokens /
     seq_length`` full rows), else every row is padded to ``seq_length``.
     """
-    inf = sel.influence
+    mates = sel.scorer_config if mates is None else mates
+    inf = mates.influence
     if encoder is None:
         encoder = TransformerShape.from_encoder_dir(inf.resolved_path())
     layout = layout or Layout()
@@ -136,7 +139,7 @@ def project_mates_round(
     ref = math.ceil(reference_tokens / seq_length) if packed else reference_rows
     fwd = model.forward_flops_per_token(seq_length) * seq_length  # one full row, forward
     training = 3.0 * fwd * sel.select_every * global_batch_size
-    probes = sel.probe_samples
+    probes = mates.probe_samples
     probe = {
         # one step on the sample, then the whole reference set, per probe (+ the loss before, once)
         "oracle": probes * (3.0 * fwd + ref * fwd) + ref * fwd,
@@ -146,9 +149,9 @@ def project_mates_round(
         "mirrored": 3.0 * ref * fwd + probes * 2.0 * fwd,
         # one reference gradient, then each probe's loss at θ + s·d and θ - s·d (forward only)
         "forward": 3.0 * ref * fwd + probes * 2.0 * fwd,
-    }.get(sel.estimator)
+    }.get(mates.estimator)
     if probe is None:
-        raise ValueError(f"no cost model for estimator {sel.estimator!r}: add one to mates_megatron.cost")
+        raise ValueError(f"no cost model for estimator {mates.estimator!r}: add one to mates_megatron.cost")
     candidates = sel.candidates_per_round(global_batch_size)
     tokens = min(seq_length, inf.max_length * inf.max_chunks)
     chunk = min(tokens, inf.max_length)
@@ -156,7 +159,7 @@ def project_mates_round(
     static = inf.model == "ridge" and inf.ridge.features == "token_embeddings"
     if static:  # a mean of looked-up rows: hidden adds per token
         enc = float(encoder.hidden_size * tokens)
-    pairs = probes * sel.influence_rounds  # past rounds' probes are fitted on again, and predicted again
+    pairs = probes * mates.influence_rounds  # past rounds' probes are fitted on again, and predicted again
     if inf.model == "finetune":
         val = max(3, round(pairs * inf.finetune.val_fraction))
         fit = inf.finetune.epochs * ((pairs - val) * 3.0 * enc + val * enc)
@@ -164,11 +167,11 @@ def project_mates_round(
         fit = pairs * enc
 
     work = RankSeconds(model, layout, mach, seq_length)
-    steps_opt = _steps_optimizer(sel.estimator)
-    probe_s = probe_parts(sel.estimator, work, probes=probes, reference_rows=ref, steps_optimizer=steps_opt)
+    steps_opt = _steps_optimizer(mates.estimator)
+    probe_s = probe_parts(mates.estimator, work, probes=probes, reference_rows=ref, steps_optimizer=steps_opt)
     ranks = len(sel.influence_ranks) if sel.influence_ranks else layout.world
     fit_s, predict_s = influence_parts(
-        sel, encoder, mach, tokens=tokens, candidates=candidates, pairs=pairs, probes=probes, ranks=ranks
+        inf, encoder, mach, tokens=tokens, candidates=candidates, pairs=pairs, probes=probes, ranks=ranks
     )
     share = probe_share(probes, work, steps_optimizer=steps_opt)
     lay = layout

@@ -52,15 +52,14 @@ def value_pool(shards: Path, reference: Path, method: str, options: dict, seed: 
     from mates_megatron.files import sha256_file
     from mates_megatron.pool.webdataset_pool import WebDatasetPool
     from mates_megatron.probe.reference import ReferenceFile
-    from mates_megatron.scorers import SCORERS, RoundInput
+    from mates_megatron.scorers import RoundInput
 
     if not reference.is_file():
         raise FileNotFoundError(f"reference {reference} not found: pass a JSONL file")
     pool = WebDatasetPool(shards, seq_length=1)
     sel = SelectionConfig(scorer=method, selector="topk", scorer_options=options, seed=seed)
-    cls = SCORERS.get(method)
     # No host offline: the scorer is given the reference file it would read from the host's reference set.
-    scorer = cls(cls.options(sel), selection=sel, reference=ReferenceFile(str(reference)))
+    scorer = sel.build_scorer(reference=ReferenceFile(str(reference)))
     ids = np.arange(len(pool), dtype=np.int64)
     t = time.perf_counter()
     scores = scorer.score(RoundInput(round=0, candidates=ids, pool=pool, host=None, seed=seed))

@@ -15,7 +15,9 @@ at the same steps.
 A scorer declares what it needs (``needs``) so the configuration is refused early when the run cannot
 provide it: 'live_model' (it reads the model being trained: the first round must be a warm-up round),
 'reference' (the probe reference set), 'text' (candidates' text: an indexed pool needs the tokenizer),
-'tokens' (candidates' token ids). Options come from ``selection.scorer_options`` into ``Config``.
+'tokens' (candidates' token ids). A scorer is built from its own options (``Config``, from the selection's
+``scorer:`` section) and a ``ScorerContext`` (the seed and the runtime objects it may use); it never sees the
+whole ``SelectionConfig``.
 """
 
 from __future__ import annotations
@@ -30,12 +32,30 @@ from mates_megatron.component import Component
 from mates_megatron.registry import Registry
 
 if TYPE_CHECKING:
-    from mates_megatron.config import SelectionConfig
     from mates_megatron.cost import RoundCost
     from mates_megatron.host import Host
     from mates_megatron.pool.base import CandidatePool
 
 NEEDS = frozenset({"live_model", "reference", "text", "tokens"})
+
+
+@dataclass(frozen=True)
+class ScorerContext:
+    """What a scorer is given besides its options: the run's settings it may read and its runtime objects
+    (``SelectionConfig.scorer_context`` builds a run's)."""
+
+    seed: int = 0
+    """The selection seed (every draw a scorer makes is seeded from it and the round)."""
+    device: Any = None
+    """The training device (the scorer's models run there); None: CPU."""
+    pool: CandidatePool | None = None
+    """The run's candidate pool (the asynchronous influence workers read it); None offline."""
+    influence_ranks: list[int] | None = None
+    """Global ranks that fit and run an influence model (None: all)."""
+    asynchronous: bool = False
+    """Whether the influence stage runs in side processes (``SelectionConfig.asynchronous``)."""
+    imports: tuple[str, ...] = ()
+    """Modules the run imported for its registrations (side processes import them again)."""
 
 
 @dataclass
@@ -86,37 +106,37 @@ class Scorer(Component, ABC):
 
     needs: ClassVar[frozenset[str]] = frozenset()
     Config: ClassVar[type | None] = None
-    """Dataclass of the scorer's options (``selection.scorer_options``); None: it takes none."""
+    """Dataclass of the scorer's options (the ``scorer:`` section); None: it takes none."""
     stateful: ClassVar[bool] = True  # the hook saves every scorer's state_dict (stateless ones give {})
     has_influence_stage: ClassVar[bool] = False
     """Whether its work after the probes needs no live model and can run in side processes
     (``SelectionConfig.asynchronous``), as the 'mates' influence stage does."""
 
-    def __init__(self, config: Any = None, *, selection: SelectionConfig, device=None, **_: Any) -> None:
-        self.config, self.selection, self.device = config, selection, device
+    def __init__(self, config: Any = None, *, context: ScorerContext | None = None, **_: Any) -> None:
+        self.config, self.context = config, context or ScorerContext()
+        self.device = self.context.device
 
     @classmethod
-    def check_config(cls, selection: SelectionConfig) -> None:
-        """Refuse a selection config this scorer cannot run with (ValueError naming the field and fix)."""
+    def check_config(cls, config: Any, context: ScorerContext) -> None:
+        """Refuse options or run settings this scorer cannot run with (ValueError naming the field and fix);
+        ``config`` is already its validated ``Config``."""
         unknown = cls.needs - NEEDS
         if unknown:
             raise ValueError(
                 f"{cls.__name__}.needs has unknown entries {sorted(unknown)}; use {sorted(NEEDS)}"
             )
-        cls.options(selection)
 
     @classmethod
-    def options(cls, selection: SelectionConfig) -> Any:
-        """``selection.scorer_options`` as the scorer's ``Config`` (one coercion and validation path)."""
-        return cls.build_options(
-            selection.scorer_options, name=selection.scorer, where="selection.scorer_options"
-        )
+    def reads_token_ids(cls, config: Any) -> bool:
+        """Whether it reads candidates as the pretraining tokenizer's ids through an encoder with the same
+        vocabulary (``influence.pass_token_ids``), so the host must pass its tokenizer to check it."""
+        return False
 
     @classmethod
-    def projected_cost(cls, selection: SelectionConfig, **shape: Any) -> RoundCost | None:
-        """The round's projected FLOPs against training's (``mates_megatron.cost``), from the config and
-        ``shape`` (model: TransformerShape, seq_length, global_batch_size, reference_rows); None when this
-        scorer has no cost model (nothing is checked then)."""
+    def projected_cost(cls, config: Any, selection: Any, **shape: Any) -> RoundCost | None:
+        """The round's projected FLOPs against training's (``mates_megatron.cost``), from its options, the
+        run's round sizes (``selection``: the run's SelectionConfig, which scorers do not import) and ``shape`` (model: TransformerShape, seq_length, global_batch_size,
+        reference_rows); None when this scorer has no cost model (nothing is checked then)."""
         return None
 
     @abstractmethod

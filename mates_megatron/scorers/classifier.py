@@ -30,7 +30,7 @@ import numpy as np
 
 from mates_megatron.pool.base import candidate_inputs
 from mates_megatron.probe.reference import reference_texts
-from mates_megatron.scorers.base import SCORERS, RoundInput, Scorer, Scores
+from mates_megatron.scorers.base import SCORERS, RoundInput, Scorer, ScorerContext, Scores
 
 
 @dataclass
@@ -74,8 +74,10 @@ class ClassifierScorer(Scorer):
     needs: ClassVar[frozenset[str]] = frozenset({"reference", "text"})
     Config = ClassifierConfig
 
-    def __init__(self, config: ClassifierConfig | None = None, *, selection, device=None, **_: Any) -> None:
-        super().__init__(config or ClassifierConfig(), selection=selection, device=device)
+    def __init__(
+        self, config: ClassifierConfig | None = None, *, context: ScorerContext | None = None, **_: Any
+    ) -> None:
+        super().__init__(config or ClassifierConfig(), context=context)
         from sklearn.feature_extraction.text import HashingVectorizer
 
         cfg = self.config
@@ -93,7 +95,7 @@ class ClassifierScorer(Scorer):
         """The seeded pool sample the classifier is fitted on as negatives (sorted ids)."""
         n_pool = pool.num_candidates
         n = min(max(1, int(round(self.config.negatives_per_positive * n_positives))), n_pool)
-        rng = np.random.default_rng([self.selection.seed, 0xC1A5])
+        rng = np.random.default_rng([self.context.seed, 0xC1A5])
         return np.sort(rng.choice(n_pool, size=n, replace=False)).astype(np.int32)
 
     def fit(self, pool, reference: Any) -> None:

@@ -49,7 +49,7 @@ import numpy as np
 
 from mates_megatron.pool.base import candidate_inputs
 from mates_megatron.probe.reference import reference_texts
-from mates_megatron.scorers.base import SCORERS, RoundInput, Scorer, Scores
+from mates_megatron.scorers.base import SCORERS, RoundInput, Scorer, ScorerContext, Scores
 
 WORDPUNCT = r"\w+|[^\w\s]+"
 """nltk's WordPunctTokenizer pattern: the ``data-selection`` package's default tokenizer."""
@@ -125,8 +125,10 @@ class DSIRScorer(Scorer):
     needs: ClassVar[frozenset[str]] = frozenset({"reference", "text"})
     Config = DSIRConfig
 
-    def __init__(self, config: DSIRConfig | None = None, *, selection, device=None, **_: Any) -> None:
-        super().__init__(config or DSIRConfig(), selection=selection, device=device)
+    def __init__(
+        self, config: DSIRConfig | None = None, *, context: ScorerContext | None = None, **_: Any
+    ) -> None:
+        super().__init__(config or DSIRConfig(), context=context)
         self.featurizer = ngram_featurizer(self.config.num_buckets, self.config.ngrams)
         self._target: tuple[str, np.ndarray] | None = None
 
@@ -154,7 +156,7 @@ class DSIRScorer(Scorer):
             parts = [x @ ratio for x in held]
             fitted_on = len(cands)
         else:
-            rng = np.random.default_rng([self.selection.seed, r.round, 0xD512])
+            rng = np.random.default_rng([self.context.seed, r.round, 0xD512])
             sample = np.sort(rng.choice(len(cands), size=cfg.raw_samples, replace=False))
             sampled = candidate_inputs(r.pool, cands[sample], token_ids=False)
             raw = sum((bucket_counts(x) for x in self._chunks(sampled)), np.zeros(cfg.num_buckets))

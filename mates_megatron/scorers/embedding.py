@@ -1,9 +1,9 @@
 """The base of the OT scorers ('lava', 'gotd', 'lookalike'): scores on frozen-encoder embeddings of the
 reference and the round's candidates.
 
-The encoder (``mates_megatron.encoder.Encoder``) is the influence model's (``selection.influence``:
-model_path, max_chunks, device, bf16, and max_length unless the scorer sets its own), read as the scorer's
-options say (``features``, ``batch_size``, ``max_length``). Candidates are cached by id for the life of the
+The encoder (``mates_megatron.encoder.Encoder``) is described by the scorer's own options: each OT scorer's
+``Config`` is an ``EncoderConfig`` (model_path, max_length, max_chunks, device, bf16, features, batch_size; the
+influence model's defaults) with its own fields added. Candidates are cached by id for the life of the
 scorer (a pool reused across rounds is embedded once); nothing is checkpointed.
 
 Known limitation: every rank embeds every candidate of the round (as the 'classifier' scorer scores them);
@@ -20,21 +20,12 @@ import numpy as np
 
 from mates_megatron.encoder import Encoder, EncoderConfig
 from mates_megatron.probe.reference import ReferenceFile
-from mates_megatron.scorers.base import RoundInput, Scorer
-
-
-def encoder_config(selection, options: Any) -> EncoderConfig:
-    """The influence model's encoder read with a scorer's options (``features``, ``batch_size``,
-    ``max_length``; None: the influence model's)."""
-    return EncoderConfig.from_influence(
-        selection.influence, features=options.features, batch_size=options.batch_size,
-        max_length=options.max_length,
-    )  # fmt: skip
+from mates_megatron.scorers.base import RoundInput, Scorer, ScorerContext
 
 
 class EmbeddingScorer(Scorer):
     """A scorer on frozen-encoder embeddings of the reference and the round's candidates ('lava', 'gotd',
-    'lookalike'): its ``Config`` carries the encoder options (features, batch_size, max_length).
+    'lookalike'): its ``Config`` is an ``EncoderConfig`` (the encoder it embeds with) with its own options.
 
     ``reference``: score toward this file instead of the host's reference set, for valuation where there is
     no host (``mates-megatron value``; its rounds then carry ``host=None``)."""
@@ -42,10 +33,15 @@ class EmbeddingScorer(Scorer):
     needs: ClassVar[frozenset[str]] = frozenset({"reference", "text"})
 
     def __init__(
-        self, config: Any = None, *, selection, device=None, reference: ReferenceFile | None = None, **_: Any
+        self,
+        config: EncoderConfig | None = None,
+        *,
+        context: ScorerContext | None = None,
+        reference: ReferenceFile | None = None,
+        **_: Any,
     ) -> None:
-        super().__init__(config or self.Config(), selection=selection, device=device)
-        self.encoder = Encoder(encoder_config(selection, self.config), device=device)
+        super().__init__(config or self.Config(), context=context)
+        self.encoder = Encoder(self.config, device=self.device)
         self.reference_file = reference
 
     def reference(self, r: RoundInput) -> Any:

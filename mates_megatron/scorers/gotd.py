@@ -24,7 +24,7 @@ from mates_megatron.scorers.embedding import EmbeddingScorer
 from mates_megatron.scorers.lava import OTScorerConfig, ot_record
 
 
-@dataclass
+@dataclass(frozen=True)
 class GotdConfig(OTScorerConfig):
     """Options of the 'gotd' scorer."""
 

@@ -17,25 +17,20 @@ from typing import Any
 
 import numpy as np
 
-from mates_megatron.encoder import check_features
+from mates_megatron.encoder import EncoderConfig
 from mates_megatron.ot import SinkhornConfig
 from mates_megatron.ot.valuation import lava_values
 from mates_megatron.scorers.base import SCORERS, RoundInput, Scores
 from mates_megatron.scorers.embedding import EmbeddingScorer
 
 
-@dataclass
-class OTScorerConfig:
-    """Options shared by the OT scorers (``selection.scorer_options``)."""
+@dataclass(frozen=True)
+class OTScorerConfig(EncoderConfig):
+    """Options shared by the OT scorers: the encoder they embed with (``EncoderConfig``'s fields:
+    model_path, max_length, max_chunks, device, bf16, features, batch_size) and the transport."""
 
     epsilon: float = 0.05
     """Entropic regularisation of the transport (absolute; squared distances of unit vectors lie in [0, 4])."""
-    features: str = "encoder"
-    """Encoder features: 'encoder' (mean-pooled hidden states) or 'token_embeddings'."""
-    max_length: int | None = None
-    """Encoder tokens per chunk (None: selection.influence.max_length)."""
-    batch_size: int = 32
-    """Texts embedded at a time."""
     block_size: int = 16384
     """Candidates per Sinkhorn block (memory O(block_size x reference))."""
     max_iter: int = 1000
@@ -44,13 +39,8 @@ class OTScorerConfig:
     """Sinkhorn stopping tolerance (L1 error of the reference marginal)."""
 
     def __post_init__(self) -> None:
-        name = type(self).__name__
-        check_features(self.features, name)
+        super().__post_init__()
         SinkhornConfig(epsilon=self.epsilon, block_size=self.block_size, max_iter=self.max_iter, tol=self.tol)
-        if self.batch_size < 1:
-            raise ValueError(f"{name}.batch_size={self.batch_size} must be >= 1")
-        if self.max_length is not None and self.max_length < 8:
-            raise ValueError(f"{name}.max_length={self.max_length} must be >= 8 (or null)")
 
     def sinkhorn(self, seed: int, **kw: Any) -> SinkhornConfig:
         return SinkhornConfig(
@@ -59,7 +49,7 @@ class OTScorerConfig:
         )  # fmt: skip
 
 
-@dataclass
+@dataclass(frozen=True)
 class LavaConfig(OTScorerConfig):
     """Options of the 'lava' scorer."""
 

@@ -11,30 +11,22 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mates_megatron.encoder import check_features
+from mates_megatron.encoder import EncoderConfig
 from mates_megatron.scorers.base import SCORERS, RoundInput, Scores
 from mates_megatron.scorers.embedding import EmbeddingScorer
 
 
-@dataclass
-class LookalikeConfig:
-    """Options of the 'lookalike' scorer."""
+@dataclass(frozen=True)
+class LookalikeConfig(EncoderConfig):
+    """Options of the 'lookalike' scorer: the encoder it embeds with (``EncoderConfig``'s fields) and ``k``."""
 
     k: int = 10
     """Nearest reference examples averaged."""
-    features: str = "encoder"
-    """Encoder features: 'encoder' (mean-pooled hidden states) or 'token_embeddings'."""
-    max_length: int | None = None
-    """Encoder tokens per chunk (None: selection.influence.max_length)."""
-    batch_size: int = 32
-    """Texts embedded (and scored) at a time."""
 
     def __post_init__(self) -> None:
-        check_features(self.features, "LookalikeConfig")
-        if self.k < 1 or self.batch_size < 1:
-            raise ValueError(
-                f"LookalikeConfig needs k >= 1 and batch_size >= 1, got {self.k}, {self.batch_size}"
-            )
+        super().__post_init__()
+        if self.k < 1:
+            raise ValueError(f"LookalikeConfig.k={self.k}: set k >= 1")
 
 
 @SCORERS.register("lookalike")

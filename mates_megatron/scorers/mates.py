@@ -1,25 +1,87 @@
 """MATES (Yu, Das, Xiong, NeurIPS 2024): probe a seeded sample of the round's candidates on the live model,
 fit the data influence model on (text, probe score) pairs, predict every candidate.
 
-Configured by the selection's probe fields (``probe_samples``, ``estimator``, ``probe_tokens``) and its
-``influence`` section; its state (the influence model, every round's probe ids and scores) is checkpointed.
+Configured by its own section (``MatesConfig``: ``selection.scorer: {kind: mates, probe_samples: ...,
+influence: {...}}``); its state (the influence model, every round's probe ids and scores) is checkpointed.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
 
+from mates_megatron.influence.config import InfluenceConfig
 from mates_megatron.pool.base import candidate_inputs
 from mates_megatron.probe.context import ProbeContext
 from mates_megatron.probe.estimators import ESTIMATORS
 from mates_megatron.runtime.schedule import collate
-from mates_megatron.scorers.base import SCORERS, PendingScores, RoundInput, Scorer, Scores
+from mates_megatron.scorers.base import SCORERS, PendingScores, RoundInput, Scorer, ScorerContext, Scores
 
 MIN_PROBES = 10
+PROBE_TOKENS = ("target", "all")
+
+
+@dataclass
+class MatesConfig:
+    """Options of the 'mates' and 'static' scorers (``selection.scorer: {kind: mates, ...}``)."""
+
+    probe_samples: int = 256
+    """Probe samples per round: drawn afresh (seeded) from the next round's candidates, scored on the live
+    model, and used as the influence model's training pairs."""
+    estimator: str = "linearized"
+    """How probes are scored (mates_megatron.probe.estimators.ESTIMATORS): 'linearized' (the oracle's
+    first-order form: one reference gradient per round and one gradient and optimizer step per probe),
+    'forward' (the same first order by forward passes only: each probe's loss derivative along the reference
+    gradient preconditioned by Adam's second moment, two batched forward passes of all probes per round;
+    `bench probe --config` measures it against the oracle at each scored round), 'oracle' (one optimizer
+    step, then the whole reference loss, per probe: the paper, and about a reference set's worth of forward
+    passes per probe) or 'mirrored' (one reference step, forward only)."""
+    probe_tokens: str = "target"
+    """Which reference tokens the probes' reference loss counts: 'target' (the LAMBADA form: the last word
+    only, the same loss the run reports) or 'all' (every token of each reference example, context and target:
+    a language-modelling loss on the reference text, far less noisy per probe and harder to win with data that
+    only teaches word frequencies)."""
+    influence: InfluenceConfig = field(default_factory=InfluenceConfig)
+    """The data influence model and its fitting."""
+    influence_rounds: int = 1
+    """Fit each round's influence model on the probes of this round and of the previous influence_rounds - 1
+    scored rounds, each round's probe scores z-scored within their round (the probes of past rounds are read
+    again from the pool by id, and predicted once more beside the candidates). 1: this round's probes only
+    (the paper). More rounds smooth the selection across rounds: a round whose oracle has little to say (a
+    small spread between domains) no longer decides the whole selection alone, at the cost of following the
+    live model's newest preference more slowly. The poor-fit guard reads the fit's cross-validated Spearman
+    over all its pairs: rounds that disagree lower it."""
+    min_influence_spearman: float = 0.1
+    """Poor-fit guard: a round whose influence model's cross-validated Spearman against the probes is below
+    this (or undefined) is not selected by its scores: it falls back to a uniform random draw of the round
+    (seeded like the warm-up rounds), logged as the round's ``fallback``. -1 turns the guard off."""
+
+    def __post_init__(self) -> None:
+        if self.probe_samples < MIN_PROBES:
+            raise ValueError(
+                f"MatesConfig.probe_samples={self.probe_samples}: the influence model needs at least "
+                f"{MIN_PROBES} (text, score) pairs per round; the paper uses thousands"
+            )
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(
+                f"MatesConfig.estimator={self.estimator!r}: choose one of {', '.join(ESTIMATORS.names())}"
+            )
+        if self.probe_tokens not in PROBE_TOKENS:
+            raise ValueError(f"MatesConfig.probe_tokens={self.probe_tokens!r}: use 'target' or 'all'")
+        if self.influence_rounds < 1:
+            raise ValueError(
+                f"MatesConfig.influence_rounds={self.influence_rounds} must be >= 1 (1: this round's probes "
+                "only, the paper)"
+            )
+        if not -1 <= self.min_influence_spearman <= 1:
+            raise ValueError(
+                f"MatesConfig.min_influence_spearman={self.min_influence_spearman} must be in [-1, 1] "
+                "(-1: no guard)"
+            )
 
 
 def oracle_by_domain(pool, ids: np.ndarray, scores: np.ndarray) -> dict[str, dict[str, float]]:
@@ -52,7 +114,7 @@ def fit_pairs(
     """What the influence model is fitted on and predicts in ``round_``: (ids, fit positions into them, fit
     scores, rounds fitted on). ``oracle``: the earlier scored rounds' probe ids and scores.
 
-    ``rounds`` (``SelectionConfig.influence_rounds``) = 1, or no earlier scored round: the round's candidates
+    ``rounds`` (``MatesConfig.influence_rounds``) = 1, or no earlier scored round: the round's candidates
     and its probes, unchanged. Otherwise the probes of the last ``rounds - 1`` earlier scored rounds are
     appended after the candidates, and every round's scores are z-scored within their round (the oracle's
     scale shrinks as the model trains, so raw scores would let the earliest round dominate the fit).
@@ -97,7 +159,7 @@ def poor_fit(spearman: float, threshold: float) -> str | None:
     if not np.isfinite(spearman) or spearman < threshold:
         return (
             f"the influence model's cross-validated Spearman {spearman:.3f} is below "
-            f"selection.min_influence_spearman={threshold}"
+            f"selection.scorer_options.min_influence_spearman={threshold}"
         )
     return None
 
@@ -108,52 +170,49 @@ class MatesScorer(Scorer):
     has_influence_stage: ClassVar[bool] = True
     """Its fit and predict need no live model and can run asynchronously (``SelectionConfig.asynchronous``)."""
 
-    def __init__(self, config=None, *, selection, device=None, pool=None, **_: Any) -> None:
-        super().__init__(config, selection=selection, device=device)
+    Config: ClassVar[type] = MatesConfig
+
+    def __init__(self, config: MatesConfig | None = None, *, context: ScorerContext, **_: Any) -> None:
+        super().__init__(config or MatesConfig(), context=context)
         from mates_megatron.influence.runner import InfluenceRunner
 
-        if selection.asynchronous and pool is None:
+        if context.asynchronous and context.pool is None:
             raise ValueError(
                 "SelectionConfig.asynchronous: the 'mates' scorer needs the pool for its influence workers "
-                "(build it through mates_megatron.plugin.build_plugin, or pass pool=)"
+                "(build it through mates_megatron.plugin.build_plugin, or give ScorerContext(pool=...))"
             )
         # Collective: the influence model's process group is created here, on every rank.
         self.influence = InfluenceRunner(
-            selection.influence,
-            ranks=selection.influence_ranks,
-            device=device,
-            pool=pool if selection.asynchronous else None,
-            imports=selection.imports,
+            self.config.influence,
+            ranks=context.influence_ranks,
+            device=context.device,
+            pool=context.pool if context.asynchronous else None,
+            imports=context.imports,
         )
         self.oracle: dict[int, dict[str, np.ndarray]] = {}
         """Per scored round: the probed candidate ids and their probe scores."""
 
     @classmethod
-    def check_config(cls, selection) -> None:
-        super().check_config(selection)
-        if selection.probe_samples < MIN_PROBES:
-            raise ValueError(
-                f"SelectionConfig.probe_samples={selection.probe_samples}: the influence model needs at least "
-                f"{MIN_PROBES} (text, score) pairs per round; the paper uses thousands"
-            )
+    def reads_token_ids(cls, config: MatesConfig) -> bool:
+        return config.influence.pass_token_ids
 
     @classmethod
-    def projected_cost(cls, selection, **shape: Any):
+    def projected_cost(cls, config: MatesConfig, selection, **shape: Any):
         from mates_megatron.cost import project_mates_round
 
-        return project_mates_round(selection, **shape)
+        return project_mates_round(selection, config, **shape)
 
     def probe_positions(self, round_: int, n: int) -> np.ndarray:
         """The round's probe samples: a seeded draw of positions into its candidates."""
-        rng = np.random.default_rng([self.selection.seed, round_, 0x9B0BE])
-        return np.sort(rng.choice(n, size=min(self.selection.probe_samples, n), replace=False))
+        rng = np.random.default_rng([self.context.seed, round_, 0x9B0BE])
+        return np.sort(rng.choice(n, size=min(self.config.probe_samples, n), replace=False))
 
     def score(self, r: RoundInput) -> Scores:
         return self.begin(r).result()
 
     def begin(self, r: RoundInput) -> PendingScores:
         """Probe on the live model now; the influence stage runs on (asynchronous: beside training)."""
-        sel, cands, pool = self.selection, r.candidates, r.pool
+        sel, cands, pool = self.config, r.candidates, r.pool
         seconds: dict[str, float] = {}
         t = time.perf_counter()
         positions = self.probe_positions(r.round, len(cands))
@@ -221,15 +280,15 @@ class StaticScorer(MatesScorer):
     """
 
     @classmethod
-    def check_config(cls, selection) -> None:
-        super().check_config(selection)
-        if selection.asynchronous:
+    def check_config(cls, config: MatesConfig, context: ScorerContext) -> None:
+        super().check_config(config, context)
+        if context.asynchronous:
             raise ValueError(
                 "scorer 'static' fits once and then only predicts: set asynchronous: false (nothing to overlap)"
             )
 
-    def __init__(self, config=None, *, selection, device=None, pool=None, **kw: Any) -> None:
-        super().__init__(config, selection=selection, device=device, pool=pool, **kw)
+    def __init__(self, config: MatesConfig | None = None, *, context: ScorerContext, **kw: Any) -> None:
+        super().__init__(config, context=context, **kw)
         self.fit_round: int | None = None
         self.fit_spearman = float("nan")
 
@@ -245,14 +304,14 @@ class StaticScorer(MatesScorer):
 
             return PendingScores(finish=first)
         t = time.perf_counter()
-        inputs = candidate_inputs(r.pool, r.candidates, token_ids=self.selection.influence.pass_token_ids)
+        inputs = candidate_inputs(r.pool, r.candidates, token_ids=self.config.influence.pass_token_ids)
         scores, _, _, _ = self.influence.predict_only(r.candidates, inputs)
         record = {
             "fit_round": self.fit_round,
             "influence_spearman": self.fit_spearman,
             "seconds": {"fit_and_score": time.perf_counter() - t},
         }
-        fallback = poor_fit(self.fit_spearman, self.selection.min_influence_spearman)
+        fallback = poor_fit(self.fit_spearman, self.config.min_influence_spearman)
         return PendingScores(Scores(scores, record, fallback=fallback))
 
     def state_dict(self) -> dict[str, Any]:

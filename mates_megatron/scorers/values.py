@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from mates_megatron.ot.values_file import read_values
-from mates_megatron.scorers.base import SCORERS, RoundInput, Scorer, Scores
+from mates_megatron.scorers.base import SCORERS, RoundInput, Scorer, ScorerContext, Scores
 
 
 @dataclass
@@ -33,8 +33,10 @@ class ValuesScorer(Scorer):
     needs: ClassVar[frozenset[str]] = frozenset()
     Config = ValuesConfig
 
-    def __init__(self, config: ValuesConfig | None = None, *, selection, device=None, **_: Any) -> None:
-        super().__init__(config, selection=selection, device=device)
+    def __init__(
+        self, config: ValuesConfig | None = None, *, context: ScorerContext | None = None, **_: Any
+    ) -> None:
+        super().__init__(config, context=context)
         self._values: np.ndarray | None = None
 
     def score(self, r: RoundInput) -> Scores:

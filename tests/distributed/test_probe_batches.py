@@ -42,11 +42,13 @@ def _scored_round(data, estimator: str) -> dict:
             "scorer": "mates",
             "seed": 11,
             "warmup_steps": 2,  # round 1 is scored at the end of step 2
-            "probe_samples": PROBES,
-            "estimator": estimator,
             "max_selection_cost": 1000.0,
-            "min_influence_spearman": -1,
-            "influence": {"model": "ridge", "ridge": {"features": "token_embeddings"}},
+            "scorer_options": {
+                "probe_samples": PROBES,
+                "estimator": estimator,
+                "min_influence_spearman": -1,
+                "influence": {"model": "ridge", "ridge": {"features": "token_embeddings"}},
+            },
         },
     }
     trainer = build_trainer(build(TrainConfig, cfg, where="test"))

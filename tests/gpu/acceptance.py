@@ -370,14 +370,15 @@ def _arm_config(opts: Options, arm: str, **selection) -> dict:
     )
     sel: dict[str, Any] = {
         "pool": "indexed", "select_every": 10, "selection_ratio": 0.2, "seed": 5, "warmup_steps": 10,
-        "max_selection_cost": 1000.0, "min_influence_spearman": -1,
-        "influence": {"model": "ridge", "ridge": {"features": "token_embeddings"}},
+        "max_selection_cost": 1000.0,
     }  # fmt: skip
     if arm == "random":
         sel.update(selector="random", scorer="none")
     else:
-        sel.update(selector="gumbel", scorer="mates", probe_samples=16 if small else 128,
-                   estimator="linearized", probe_lead_steps=3, asynchronous=arm == "async")  # fmt: skip
+        mates = {"probe_samples": 16 if small else 128, "estimator": "linearized", "min_influence_spearman": -1,
+                 "influence": {"model": "ridge", "ridge": {"features": "token_embeddings"}}}  # fmt: skip
+        sel.update(selector="gumbel", scorer="mates", scorer_options=mates, probe_lead_steps=3,
+                   asynchronous=arm == "async")  # fmt: skip
     sel.update(selection)
     return {
         "data_prefix": f"{opts.data}/train", "reference": f"{opts.data}/reference.jsonl",
@@ -549,9 +550,10 @@ def megatron_lm(opts: Options) -> dict:
     work = Path(opts.workdir) / "megatron_lm"
     work.mkdir(parents=True, exist_ok=True)
     selection = {
-        "select_every": 4, "selection_ratio": 0.25, "selector": "gumbel", "scorer": "mates", "seed": 11,
-        "warmup_steps": 4, "probe_samples": 16, "estimator": "linearized", "max_selection_cost": 1000.0,
-        "influence": {"model": "ridge", "ridge": {"features": "token_embeddings"}},
+        "select_every": 4, "selection_ratio": 0.25, "selector": "gumbel", "seed": 11,
+        "warmup_steps": 4, "max_selection_cost": 1000.0,
+        "scorer": {"kind": "mates", "probe_samples": 16, "estimator": "linearized",
+                   "influence": {"model": "ridge", "ridge": {"features": "token_embeddings"}}},
     }  # fmt: skip
     (work / "mates.json").write_text(json.dumps(selection))
     args = [

@@ -79,11 +79,13 @@ def test_static_scorer_resumes_to_the_same_selection(small_embedded, eval_sets, 
 
 def test_poor_fit_falls_back_to_the_random_draw(small_embedded):
     """No fit reaches a Spearman of 1.0 on 16 probes: every scored round is drawn at random, and says why."""
-    (rank0, rank1) = run_on_ranks(_train, 2, small_embedded, {"selection": {"min_influence_spearman": 1.0}})
+    (rank0, rank1) = run_on_ranks(
+        _train, 2, small_embedded, {"selection": {"scorer_options": {"min_influence_spearman": 1.0}}}
+    )
     assert rank0["published"] == rank1["published"]
     for r in (1, 2):
         assert rank0["published"][r] == rank0["random_round"][r]
-        assert "below selection.min_influence_spearman=1.0" in rank0["records"][r]["fallback"]
+        assert "below selection.scorer_options.min_influence_spearman=1.0" in rank0["records"][r]["fallback"]
         assert rank0["records"][r]["probes"] == 16  # the round was probed and fitted, then not used
 
 
@@ -91,7 +93,7 @@ def test_influence_fit_across_rounds_resumes_to_the_same_selection(small_embedde
     """influence_rounds=2: round 2's influence model is fitted on round 1's probes too (read again from the
     pool), and a run resumed between the rounds (round 1's probes restored from the checkpoint) selects the
     same round 2."""
-    smoothed = {"selection": {"influence_rounds": 2}}
+    smoothed = {"selection": {"scorer_options": {"influence_rounds": 2}}}
     full = run_on_ranks(_train, 2, small_embedded, smoothed)
     rank0 = full[0]
     assert rank0["published"] == full[1]["published"]

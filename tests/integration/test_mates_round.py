@@ -18,7 +18,8 @@ def _train(data, overrides):
     overrides = dict(overrides)
     selection = overrides.pop("selection", {})
     worker_delay = overrides.pop("worker_delay", 0.0)
-    from mates_megatron.configio import build
+    flat_spelling = overrides.pop("flat_spelling", False)
+    from mates_megatron.configio import build, merge
     from mates_megatron.selectors import RandomSelector
     from mates_megatron.training.build import build_trainer
     from mates_megatron.training.loop import TrainConfig
@@ -45,21 +46,30 @@ def _train(data, overrides):
             "temperature": 0.5,
             "seed": 11,
             "warmup_steps": EVERY,
-            "probe_samples": 16,
-            "estimator": "oracle",
             # The oracle's mechanics at toy size: each probe evaluates the whole reference set, which costs
             # several times the round's training (refused at the 0.1 default, as it should be at scale).
             "max_selection_cost": 50.0,
-            # Read in the rank's own process (loader_workers 0): workers give the same batches bit for bit
-            # (tests/distributed/test_influence_loader.py) and cost minutes to fork on 2 cores.
-            "influence": {"model": "ridge", "ridge": {"features": "token_embeddings"}, "loader_workers": 0},
-            # The poor-fit guard off: 16 probes can fit below its default, and these tests are about the
-            # rounds selecting by scores (tests/integration/test_evidence_round.py tests the guard).
-            "min_influence_spearman": -1,
-            **selection,
+            "scorer_options": {
+                "probe_samples": 16,
+                "estimator": "oracle",
+                # Read in the rank's own process (loader_workers 0): workers give the same batches bit for
+                # bit (tests/distributed/test_influence_loader.py) and cost minutes to fork on 2 cores.
+                "influence": {
+                    "model": "ridge",
+                    "ridge": {"features": "token_embeddings"},
+                    "loader_workers": 0,
+                },
+                # The poor-fit guard off: 16 probes can fit below its default, and these tests are about the
+                # rounds selecting by scores (tests/integration/test_evidence_round.py tests the guard).
+                "min_influence_spearman": -1,
+            },
         },
         **overrides,
     }
+    cfg["selection"] = merge(cfg["selection"], selection)
+    if flat_spelling:  # the spelling of earlier releases: MATES's options among the selection's own fields
+        options = cfg["selection"].pop("scorer_options")
+        cfg["selection"].update(options)
     trainer = build_trainer(build(TrainConfig, cfg, where="test"))
     (hook,) = trainer.hooks
     hook.scorer.influence.worker_delay = worker_delay
@@ -158,7 +168,7 @@ def test_scored_rounds_at_dp2_with_the_distributed_optimizer_and_megatron_lm_che
         "overlap_param_gather": True,
         "check_for_nan_in_loss_and_grad": True,
         "rerun_mode": "validate_results",
-        "selection": {"estimator": estimator, "max_selection_cost": 200.0},
+        "selection": {"scorer_options": {"estimator": estimator}, "max_selection_cost": 200.0},
     }
     rank0, rank1 = run_on_ranks(_train, 2, small_embedded, overrides)
     assert sorted(rank0["records"]) == [1, 2]
@@ -167,6 +177,15 @@ def test_scored_rounds_at_dp2_with_the_distributed_optimizer_and_megatron_lm_che
         assert rank0["records"][r]["estimator"] == estimator
         assert np.isfinite([rank0["records"][r]["oracle_mean"], rank0["records"][r]["oracle_std"]]).all()
     assert rank0["rerun_mode"] == rank1["rerun_mode"] == "validate_results"  # given back after every round
+
+
+def test_the_flat_spelling_of_earlier_releases_gives_the_same_run(small_embedded, uninterrupted):
+    """MATES's options at the top of the selection (probe_samples, estimator, influence, ...: read for one
+    release, with a FutureWarning naming the new key) give the run of scorer_options, bit for bit."""
+    (full, _), _ = uninterrupted
+    flat = run_on_ranks(_train, 2, small_embedded, {"flat_spelling": True})[0]
+    assert flat["published"] == full["published"] and flat["served"] == full["served"]
+    assert flat["oracle"] == full["oracle"] and flat["history"]["loss"] == full["history"]["loss"]
 
 
 @pytest.mark.parametrize("stop", [EVERY, EVERY + 2], ids=["after-boundary", "mid-round"])
@@ -203,15 +222,7 @@ def test_checkpoint_holds_the_influence_model_when_rank_0_fits_none(small_embedd
 
 # Round r is probed at the end of step 3r - 1 and published at the end of 3r. The encoder reads the pool's
 # token ids (the embedded data is tokenised with MiniLM's vocabulary), in this process and in the workers.
-LEAD = {
-    "probe_lead_steps": 1,
-    "influence": {
-        "model": "ridge",
-        "ridge": {"features": "token_embeddings"},
-        "pass_token_ids": True,
-        "loader_workers": 0,
-    },
-}
+LEAD = {"probe_lead_steps": 1, "scorer_options": {"influence": {"pass_token_ids": True}}}
 
 
 @pytest.fixture(scope="module")

@@ -31,10 +31,13 @@ pytestmark = [
 ITERS = 16
 SELECTION = {
     "select_every": 4, "selection_ratio": 0.25, "selector": "gumbel", "scorer": "mates", "seed": 11,
-    "warmup_steps": 4, "probe_samples": 12, "estimator": "linearized",
+    "warmup_steps": 4,
     # A 2-layer, 64-wide model: the probes are many times a round's training FLOPs at this toy scale.
     "max_selection_cost": 1000.0,
-    "influence": {"model": "ridge", "ridge": {"features": "token_embeddings"}},
+    "scorer_options": {
+        "probe_samples": 12, "estimator": "linearized",
+        "influence": {"model": "ridge", "ridge": {"features": "token_embeddings"}},
+    },
 }  # fmt: skip
 # Megatron-LM's defaults stay on in every layout: --check-for-nan-in-loss-and-grad and the rerun state machine in
 # validate_results mode. Under the distributed optimizer a probe's gradient sync reaches check_grads ->

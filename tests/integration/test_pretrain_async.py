@@ -66,16 +66,18 @@ def _launch(data: dict, tmp: Path, run_name: str, asynchronous: bool) -> dict:
             "temperature": 0.5,
             "seed": 11,
             "warmup_steps": EVERY,
-            "probe_samples": 12,
-            "estimator": "linearized",
             "max_selection_cost": 1000.0,  # toy size: the probes cost many rounds of training
-            "min_influence_spearman": -1,  # select by the scores, however poor the fit of 12 probes
             "probe_lead_steps": 1,
             "asynchronous": asynchronous,
-            "influence": {
-                "model": "ridge",
-                "ridge": {"features": "token_embeddings"},
-                "pass_token_ids": True,
+            "scorer_options": {
+                "probe_samples": 12,
+                "estimator": "linearized",
+                "min_influence_spearman": -1,  # select by the scores, however poor the fit of 12 probes
+                "influence": {
+                    "model": "ridge",
+                    "ridge": {"features": "token_embeddings"},
+                    "pass_token_ids": True,
+                },
             },
         },
     }

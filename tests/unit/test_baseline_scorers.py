@@ -21,7 +21,7 @@ from sklearn.utils import murmurhash3_32
 from mates_megatron.config import SelectionConfig
 from mates_megatron.pool.base import PoolRounds
 from mates_megatron.probe.reference import ReferenceSet
-from mates_megatron.scorers import SCORERS, RoundInput
+from mates_megatron.scorers import RoundInput
 from mates_megatron.scorers.dsir import WORDPUNCT
 from mates_megatron.selectors import SELECTORS, ImportanceResamplingSelector
 
@@ -78,8 +78,7 @@ def _reference_texts(lines=REFERENCE):
 
 
 def _build(sel: SelectionConfig):
-    cls = SCORERS.get(sel.scorer)
-    return cls(cls.options(sel), selection=sel)
+    return sel.build_scorer()
 
 
 def _round(pool, host, seed, ids=None, round_=1):

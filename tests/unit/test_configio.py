@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from mates_megatron import configio, pretrain
+from mates_megatron import flags as cli_flags
 
 
 @dataclass
@@ -81,7 +82,7 @@ def test_errors_name_the_source_of_the_value():
 
 
 def test_flags_from_dataclass_fields_round_trip_through_build():
-    flags = configio.dataclass_flags(Outer, "--x-", exclude=("maybe",))
+    flags = cli_flags.dataclass_flags(Outer, "--x-", exclude=("maybe",))
     assert [(f.flag, f.path, f.kind, f.nargs) for f in flags] == [
         ("--x-count", "count", int, None),
         ("--x-name", "name", str, None),
@@ -92,19 +93,19 @@ def test_flags_from_dataclass_fields_round_trip_through_build():
     ]
     assert flags[0].doc == "How many." and flags[0].default == 3
     p = argparse.ArgumentParser()
-    configio.add_flags(p, flags)
+    cli_flags.add_flags(p, flags)
     args = p.parse_args(["--x-count", "7", "--x-flag", "--x-inner-sizes", "3", "4", "--x-options", "{k: 1}"])
-    over = configio.overrides_from_args(args, flags)
+    over = cli_flags.overrides_from_args(args, flags)
     assert over == {"count": "7", "flag": True, "inner": {"sizes": ["3", "4"]}, "options": {"k": 1}}
     assert configio.build(Outer, over, where="flags") == Outer(
         count=7, flag=True, options={"k": 1}, inner=Inner(sizes=(3, 4))
     )
-    assert configio.overrides_from_args(p.parse_args([]), flags) == {}  # left-out flags are absent
+    assert cli_flags.overrides_from_args(p.parse_args([]), flags) == {}  # left-out flags are absent
     assert "How many. [default: 3]" in p.format_help()
 
 
 def test_named_flags_give_megatron_spellings_to_nested_fields():
-    (f,) = configio.named_flags(Outer, {"--rate": "inner.rate"})
+    (f,) = cli_flags.named_flags(Outer, {"--rate": "inner.rate"})
     assert (f.flag, f.path, f.kind, f.doc) == ("--rate", "inner.rate", float, "A rate in (0, 1].")
 
 
@@ -146,12 +147,12 @@ def test_pretrain_flags_override_yaml_with_megatron_spellings(tmp_path):
 
 
 def test_every_train_config_field_has_a_pretrain_flag():
-    from mates_megatron.config import SelectionConfig
+    from mates_megatron.config import selection_flags
     from mates_megatron.training.config import TrainConfig
 
-    run = {f.path for f in configio.dataclass_flags(TrainConfig, "--", exclude=("selection",))}
+    run = {f.path for f in cli_flags.dataclass_flags(TrainConfig, "--", exclude=("selection",))}
     assert set(pretrain.RUN_FLAGS.values()) == run  # a Megatron-LM spelling for each, and no stale one
-    selection = {f.path for f in configio.dataclass_flags(SelectionConfig, "--mates-", path="selection.")}
+    selection = {f.path for f in selection_flags("--mates-", path="selection.")}
     given = {a.dest for a in pretrain.build_parser()._actions}
     assert {f.dest for f in pretrain._flags()} <= given and len(pretrain._flags()) == len(run | selection)
 

@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mates_megatron.compat.spawn import run_on_ranks
 from mates_megatron.config import SelectionConfig
-from mates_megatron.configio import build, load_yaml
+from mates_megatron.configio import build, load_yaml, merge
 from mates_megatron.cost import (
     MACHINES,
     Layout,
@@ -25,6 +25,7 @@ from mates_megatron.cost import (
     project_mates_round,
 )
 from mates_megatron.influence.config import InfluenceConfig
+from mates_megatron.scorers.mates import MatesConfig
 
 SEQ, VOCAB = 32, 200
 
@@ -86,10 +87,23 @@ GPT = TransformerShape(num_layers=4, hidden_size=256, ffn_hidden_size=1024, voca
 ENC = TransformerShape(num_layers=2, hidden_size=64, ffn_hidden_size=128, vocab_size=500)
 
 
+MATES_FIELDS = {f.name for f in dataclasses.fields(MatesConfig)}
+
+
 def _sel(**kw) -> SelectionConfig:
+    """A 'mates' selection; keywords that are MatesConfig fields set the scorer's options."""
+    mates = {"probe_samples": 16, "influence": {"model": "ridge", "max_length": 64, "max_chunks": 2}}
+    mates.update({k: v for k, v in kw.items() if k in MATES_FIELDS})
     base = {"scorer": "mates", "selector": "gumbel", "select_every": 10, "selection_ratio": 0.25,
-            "probe_samples": 16, "warmup_steps": 10, "influence": {"model": "ridge", "max_length": 64, "max_chunks": 2}}  # fmt: skip
-    return build(SelectionConfig, {**base, **kw}, where="test")
+            "warmup_steps": 10, "scorer_options": mates}  # fmt: skip
+    return build(
+        SelectionConfig, {**base, **{k: v for k, v in kw.items() if k not in MATES_FIELDS}}, where="test"
+    )
+
+
+def _with(sel: SelectionConfig, **options) -> SelectionConfig:
+    """``sel`` with these 'mates' options laid over its own (nested sections merged)."""
+    return dataclasses.replace(sel, scorer_options=merge(sel.scorer_options, options))
 
 
 def _project(sel: SelectionConfig, **kw) -> RoundCost:
@@ -287,13 +301,13 @@ def test_paper_configs_project_what_their_comments_say(size):
     sel, kw = _paper(size)
     cost = project_mates_round(sel, **kw)
     _, flops, seconds = PAPER[size]
-    assert sel.estimator == "linearized" and sel.cost_machine == "h100"
+    assert sel.scorer_config.estimator == "linearized" and sel.cost_machine == "h100"
     assert cost.flop_fraction == pytest.approx(flops, abs=0.0006)
     assert cost.fraction == pytest.approx(seconds, abs=0.01) and cost.fraction < sel.max_selection_cost
     assert cost.dominant() == ("predict", "decode_tokenise")
-    oracle = project_mates_round(dataclasses.replace(sel, estimator="oracle"), **kw)
+    oracle = project_mates_round(_with(sel, estimator="oracle"), **kw)
     assert oracle.flop_fraction == pytest.approx(27, abs=0.5)
-    ids = project_mates_round(dataclasses.replace(sel, influence=dataclasses.replace(sel.influence, pass_token_ids=True)), **kw)  # fmt: skip
+    ids = project_mates_round(_with(sel, influence={"pass_token_ids": True}), **kw)
     assert ids.fraction < 0.11  # 1b: 9.7%, 410m: 10.4%
 
 
@@ -308,7 +322,7 @@ def test_the_corrected_guard_refuses_what_the_flop_count_admitted():
     with pytest.raises(ValueError, match=r"The largest phase is predict \(decode_tokenise \d+% of it\): "
                        r"influence\.pass_token_ids"):  # fmt: skip
         check_round_cost(cost, sel.max_selection_cost)
-    ids = dataclasses.replace(sel, influence=dataclasses.replace(sel.influence, pass_token_ids=True))
+    ids = _with(sel, influence={"pass_token_ids": True})
     dist = project_mates_round(
         ids, **{**kw, "layout": dataclasses.replace(PAPER_LAYOUT, distributed_optimizer=True)}
     )
@@ -317,9 +331,7 @@ def test_the_corrected_guard_refuses_what_the_flop_count_admitted():
         ValueError, match=r"The largest phase is probe \(forward_backward \d+% of it\): estimator: forward"
     ):
         check_round_cost(dist, sel.max_selection_cost)
-    forward = project_mates_round(
-        dataclasses.replace(ids, estimator="forward"), **{**kw, "layout": dist_layout()}
-    )
+    forward = project_mates_round(_with(ids, estimator="forward"), **{**kw, "layout": dist_layout()})
     assert forward.counts["probes_per_rank"] == 10_000 and forward.fraction < 0.05
     check_round_cost(forward, sel.max_selection_cost)
 

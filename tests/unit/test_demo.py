@@ -140,10 +140,13 @@ def test_report_when_mates_never_reaches_random():
 
 
 def test_run_configs_differ_only_in_the_selection():
-    sel = {"selector": "gumbel", "scorer": "mates", "seed": 1, "temperature": 0.5, "warmup_steps": 20}
+    sel = {"selector": "gumbel", "scorer": {"kind": "mates", "probe_samples": 32}, "seed": 1, "temperature": 0.5,
+           "warmup_steps": 20}  # fmt: skip
     cfg = {"seed": 1, "train_iters": 10, "selection": sel}
     runs = _run_configs(cfg, seed=7, arms=ARMS)
     assert list(runs) == list(ARMS)
+    mates = {"probe_samples": 32}
+    sel = {**sel, "scorer": "mates", "scorer_options": mates}  # the section, as it is read
     seeded = {**sel, "seed": 7}
     assert runs["random"]["selection"] == {
         **seeded,
@@ -162,10 +165,18 @@ def test_run_configs_differ_only_in_the_selection():
     assert all(r["seed"] == 7 and r["train_iters"] == 10 for r in runs.values())
     variants = _run_configs(cfg, seed=None, arms=["mates_target", "mates_all", "mates_single", "lookalike"])
     assert variants["lookalike"]["selection"]["scorer"] == "lookalike"
-    assert variants["mates_target"]["selection"] == {**sel, "probe_tokens": "target"}
-    assert variants["mates_all"]["selection"] == {**sel, "probe_tokens": "all"}
-    assert variants["mates_single"]["selection"] == {**sel, "influence_rounds": 1}
-    assert cfg["seed"] == 1  # the loaded config is not modified
+    assert variants["mates_target"]["selection"] == {
+        **sel,
+        "scorer_options": {**mates, "probe_tokens": "target"},
+    }
+    assert variants["mates_all"]["selection"] == {**sel, "scorer_options": {**mates, "probe_tokens": "all"}}
+    assert variants["mates_single"]["selection"] == {
+        **sel,
+        "scorer_options": {**mates, "influence_rounds": 1},
+    }
+    assert (
+        cfg["seed"] == 1 and cfg["selection"]["scorer"]["kind"] == "mates"
+    )  # the loaded config is not modified
     with pytest.raises(ValueError, match="has no scorer: set scorer: mates"):
         _run_configs({"selection": {"selector": "random"}}, seed=None)
 

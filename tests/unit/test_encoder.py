@@ -40,8 +40,8 @@ def _old_embeddings(influence: InfluenceConfig, texts, *, features, batch_size, 
 
 @pytest.mark.parametrize("features", ["encoder", "token_embeddings"])
 def test_embeddings_are_the_old_constructions_bit_for_bit(features):
-    # The offline tools' construction: SelectionConfig()'s influence settings, their own max_length.
-    old = _old_embeddings(SelectionConfig().influence, TEXTS, features=features, batch_size=3, max_length=16)
+    # The offline tools' construction: the default influence settings, their own max_length.
+    old = _old_embeddings(InfluenceConfig(), TEXTS, features=features, batch_size=3, max_length=16)
     new = Encoder(EncoderConfig(max_length=16, batch_size=3, features=features)).embed(TEXTS)
     assert new.dtype == np.float32 and new.shape == old.shape
     np.testing.assert_array_equal(new, old)
@@ -59,18 +59,33 @@ def test_a_scorers_encoder_is_the_influence_models_with_its_options():
         np.testing.assert_array_equal(Encoder(cfg).embed(TEXTS), old)
 
 
-def test_the_scorer_options_build_the_encoder_config():
-    from mates_megatron.scorers import SCORERS
+def test_the_scorer_options_are_the_encoder_config():
+    options = {"features": "token_embeddings", "batch_size": 5, "max_chunks": 3, "device": "cpu", "k": 4}
+    sel = SelectionConfig(scorer="lookalike", selector="topk", scorer_options=options)
+    scorer = sel.build_scorer()
+    assert scorer.encoder.config is sel.scorer_config and scorer.config.k == 4
+    assert EncoderConfig.from_influence(
+        InfluenceConfig(max_chunks=3, device="cpu"), features="token_embeddings", batch_size=5
+    ) == EncoderConfig(**{f: getattr(scorer.config, f) for f in EncoderConfig.__dataclass_fields__})
 
-    sel = SelectionConfig(
-        scorer="lookalike", selector="topk", scorer_options={"features": "token_embeddings", "batch_size": 5},
-        influence=InfluenceConfig(model="ridge", max_chunks=3, device="cpu"),
-    )  # fmt: skip
-    cls = SCORERS.get("lookalike")
-    scorer = cls(cls.options(sel), selection=sel)
-    assert scorer.encoder.config == EncoderConfig(
-        max_length=512, max_chunks=3, device="cpu", features="token_embeddings", batch_size=5
+
+def test_the_flat_influence_section_of_earlier_releases_still_sets_an_ot_scorers_encoder():
+    from mates_megatron.configio import build
+
+    flat = {"scorer": "lookalike", "selector": "topk", "scorer_options": {"max_length": 64},
+            "influence": {"model": "ridge", "max_chunks": 3, "max_length": 24, "bf16": False}}  # fmt: skip
+    with pytest.warns(FutureWarning, match=r"influence is read for one more release for scorer 'lookalike'"):
+        old = build(SelectionConfig, flat, where="old")
+    new = build(
+        SelectionConfig,
+        {
+            "scorer": {"kind": "lookalike", "max_length": 64, "max_chunks": 3, "bf16": False},
+            "selector": "topk",
+        },
+        where="new",
     )
+    assert old == new and old.scorer_config == new.scorer_config
+    assert (new.scorer_config.max_length, new.scorer_config.max_chunks) == (64, 3)  # the scorer's own won
 
 
 def test_one_description_with_the_influence_config():

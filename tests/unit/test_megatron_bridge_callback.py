@@ -37,7 +37,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 from mates_megatron.config import SelectionConfig  # noqa: E402
-from mates_megatron.influence.config import InfluenceConfig, RidgeConfig  # noqa: E402
 from mates_megatron.integrations import megatron_bridge as mb  # noqa: E402
 
 
@@ -91,8 +90,9 @@ def _bridge_run(data: dict, save_dir: str) -> dict:
     trainer = Trainer(cfg)  # the model, optimizer and scheduler Bridge's setup would build
     sel = SelectionConfig(
         select_every=3, selection_ratio=0.25, selector="gumbel", scorer="mates", seed=11, warmup_steps=3,
-        probe_samples=12, estimator="oracle", probe_lead_steps=1,
-        influence=InfluenceConfig(model="ridge", ridge=RidgeConfig(features="token_embeddings")),
+        probe_lead_steps=1,
+        scorer_options={"probe_samples": 12, "estimator": "oracle",
+                        "influence": {"model": "ridge", "ridge": {"features": "token_embeddings"}}},
     )  # fmt: skip
     tok = load_tokenizer(trainer.tokenizer_info.path)
     pool = trainer.build_dataset(pool_num_samples(sel, train_iters=6, global_batch_size=4))

@@ -25,6 +25,7 @@ from mates_megatron.integrations.megatron_lm.versions import PATCHES as SUPPORTE
 from mates_megatron.integrations.megatron_lm.versions import check_megatron_core_version, patch_name
 from mates_megatron.plugin import pool_num_samples
 from mates_megatron.pool.base import PoolError
+from mates_megatron.scorers.mates import MatesConfig
 
 REPO = Path(__file__).resolve().parents[2]
 PATCH = REPO / "patches" / "megatron-lm-core_v0.16.1-mates.patch"
@@ -120,33 +121,36 @@ EVERY_FIELD_CONFIG = SelectionConfig(
     selector="gumbel",
     temperature=0.7,
     scorer="mates",
-    scorer_options={},
     imports=["json", "csv"],
     seed=7,
     run_name="r1",
     warmup_steps=200,
-    probe_samples=64,
-    estimator="mirrored",
     max_selection_cost=0.5,
     cost_machine="cpu-2core",
-    probe_tokens="all",
-    min_influence_spearman=0.3,
-    influence_rounds=3,
-    influence=InfluenceConfig(
-        model="ridge",
-        model_path="/models/bert",
-        max_length=128,
-        max_chunks=3,
-        predict_batch_size=8,
-        loader_workers=2,
-        seed=3,
-        warm_start=False,
-        device="cpu",
-        pass_token_ids=True,
-        bf16=False,
-        timeout_s=900.0,
-        finetune=FinetuneConfig(lr=1e-4, head_lr=2e-3, epochs=4, batch_size=8, val_fraction=0.2),
-        ridge=RidgeConfig(alphas=(0.5, 5.0), features="token_embeddings", folds=4),
+    scorer_options=dataclasses.asdict(
+        MatesConfig(
+            probe_samples=64,
+            estimator="mirrored",
+            probe_tokens="all",
+            min_influence_spearman=0.3,
+            influence_rounds=3,
+            influence=InfluenceConfig(
+                model="ridge",
+                model_path="/models/bert",
+                max_length=128,
+                max_chunks=3,
+                predict_batch_size=8,
+                loader_workers=2,
+                seed=3,
+                warm_start=False,
+                device="cpu",
+                pass_token_ids=True,
+                bf16=False,
+                timeout_s=900.0,
+                finetune=FinetuneConfig(lr=1e-4, head_lr=2e-3, epochs=4, batch_size=8, val_fraction=0.2),
+                ridge=RidgeConfig(alphas=(0.5, 5.0), features="token_embeddings", folds=4),
+            ),
+        )
     ),
     influence_ranks=[0, 1],
     probe_lead_steps=50,
@@ -173,7 +177,8 @@ def _field_flags(cls, prefix: str) -> set[str]:
 
 def test_every_config_field_has_a_flag():
     options = {s for a in parser()._actions for s in a.option_strings}
-    expected = _field_flags(SelectionConfig, "--mates-")
+    # SelectionConfig's fields, and the 'mates' scorer's options (their spellings of earlier releases).
+    expected = _field_flags(SelectionConfig, "--mates-") | _field_flags(MatesConfig, "--mates-")
     assert "--mates-influence-ridge-alphas" in expected and "--mates-influence-finetune-lr" in expected
     assert expected | {"--mates", "--mates-config", "--mates-reference"} <= options
     assert "--no-mates-influence-warm-start" in options
@@ -190,10 +195,11 @@ def test_every_config_field_has_a_flag():
 def test_flags_convert_to_the_config_built_directly():
     sel = mlm.mates_config_from_args(parse(*EVERY_FIELD))
     assert sel == EVERY_FIELD_CONFIG
-    assert isinstance(sel.influence, InfluenceConfig) and isinstance(sel.influence.ridge, RidgeConfig)
-    assert sel.influence.ridge.alphas == (0.5, 5.0)
+    influence = sel.scorer_config.influence
+    assert isinstance(influence, InfluenceConfig) and isinstance(influence.ridge, RidgeConfig)
+    assert influence.ridge.alphas == (0.5, 5.0)
     assert type(sel.select_every) is int and type(sel.temperature) is float
-    assert type(sel.influence.finetune.lr) is float
+    assert type(influence.finetune.lr) is float
 
 
 def test_mixture_flags_convert_to_the_config_built_directly(tmp_path):
@@ -216,16 +222,19 @@ def test_without_mates_there_is_no_config():
 
 
 def test_dict_flag_takes_a_json_or_yaml_mapping():
-    from mates_megatron import configio
+    from mates_megatron.flags import overrides_from_args
 
     flags = mlm.mates_flags()
     (opt,) = [f for f in flags if f.flag == "--mates-scorer-options"]
     args = parse("--mates-scorer-options", '{"window": 3, "name": "x"}')
-    assert configio.overrides_from_args(args, [opt]) == {"scorer_options": {"window": 3, "name": "x"}}
+    assert overrides_from_args(args, [opt]) == {"scorer_options": {"window": 3, "name": "x"}}
     args = parse("--mates-scorer-options", "{window: 3}")
-    assert configio.overrides_from_args(args, [opt]) == {"scorer_options": {"window": 3}}
+    assert overrides_from_args(args, [opt]) == {"scorer_options": {"window": 3}}
     with pytest.raises(ValueError, match="--mates-scorer-options"):
         mlm.mates_config_from_args(parse("--mates", "--mates-scorer-options", "[1, 2]"))
+
+
+MATES = ["--mates-scorer", "mates", "--mates-selector", "gumbel", "--mates-warmup-steps", "50"]
 
 
 @pytest.mark.parametrize(
@@ -233,16 +242,17 @@ def test_dict_flag_takes_a_json_or_yaml_mapping():
     [
         (["--mates-selection-ratio", "1.5"], "selection_ratio='1.5' (--mates-selection-ratio)"),
         (["--mates-temperature", "-1"], "temperature='-1' (--mates-temperature)"),
-        (["--mates-estimator", "exact"], "estimator='exact' (--mates-estimator)"),
+        ([*MATES, "--mates-estimator", "exact"], "estimator='exact' (--mates-estimator)"),
         (["--mates-select-every", "ten"], "select_every='ten' (--mates-select-every)"),
         (["--mates-select-every", "1.5"], "select_every='1.5' (--mates-select-every)"),
         (["--mates-pool", "webdataset"], "shards (--mates-shards; default): SelectionConfig.shards is required with pool='webdataset'"),
         (["--mates-selector", "gumbel"], "selector='gumbel' (--mates-selector), scorer (--mates-scorer; default)"),
-        (["--mates-influence-finetune-val-fraction", "1.5"],
+        ([*MATES, "--mates-influence-finetune-val-fraction", "1.5"],
          "influence.finetune.val_fraction='1.5' (--mates-influence-finetune-val-fraction)"),
-        (["--mates-influence-ridge-alphas", "1", "-1"],
+        ([*MATES, "--mates-influence-ridge-alphas", "1", "-1"],
          "influence.ridge.alphas=['1', '-1'] (--mates-influence-ridge-alphas)"),
-        (["--mates-influence-model", "lasso"], "influence.model='lasso' (--mates-influence-model)"),
+        ([*MATES, "--mates-influence-model", "lasso"], "influence.model='lasso' (--mates-influence-model)"),
+        (["--mates-estimator", "exact"], "'none' takes no options, got ['estimator']"),
     ],
 )  # fmt: skip
 def test_a_bad_value_names_its_field_value_and_flag(argv, named):
@@ -262,10 +272,12 @@ def test_yaml_config_with_flag_overrides(tmp_path, wrapped):
         "select_every": 10,
         "selection_ratio": 0.5,
         "selector": "gumbel",
-        "scorer": "mates",
+        "scorer": {
+            "kind": "mates",
+            "probe_samples": 32,
+            "influence": {"model": "ridge", "ridge": {"alphas": [1, 2]}, "finetune": {"lr": "1e-4"}},
+        },
         "warmup_steps": 10,
-        "probe_samples": 32,
-        "influence": {"model": "ridge", "ridge": {"alphas": [1, 2]}, "finetune": {"lr": "1e-4"}},
     }
     cfg = _write(tmp_path / "sel.yaml", {"selection": body} if wrapped else body)
     args = parse(
@@ -279,10 +291,14 @@ def test_yaml_config_with_flag_overrides(tmp_path, wrapped):
         scorer="mates",
         temperature=0.9,
         warmup_steps=10,
-        probe_samples=32,
-        influence=InfluenceConfig(
-            model="ridge", ridge=RidgeConfig(alphas=(1.0, 2.0)), finetune=FinetuneConfig(lr=1e-4, epochs=2)
-        ),
+        scorer_options={
+            "probe_samples": 32,
+            "influence": InfluenceConfig(
+                model="ridge",
+                ridge=RidgeConfig(alphas=(1.0, 2.0)),
+                finetune=FinetuneConfig(lr=1e-4, epochs=2),
+            ),
+        },
     )
     assert mlm.mates_config_from_args(args) == expected
     # A flag beats the file.
@@ -291,19 +307,34 @@ def test_yaml_config_with_flag_overrides(tmp_path, wrapped):
     )
     sel = mlm.mates_config_from_args(args)
     assert (sel.select_every, sel.warmup_steps, sel.selection_ratio) == (20, 20, 0.5)
+    # The flat spelling of earlier releases: read, with a warning that names the new key, to the same config.
+    flat = {**body, "scorer": "mates", **body["scorer"]}
+    del flat["kind"]
+    old = _write(tmp_path / "old.yaml", {"selection": flat} if wrapped else flat)
+    args = parse(
+        "--mates", "--mates-config", str(old), "--mates-temperature", "0.9",
+        "--mates-influence-finetune-epochs", "2",
+    )  # fmt: skip
+    with pytest.warns(FutureWarning, match=r"probe_samples is read for one more release: write it as "
+                      r"scorer_options\.probe_samples, or in the section scorer: \{kind: mates"):  # fmt: skip
+        assert mlm.mates_config_from_args(args) == expected
+
+
+def _mates(options: dict) -> dict:
+    return {"scorer": {"kind": "mates", **options}, "selector": "gumbel", "warmup_steps": 50}
 
 
 @pytest.mark.parametrize(
     ("body", "named"),
     [
         ({"select_evry": 10}, "unknown field 'select_evry'; SelectionConfig has: pool, "),
-        ({"influence": {"epochs": 2}}, "unknown field 'influence.epochs'; InfluenceConfig has: model, "),
-        ({"influence": {"ridge": {"alpha": 2}}}, "unknown field 'influence.ridge.alpha'; RidgeConfig has: "),
+        (_mates({"influence": {"epochs": 2}}), "unknown field 'influence.epochs'; InfluenceConfig has: model, "),
+        (_mates({"influence": {"ridge": {"alpha": 2}}}), "unknown field 'influence.ridge.alpha'; RidgeConfig has: "),
         ({"select_every": "ten"}, "select_every='ten' (--mates-select-every; from "),
         ({"select_every": 2.5}, "select_every=2.5 (--mates-select-every; from "),
-        ({"influence": {"warm_start": "maybe"}}, "influence.warm_start='maybe' (--mates-influence-warm-start"),
+        (_mates({"influence": {"warm_start": "maybe"}}), "influence.warm_start='maybe' (--mates-influence-warm-start"),
         ({"selection_ratio": 2}, "selection_ratio=2 (--mates-selection-ratio; from "),
-        ({"influence": [1]}, "influence=[1]: Input should be a dictionary or an instance of InfluenceConfig"),
+        (_mates({"influence": [1]}), "influence=[1]: Input should be a dictionary or an instance of InfluenceConfig"),
     ],
 )  # fmt: skip
 def test_yaml_errors_name_the_file_and_field(tmp_path, body, named):
@@ -659,8 +690,9 @@ def _scored_round_on_the_megatron_lm_host(data: dict, save_dir: str, ahead: dict
     trainer = Trainer(cfg)  # the live model, optimizer and scheduler that Megatron-LM would hand over
     sel = SelectionConfig(
         select_every=3, selection_ratio=0.25, selector="gumbel", scorer="mates", seed=11, warmup_steps=3,
-        probe_samples=12, estimator="oracle",
-        influence=InfluenceConfig(model="ridge", ridge=RidgeConfig(features="token_embeddings")), **(ahead or {}),
+        scorer_options={"probe_samples": 12, "estimator": "oracle",
+                        "influence": {"model": "ridge", "ridge": {"features": "token_embeddings"}}},
+        **(ahead or {}),
     )  # fmt: skip
     tok = load_tokenizer(trainer.tokenizer_info.path)
     host = mlm.MegatronLMHost(
@@ -905,7 +937,7 @@ def test_every_config_parses(path):
     else:  # the selection of a Megatron-LM --mates run
         assert set(data) == {"selection"}
         sel = mlm.mates_config_from_args(args)
-        assert isinstance(sel, SelectionConfig) and isinstance(sel.influence, InfluenceConfig)
+        assert isinstance(sel, SelectionConfig) and isinstance(sel.scorer_config.influence, InfluenceConfig)
 
 
 @pytest.mark.parametrize("name", ["paper_410m.yaml", "paper_1b.yaml"])
@@ -922,6 +954,6 @@ def test_paper_configs_hold_the_paper_setting(name, tmp_path):
         0.2,
         0.5,
     )
-    assert sel.warmup_steps == 10000 and sel.probe_samples == 80000 and sel.pool == "indexed"
+    assert sel.warmup_steps == 10000 and sel.scorer_config.probe_samples == 80000 and sel.pool == "indexed"
     # 5 rounds of 10,000 x 512 / 0.2 candidates.
     assert pool_num_samples(sel, train_iters=50000, global_batch_size=512) == 128_000_000

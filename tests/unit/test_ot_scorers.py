@@ -21,7 +21,7 @@ from mates_megatron.ot.valuation import embed_texts, gotd_values, lava_values, s
 from mates_megatron.ot.values_file import read_values, write_values
 from mates_megatron.pool.webdataset_pool import WebDatasetPool
 from mates_megatron.probe.reference import ReferenceFile
-from mates_megatron.scorers import SCORERS, RoundInput
+from mates_megatron.scorers import RoundInput
 
 DOMAINS = {
     "cats": ["the cat sat on the mat", "a kitten chased the mouse", "my cat sleeps by the warm window",
@@ -67,8 +67,7 @@ def _score(name, options, pool_dir, ids, seed=3):
     if name != "values":
         options = {"max_length": 64, **options}
     sel = SelectionConfig(scorer=name, selector="topk", scorer_options=options, seed=seed)
-    cls = SCORERS.get(name)
-    scorer = cls(cls.options(sel), selection=sel)
+    scorer = sel.build_scorer()
     pool = WebDatasetPool(pool_dir["shards"], seq_length=8)
     host = SimpleNamespace(reference=ReferenceFile(str(pool_dir["reference"])))
     return scorer, pool, scorer.score(RoundInput(round=1, candidates=ids, pool=pool, host=host, seed=seed))
@@ -152,15 +151,11 @@ def test_embeddings_are_cached_by_candidate_id(pool_dir):
 
 def test_option_errors_name_the_field():
     with pytest.raises(ValueError, match="features='bag'"):
-        SCORERS.get("gotd").options(
-            SelectionConfig(scorer="gotd", selector="topk", scorer_options={"features": "bag"})
-        )
+        SelectionConfig(scorer="gotd", selector="topk", scorer_options={"features": "bag"})
     with pytest.raises(ValueError, match="screen_domains=0"):
-        SCORERS.get("gotd").options(
-            SelectionConfig(scorer="gotd", selector="topk", scorer_options={"screen_domains": 0})
-        )
+        SelectionConfig(scorer="gotd", selector="topk", scorer_options={"screen_domains": 0})
     with pytest.raises(ValueError, match="needs scorer_options.path"):
-        SCORERS.get("values").options(SelectionConfig(scorer="values", selector="topk"))
+        SelectionConfig(scorer="values", selector="topk")
 
 
 class _Pool:

@@ -116,7 +116,9 @@ def test_selection_config_pairs_selectors_with_scorers():
     with pytest.raises(ValueError, match="SelectionConfig.scorer='best': choose one of"):
         SelectionConfig(selector="topk", scorer="best")
     with pytest.raises(ValueError, match="probe_samples=9: the influence model needs at least 10"):
-        SelectionConfig(selector="gumbel", scorer="mates", warmup_steps=50, probe_samples=9)
+        SelectionConfig(
+            selector="gumbel", scorer="mates", warmup_steps=50, scorer_options={"probe_samples": 9}
+        )
     with pytest.raises(ValueError, match="cannot import 'no_such_module_here'"):
         SelectionConfig(imports=["no_such_module_here"])
 
@@ -148,7 +150,9 @@ def test_poor_fit_guard_reason():
     from mates_megatron.scorers.mates import poor_fit
 
     assert poor_fit(0.5, 0.1) is None
-    assert "Spearman 0.050 is below selection.min_influence_spearman=0.1" in poor_fit(0.05, 0.1)
+    assert "Spearman 0.050 is below selection.scorer_options.min_influence_spearman=0.1" in poor_fit(
+        0.05, 0.1
+    )
     assert "Spearman nan" in poor_fit(float("nan"), 0.1)  # a constant prediction has no rank correlation
     assert poor_fit(float("nan"), -1) is None  # -1: the guard is off
 
@@ -202,4 +206,6 @@ def test_influence_rounds_must_be_positive():
     from mates_megatron.config import SelectionConfig
 
     with pytest.raises(ValueError, match=r"influence_rounds=0 must be >= 1 \(1: this round's probes only"):
-        SelectionConfig(scorer="mates", selector="gumbel", influence_rounds=0)
+        SelectionConfig(
+            scorer="mates", selector="gumbel", warmup_steps=50, scorer_options={"influence_rounds": 0}
+        )

@@ -2,7 +2,7 @@
 
 ``add_mates_args(parser)`` is an ``extra_args_provider``: ``--mates`` switches the plugin on, ``--mates-config
 YAML`` gives a SelectionConfig mapping, ``--mates-reference JSONL`` the reference set, and one
-``--mates-<field>`` / ``--mates-<section>-<field>`` flag per config field (``configio.dataclass_flags``)
+``--mates-<field>`` / ``--mates-<section>-<field>`` flag per config field (``dataclass_flags``)
 overrides the file. ``mates_config_from_args(args)`` builds the config through ``configio.build``, the same
 coercion and validation as ``mates-megatron pretrain`` and its YAML.
 """
@@ -14,16 +14,18 @@ from pathlib import Path
 from typing import Any
 
 from mates_megatron import configio
-from mates_megatron.config import SelectionConfig
+from mates_megatron.config import SelectionConfig, selection_flags
+from mates_megatron.flags import Flag, add_flags, given_paths, overrides_from_args
 from mates_megatron.probe.settings import Refusal, Spelling, check_probe_settings
 
 PREFIX = "--mates-"
 OWN_FLAGS = ("--mates", "--mates-config", "--mates-reference")
 
 
-def mates_flags() -> list[configio.Flag]:
-    """Every ``--mates-<field>`` flag of SelectionConfig (nested sections as ``--mates-<section>-<field>``)."""
-    flags = configio.dataclass_flags(SelectionConfig, PREFIX)
+def mates_flags() -> list[Flag]:
+    """Every ``--mates-<field>`` flag of SelectionConfig and of the 'mates' scorer's options (nested sections as
+    ``--mates-<section>-<field>``)."""
+    flags = selection_flags(PREFIX)
     clash = [f.flag for f in flags if f.flag in OWN_FLAGS]
     if clash:
         raise TypeError(f"SelectionConfig fields would take the integration's own flags {clash}: rename them")
@@ -53,7 +55,7 @@ def add_mates_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help='Reference set (e.g. LAMBADA): {"context", "target"} or {"text"} lines, in the '
         "pretraining tokenizer's text. Needed by scorers that read it (mates).",
     )
-    configio.add_flags(g, mates_flags())
+    add_flags(g, mates_flags())
     return parser
 
 
@@ -72,11 +74,13 @@ def mates_config_from_args(args: argparse.Namespace) -> SelectionConfig | None:
     cfg_path = getattr(args, "mates_config", None)
     data: dict[str, Any] = {}
     if cfg_path:
-        data = configio.load_yaml(cfg_path, section="selection", where=f"--mates-config {cfg_path}")
-    overrides = configio.overrides_from_args(args, flags)
-    given, in_file = set(configio.given_paths(overrides)), set(configio.given_paths(data))
+        where = f"--mates-config {cfg_path}"
+        data = configio.load_yaml(cfg_path, section="selection", where=where)
+        data = configio.normalize(SelectionConfig, data, where=where)  # before flags are laid over it
+    overrides = overrides_from_args(args, flags)
+    given, in_file = set(given_paths(overrides)), set(given_paths(data))
 
-    def source(f: configio.Flag) -> str:  # where a field's value came from, for error messages
+    def source(f: Flag) -> str:  # where a field's value came from, for error messages
         if f.path in given:
             return f.flag
         return f"{f.flag}; from {cfg_path}" if f.path in in_file else f"{f.flag}; default"
