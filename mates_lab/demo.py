@@ -112,17 +112,24 @@ def _run_configs(cfg: dict[str, Any], seed: int | None, arms=DEFAULT_ARMS) -> di
         sel = {**sel, "seed": seed}
         cfg = {**cfg, "seed": seed}
     mates = sel.get("scorer_options") or {}
-    free = {"scorer_options": {}}  # model-free, with the config's warm-up like every arm
+
+    def arm(selector: str, scorer: str, **options: Any) -> dict[str, Any]:
+        """Another selector and scorer on the config's run settings (its warm-up included), their own options."""
+        return {
+            **sel,
+            "selector": selector,
+            "selector_options": {},
+            "scorer": scorer,
+            "scorer_options": options,
+        }
+
     selections = {
-        "random": {**sel, "selector": "random", "scorer": "none", "scorer_options": {}},
+        "random": arm("random", "none"),
         "mates": sel,
         "static": {**sel, "scorer": "static"},
-        "dsir": {**sel, **free, "selector": "importance", "scorer": "dsir"},
-        "classifier": {**sel, **free, "selector": "topk", "scorer": "classifier"},
-        **{
-            a: {**sel, **free, "selector": "topk", "scorer": a, "scorer_options": {"max_length": 128}}
-            for a in ("lava", "gotd", "lookalike")
-        },
+        "dsir": arm("importance", "dsir"),
+        "classifier": arm("topk", "classifier"),
+        **{a: arm("topk", a, max_length=128) for a in ("lava", "gotd", "lookalike")},
         "mates_target": {**sel, "scorer_options": {**mates, "probe_tokens": "target"}},
         "mates_all": {**sel, "scorer_options": {**mates, "probe_tokens": "all"}},
         "mates_single": {**sel, "scorer_options": {**mates, "influence_rounds": 1}},

@@ -14,37 +14,24 @@ class SelectionConfig:
 
     pool: str = "indexed"
     """Pool backend (mates_megatron.pool.POOLS): 'indexed' (the run's Megatron .bin/.idx through GPTDataset),
-    'webdataset' or 'energon' (a Megatron-Energon prepared WebDataset; `pip install 'mates-megatron[energon]'`)."""
-    shards: str | None = None
-    """Directory of WebDataset tar shards with manifest.json (pool='webdataset'), or the root of an
-    Energon-prepared dataset, the directory holding .nv-meta/ (pool='energon')."""
-    energon_split: str = "train"
-    """Split of the Energon dataset whose samples are the candidates (pool='energon'): a split part of its
-    .nv-meta/split.yaml."""
-    energon_text_field: str = "text"
-    """Field of each Energon sample holding the document's text (pool='energon'): an attribute of the sample
-    type its dataset.yaml declares ('text' for TextSample), or for a CrudeWebdataset a part in Energon's field
-    syntax ('txt', 'json[text]')."""
-    energon_domain_field: str | None = None
-    """Where an Energon sample's domain comes from (pool='energon'): a part in Energon's field syntax
-    ('json[domain]', 'domain.txt'), '__shard__' (each shard is one domain), or None (unknown)."""
+    'webdataset' (shards written by `mates-megatron prepare`) or 'energon' (a Megatron-Energon prepared
+    WebDataset; `pip install 'mates-megatron[energon]'`). In YAML also a section: ``pool: {kind: webdataset,
+    shards: DIR}`` (the kind, then its options)."""
+    pool_options: dict[str, Any] = field(default_factory=dict)
+    """Fields of the pool's own config dataclass (``WebDatasetPoolConfig``: shards; ``EnergonPoolConfig``:
+    shards, split, text_field, domain_field); ``pool_config`` is the built dataclass."""
     select_every: int = 50
     """Training steps per round; a new selection is served every select_every steps."""
     selection_ratio: float = 0.2
     """Fraction of a round's candidates that it trains on (the round's pool is 1/ratio x its batches)."""
     selector: str = "random"
-    """Selector (mates_megatron.selectors.SELECTORS): random, topk, gumbel (Gumbel-top-k, MATES) or importance
-    (Gumbel-top-k on raw log importance weights at temperature 1: DSIR's resampling, with scorer 'dsir')."""
-    temperature: float = 0.5
-    """Gumbel-top-k temperature (selector 'gumbel'), applied to scores z-scored within the round."""
-    mixture_weights: str | None = None
-    """Domain-weight file that selector 'mixture' serves (written by `mates-megatron mixture fit|predict`, or
-    by hand; see mates_megatron.mixture.weights): each round's selection follows its weights, drawn from
-    per-domain streams. Re-read at every round boundary: append a schedule entry to change the weights of
-    rounds not yet drawn."""
-    mixture_when_short: str = "redistribute"
-    """Selector 'mixture', when a domain has fewer candidates left than its quota: 'redistribute' (it gives
-    what it has and the rest goes to the domains with data left, by weight; logged) or 'error' (stop)."""
+    """Selector (mates_megatron.selectors.SELECTORS): random, topk, gumbel (Gumbel-top-k, MATES; option
+    temperature), importance (Gumbel-top-k on raw log importance weights at temperature 1: DSIR's resampling,
+    with scorer 'dsir') or mixture (domain weights from a file; options weights, when_short). In YAML also a
+    section: ``selector: {kind: gumbel, temperature: 0.5}``."""
+    selector_options: dict[str, Any] = field(default_factory=dict)
+    """Fields of the selector's own config dataclass (``GumbelConfig``, ``MixtureConfig``);
+    ``selector_config`` is the built dataclass."""
     scorer: str = "none"
     """Scorer (mates_megatron.scorers.SCORERS) that gives every candidate of a round a score for the
     selector: 'none' (score-free selectors), 'mates' (probes on the live model + data influence model),
@@ -101,18 +88,16 @@ class SelectionConfig:
                 raise ValueError(
                     f"SelectionConfig.{name}={getattr(self, name)!r}: choose one of {', '.join(registry.names())}"
                 )
-        POOLS.get(self.pool).check_config(self)
-        if (self.selector == "mixture") != bool(self.mixture_weights):
-            raise ValueError(
-                "selector 'mixture' needs mixture_weights (a domain-weight file), and mixture_weights is read by "
-                f"selector 'mixture' only; got selector={self.selector!r}, mixture_weights={self.mixture_weights!r}"
-            )
-        from mates_megatron.selectors.mixture import WHEN_SHORT
-
-        if self.mixture_when_short not in WHEN_SHORT:
-            raise ValueError(
-                f"SelectionConfig.mixture_when_short={self.mixture_when_short!r}: use one of {', '.join(WHEN_SHORT)}"
-            )
+        # Not fields: each component's options built from its *_options here, so a config always carries them
+        # checked, and spelled out in full (equal configs compare equal).
+        for kind, registry in (("pool", POOLS), ("selector", SELECTORS), ("scorer", SCORERS)):
+            cls = registry.get(getattr(self, kind))
+            config = cls.build_options(getattr(self, f"{kind}_options"), name=getattr(self, kind),
+                                       where=f"selection.{kind}_options")  # fmt: skip
+            setattr(self, f"{kind}_config", config)
+            if config is not None:
+                setattr(self, f"{kind}_options", dataclasses.asdict(config))
+        POOLS.get(self.pool).check_config(self.pool_config)
         if self.select_every < 1:
             raise ValueError(f"SelectionConfig.select_every must be >= 1, got {self.select_every}")
         if not 0 < self.selection_ratio <= 1:
@@ -128,8 +113,6 @@ class SelectionConfig:
             raise ValueError(
                 f"SelectionConfig.cost_machine={self.cost_machine!r}: choose one of {', '.join(MACHINES)}"
             )
-        if self.temperature < 0:
-            raise ValueError(f"SelectionConfig.temperature={self.temperature} must be >= 0 (0: exact top-k)")
         if self.warmup_steps < 0 or self.warmup_steps % self.select_every:
             raise ValueError(
                 f"SelectionConfig.warmup_steps={self.warmup_steps} must be a non-negative multiple of "
@@ -147,12 +130,6 @@ class SelectionConfig:
                 "set scorer: none, or a selector that reads scores (topk, gumbel)"
             )
         scorer = SCORERS.get(self.scorer)
-        # Not a field: built from scorer_options here, so a config always carries its scorer's checked options.
-        self.scorer_config = scorer.build_options(
-            self.scorer_options, name=self.scorer, where="selection.scorer_options"
-        )
-        if self.scorer_config is not None:  # every option spelled out: equal configs compare equal
-            self.scorer_options = dataclasses.asdict(self.scorer_config)
         scorer.check_config(self.scorer_config, self.scorer_context())
         if "live_model" in scorer.needs and self.warmup_steps == 0:
             raise ValueError(
@@ -249,7 +226,7 @@ class SelectionConfig:
             raise ValueError(
                 f"selector {self.selector!r} is built on the pool: pass build_selector(pool=...)"
             )
-        return cls.build(self, pool)
+        return cls.build(self.selector_config, seed=self.seed, pool=pool)
 
     def scorer_context(self, *, device: Any = None, pool: Any = None):
         """The ``ScorerContext`` of this run: what a scorer reads of it besides its own options."""
@@ -271,23 +248,29 @@ class SelectionConfig:
 
     @classmethod
     def option_sections(cls, data: Mapping[str, Any]) -> dict[str, type]:
-        """``scorer_options``' dataclass (the named scorer's ``Config``), for ``configio.check_sections``."""
+        """The ``*_options`` dataclasses (each named component's ``Config``), for ``configio.check_sections``."""
         from mates_megatron.registry import import_modules
-        from mates_megatron.scorers import SCORERS
 
         import_modules(list(data.get("imports") or []))
-        scorer = data.get("scorer", "none")
-        config = SCORERS.get(scorer).Config if isinstance(scorer, str) and scorer in SCORERS else None
-        return {"scorer_options": config} if config is not None else {}
+        out = {}
+        for kind, registry in component_registries().items():
+            name = data.get(kind, DEFAULTS[kind])
+            config = registry.get(name).Config if isinstance(name, str) and name in registry else None
+            if config is not None:
+                out[f"{kind}_options"] = config
+        return out
 
     @classmethod
     def normalize_mapping(cls, data: Mapping[str, Any], *, where: str, path: str = "") -> dict[str, Any]:
-        """A YAML/flag mapping in today's spelling (``configio.build`` calls this first): a ``scorer:`` section
-        becomes ``scorer`` + ``scorer_options``, and the flat keys of earlier releases move with a
+        """A YAML/flag mapping in today's spelling (``configio.build`` calls this first): a ``pool:``,
+        ``selector:`` or ``scorer:`` section becomes the name + ``*_options``, and the flat keys of earlier releases move with a
         FutureWarning that names the new key (``legacy.py``)."""
         from mates_megatron.legacy import normalize_selection
 
-        return normalize_selection(data, where=where, path=path)
+        known = {f.name for f in dataclasses.fields(cls)}
+        return normalize_selection(
+            data, where=where, path=path, known=known, defaults=DEFAULTS, registries=component_registries()
+        )
 
     def samples_per_round(self, global_batch_size: int) -> int:
         return self.select_every * global_batch_size
@@ -296,14 +279,42 @@ class SelectionConfig:
         return int(round(self.samples_per_round(global_batch_size) / self.selection_ratio))
 
 
-def selection_flags(prefix: str, *, path: str = "") -> list:
-    """``flags.Flag``s of a selection config: one per SelectionConfig field, and one per ``MatesConfig``
-    field at ``scorer_options`` (``--mates-probe-samples``, ``--mates-influence-lr``: the spellings of earlier
-    releases, now setting the 'mates' scorer's options; with another scorer they are refused as options it
-    does not take)."""
-    from mates_megatron.flags import dataclass_flags
-    from mates_megatron.scorers.mates import MatesConfig
+DEFAULTS = {"pool": "indexed", "selector": "random", "scorer": "none"}
+"""The default of each component field (SelectionConfig's)."""
 
-    return dataclass_flags(SelectionConfig, prefix, path=path) + dataclass_flags(
-        MatesConfig, prefix, path=f"{path}scorer_options."
-    )
+
+def component_registries() -> dict:
+    """Each component kind's registry, by the SelectionConfig field that names it."""
+    from mates_megatron.pool import POOLS
+    from mates_megatron.scorers import SCORERS
+    from mates_megatron.selectors import SELECTORS
+
+    return {"pool": POOLS, "selector": SELECTORS, "scorer": SCORERS}
+
+
+def selection_flags(prefix: str, *, path: str = "") -> list:
+    """``flags.Flag``s of a selection config: one per SelectionConfig field, and the options of the built-in
+    components under the spellings of earlier releases: every ``MatesConfig`` field at ``scorer_options``
+    (``--mates-probe-samples``, ``--mates-influence-lr``), ``--mates-temperature``, ``--mates-mixture-*``,
+    ``--mates-shards`` and ``--mates-energon-*``. With a component that does not take one, it is refused as an
+    option that component does not take."""
+    from mates_megatron.flags import dataclass_flags, named_flags
+    from mates_megatron.pool.options import EnergonPoolConfig
+    from mates_megatron.scorers.mates import MatesConfig
+    from mates_megatron.selectors.basic import GumbelConfig
+    from mates_megatron.selectors.mixture import MixtureConfig
+
+    def at(section: str, flags: list) -> list:
+        return [dataclasses.replace(f, path=f"{path}{section}.{f.path}") for f in flags]
+
+    m = prefix
+    return [
+        *dataclass_flags(SelectionConfig, prefix, path=path),
+        *dataclass_flags(MatesConfig, prefix, path=f"{path}scorer_options."),
+        *at("selector_options", named_flags(GumbelConfig, {f"{m}temperature": "temperature"})),
+        *at("selector_options", dataclass_flags(MixtureConfig, f"{m}mixture-")),
+        *at("pool_options", named_flags(EnergonPoolConfig, {
+            f"{m}shards": "shards", f"{m}energon-split": "split", f"{m}energon-text-field": "text_field",
+            f"{m}energon-domain-field": "domain_field",
+        })),
+    ]  # fmt: skip

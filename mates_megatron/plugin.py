@@ -87,7 +87,7 @@ def build_plugin(
     n_rounds = math.ceil(train_iters / sel.select_every)
     per_round = sel.candidates_per_round(global_batch_size)
     pool = POOLS.get(sel.pool).from_config(
-        sel,
+        sel.pool_config,
         num_samples=n_rounds * per_round,
         seq_length=seq_length,
         build_indexed_dataset=build_indexed_dataset,

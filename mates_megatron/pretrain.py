@@ -212,21 +212,23 @@ def check_run_files(cfg: TrainConfig, *, where: str, sources: dict[str, str] | N
     sel = cfg.selection
     if sel is None:
         return
-    if sel.mixture_weights:
+    if sel.selector == "mixture":
         from mates_megatron.mixture.weights import MixtureError, read_weights
 
+        weights = sel.selector_config.weights
         try:  # a small file: read it whole, so that a malformed one is refused here too
-            read_weights(sel.mixture_weights)
+            read_weights(weights)
         except (FileNotFoundError, MixtureError) as e:
             raise ValueError(
-                f"{where}: {named('selection.mixture_weights', sel.mixture_weights)}: {e}"
+                f"{where}: {named('selection.selector_options.weights', weights)}: {e}"
             ) from None
     # The pool's own index, whose absence the ranks would otherwise report after torchrun has started them.
     needed = {"webdataset": "manifest.json", "energon": ".nv-meta"}.get(sel.pool)
-    if needed and sel.shards and not (Path(sel.shards) / needed).exists():
+    shards = sel.pool_config.shards if needed else None
+    if needed and not (Path(shards) / needed).exists():
         raise ValueError(
-            f"{where}: {named('selection.shards', sel.shards)}: {Path(sel.shards) / needed} not found; prepare "
-            f"the pool with `mates-megatron prepare` (pool {sel.pool!r}), or point selection.shards at it"
+            f"{where}: {named('selection.pool_options.shards', shards)}: {Path(shards) / needed} not found; "
+            f"prepare the pool with `mates-megatron prepare` (pool {sel.pool!r}), or point pool.shards at it"
         )
 
 

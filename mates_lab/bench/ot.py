@@ -147,7 +147,7 @@ def _continue_runs(
         )
     # Two rounds: the first is the hook's random draw (every arm alike), the second the arm's.
     common = {
-        "pool": "webdataset", "shards": str(data / "train-shards"), "select_every": iters // 2,
+        "pool": {"kind": "webdataset", "shards": str(data / "train-shards")}, "select_every": iters // 2,
         "warmup_steps": 0, "seed": seed,
     }  # fmt: skip
     arms = {

@@ -59,9 +59,17 @@ def proxy_runs(domains: list[str], steps: int, *, down: float = 1 / 3, up: float
     return runs
 
 
+def _selection(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A run config's selection mapping in today's spelling (component sections as ``*_options``)."""
+    from mates_megatron.config import SelectionConfig
+    from mates_megatron.configio import normalize
+
+    return normalize(SelectionConfig, cfg.get("selection") or {}, where="the run config's selection")
+
+
 def pool_domains(cfg: dict[str, Any]) -> list[str]:
     """The domains of a run config's pool, in the pool's order."""
-    sel = cfg.get("selection", {}) or {}
+    sel = _selection(cfg)
     if sel.get("pool", "indexed") == "indexed":
         meta = Path(f"{cfg['data_prefix']}.meta.json")
         if not meta.is_file():
@@ -73,8 +81,10 @@ def pool_domains(cfg: dict[str, Any]) -> list[str]:
         from mates_megatron.config import SelectionConfig
         from mates_megatron.pool import POOLS
 
-        pool_sel = SelectionConfig(**{k: v for k, v in sel.items() if k in ("pool", "shards")})
-        names = POOLS.get(pool_sel.pool).from_config(pool_sel, num_samples=0, seq_length=1).domains
+        pool_sel = SelectionConfig(pool=sel["pool"], pool_options=sel.get("pool_options") or {})
+        names = (
+            POOLS.get(pool_sel.pool).from_config(pool_sel.pool_config, num_samples=0, seq_length=1).domains
+        )
     if not names:
         raise MixtureError("the pool names no domains: a mixture needs each candidate's domain")
     return list(names)
@@ -119,15 +129,15 @@ def write_run_config(
     (and resumed from there). A directory that holds a run of another config or other weights, finished or
     not, is refused: its metrics or checkpoints would be taken for this run's."""
     sel = {
-        k: v for k, v in (cfg.get("selection") or {}).items() if k not in ("scorer_options", "temperature")
+        k: v for k, v in _selection(cfg).items() if k not in ("scorer", "scorer_options", "selector_options")
     }
     every = save_interval or max(1, train_iters // 2)
     own = run_dir / "weights.json"
     rc = {
         **cfg, "train_iters": train_iters, "eval_interval": train_iters,
         "save": str(run_dir / "ckpt"), "load": str(run_dir / "ckpt"), "save_interval": every,
-        "selection": {**sel, "selector": "mixture", "scorer": "none", "warmup_steps": 0,
-                      "mixture_weights": str(own)},
+        "selection": {**sel, "selector": "mixture", "selector_options": {"weights": str(own)}, "scorer": "none",
+                      "warmup_steps": 0},
     }  # fmt: skip
     text, path, mix = yaml.safe_dump(rc, sort_keys=False), run_dir / "config.yaml", Path(weights).read_text()
     started = (run_dir / "metrics.json").is_file() or (run_dir / "ckpt").is_dir()

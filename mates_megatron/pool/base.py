@@ -19,6 +19,7 @@ from typing import ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 
+from mates_megatron.component import Component
 from mates_megatron.registry import Registry
 
 
@@ -29,8 +30,8 @@ class PoolError(ValueError):
 @runtime_checkable
 class CandidatePool(Protocol):
     """What the sampler, the probes and the scorers need of a pool. Register a backend in ``POOLS`` with a
-    ``from_config(sel, *, num_samples, seq_length, build_indexed_dataset, tokenizer)`` and a
-    ``check_config(sel)`` classmethod, deriving from ``PoolBase`` (which declares its capabilities)."""
+    ``from_config(config, *, num_samples, seq_length, build_indexed_dataset, tokenizer)`` classmethod (``config``:
+    its own ``Config``, or None), deriving from ``PoolBase`` (which declares its capabilities)."""
 
     def __len__(self) -> int:
         """Number of candidates (``num_candidates``)."""
@@ -106,10 +107,11 @@ def document_sample(ids: np.ndarray, seq_length: int, pad_id: int) -> dict[str, 
     }
 
 
-class PoolBase:
+class PoolBase(Component):
     """What every pool does alike: a pool reads as a dataset of its training samples (``len`` and ``[gid]``),
     and names its domains in the order they are first met. Every registered pool derives from it (``POOLS``
-    refuses others), so the run reads its capabilities from these declarations."""
+    refuses others), so the run reads its capabilities from these declarations. Its options (``Config``) come
+    from the selection's ``pool:`` section (``pool: {kind: webdataset, shards: DIR}``)."""
 
     host_dataset: ClassVar[bool] = False
     """The candidates are the host's own train dataset, which the host sizes to ``plugin.pool_num_samples``."""
@@ -124,6 +126,12 @@ class PoolBase:
 
     def __getitem__(self, gid: int) -> dict[str, np.ndarray]:
         return self.training_sample(gid)
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        """Refuse what this pool cannot run with before anything is built (its ``Config`` validated itself);
+        nothing by default."""
+        return None
 
     def _domain_index(self, name: str | None) -> int:
         """The index of domain ``name`` in ``domains``, added when new; -1 for no domain."""

@@ -33,6 +33,7 @@ import numpy as np
 from mates_megatron.data.tokenizer import eod_token_id
 from mates_megatron.pool.base import POOLS, DocumentPool, PoolError, identity_digest, refuse_if_changed
 from mates_megatron.pool.manifest import SelectionStore
+from mates_megatron.pool.options import EnergonPoolConfig
 
 SHARD_DOMAIN = "__shard__"
 """``domain_field`` value that makes each shard its own domain (shards laid out one source per shard)."""
@@ -52,31 +53,28 @@ def require_energon() -> None:
 
 @POOLS.register("energon")
 class EnergonPool(DocumentPool):
-    """A pool over one split of the Energon-prepared dataset at ``path`` (``selection.shards``)."""
+    """A pool over one split of the Energon-prepared dataset at ``path`` (``pool.shards``)."""
 
     host_dataset: ClassVar[bool] = False
     decodes_text: ClassVar[bool] = False
     tokenizes_text: ClassVar[bool] = True
     """Candidates are text, tokenised here with the pretraining tokenizer: hosts always pass it."""
 
+    Config: ClassVar[type] = EnergonPoolConfig
+
     @classmethod
-    def check_config(cls, sel) -> None:
-        if not sel.shards:
-            raise ValueError(
-                "SelectionConfig.shards is required with pool='energon' (the Energon dataset's root, the "
-                "directory holding .nv-meta/)"
-            )
+    def check_config(cls, config: EnergonPoolConfig) -> None:
         require_energon()
 
     @classmethod
-    def from_config(cls, sel, *, seq_length: int, tokenizer=None, **_) -> EnergonPool:
+    def from_config(cls, config: EnergonPoolConfig, *, seq_length: int, tokenizer=None, **_) -> EnergonPool:
         return cls(
-            sel.shards,
+            config.shards,
             seq_length=seq_length,
             tokenizer=tokenizer,
-            split=sel.energon_split,
-            text_field=sel.energon_text_field,
-            domain_field=sel.energon_domain_field,
+            split=config.split,
+            text_field=config.text_field,
+            domain_field=config.domain_field,
         )
 
     def selection_store(self, run_name: str) -> SelectionStore:
@@ -151,7 +149,7 @@ class EnergonPool(DocumentPool):
             raise PoolError(
                 f"{self.root} is not an Energon-prepared WebDataset (no .nv-meta/.info.json; Energon sees "
                 f"{kind.value}): run `energon prepare {self.root}` on the directory of tar shards, or point "
-                "selection.shards at the dataset's root"
+                "pool.shards at the dataset's root"
             )
 
     def _split_parts(self) -> dict[str, list[str]]:
@@ -180,7 +178,7 @@ class EnergonPool(DocumentPool):
         if self.split not in parts:
             raise PoolError(
                 f"{self.root}/.nv-meta/split.yaml has no split {self.split!r} (it has "
-                f"{', '.join(sorted(parts)) or 'none'}): set selection.energon_split to one of them, or re-run "
+                f"{', '.join(sorted(parts)) or 'none'}): set pool.split to one of them, or re-run "
                 f"`energon prepare {self.root}` with --split-parts '{self.split}:PATTERN'"
             )
         if not (self.root / ".nv-meta" / "dataset.yaml").is_file():
@@ -311,7 +309,7 @@ class EnergonPool(DocumentPool):
         if not isinstance(value, str):
             raise PoolError(
                 f"{self._where(self._position(gid))}: the {type(sample).__name__} has no text field "
-                f"{self.text_field!r} (it has {', '.join(have)}); set selection.energon_text_field to the one "
+                f"{self.text_field!r} (it has {', '.join(have)}); set pool.text_field to the one "
                 f"holding the document's text, or map it in {self.root}/.nv-meta/dataset.yaml (field_map)"
             )
         return value
@@ -342,7 +340,7 @@ class EnergonPool(DocumentPool):
                 except Exception as e:  # noqa: BLE001 - FieldAccessError, KeyError, decoder errors
                     raise PoolError(
                         f"{self._where(int(position))} has no domain field {self.domain_field!r} ({e}); set "
-                        f"selection.energon_domain_field to a part every sample has (Energon's field syntax, "
+                        f"pool.domain_field to a part every sample has (Energon's field syntax, "
                         f"e.g. 'json[domain]'), '{SHARD_DOMAIN}' (one domain per shard) or null (unknown)"
                     ) from e
                 if isinstance(value, bytes):

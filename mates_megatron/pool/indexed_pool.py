@@ -156,11 +156,9 @@ class IndexedPool(PoolBase):
     """Text comes from decoding token ids with the pretraining tokenizer."""
 
     @classmethod
-    def check_config(cls, sel) -> None:
-        return None
-
-    @classmethod
-    def from_config(cls, sel, *, num_samples: int, build_indexed_dataset, tokenizer=None, **_) -> IndexedPool:
+    def from_config(
+        cls, config, *, num_samples: int, build_indexed_dataset, tokenizer=None, **_
+    ) -> IndexedPool:
         """``build_indexed_dataset(num_samples)``: the host's GPTDataset of at least ``num_samples``."""
         dataset = build_indexed_dataset(num_samples)
         return cls(dataset, dataset.dataset_path, tokenizer=tokenizer)

@@ -26,6 +26,7 @@ from webdataset.tariterators import base_plus_ext
 
 from mates_megatron.pool.base import POOLS, DocumentPool, PoolError, identity_digest, refuse_if_changed
 from mates_megatron.pool.manifest import SelectionStore, ShardStamps, check_shard, read_manifest, verify_shard
+from mates_megatron.pool.options import WebDatasetPoolConfig
 
 _FIX_CORRUPT = "re-create it with `mates-megatron prepare` or restore it from its source"
 
@@ -37,16 +38,13 @@ class WebDatasetPool(DocumentPool):
     host_dataset: ClassVar[bool] = False
     decodes_text: ClassVar[bool] = False
 
-    @classmethod
-    def check_config(cls, sel) -> None:
-        if not sel.shards:
-            raise ValueError(
-                "SelectionConfig.shards is required with pool='webdataset' (the shard directory)"
-            )
+    Config: ClassVar[type] = WebDatasetPoolConfig
 
     @classmethod
-    def from_config(cls, sel, *, seq_length: int, tokenizer=None, **_) -> WebDatasetPool:
-        return cls(sel.shards, seq_length=seq_length)
+    def from_config(
+        cls, config: WebDatasetPoolConfig, *, seq_length: int, tokenizer=None, **_
+    ) -> WebDatasetPool:
+        return cls(config.shards, seq_length=seq_length)
 
     def selection_store(self, run_name: str) -> SelectionStore:
         """Where this run's selections are written beside the shards (the corpus is never rewritten)."""

@@ -13,8 +13,7 @@ The algorithm, as published and as the authors' ``data-selection`` package imple
 - resampling: Gumbel-top-k on the raw log weights, at temperature 1 and without z-scoring, which draws k
   documents without replacement with probabilities proportional to the weights. Selector 'importance' is
   exactly that, so ``selector: importance, scorer: dsir`` is DSIR; with ``topk`` it is deterministic
-  top-k by weight (the paper's "top-k" ablation). 'importance' takes no temperature (``selection.temperature``
-  does not apply to it).
+  top-k by weight (the paper's "top-k" ablation). 'importance' takes no temperature (no options at all).
 
 Library: the featurizer is scikit-learn's ``HashingVectorizer`` set up as DSIR's (the same tokenizer
 pattern, lowercasing, uni+bigrams joined by a space, raw counts), not ``data-selection``'s

@@ -9,7 +9,7 @@ a selector that ignores scores (random) runs with none, so a score-free control 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import fields, is_dataclass
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -33,11 +33,10 @@ class Selector(Component, ABC):
     """Whether ``build`` reads the pool (e.g. 'mixture', which reads the candidates' domains)."""
 
     @classmethod
-    def build(cls, selection: Any, pool: CandidatePool | None = None) -> Selector:
-        """The selector a run's selection config asks for: one with a ``temperature`` field gets
-        ``selection.temperature``; override for selectors built from more (declare ``built_on_pool``)."""
-        takes = {f.name for f in fields(cls)} if is_dataclass(cls) else set()
-        return cls(temperature=selection.temperature) if "temperature" in takes else cls()
+    def build(cls, config: Any, *, seed: int, pool: CandidatePool | None = None) -> Selector:
+        """The selector on its options (``config``: its ``Config``, None when it takes none): by default
+        ``cls(**fields of config)``; override for selectors built from more (declare ``built_on_pool``)."""
+        return cls() if config is None else cls(**asdict(config))
 
     @abstractmethod
     def select(

@@ -36,6 +36,18 @@ class TopKSelector(Selector):
         return np.asarray(candidates, dtype=np.int32)[np.sort(order[:k])]
 
 
+@dataclass(frozen=True)
+class GumbelConfig:
+    """Options of the 'gumbel' selector (``selector: {kind: gumbel, temperature: 0.5}``)."""
+
+    temperature: float = 0.5
+    """Gumbel-top-k temperature, applied to scores z-scored within the round (0: exact top-k)."""
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0:
+            raise ValueError(f"GumbelConfig.temperature={self.temperature} must be >= 0 (0 = exact top-k)")
+
+
 @SELECTORS.register("gumbel")
 @dataclass(frozen=True)
 class GumbelTopKSelector(Selector):
@@ -56,6 +68,7 @@ class GumbelTopKSelector(Selector):
     temperature: float = 0.5
     standardize: bool = True
     needs_scores: ClassVar[bool] = True
+    Config: ClassVar[type] = GumbelConfig
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0:

@@ -16,7 +16,7 @@ class ImportanceResamplingSelector(Selector):
 
     With scores = minus log importance weights this draws k candidates without replacement with
     probabilities proportional to the weights (Gumbel-top-k at temperature 1, no z-scoring). It has no
-    temperature: ``selection.temperature`` does not apply.
+    temperature (it takes no options).
     """
 
     needs_scores: ClassVar[bool] = True

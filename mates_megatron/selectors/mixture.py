@@ -14,7 +14,8 @@ selector never draws an id twice, in a round or across rounds; a run whose pool 
 stops with the round and the domains named. The round's slice of the pool (``PoolRounds``) is not used:
 ``selection_ratio`` only sizes the pool, so it is the headroom each domain has over its share.
 
-Weights come from a file (``SelectionConfig.mixture_weights``, see ``mixture.weights``), read at each round
+Weights come from a file (``MixtureConfig.weights``: ``selector: {kind: mixture, weights: PATH}``, see
+``mixture.weights``), read at each round
 boundary on global rank 0 and broadcast, so every rank draws with the same weights even while the file is
 being replaced.
 """
@@ -22,6 +23,7 @@ being replaced.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -48,6 +50,31 @@ def quotas(k: int, weights: np.ndarray) -> np.ndarray:
     return q
 
 
+@dataclass(frozen=True)
+class MixtureConfig:
+    """Options of the 'mixture' selector (``selector: {kind: mixture, weights: PATH}``)."""
+
+    weights: str | None = None
+    """Domain-weight file it serves (written by `mates-megatron mixture fit|predict`, or by hand; see
+    mates_megatron.mixture.weights): each round's selection follows its weights, drawn from per-domain
+    streams. Re-read at every round boundary: append a schedule entry to change the weights of rounds not
+    yet drawn."""
+    when_short: str = "redistribute"
+    """When a domain has fewer candidates left than its quota: 'redistribute' (it gives what it has and the
+    rest goes to the domains with data left, by weight; logged) or 'error' (stop)."""
+
+    def __post_init__(self) -> None:
+        if not self.weights:
+            raise ValueError(
+                "selector 'mixture' serves domain weights from a file: set MixtureConfig.weights "
+                "(--mates-mixture-weights) to one written by `mates-megatron mixture fit|predict`"
+            )
+        if self.when_short not in WHEN_SHORT:
+            raise ValueError(
+                f"MixtureConfig.when_short={self.when_short!r}: use one of {', '.join(WHEN_SHORT)}"
+            )
+
+
 @SELECTORS.register("mixture")
 class MixtureSelector(Selector):
     """Serves domain weights from per-domain streams (see the module); stateful: rounds are drawn in order."""
@@ -56,6 +83,7 @@ class MixtureSelector(Selector):
     draws_every_round: ClassVar[bool] = True
     built_on_pool: ClassVar[bool] = True
     stateful: ClassVar[bool] = True
+    Config: ClassVar[type] = MixtureConfig
 
     def __init__(
         self, domains: list[str], domain_of: np.ndarray, weights_path: str, *, seed: int,
@@ -84,15 +112,11 @@ class MixtureSelector(Selector):
         self.check_schedule(read_weights(weights_path))
 
     @classmethod
-    def build(cls, sel, pool=None) -> MixtureSelector:
-        if not sel.mixture_weights:
-            raise ValueError(
-                "selector 'mixture' serves domain weights from a file: set mixture_weights (--mates-mixture-"
-                "weights) to one written by `mates-megatron mixture fit|predict`"
-            )
+    def build(cls, config: MixtureConfig, *, seed: int, pool=None) -> MixtureSelector:
         ids = np.arange(len(pool), dtype=np.int64)
-        return cls(pool.domains, pool.domain_ids(ids), sel.mixture_weights, seed=sel.seed,
-                   when_short=sel.mixture_when_short)  # fmt: skip
+        return cls(
+            pool.domains, pool.domain_ids(ids), config.weights, seed=seed, when_short=config.when_short
+        )
 
     def check_schedule(self, schedule) -> None:
         missing = sorted(set(self.domains) - set(schedule.domains))

@@ -41,9 +41,8 @@ def _train(data, overrides):
             "pool": "indexed",
             "select_every": EVERY,
             "selection_ratio": 0.25,
-            "selector": "gumbel",
+            "selector": {"kind": "gumbel", "temperature": 0.5},
             "scorer": "mates",
-            "temperature": 0.5,
             "seed": 11,
             "warmup_steps": EVERY,
             # The oracle's mechanics at toy size: each probe evaluates the whole reference set, which costs
@@ -67,9 +66,12 @@ def _train(data, overrides):
         **overrides,
     }
     cfg["selection"] = merge(cfg["selection"], selection)
-    if flat_spelling:  # the spelling of earlier releases: MATES's options among the selection's own fields
-        options = cfg["selection"].pop("scorer_options")
-        cfg["selection"].update(options)
+    if (
+        flat_spelling
+    ):  # the spelling of earlier releases: the components' options among the selection's fields
+        sel = cfg["selection"]
+        selector = sel.pop("selector")
+        sel.update(sel.pop("scorer_options"), selector=selector["kind"], temperature=selector["temperature"])
     trainer = build_trainer(build(TrainConfig, cfg, where="test"))
     (hook,) = trainer.hooks
     hook.scorer.influence.worker_delay = worker_delay
@@ -121,8 +123,8 @@ def test_rounds_select_on_the_live_model_and_log_per_round(uninterrupted):
     assert sorted(rank0["published"]) == [1, 2]  # round 0 is published when the hook is built
     assert sorted(rank0["records"]) == [1, 2]  # round 0 is the random warm-up
     # The warm-up round is the random selector's; scored rounds are not.
-    rank0["published"][0] = sorted(i for step in rank0["served"][:EVERY] for i in step)
-    assert rank0["published"][0] == rank0["random_round"][0]
+    served_0 = sorted(i for step in rank0["served"][:EVERY] for i in step)  # the fixture is shared: no writes
+    assert served_0 == rank0["random_round"][0]
     for r in (1, 2):
         assert rank0["published"][r] != rank0["random_round"][r]
         rec = rank0["records"][r]
@@ -180,11 +182,12 @@ def test_scored_rounds_at_dp2_with_the_distributed_optimizer_and_megatron_lm_che
 
 
 def test_the_flat_spelling_of_earlier_releases_gives_the_same_run(small_embedded, uninterrupted):
-    """MATES's options at the top of the selection (probe_samples, estimator, influence, ...: read for one
-    release, with a FutureWarning naming the new key) give the run of scorer_options, bit for bit."""
+    """The components' options at the top of the selection (probe_samples, estimator, influence, temperature,
+    ...: read for one release, with a FutureWarning naming the new key) give the run of their sections, bit
+    for bit."""
     (full, _), _ = uninterrupted
     flat = run_on_ranks(_train, 2, small_embedded, {"flat_spelling": True})[0]
-    assert flat["published"] == full["published"] and flat["served"] == full["served"]
+    assert flat["published"] == {r: full["published"][r] for r in (1, 2)} and flat["served"] == full["served"]
     assert flat["oracle"] == full["oracle"] and flat["history"]["loss"] == full["history"]["loss"]
 
 

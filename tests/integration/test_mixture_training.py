@@ -27,8 +27,8 @@ def _train(data, weights, overrides):
         "parallel": {"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1, "cpu": True},
         "micro_batch_size": 5, "global_batch_size": 10, "train_iters": ITERS, "lr": 3e-3, "lr_warmup_iters": 2,
         "log_interval": 100, "seed": 5,
-        "selection": {"pool": "indexed", "select_every": EVERY, "selection_ratio": 0.5, "selector": "mixture",
-                      "mixture_weights": weights, "seed": 3},
+        "selection": {"pool": "indexed", "select_every": EVERY, "selection_ratio": 0.5, "seed": 3,
+                      "selector": {"kind": "mixture", "weights": weights}},
         **overrides,
     }  # fmt: skip
     trainer = build_trainer(train_config_from_dict(cfg))

@@ -31,8 +31,7 @@ def _train(data, pool, overrides):
         "log_interval": 100,
         "seed": 5,
         "selection": {
-            "pool": pool,
-            "shards": data["prefix"] + "-shards",
+            "pool": pool if pool == "indexed" else {"kind": pool, "shards": data["prefix"] + "-shards"},
             "select_every": EVERY,
             "selection_ratio": 0.25,
             "selector": "random",

@@ -56,14 +56,12 @@ def _launch(data: dict, tmp: Path, run_name: str, asynchronous: bool) -> dict:
         "log_interval": 1,
         "seed": 5,
         "selection": {
-            "pool": "webdataset",
-            "shards": shards,
+            "pool": {"kind": "webdataset", "shards": shards},
             "run_name": run_name,
             "select_every": EVERY,
             "selection_ratio": 0.25,
-            "selector": "gumbel",
+            "selector": {"kind": "gumbel", "temperature": 0.5},
             "scorer": "mates",
-            "temperature": 0.5,
             "seed": 11,
             "warmup_steps": EVERY,
             "max_selection_cost": 1000.0,  # toy size: the probes cost many rounds of training

@@ -182,8 +182,8 @@ def test_importance_selector_is_gumbel_top_k_on_raw_log_weights():
     rng = np.random.default_rng(0)
     log_w = rng.normal(scale=3.0, size=40)
     cands = np.arange(500, 540, dtype=np.int32)
-    sel = SelectionConfig(selector="importance", scorer="dsir", temperature=0.25).build_selector()
-    assert isinstance(sel, ImportanceResamplingSelector)  # the configured temperature does not apply
+    sel = SelectionConfig(selector="importance", scorer="dsir").build_selector()
+    assert isinstance(sel, ImportanceResamplingSelector)  # no temperature: it takes no options
     for seed, round_ in [(0, 0), (7, 3)]:
         got = sel.select(cands, 9, scores=-log_w, seed=seed, round_=round_)
         # DSIR's resample: the k largest of log w + Gumbel noise (the selectors' seeded noise stream).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -32,18 +33,23 @@ def test_a_selector_is_built_from_what_it_declares():
     from mates_megatron.config import SelectionConfig
     from mates_megatron.selectors import SELECTORS, Selector
 
+    @dataclass(frozen=True)
+    class FirstKConfig:
+        temperature: float = 1.0
+
     @SELECTORS.register("_first_k")
     @dataclass(frozen=True)
     class FirstK(Selector):
         temperature: float = 1.0
+        Config: ClassVar[type] = FirstKConfig
 
         def select(self, candidates, k, *, scores=None, seed, round_):
             return np.sort(np.asarray(candidates, dtype=np.int32)[:k])
 
     try:
-        sel = SelectionConfig(selector="_first_k", temperature=0.25)
+        sel = SelectionConfig(selector="_first_k", selector_options={"temperature": 0.25})
         built = sel.build_selector()
-        # The defaults of the base: the temperature field is filled, no state is checkpointed, no summary.
+        # The defaults of the base: built from its options' fields, no state is checkpointed, no summary.
         assert built == FirstK(temperature=0.25)
         assert not built.stateful and built.state_dict() == {} and built.summary() == {}
         assert not FirstK.draws_every_round and not FirstK.built_on_pool

@@ -371,7 +371,7 @@ def test_demo_config_allows_what_it_projects():
 def test_build_plugin_refuses_before_building_anything(tmp_path):
     from mates_megatron.plugin import build_plugin
 
-    sel = _sel(estimator="oracle", pool="webdataset", shards=str(tmp_path / "missing"))
+    sel = _sel(estimator="oracle", pool="webdataset", pool_options={"shards": str(tmp_path / "missing")})
     with pytest.raises(ValueError, match=r"max_selection_cost=0\.1 \(--mates-max-selection-cost\)"):
         build_plugin(sel, train_iters=20, global_batch_size=8, micro_batch_size=8, seq_length=100, dp_rank=0,
                      dp_size=1, model_shape=GPT, reference_rows=20)  # fmt: skip

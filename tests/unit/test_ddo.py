@@ -127,7 +127,7 @@ def _fake_runner(curves, calls, fail_at=None):
         if fail_at is not None and len(calls) == fail_at:
             raise KeyboardInterrupt("killed")
         calls.append(name)
-        weights = read_weights(cfg["selection"]["mixture_weights"]).at(0)
+        weights = read_weights(cfg["selection"]["selector_options"]["weights"]).at(0)
         objective = 2.0
         if name != "base":
             d = name.rsplit("_x", 1)[0]
@@ -225,7 +225,9 @@ def test_a_run_directory_is_never_taken_for_a_run_of_other_weights(tmp_path):
     cfg = {"data_prefix": "d", "selection": {"pool": "indexed"}}
     run = tmp_path / "run"
     path = write_run_config(cfg, run, a, 10)
-    assert yaml.safe_load(path.read_text())["selection"]["mixture_weights"] == str(run / "weights.json")
+    assert yaml.safe_load(path.read_text())["selection"]["selector_options"]["weights"] == str(
+        run / "weights.json"
+    )
     write_run_config(cfg, run, b, 10)  # nothing trained there yet: rewritten
     (run / "metrics.json").write_text("{}")
     write_run_config(cfg, run, b, 10)  # the same run again: fine (train_once then skips it)

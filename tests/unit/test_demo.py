@@ -140,28 +140,32 @@ def test_report_when_mates_never_reaches_random():
 
 
 def test_run_configs_differ_only_in_the_selection():
-    sel = {"selector": "gumbel", "scorer": {"kind": "mates", "probe_samples": 32}, "seed": 1, "temperature": 0.5,
-           "warmup_steps": 20}  # fmt: skip
+    sel = {"selector": {"kind": "gumbel", "temperature": 0.5}, "scorer": {"kind": "mates", "probe_samples": 32},
+           "seed": 1, "warmup_steps": 20}  # fmt: skip
     cfg = {"seed": 1, "train_iters": 10, "selection": sel}
     runs = _run_configs(cfg, seed=7, arms=ARMS)
     assert list(runs) == list(ARMS)
     mates = {"probe_samples": 32}
-    sel = {**sel, "scorer": "mates", "scorer_options": mates}  # the section, as it is read
+    sel = {"selector": "gumbel", "selector_options": {"temperature": 0.5}, "scorer": "mates",
+           "scorer_options": mates, "seed": 1, "warmup_steps": 20}  # the sections, as they are read  # fmt: skip
     seeded = {**sel, "seed": 7}
-    assert runs["random"]["selection"] == {
-        **seeded,
-        "selector": "random",
-        "scorer": "none",
-        "scorer_options": {},
-    }
+
+    def arm(selector, scorer, **options):  # the config's warm-up, as every arm (warmup_steps 20 in seeded)
+        return {
+            **seeded,
+            "selector": selector,
+            "selector_options": {},
+            "scorer": scorer,
+            "scorer_options": options,
+        }
+
+    assert runs["random"]["selection"] == arm("random", "none")
     assert runs["mates"]["selection"] == seeded
     assert runs["static"]["selection"] == {**seeded, "scorer": "static"}
-    free = {"scorer_options": {}}  # the config's warm-up, as every arm (warmup_steps 20 in seeded)
-    assert runs["dsir"]["selection"] == {**seeded, **free, "selector": "importance", "scorer": "dsir"}
-    assert runs["classifier"]["selection"] == {**seeded, **free, "selector": "topk", "scorer": "classifier"}
-    ot = {**seeded, **free, "selector": "topk", "scorer_options": {"max_length": 128}}
-    assert runs["lava"]["selection"] == {**ot, "scorer": "lava"}
-    assert runs["gotd"]["selection"] == {**ot, "scorer": "gotd"}
+    assert runs["dsir"]["selection"] == arm("importance", "dsir")
+    assert runs["classifier"]["selection"] == arm("topk", "classifier")
+    assert runs["lava"]["selection"] == arm("topk", "lava", max_length=128)
+    assert runs["gotd"]["selection"] == arm("topk", "gotd", max_length=128)
     assert all(r["seed"] == 7 and r["train_iters"] == 10 for r in runs.values())
     variants = _run_configs(cfg, seed=None, arms=["mates_target", "mates_all", "mates_single", "lookalike"])
     assert variants["lookalike"]["selection"]["scorer"] == "lookalike"

@@ -226,7 +226,7 @@ def test_not_prepared_missing_split_and_missing_fields(tmp_path, copy, tok):
         PoolError, match=r"split.yaml has no split 'dev' \(it has train, val\).*--split-parts 'dev:"
     ):
         EnergonPool(copy, seq_length=SEQ, tokenizer=tok, split="dev")
-    with pytest.raises(PoolError, match=r"has no text field 'caption' \(it has text\).*energon_text_field"):
+    with pytest.raises(PoolError, match=r"has no text field 'caption' \(it has text\).*pool.text_field"):
         EnergonPool(copy, seq_length=SEQ, tokenizer=tok, text_field="caption")
     with pytest.raises(
         PoolError, match=r"sample 0 of shard .*shard-000000.tar has no domain field 'json\[topic\]'"
@@ -268,9 +268,9 @@ def test_damaged_shards_are_named_with_the_fix(copy, tok):
 def test_config_names_the_pool_and_the_tokenizer_it_needs(prepared):
     from mates_megatron.config import SelectionConfig
 
-    with pytest.raises(ValueError, match="shards is required with pool='energon'"):
+    with pytest.raises(ValueError, match="shards is required with pool 'energon'"):
         SelectionConfig(pool="energon", imports=["mates_megatron.pool.energon_pool"])
-    sel = SelectionConfig(pool="energon", shards=str(prepared))
+    sel = SelectionConfig(pool="energon", pool_options={"shards": str(prepared)})
     assert sel.needs_text_decoding  # hosts pass their pretraining tokenizer: this pool tokenises text
 
 
@@ -311,10 +311,8 @@ def _train_three_ways(prefix: str, root: str, ckpt: str):
             "log_interval": 100,
             "seed": 5,
             "selection": {
-                "pool": "energon",
+                "pool": {"kind": "energon", "shards": root, "domain_field": "json[domain]"},
                 "imports": ["mates_megatron.pool.energon_pool"],
-                "shards": root,
-                "energon_domain_field": "json[domain]",
                 "select_every": EVERY,
                 "selection_ratio": 0.5,
                 "selector": "random",

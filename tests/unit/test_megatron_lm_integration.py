@@ -64,10 +64,9 @@ def _no_plugin_state():
 EVERY_FIELD = [
     "--mates",
     "--mates-pool", "webdataset",
+    "--mates-pool-options", "{}",
     "--mates-shards", "/data/shards",
-    "--mates-energon-split", "val",
-    "--mates-energon-text-field", "caption",
-    "--mates-energon-domain-field", "json[domain]",
+    "--mates-selector-options", "{}",
     "--mates-select-every", "100",
     "--mates-selection-ratio", "0.25",
     "--mates-selector", "gumbel",
@@ -112,14 +111,11 @@ EVERY_FIELD = [
 
 EVERY_FIELD_CONFIG = SelectionConfig(
     pool="webdataset",
-    shards="/data/shards",
-    energon_split="val",
-    energon_text_field="caption",
-    energon_domain_field="json[domain]",
+    pool_options={"shards": "/data/shards"},
     select_every=100,
     selection_ratio=0.25,
     selector="gumbel",
-    temperature=0.7,
+    selector_options={"temperature": 0.7},
     scorer="mates",
     imports=["json", "csv"],
     seed=7,
@@ -158,11 +154,21 @@ EVERY_FIELD_CONFIG = SelectionConfig(
 )
 
 
-# The mixture fields go with selector 'mixture' (which takes no scorer), so they have an argv of their own.
+# The mixture options go with selector 'mixture' (which takes no scorer), and the Energon pool's with pool
+# 'energon', so they have argvs of their own.
 EVERY_MIXTURE_FIELD = [
     "--mates", "--mates-selector", "mixture", "--mates-mixture-weights", "/data/mix.json",
     "--mates-mixture-when-short", "error",
 ]  # fmt: skip
+EVERY_ENERGON_FIELD = [
+    "--mates", "--mates-pool", "energon", "--mates-shards", "/data/energon", "--mates-energon-split", "val",
+    "--mates-energon-text-field", "caption", "--mates-energon-domain-field", "json[domain]",
+]  # fmt: skip
+# The built-in components' options keep the flags of earlier releases.
+COMPONENT_FLAGS = {
+    "--mates-temperature", "--mates-mixture-weights", "--mates-mixture-when-short", "--mates-shards",
+    "--mates-energon-split", "--mates-energon-text-field", "--mates-energon-domain-field",
+}  # fmt: skip
 
 
 def _field_flags(cls, prefix: str) -> set[str]:
@@ -178,13 +184,15 @@ def _field_flags(cls, prefix: str) -> set[str]:
 def test_every_config_field_has_a_flag():
     options = {s for a in parser()._actions for s in a.option_strings}
     # SelectionConfig's fields, and the 'mates' scorer's options (their spellings of earlier releases).
-    expected = _field_flags(SelectionConfig, "--mates-") | _field_flags(MatesConfig, "--mates-")
+    expected = (
+        _field_flags(SelectionConfig, "--mates-") | _field_flags(MatesConfig, "--mates-") | COMPONENT_FLAGS
+    )
     assert "--mates-influence-ridge-alphas" in expected and "--mates-influence-finetune-lr" in expected
     assert expected | {"--mates", "--mates-config", "--mates-reference"} <= options
     assert "--no-mates-influence-warm-start" in options
     # The argv above sets every one of them, so the next test compares every field.
     negated = {"--mates-influence-warm-start", "--mates-influence-bf16"}  # given as --no-... (default true)
-    given = {a for a in EVERY_FIELD + EVERY_MIXTURE_FIELD if a.startswith("--mates-")}
+    given = {a for a in EVERY_FIELD + EVERY_MIXTURE_FIELD + EVERY_ENERGON_FIELD if a.startswith("--mates-")}
     assert given | negated >= expected
     # Each flag's --help is its field's docstring.
     help_ = {a.option_strings[0]: a.help for a in parser()._actions if a.option_strings}
@@ -198,7 +206,7 @@ def test_flags_convert_to_the_config_built_directly():
     influence = sel.scorer_config.influence
     assert isinstance(influence, InfluenceConfig) and isinstance(influence.ridge, RidgeConfig)
     assert influence.ridge.alphas == (0.5, 5.0)
-    assert type(sel.select_every) is int and type(sel.temperature) is float
+    assert type(sel.select_every) is int and type(sel.selector_config.temperature) is float
     assert type(influence.finetune.lr) is float
 
 
@@ -208,8 +216,18 @@ def test_mixture_flags_convert_to_the_config_built_directly(tmp_path):
     argv = [a if a != "/data/mix.json" else str(weights) for a in EVERY_MIXTURE_FIELD]
     sel = mlm.mates_config_from_args(parse(*argv))
     assert sel == SelectionConfig(
-        selector="mixture", mixture_weights=str(weights), mixture_when_short="error"
+        selector="mixture", selector_options={"weights": str(weights), "when_short": "error"}
     )
+
+
+def test_energon_flags_convert_to_the_config_built_directly():
+    pytest.importorskip("megatron.energon")
+    sel = mlm.mates_config_from_args(parse(*EVERY_ENERGON_FIELD))
+    assert sel == SelectionConfig(
+        pool="energon",
+        pool_options={"shards": "/data/energon", "split": "val", "text_field": "caption",
+                      "domain_field": "json[domain]"},
+    )  # fmt: skip
 
 
 def test_only_mates_gives_the_dataclass_defaults():
@@ -241,11 +259,11 @@ MATES = ["--mates-scorer", "mates", "--mates-selector", "gumbel", "--mates-warmu
     ("argv", "named"),
     [
         (["--mates-selection-ratio", "1.5"], "selection_ratio='1.5' (--mates-selection-ratio)"),
-        (["--mates-temperature", "-1"], "temperature='-1' (--mates-temperature)"),
+        ([*MATES, "--mates-temperature", "-1"], "temperature='-1' (--mates-temperature)"),
         ([*MATES, "--mates-estimator", "exact"], "estimator='exact' (--mates-estimator)"),
         (["--mates-select-every", "ten"], "select_every='ten' (--mates-select-every)"),
         (["--mates-select-every", "1.5"], "select_every='1.5' (--mates-select-every)"),
-        (["--mates-pool", "webdataset"], "shards (--mates-shards; default): SelectionConfig.shards is required with pool='webdataset'"),
+        (["--mates-pool", "webdataset"], "WebDatasetPoolConfig.shards is required with pool 'webdataset'"),
         (["--mates-selector", "gumbel"], "selector='gumbel' (--mates-selector), scorer (--mates-scorer; default)"),
         ([*MATES, "--mates-influence-finetune-val-fraction", "1.5"],
          "influence.finetune.val_fraction='1.5' (--mates-influence-finetune-val-fraction)"),
@@ -289,7 +307,7 @@ def test_yaml_config_with_flag_overrides(tmp_path, wrapped):
         selection_ratio=0.5,
         selector="gumbel",
         scorer="mates",
-        temperature=0.9,
+        selector_options={"temperature": 0.9},
         warmup_steps=10,
         scorer_options={
             "probe_samples": 32,
@@ -947,7 +965,13 @@ def test_paper_configs_hold_the_paper_setting(name, tmp_path):
     args = parse("--mates", "--mates-config", str(REPO / "configs" / name), "--mates-reference", str(ref),
                  "--train-iters", "50000", "--global-batch-size", "512", megatron=True)  # fmt: skip
     sel = mlm.mates_config_from_args(args)
-    assert (sel.selector, sel.scorer, sel.select_every, sel.selection_ratio, sel.temperature) == (
+    assert (
+        sel.selector,
+        sel.scorer,
+        sel.select_every,
+        sel.selection_ratio,
+        sel.selector_config.temperature,
+    ) == (
         "gumbel",
         "mates",
         10000,

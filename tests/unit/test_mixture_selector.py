@@ -150,7 +150,7 @@ def test_bad_weights_and_pools_are_named(tmp_path):
     dom[7] = -1
     with pytest.raises(PoolError, match="needs every candidate's domain, and 1 of 4700 have none"):
         MixtureSelector(DOMAINS, dom, str(path), seed=0)
-    with pytest.raises(ValueError, match="selector 'mixture' needs mixture_weights"):
+    with pytest.raises(ValueError, match="selector 'mixture' serves domain weights from a file: set Mixture"):
         SelectionConfig(selector="mixture")
-    with pytest.raises(ValueError, match="selector 'mixture' needs mixture_weights"):
-        SelectionConfig(selector="random", mixture_weights=str(path))
+    with pytest.raises(ValueError, match=r"'random' takes no options, got \['weights'\]"):
+        SelectionConfig(selector="random", selector_options={"weights": str(path)})

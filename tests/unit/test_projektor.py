@@ -142,7 +142,7 @@ def _runner(calls, fail_at=None):
             raise KeyboardInterrupt("killed")
         cfg = yaml.safe_load(config.read_text())
         calls.append(config.parent.name)
-        w = rw(cfg["selection"]["mixture_weights"]).at(0)
+        w = rw(cfg["selection"]["selector_options"]["weights"]).at(0)
         loss = 3.0 - 0.5 * math.log2(cfg["train_iters"] / 10) + 0.4 * w["a"]
         (config.parent / "metrics.json").write_text(
             json.dumps({"eval": {f"val/{d}": [9.0, loss] for d in w}})

@@ -89,13 +89,15 @@ def test_selection_config_builds_the_configured_selector():
     from mates_megatron.config import SelectionConfig
 
     sel = SelectionConfig(
-        selector="gumbel", scorer="mates", temperature=0.25, warmup_steps=50
+        selector="gumbel", selector_options={"temperature": 0.25}, scorer="mates", warmup_steps=50
     ).build_selector()
     assert isinstance(sel, GumbelTopKSelector) and sel.temperature == 0.25
     assert isinstance(SelectionConfig(selector="random").build_selector(), RandomSelector)
     assert SELECTORS.get("gumbel").needs_scores and not SELECTORS.get("random").needs_scores
     with pytest.raises(ValueError, match="temperature=-1.0 must be >= 0"):
-        SelectionConfig(temperature=-1.0)
+        SelectionConfig(selector="gumbel", selector_options={"temperature": -1.0}, scorer="dsir")
+    with pytest.raises(ValueError, match=r"'random' takes no options, got \['temperature'\]"):
+        SelectionConfig(selector="random", selector_options={"temperature": 0.5})
     with pytest.raises(ValueError, match="selection_ratio=0 must be in"):
         SelectionConfig(selection_ratio=0)
 

@@ -12,11 +12,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mates_megatron import configio
 from mates_megatron.config import SelectionConfig
 from mates_megatron.integrations.megatron_lm.host import MegatronLMHost
 
@@ -31,11 +33,11 @@ STATE_FILE = "mates_state.pt"
 # Fields that fix which samples the run trains on; a resumed run must keep them.
 _RESUME_FIXED = (
     "pool",
-    "shards",
+    "pool_options",
     "select_every",
     "selection_ratio",
     "selector",
-    "temperature",
+    "selector_options",
     "scorer",
     "seed",
 )
@@ -110,10 +112,14 @@ def load_mates_state_dict(st: dict[str, Any]) -> None:
     if st.get("format") != STATE_FORMAT:
         raise ValueError(f"MATES state format {st.get('format')}; this plugin reads format {STATE_FORMAT}")
     now = dataclasses.asdict(state.sel)
+    with warnings.catch_warnings():  # a state file of an earlier release: our own spelling, moved silently
+        warnings.simplefilter("ignore", FutureWarning)
+        saved = configio.normalize(SelectionConfig, st["selection"], where="the saved MATES state")
     for key in _RESUME_FIXED:
-        if st["selection"].get(key) != now[key]:
+        was = saved.get(key, {} if key.endswith("_options") else None)
+        if was != now[key]:
             raise ValueError(
-                f"the checkpoint was trained with --mates-{key.replace('_', '-')} {st['selection'].get(key)}, "
+                f"the checkpoint was trained with --mates-{key.replace('_', '-')} {was}, "
                 f"this run has {now[key]}: the sample sequence would change; resume with the same value"
             )
     state.plugin.sampler.load_state_dict(st["sampler"])
