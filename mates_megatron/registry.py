@@ -24,16 +24,26 @@ class Registry(Generic[T]):
         )
         self._items: dict[str, T] = {}
 
+    def require_base(self, base: type) -> None:
+        """Refuse, from now on, components that do not derive from ``base``, and check those registered so far
+        (for a registry that must stay a leaf: its base is set by the package that imports both)."""
+        self.base = base
+        for name, item in self._items.items():
+            self._check(name, item)
+
+    def _check(self, name: str, item: T) -> None:
+        if self.base is not None and not (isinstance(item, type) and issubclass(item, self.base)):
+            raise TypeError(
+                f"{self.kind} {name!r}: {getattr(item, '__name__', item)!r} does not derive from "
+                f"{self.base.__module__}.{self.base.__name__}; subclass it (the base declares what the run "
+                "reads of a component)"
+            )
+
     def register(self, name: str) -> Callable[[T], T]:
         """Class decorator: ``@SCORERS.register("length")``; a name is registered once."""
 
         def add(item: T) -> T:
-            if self.base is not None and not (isinstance(item, type) and issubclass(item, self.base)):
-                raise TypeError(
-                    f"{self.kind} {name!r}: {getattr(item, '__name__', item)!r} does not derive from "
-                    f"{self.base.__module__}.{self.base.__name__}; subclass it (the base declares what the run "
-                    "reads of a component)"
-                )
+            self._check(name, item)
             if name in self._items and self._items[name] is not item:
                 raise ValueError(f"{self.kind} {name!r} is registered twice: rename one of them")
             self._items[name] = item

@@ -38,6 +38,8 @@ from typing import Any
 
 import numpy as np
 
+from mates_megatron.files import atomic_path
+
 FORMAT = "mates-dam-market/1"
 MARKET_JSON = "market.json"
 ARRAYS = "arrays.npz"
@@ -342,13 +344,11 @@ def save_market(market: Market, directory: Path) -> Path:
 
 def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """np.savez with fixed zip timestamps, so one market is always the same bytes."""
-    tmp = path.with_name(path.name + ".tmp")
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf:
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf:
         for name, a in arrays.items():
             info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
             with zf.open(info, "w", force_zip64=True) as f:
                 np.lib.format.write_array(f, np.ascontiguousarray(a), allow_pickle=False)
-    tmp.replace(path)
 
 
 def load_market(directory: Path) -> Market:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from mates_megatron.component import Component
 from mates_megatron.influence.config import InfluenceConfig
 from mates_megatron.influence.encoder import check_encoder_path, resolve_device
 
@@ -36,7 +37,7 @@ class FitResult:
     """One entry per candidate (epoch or strength) with its held-out Spearman and Pearson."""
 
 
-class InfluenceModel(ABC):
+class InfluenceModel(Component, ABC):
     """Text -> predicted oracle score (lower = more useful, like the oracle), fitted on probe pairs.
 
     Contract of every implementation:

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from mates_megatron.component import Component
 from mates_megatron.probe.context import (
     ProbeContext,
     ProbeScores,
@@ -59,7 +60,7 @@ from mates_megatron.runtime.schedule import Batch, eval_mode, per_sample_losses,
 # -- estimators -------------------------------------------------------------------------------------------
 
 
-class Estimator(ABC):
+class Estimator(Component, ABC):
     """Scores probe samples on the live model; the base class owns snapshot, share, gather and restore.
 
     Contract for subclasses: ``probe(sample) -> float`` may change the model and optimizer freely (one
@@ -158,7 +159,7 @@ class Estimator(ABC):
         return ProbeScores(scores, before, self.method, dict(self.seconds))
 
 
-ESTIMATORS: Registry[type[Estimator]] = Registry("estimator")
+ESTIMATORS: Registry[type[Estimator]] = Registry("estimator", base=Estimator)
 
 
 def batched_losses(

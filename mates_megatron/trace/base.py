@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, ClassVar
 import numpy as np
 import torch.distributed as dist
 
+from mates_megatron.component import Component
 from mates_megatron.progress import progress as progress_bar
 from mates_megatron.registry import Registry
 
@@ -150,8 +151,8 @@ def replica_share(inp: TraceInput) -> np.ndarray:
     return inp.ids[g.data_parallel_rank :: g.data_parallel_size]
 
 
-class Tracer(ABC):
-    """One tracing method, built from its options dataclass (``trace/run.py``'s ``OPTIONS`` names each)."""
+class Tracer(Component, ABC):
+    """One tracing method, built from its options dataclass (``Config``, from ``trace --options``)."""
 
     method: ClassVar[str]
     needs_model: ClassVar[bool] = True
@@ -160,4 +161,4 @@ class Tracer(ABC):
     def trace(self, inp: TraceInput) -> TraceResult: ...
 
 
-TRACERS: Registry[type[Tracer]] = Registry("trace method")
+TRACERS: Registry[type[Tracer]] = Registry("trace method", base=Tracer)

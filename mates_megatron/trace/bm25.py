@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
@@ -31,6 +32,7 @@ class Bm25Options:
 
 @TRACERS.register("bm25")
 class Bm25Tracer(Tracer):
+    Config: ClassVar[type] = Bm25Options
     method = "bm25"
     needs_model = False
 

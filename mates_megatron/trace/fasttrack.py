@@ -27,6 +27,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch.distributed as dist
@@ -98,6 +99,7 @@ def with_document(doc: np.ndarray, query: np.ndarray, n_target: int, seq_length:
 
 @TRACERS.register("fasttrack")
 class FastTrackTracer(Tracer):
+    Config: ClassVar[type] = FastTrackOptions
     method = "fasttrack"
 
     def __init__(self, options: FastTrackOptions | None = None) -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
@@ -64,6 +65,7 @@ class ForwardInfOptions:
 
 @TRACERS.register("forward-inf")
 class ForwardInfTracer(Tracer):
+    Config: ClassVar[type] = ForwardInfOptions
     method = "forward-inf"
 
     def __init__(self, options: ForwardInfOptions | None = None) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -31,6 +32,7 @@ class GradientOptions:
 
 @TRACERS.register("gradient")
 class GradientTracer(Tracer):
+    Config: ClassVar[type] = GradientOptions
     method = "gradient"
 
     def __init__(self, options: GradientOptions | None = None) -> None:

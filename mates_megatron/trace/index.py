@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -28,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mates_megatron.files import atomic_write_json
+from mates_megatron.files import atomic_path, atomic_write_json
 
 INDEX = "fasttrack"
 
@@ -185,10 +184,8 @@ def load_or_build(
     t0 = time.perf_counter()
     ids = np.arange(len(pool), dtype=np.int64)
     index = build_index(pool, embed(pool, ids), ids, settings)
-    npz.parent.mkdir(parents=True, exist_ok=True)
-    tmp = npz.with_name(npz.name + ".tmp.npz")
-    np.savez(tmp, **vars(index))
-    os.replace(tmp, npz)
+    with atomic_path(npz) as tmp:
+        np.savez(tmp, **vars(index))
     meta = {**want, "leaves": index.num_leaves, "seconds": time.perf_counter() - t0}
     atomic_write_json(meta_path, meta)
     return index, f"built: {why}"

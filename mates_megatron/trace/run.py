@@ -17,7 +17,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +28,6 @@ from mates_megatron.trace.base import TRACERS, Queries, TraceInput, TraceResult
 
 # Registered by import: every tracer module.
 from mates_megatron.trace import bm25, fasttrack, forward_inf, gradient  # noqa: E402,F401  # isort: skip
-
-OPTIONS = {
-    "bm25": bm25.Bm25Options,
-    "gradient": gradient.GradientOptions,
-    "forward-inf": forward_inf.ForwardInfOptions,
-    "fasttrack": fasttrack.FastTrackOptions,
-}
 
 
 @dataclass
@@ -57,23 +50,21 @@ class TraceConfig:
     show_progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.method not in OPTIONS:
-            raise ValueError(f"trace method {self.method!r}: use one of {', '.join(OPTIONS)}")
+        if self.method not in TRACERS:
+            raise ValueError(f"trace method {self.method!r}: use one of {', '.join(TRACERS.names())}")
         if self.top_k < 1 or self.chunk < 1:
             raise ValueError(f"top_k={self.top_k}, chunk={self.chunk}: both must be >= 1")
         if TRACERS.get(self.method).needs_model and not (self.config and self.load):
             raise ValueError(
                 f"trace --method {self.method} needs the model: give --config RUN.yaml and --load CKPT"
             )
-        known = {f.name for f in fields(OPTIONS[self.method])}
-        unknown = sorted(set(self.options) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown {self.method} option(s) {', '.join(unknown)}: known are {', '.join(sorted(known))}"
-            )
+        # Not a field: the method's options as its Config (one coercion and validation path).
+        self.tracer_config = TRACERS.get(self.method).build_options(
+            self.options, name=self.method, where=f"trace --method {self.method} --options"
+        )
 
     def tracer(self):
-        return TRACERS.get(self.method)(OPTIONS[self.method](**self.options))
+        return TRACERS.get(self.method)(self.tracer_config)
 
 
 def load_queries(path: str | Path, tokenizer=None, seq_length: int | None = None) -> Queries:
@@ -169,7 +160,7 @@ def write_trace(out: Path, cfg: TraceConfig, result: TraceResult, queries: Queri
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", choices=list(OPTIONS), required=True)
+    p.add_argument("--method", choices=TRACERS.names(), required=True)
     p.add_argument("--shards", required=True, help="the pool's WebDataset shard directory")
     p.add_argument("--queries", required=True, help='JSONL of {"context", "target"} or {"text"} (+ "id")')
     p.add_argument(

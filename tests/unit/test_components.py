@@ -10,9 +10,12 @@ import pytest
 
 
 def test_a_registry_refuses_a_class_that_does_not_derive_from_its_base():
+    from mates_megatron.influence import INFLUENCE_MODELS
     from mates_megatron.pool.base import POOLS
+    from mates_megatron.probe.estimators import ESTIMATORS
     from mates_megatron.scorers import SCORERS
     from mates_megatron.selectors import SELECTORS
+    from mates_megatron.trace.run import TRACERS
 
     class Duck:  # has select(), as a Protocol would have accepted
         needs_scores = False
@@ -21,12 +24,41 @@ def test_a_registry_refuses_a_class_that_does_not_derive_from_its_base():
             return candidates[:k]
 
     for registry, base in ((SELECTORS, "selectors.base.Selector"), (SCORERS, "scorers.base.Scorer"),
-                           (POOLS, "pool.base.PoolBase")):  # fmt: skip
+                           (POOLS, "pool.base.PoolBase"), (ESTIMATORS, "probe.estimators.Estimator"),
+                           (TRACERS, "trace.base.Tracer"),
+                           (INFLUENCE_MODELS, "influence.base.InfluenceModel")):  # fmt: skip
         with pytest.raises(
             TypeError, match=rf"'Duck' does not derive from mates_megatron\.{base}; subclass it"
         ):
             registry.register("duck")(Duck)
         assert "duck" not in registry
+
+
+def test_every_kind_derives_from_the_one_component_base():
+    from mates_megatron.component import Component
+    from mates_megatron.influence import INFLUENCE_MODELS
+    from mates_megatron.pool.base import POOLS
+    from mates_megatron.probe.estimators import ESTIMATORS
+    from mates_megatron.scorers import SCORERS
+    from mates_megatron.selectors import SELECTORS
+    from mates_megatron.trace.run import TRACERS
+
+    for registry in (SELECTORS, SCORERS, POOLS, ESTIMATORS, TRACERS, INFLUENCE_MODELS):
+        assert registry.names() and all(issubclass(cls, Component) for _, cls in registry.items()), (
+            registry.kind
+        )
+
+
+def test_trace_options_go_through_the_one_config_path():
+    from mates_megatron.trace.bm25 import Bm25Options
+    from mates_megatron.trace.run import TraceConfig
+
+    cfg = TraceConfig(method="bm25", shards="s", queries="q", options={"k1": "1.2"})  # a flag's string
+    assert cfg.tracer_config == Bm25Options(k1=1.2, b=0.75) and cfg.tracer().options == cfg.tracer_config
+    with pytest.raises(
+        ValueError, match=r"trace --method bm25 --options: unknown field 'k2'; Bm25Options has: k1, b"
+    ):
+        TraceConfig(method="bm25", shards="s", queries="q", options={"k2": 1})
 
 
 def test_a_selector_is_built_from_what_it_declares():

@@ -124,7 +124,7 @@ def test_bm25_cli_against_rank_bm25(tiny_pool, tmp_path, capsys):
     assert meta["method"] == "bm25" and meta["queries"] == 3 and meta["seconds_per_query"] > 0
     # Bad input: named, nothing written.
     assert main([*argv[:-2], "--options", "{k3: 1}"]) == 2
-    assert "unknown bm25 option(s) k3: known are b, k1" in capsys.readouterr().err
+    assert "unknown field 'k3'; Bm25Options has: k1, b" in capsys.readouterr().err
     assert main(["trace", "--method", "gradient", *argv[3:]]) == 2
     assert "needs the model: give --config RUN.yaml and --load CKPT" in capsys.readouterr().err
     (tmp_path / "dup.jsonl").write_text('{"id": "a", "text": "x"}\n{"id": "a", "text": "y"}\n')

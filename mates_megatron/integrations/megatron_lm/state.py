@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,6 +19,7 @@ import torch
 
 from mates_megatron import configio
 from mates_megatron.config import SelectionConfig
+from mates_megatron.files import atomic_path
 from mates_megatron.integrations.megatron_lm.host import MegatronLMHost
 
 if TYPE_CHECKING:
@@ -149,10 +149,8 @@ def save_mates_state(save_dir: str | Path, iteration: int, *, release: bool = Fa
     path = mates_state_path(save_dir, iteration, release=release)
     _STATE.plugin.hook.settle()  # on every rank: a round probed ahead finishes and its selection is saved
     if _rank() == _STATE.plugin.hook.state_rank:  # the rank whose state holds the influence model
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(mates_state_dict(iteration), tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            torch.save(mates_state_dict(iteration), tmp)
     else:  # what mates_state_dict does to the sampler, so that every rank stays alike
         _STATE.plugin.sampler.consumed_samples = iteration * _STATE.global_batch_size
     return path
