@@ -130,6 +130,11 @@ class SelectionConfig:
                 "set scorer: none, or a selector that reads scores (topk, gumbel)"
             )
         scorer = SCORERS.get(self.scorer)
+        if SELECTORS.get(self.selector).needs_features and not scorer.gives_features:
+            raise ValueError(
+                f"selector {self.selector!r} reads the candidates' embeddings, and scorer {self.scorer!r} gives "
+                f"none: choose a scorer that does ({', '.join(n for n, c in SCORERS.items() if c.gives_features)})"
+            )
         scorer.check_config(self.scorer_config, self.scorer_context())
         if "live_model" in scorer.needs and self.warmup_steps == 0:
             raise ValueError(

@@ -141,8 +141,9 @@ class MatesHook:
         t = time.perf_counter()
         # A scorer that flags its scores as unusable (a poor influence fit) gets the warm-up rounds' draw.
         selector = RandomSelector() if result.fallback else self.selector
+        extra = {"features": result.features} if selector.needs_features else {}
         chosen = selector.select(cands, self.sampler.samples_per_round, scores=scores, seed=self.seed,
-                                 round_=round_)  # fmt: skip
+                                 round_=round_, **extra)  # fmt: skip
         seconds = {"score": begin_seconds + stall, "stall": stall, "select": time.perf_counter() - t}
         seconds["total"] = seconds["score"] + seconds["select"]
         record = {"round": round_, "candidates": int(len(cands)), **result.record}

@@ -81,6 +81,9 @@ class Scores:
     """float64 per candidate, lower = more useful."""
     record: dict[str, Any] = field(default_factory=dict)
     """JSON-ready numbers for the round's record (logged as ``mates/<key>`` when scalar)."""
+    features: np.ndarray | None = None
+    """Per-candidate embeddings in candidate order, for selectors that read them (``Selector.needs_features``,
+    e.g. 'cluster_greedy'); given by scorers that declare ``gives_features``."""
     fallback: str | None = None
     """Why these scores must not be used (e.g. a poor influence fit): the round then takes a uniform random
     draw instead, seeded by (seed, round), and records the reason; None: select by the scores."""
@@ -108,6 +111,8 @@ class Scorer(Component, ABC):
     Config: ClassVar[type | None] = None
     """Dataclass of the scorer's options (the ``scorer:`` section); None: it takes none."""
     stateful: ClassVar[bool] = True  # the hook saves every scorer's state_dict (stateless ones give {})
+    gives_features: ClassVar[bool] = False
+    """Whether its ``Scores`` carry the candidates' embeddings (``Scores.features``)."""
     has_influence_stage: ClassVar[bool] = False
     """Whether its work after the probes needs no live model and can run in side processes
     (``SelectionConfig.asynchronous``), as the 'mates' influence stage does."""

@@ -31,6 +31,7 @@ class EmbeddingScorer(Scorer):
     no host (``mates-megatron value``; its rounds then carry ``host=None``)."""
 
     needs: ClassVar[frozenset[str]] = frozenset({"reference", "text"})
+    gives_features: ClassVar[bool] = True
 
     def __init__(
         self,

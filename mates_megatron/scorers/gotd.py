@@ -75,4 +75,4 @@ class GotdScorer(EmbeddingScorer):
             record["screen_kept"] = [name(d) for d in kept]
             record["screen_distance"] = {name(d): v for d, v in dist.items()}
         record["seconds"]["score"] = time.perf_counter() - t
-        return Scores(values, record)
+        return Scores(values, record, features=x)

@@ -119,7 +119,7 @@ class LavaScorer(EmbeddingScorer):
             label_epsilon=c.label_epsilon, max_per_class=c.max_per_class,
             reweight_to_reference_classes=c.reweight_to_reference_classes, **labels,
         )  # fmt: skip
-        return Scores(values, ot_record(res, t_embed, time.perf_counter() - t))
+        return Scores(values, ot_record(res, t_embed, time.perf_counter() - t), features=x)
 
 
 def ot_record(res, t_embed: float, total: float) -> dict[str, Any]:

@@ -37,7 +37,7 @@ class LookalikeScorer(EmbeddingScorer):
         t = time.perf_counter()
         x, y, _ = self.embed(r, scorer="lookalike")
         scores = lookalike_scores(x, y, k=self.config.k, batch_size=self.config.batch_size)
-        return Scores(scores, {"seconds": {"score": time.perf_counter() - t}})
+        return Scores(scores, {"seconds": {"score": time.perf_counter() - t}}, features=x)
 
 
 def lookalike_scores(x: np.ndarray, y: np.ndarray, *, k: int = 10, batch_size: int = 32) -> np.ndarray:

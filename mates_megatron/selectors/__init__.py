@@ -3,11 +3,13 @@
 
 from mates_megatron.selectors.base import SELECTORS, Selector
 from mates_megatron.selectors.basic import GumbelTopKSelector, RandomSelector, TopKSelector
+from mates_megatron.selectors.group import ClusterGreedySelector
 from mates_megatron.selectors.importance import ImportanceResamplingSelector
 from mates_megatron.selectors.mixture import MixtureSelector
 
 __all__ = [
     "SELECTORS",
+    "ClusterGreedySelector",
     "GumbelTopKSelector",
     "ImportanceResamplingSelector",
     "MixtureSelector",

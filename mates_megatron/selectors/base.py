@@ -26,6 +26,8 @@ class Selector(Component, ABC):
 
     needs_scores: ClassVar[bool] = False
     """Whether ``select`` reads scores (then the round runs its scorer first)."""
+    needs_features: ClassVar[bool] = False
+    """Whether ``select`` reads the candidates' embeddings (``features=``, from the scorer's ``Scores``)."""
     draws_every_round: ClassVar[bool] = False
     """Whether the hook draws round 0 and the rounds of a score-free run with this selector too (a uniform
     draw otherwise)."""

@@ -55,7 +55,8 @@ def _train(data, overrides):
 
     def record_scores(r):
         s = score_fn(r)
-        scores[r.round] = (np.asarray(r.candidates).tolist(), s.scores.tolist())
+        feats = None if s.features is None else s.features.tolist()
+        scores[r.round] = (np.asarray(r.candidates).tolist(), s.scores.tolist(), feats)
         return s
 
     hook.publish, hook.scorer.score = record_published, record_scores
@@ -76,7 +77,7 @@ def test_gotd_round_selects_the_most_negative_potentials_on_every_rank(run):
     for r in (1, 2):
         rec = rank0["records"][r]
         assert rec["sinkhorn_converged"] and rec["sinkhorn_iterations"] >= 1
-        ids, s = (np.array(v) for v in rank0["scores"][r])
+        ids, s = (np.array(v) for v in rank0["scores"][r][:2])
         want = sorted(ids[np.argsort(s, kind="stable")[: rank0["k"]]].tolist())
         assert rank0["published"][r] == want
 
@@ -87,3 +88,23 @@ def test_gotd_run_resumed_between_rounds_selects_the_same_round(small_embedded, 
     resumed = run_on_ranks(_train, 2, small_embedded, {"save": ckpt, "load": ckpt})
     assert resumed[0]["published"][2] == run[0]["published"][2]
     assert resumed[0]["scores"][2] == run[0]["scores"][2]
+
+
+def test_cluster_greedy_selects_each_round_as_a_set_on_every_rank(small_embedded):
+    """Group-MATES's selector on the look-alike scores and the embeddings they came from: both ranks serve
+    the same selection, the one the selector gives offline from the round's scores and embeddings."""
+    from mates_megatron.selectors.group import ClusterGreedySelector
+
+    sel = {
+        "pool": "indexed", "select_every": EVERY, "selection_ratio": 0.25, "seed": 11, "warmup_steps": 0,
+        "selector": {"kind": "cluster_greedy", "cluster_size": 8},
+        "scorer": {"kind": "lookalike", "max_length": 32},
+    }  # fmt: skip
+    rank0, rank1 = run_on_ranks(_train, 2, small_embedded, {"selection": sel})
+    assert rank0["published"] == rank1["published"] and sorted(rank0["records"]) == [1, 2]
+    for r in (1, 2):
+        ids, s, f = (np.array(v) for v in rank0["scores"][r])
+        want = ClusterGreedySelector(cluster_size=8).select(
+            ids, rank0["k"], scores=s, features=f, seed=11, round_=r
+        )
+        assert rank0["published"][r] == sorted(want.tolist())

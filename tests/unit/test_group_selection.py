@@ -1,0 +1,110 @@
+"""Group-MATES's relational score and cluster-greedy selection (``selectors/group.py``), against hand
+computations and a brute-force optimum on small pools."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from mates_megatron.selectors.group import (
+    ClusterGreedySelector,
+    greedy_group,
+    quotas,
+    relational_scores,
+)
+
+
+def _unit(x):
+    x = np.asarray(x, dtype=np.float64)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _objective(scores, emb, order, alpha=1.0, temperature=1.0):
+    order = list(order)
+    return relational_scores(scores[order], emb[order], alpha=alpha, temperature=temperature).sum()
+
+
+def _brute_force(scores, emb, q, **kw):
+    return min(_objective(scores, emb, o, **kw) for o in itertools.permutations(range(len(scores)), q))
+
+
+def test_relational_score_by_hand():
+    s = np.array([-1.0, -2.0, 0.5])
+    e = _unit([[1, 0], [0.6, 0.8], [0, 1]])
+    # member 1: -2 * 2 * (1 - 0.6 / 0.5) = 0.8; member 2: 0.5 * 2 * mean(1 - 0/0.5, 1 - 0.8/0.5) = 0.5 * 2 * 0.2
+    got = relational_scores(s, e, alpha=2.0, temperature=0.5)
+    np.testing.assert_allclose(got, [-1.0, -2.0 * 2 * (1 - 1.2), 0.5 * 2 * ((1 - 0.0) + (1 - 1.6)) / 2])
+
+
+def test_greedy_is_the_optimum_where_members_do_not_interact_or_duplicate():
+    rng = np.random.default_rng(1)
+    s = rng.normal(size=7)
+    orthogonal = np.eye(7)  # every relationship is alpha: the relational score is the individual one
+    picked = greedy_group(s, orthogonal, 3, alpha=1.0, temperature=1.0)
+    assert sorted(picked) == sorted(np.argsort(s)[:3])
+    assert _objective(s, orthogonal, picked) == pytest.approx(_brute_force(s, orthogonal, 3))
+    # Two near-duplicate pairs, every score good (negative): the second pick leaves the first one's twin.
+    e = _unit([[1, 0, 0], [1, 0.01, 0], [0, 1, 0], [0, 1, 0.01]])
+    s = np.array([-3.0, -2.9, -1.0, -0.9])
+    picked = greedy_group(s, e, 2, alpha=1.0, temperature=1.0)
+    assert picked.tolist() == [0, 2]
+    assert _objective(s, e, picked) == pytest.approx(_brute_force(s, e, 2))
+
+
+def test_greedy_against_the_brute_force_optimum_on_random_pools():
+    """Measured, 60 pools of 7 with 3 picked, unit embeddings in 8 dimensions, seed 0: with every score
+    negative the greedy set's relational score is 8.7% above the optimum over all ordered triples on average
+    (at most 38%; exact on none: its first pick is fixed to the best individual score, and each later pick
+    looks one step ahead), against 45% for a random triple."""
+    rng = np.random.default_rng(0)
+    gaps, random_gaps = [], []
+    for _ in range(60):
+        s, e = -np.abs(rng.normal(size=7)), _unit(rng.normal(size=(7, 8)))
+        best = _brute_force(s, e, 3)
+        gaps.append((_objective(s, e, greedy_group(s, e, 3, alpha=1.0, temperature=1.0)) - best) / abs(best))
+        random_gaps.append((_objective(s, e, rng.permutation(7)[:3]) - best) / abs(best))
+    assert min(gaps) >= -1e-12
+    assert np.mean(gaps) < 0.12 and max(gaps) < 0.45
+    assert np.mean(gaps) < 0.5 * np.mean(random_gaps)
+
+
+def test_quotas_sum_to_k_within_one_of_each_share():
+    sizes = np.array([5, 17, 1, 77])
+    for k in (1, 10, 33, 100):
+        q = quotas(sizes, k)
+        assert q.sum() == k and (q <= sizes).all() and (np.abs(q - k * sizes / sizes.sum()) < 1).all()
+
+
+def test_the_selector_is_exact_k_deterministic_and_top_k_without_interactions():
+    rng = np.random.default_rng(3)
+    n = 400
+    cands = np.arange(1000, 1000 + n, dtype=np.int32)
+    scores = rng.normal(size=n)
+    emb = _unit(rng.normal(size=(n, 16)))
+    sel = ClusterGreedySelector(cluster_size=100)
+    a, record = sel.select_with_record(cands, 60, scores=scores, features=emb, seed=5, round_=2)
+    b = sel.select(cands, 60, scores=scores, features=emb, seed=5, round_=2)
+    assert a.dtype == np.int32 and len(np.unique(a)) == 60 and np.isin(a, cands).all()
+    assert a.tolist() == b.tolist() and record["clusters"] == 4
+    # One cluster of mutually orthogonal candidates: the greedy set is the k best scores.
+    eye = np.eye(n)
+    one = ClusterGreedySelector(cluster_size=n).select(
+        cands, 60, scores=scores, features=eye, seed=5, round_=2
+    )
+    assert one.tolist() == np.sort(cands[np.argsort(scores)[:60]]).tolist()
+    with pytest.raises(ValueError, match="needs one embedding per candidate"):
+        sel.select(cands, 60, scores=scores, seed=5, round_=2)
+
+
+def test_a_selector_that_reads_embeddings_is_refused_with_a_scorer_that_gives_none():
+    from mates_megatron.config import SelectionConfig
+
+    with pytest.raises(
+        ValueError,
+        match=r"selector 'cluster_greedy' reads the candidates' embeddings, and scorer "
+        r"'dsir' gives none: choose a scorer that does \(gotd, lava, lookalike\)",
+    ):
+        SelectionConfig(selector="cluster_greedy", scorer="dsir")
+    assert SelectionConfig(selector="cluster_greedy", scorer="lookalike").selector_config.cluster_size == 3000
