@@ -27,7 +27,8 @@ def probe_share(probes: int, work: RankSeconds, *, steps_optimizer: bool) -> int
 def probe_parts(
     estimator: str, work: RankSeconds, *, probes: int, reference_rows: int, steps_optimizer: bool
 ) -> dict[str, float]:
-    """Seconds of one rank's probe phase by part for ``estimator`` (oracle, linearized, mirrored, forward)."""
+    """Seconds of one rank's probe phase by part for ``estimator`` (oracle, rollout, linearized, mirrored,
+    forward)."""
     w = work
     share = probe_share(probes, w, steps_optimizer=steps_optimizer)
     ref_forward = w.pipeline(reference_rows, backward=False)
@@ -38,13 +39,16 @@ def probe_parts(
     # the scores' gather.
     capture = w.snapshot_bytes() / w.machine.fresh_memory_bandwidth
     untimed = capture + restore + w.machine.collective_latency_s * (w.layout.dp > 1)
-    if estimator == "oracle":  # per probe: a step on the sample, then the whole reference set
+    if estimator in ("oracle", "rollout"):  # per probe: a step on the sample, then the whole reference set
+        from mates_megatron.probe.rollout import ROLLOUT_LENGTH
+
+        restores = share if estimator == "oracle" else math.ceil(share / ROLLOUT_LENGTH)  # rollout: one each
         parts = {
             "reference": ref_forward,
             "forward_backward": share * probe_fb,
             "optimizer_step": share * step,
             "reference_loss": share * ref_forward,
-            "restore": share * restore,
+            "restore": restores * restore,
         }
     elif estimator == "linearized":  # one reference gradient; per probe a step and a dot with it
         parts = {

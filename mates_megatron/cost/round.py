@@ -143,6 +143,7 @@ def project_mates_round(
     probe = {
         # one step on the sample, then the whole reference set, per probe (+ the loss before, once)
         "oracle": probes * (3.0 * fwd + ref * fwd) + ref * fwd,
+        "rollout": probes * (3.0 * fwd + ref * fwd) + ref * fwd,  # the same, restored once per rollout
         # one reference gradient per round, one gradient per probe
         "linearized": 3.0 * ref * fwd + probes * 3.0 * fwd,
         # one reference step, then each probe's loss before and after (forward only)

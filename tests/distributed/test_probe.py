@@ -144,7 +144,7 @@ def tp1_scores(weights):
 @pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2)])
 def test_tp2_and_pp2_scores_equal_tp1(weights, tp1_scores, tp, pp):
     for rank_scores in run_on_ranks(_scores, 2, tp, pp, weights):
-        for name in ("oracle", "linearized", "mirrored", "forward"):
+        for name in ("oracle", "rollout", "linearized", "mirrored", "forward"):
             torch.testing.assert_close(
                 torch.tensor(rank_scores[name]),
                 torch.tensor(tp1_scores[name]),
@@ -183,7 +183,7 @@ def test_dp2_splits_probes_and_gathers_dp1_scores(weights, tp1_scores, distopt):
         assert share0 == [0, 2, 4] and share1 == [1, 3, 5]  # disjoint, covering
     # The forward estimator splits the samples under the distributed optimizer too (it steps nothing): its
     # direction, formed on each rank's Adam shard and gathered, gives the single replica's scores.
-    for name in ("oracle", "linearized", "mirrored", "forward"):
+    for name in ("oracle", "rollout", "linearized", "mirrored", "forward"):
         assert s0[name] == s1[name]
         atol = _atol(name, tp1_scores[name])
         torch.testing.assert_close(torch.tensor(s0[name]), torch.tensor(tp1_scores[name]), rtol=0, atol=atol)
@@ -294,6 +294,51 @@ def _hand_oracle():
 def test_oracle_equals_hand_written_adamw_step():
     prober, hand = run_on_ranks(_hand_oracle, 1)[0]
     assert abs(prober - hand) < 1e-5, (prober, hand)
+
+
+def _rollouts_by_hand():
+    """Rollouts of 4 over the 6 samples, against the run's own optimizer stepped through them in order."""
+    from mates_megatron.probe.context import reference_loss
+    from mates_megatron.probe.estimators import OracleProber
+    from mates_megatron.probe.rollout import RolloutProber
+    from mates_megatron.probe.snapshot import TrainingSnapshot
+    from mates_megatron.runtime.schedule import run_schedule
+
+    model, ddp, opt, sched = _build(1, 1)
+    samples, reference = _data()
+    _warm(ddp, opt, samples)
+    ctx = _ctx(ddp, opt, sched, reference)
+    got = RolloutProber(ctx, rollout_length=4).score(samples)
+    oracle = OracleProber(ctx).score(samples).scores
+    state = _state(model, ddp, opt, sched)  # the estimators left the run as they found it (restore test)
+    hand = []
+    for rollout in ((0, 1, 2, 3), (4, 5)):  # each from the round's state
+        keep = TrainingSnapshot([ddp], opt, sched)
+        before = reference_loss(ctx)
+        for i in rollout:
+            ddp.zero_grad_buffer()
+            opt.zero_grad()
+            run_schedule([ddp], [samples[i]], seq_length=SEQ, forward_only=False, device=torch.device("cpu"))
+            opt.step()
+            after = reference_loss(ctx)
+            hand.append(after - before)
+            before = after
+        keep.restore()
+    return (
+        got.scores.tolist(),
+        hand,
+        oracle.tolist(),
+        got.loss_before,
+        _same(state, _state(model, ddp, opt, sched)),
+    )
+
+
+def test_rollout_scores_are_each_steps_reference_loss_change_given_the_steps_before_it():
+    got, hand, oracle, before, restored = run_on_ranks(_rollouts_by_hand, 1)[0]
+    np.testing.assert_allclose(got, hand, rtol=0, atol=1e-6)
+    # A rollout's first step is the oracle's step from the round's state.
+    np.testing.assert_allclose([got[0], got[4]], [oracle[0] - before, oracle[4] - before], rtol=0, atol=1e-6)
+    assert restored
 
 
 def _hand_forward():
