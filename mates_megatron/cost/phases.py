@@ -86,7 +86,7 @@ def encoder_seconds(
 ) -> float:
     """One candidate through the influence encoder (forward, or forward and backward) on the influence device.
     Token-embedding features are a lookup: hidden floats read per token, four eager operators per candidate."""
-    if inf.model == "ridge" and inf.ridge.features == "token_embeddings":
+    if inf.model in ("ridge", "relational") and inf.ridge.features == "token_embeddings":
         return tokens * encoder.hidden_size * 4 / machine.memory_bandwidth + 4 * machine.op_overhead_s
     chunk = min(tokens, inf.max_length)
     flops = encoder.forward_flops_per_token(chunk, logits=False) * tokens * (3 if backward else 1)

@@ -157,7 +157,7 @@ def project_mates_round(
     tokens = min(seq_length, inf.max_length * inf.max_chunks)
     chunk = min(tokens, inf.max_length)
     enc = encoder.forward_flops_per_token(chunk, logits=False) * tokens  # one candidate, forward
-    static = inf.model == "ridge" and inf.ridge.features == "token_embeddings"
+    static = inf.model in ("ridge", "relational") and inf.ridge.features == "token_embeddings"
     if static:  # a mean of looked-up rows: hidden adds per token
         enc = float(encoder.hidden_size * tokens)
     pairs = probes * mates.influence_rounds  # past rounds' probes are fitted on again, and predicted again

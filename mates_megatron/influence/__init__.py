@@ -1,5 +1,5 @@
 """Data influence model: text -> predicted oracle score, behind one interface (``InfluenceModel``) with
-implementations registered by name (``INFLUENCE_MODELS``: 'finetune', 'ridge'), run by ``InfluenceRunner``."""
+implementations registered by name (``INFLUENCE_MODELS``: 'finetune', 'ridge', 'relational'), run by ``InfluenceRunner``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 
 # The built-in models register themselves on import (registry.INFLUENCE_MODELS).
 from mates_megatron.influence import finetune as _finetune  # noqa: F401
+from mates_megatron.influence import relational as _relational  # noqa: F401
 from mates_megatron.influence import ridge as _ridge  # noqa: F401
 from mates_megatron.influence.base import InfluenceModel
 from mates_megatron.influence.registry import INFLUENCE_MODELS

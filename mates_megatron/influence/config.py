@@ -78,6 +78,31 @@ class RidgeConfig:
 
 
 @dataclass
+class RelationalConfig:
+    """Model 'relational' (Group-MATES): the frozen encoder's features (``ridge.features``), a linear head
+    for each sample's own score, and the relationship's ``alpha`` and ``temperature``, fitted together on
+    rollouts (estimator 'rollout') so that the i-th member of a rollout scores its own score times its mean
+    relationship ``alpha * (1 - cos / temperature)`` to the members before it."""
+
+    rollout_length: int = 10
+    """Samples per rollout: the probes are read as consecutive rollouts of this many (the authors: 10)."""
+    steps: int = 300
+    """Full-batch Adam steps of the fit (the head starts from the individual ridge fit, alpha and temperature
+    from 1, as the authors' do)."""
+    lr: float = 0.02
+    """Adam's learning rate for the fit."""
+    folds: int = 5
+    """Cross-validation folds over whole rollouts (out-of-fold Spearman of the relational scores)."""
+
+    def __post_init__(self) -> None:
+        if self.rollout_length < 2 or self.steps < 1 or not self.lr > 0 or self.folds < 2:
+            raise ValueError(
+                f"RelationalConfig needs rollout_length >= 2, steps >= 1, lr > 0 and folds >= 2; got "
+                f"{self.rollout_length}, {self.steps}, {self.lr}, {self.folds}"
+            )
+
+
+@dataclass
 class InfluenceConfig:
     """The data influence model (text -> predicted oracle score) and its fitting."""
 
@@ -127,7 +152,9 @@ class InfluenceConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     """Fields of model 'finetune'."""
     ridge: RidgeConfig = field(default_factory=RidgeConfig)
-    """Fields of model 'ridge'."""
+    """Fields of model 'ridge' (and the features of model 'relational')."""
+    relational: RelationalConfig = field(default_factory=RelationalConfig)
+    """Fields of model 'relational' (Group-MATES)."""
 
     def __post_init__(self) -> None:
         from mates_megatron.influence.registry import INFLUENCE_MODELS
@@ -153,7 +180,11 @@ class InfluenceConfig:
             raise ValueError(f"InfluenceConfig.timeout_s={self.timeout_s}: set a positive number of seconds")
         if self.device is not None:
             check_device_string(self.device, "InfluenceConfig.device")
-        for name, cls in (("finetune", FinetuneConfig), ("ridge", RidgeConfig)):
+        for name, cls in (
+            ("finetune", FinetuneConfig),
+            ("ridge", RidgeConfig),
+            ("relational", RelationalConfig),
+        ):
             if not isinstance(getattr(self, name), cls):
                 raise TypeError(
                     f"InfluenceConfig.{name} is a {type(getattr(self, name)).__name__}, not a {cls.__name__}: "

@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from mates_megatron.config import SelectionConfig
-from mates_megatron.influence.config import FinetuneConfig, InfluenceConfig, RidgeConfig
+from mates_megatron.influence.config import FinetuneConfig, InfluenceConfig, RelationalConfig, RidgeConfig
 from mates_megatron.integrations import megatron_lm as mlm
 from mates_megatron.integrations.megatron_lm.versions import PATCHES as SUPPORTED
 from mates_megatron.integrations.megatron_lm.versions import check_megatron_core_version, patch_name
@@ -104,6 +104,10 @@ EVERY_FIELD = [
     "--mates-influence-ridge-alphas", "0.5", "5",
     "--mates-influence-ridge-features", "token_embeddings",
     "--mates-influence-ridge-folds", "4",
+    "--mates-influence-relational-rollout-length", "5",
+    "--mates-influence-relational-steps", "50",
+    "--mates-influence-relational-lr", "0.1",
+    "--mates-influence-relational-folds", "3",
     "--mates-influence-ranks", "0", "1",
     "--mates-probe-lead-steps", "50",
     "--mates-asynchronous",
@@ -145,6 +149,7 @@ EVERY_FIELD_CONFIG = SelectionConfig(
                 timeout_s=900.0,
                 finetune=FinetuneConfig(lr=1e-4, head_lr=2e-3, epochs=4, batch_size=8, val_fraction=0.2),
                 ridge=RidgeConfig(alphas=(0.5, 5.0), features="token_embeddings", folds=4),
+                relational=RelationalConfig(rollout_length=5, steps=50, lr=0.1, folds=3),
             ),
         )
     ),
@@ -176,7 +181,8 @@ def _field_flags(cls, prefix: str) -> set[str]:
     out = set()
     for f in dataclasses.fields(cls):
         spelled = f"{prefix}{f.name.replace('_', '-')}"
-        sub = {"influence": InfluenceConfig, "finetune": FinetuneConfig, "ridge": RidgeConfig}.get(f.name)
+        sub = {"influence": InfluenceConfig, "finetune": FinetuneConfig, "ridge": RidgeConfig,
+               "relational": RelationalConfig}.get(f.name)  # fmt: skip
         out |= _field_flags(sub, f"{spelled}-") if sub else {spelled}
     return out
 

@@ -1,0 +1,89 @@
+"""Influence model 'relational' (Group-MATES): the relational score of a rollout's members, and a fit that
+recovers a known relational model from rollouts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mates_megatron.influence.config import InfluenceConfig, RelationalConfig
+from mates_megatron.influence.relational import (
+    RelationalFit,
+    fit_relational,
+    relational_predict,
+    unit_rows,
+)
+from mates_megatron.influence.ridge import ridge_solve
+from mates_megatron.selectors.group import relational_scores
+from mates_megatron.stats import spearman
+
+
+def _rollouts(seed: int, n: int = 300, d: int = 6):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(4, d)) * 2  # clustered, so members relate by more than noise
+    return centers[rng.integers(0, 4, n)] + rng.normal(size=(n, d)) * 0.7
+
+
+TRUE = RelationalFit(w=np.random.default_rng(9).normal(size=6), b=-0.3, alpha=1.5, temperature=0.8)
+
+
+def test_a_rollouts_scores_are_the_selectors_relational_scores():
+    feats = _rollouts(0, n=23)
+    got = relational_predict(feats, TRUE, 10)
+    own = feats @ TRUE.w + TRUE.b
+    for lo in (0, 10, 20):  # rollouts of 10, 10 and 3
+        want = relational_scores(
+            own[lo : lo + 10], unit_rows(feats[lo : lo + 10]), alpha=1.5, temperature=0.8
+        )
+        np.testing.assert_allclose(got[lo : lo + 10], want, rtol=1e-12)
+
+
+def test_the_fit_recovers_a_known_relational_model():
+    """Targets from a known model (alpha 1.5, temperature 0.8) plus noise (sd 0.1 of about 1.3): measured, the
+    fit gives alpha 1.48, temperature 0.80 and an out-of-fold Spearman of 0.9994; the individual ridge head
+    read with alpha = temperature = 1 ranks fresh rollouts at 0.964, the fit at 0.9999."""
+    feats = _rollouts(0)
+    rng = np.random.default_rng(1)
+    y = relational_predict(feats, TRUE, 10) + rng.normal(size=len(feats)) * 0.1
+    fit, result = fit_relational(feats, y, RelationalConfig(), seed=0)
+    assert fit.alpha == pytest.approx(1.5, abs=0.1) and fit.temperature == pytest.approx(0.8, abs=0.05)
+    assert result.spearman > 0.99
+    fresh = _rollouts(2)
+    want = relational_predict(fresh, TRUE, 10)
+    w, b = ridge_solve(feats, (y - y.mean()) / y.std(), 1.0)
+    individual = spearman(relational_predict(fresh, RelationalFit(w, b, 1.0, 1.0), 10), want)
+    assert spearman(relational_predict(fresh, fit, 10), want) > max(0.999, individual)
+    again, _ = fit_relational(feats, y, RelationalConfig(), seed=0)  # deterministic
+    assert np.array_equal(again.w, fit.w) and again.alpha == fit.alpha
+
+
+def test_the_config_section_is_read_and_checked():
+    cfg = InfluenceConfig(model="relational")
+    assert cfg.relational.rollout_length == 10
+    with pytest.raises(ValueError, match="RelationalConfig needs rollout_length >= 2"):
+        RelationalConfig(rollout_length=1)
+
+
+def test_the_model_fits_on_real_encoder_features_and_keeps_its_terms_in_its_state():
+    from mates_megatron.influence import build_influence_model
+
+    from mates_megatron.influence.config import RidgeConfig
+
+    cfg = InfluenceConfig(model="relational", ridge=RidgeConfig(features="token_embeddings"),
+                          relational=RelationalConfig(rollout_length=4, steps=50))  # fmt: skip
+    words = ["river", "stone", "python", "module", "import", "bread", "garden", "compile"]
+    rng = np.random.default_rng(0)
+    texts = [" ".join(rng.choice(words, 12)) for _ in range(40)]
+    scores = np.array([t.count("python") + t.count("module") - t.count("bread") for t in texts], dtype=float)
+    model = build_influence_model(cfg)
+    result = model.fit(texts, scores)
+    assert np.isfinite(result.spearman) and model.temperature > 0
+    own = model.predict(texts)
+    feats = model.embed(texts)
+    w = model.net.head.weight.detach().double().numpy()[0]
+    np.testing.assert_allclose(own, feats @ w + float(model.net.head.bias), rtol=1e-5, atol=1e-6)
+    state = model.state_dict()
+    again = build_influence_model(cfg)
+    again.load_state_dict(state)
+    assert (again.alpha, again.temperature) == (model.alpha, model.temperature)
+    np.testing.assert_array_equal(again.predict(texts), own)
