@@ -16,7 +16,10 @@ terminal) with only its selection changed:
 - ``mates_target`` / ``mates_all``: MATES with the probes' reference loss on the target words only (the
   paper's LAMBADA oracle) or on every reference token (chosen by name only, to settle ``probe_tokens``);
 - ``mates_single``: MATES with ``influence_rounds: 1``, each round's influence model fitted on that round's
-  probes alone (the paper; chosen by name only, to compare with the config's fit across rounds).
+  probes alone (the paper; chosen by name only, to compare with the config's fit across rounds);
+- ``group_mates`` (by name only): Group-MATES (Yu et al. 2025) on the config's MATES settings: rollouts of 10
+  probes (``probe_samples`` rounded up to whole rollouts), the relational influence model on the config's
+  frozen-encoder features, the round chosen as a set by the cluster-greedy selector.
 
 Every arm keeps the config's random warm-up, so that every arm selects the same number of rounds: the model-free
 arms (dsir, classifier, lava, gotd, lookalike) could select from the first round, and did before, which gave
@@ -52,7 +55,7 @@ import numpy as np
 import yaml
 
 ARMS = ("random", "mates", "static", "dsir", "classifier", "lava", "gotd")
-VARIANT_ARMS = ("mates_target", "mates_all", "mates_single", "lookalike")
+VARIANT_ARMS = ("mates_target", "mates_all", "mates_single", "lookalike", "group_mates")
 """MATES with ``probe_tokens`` forced to 'target' or 'all', or ``influence_rounds`` to 1 (named explicitly;
 not part of 'all')."""
 DEFAULT_ARMS = ("random", "mates")
@@ -133,8 +136,18 @@ def _run_configs(cfg: dict[str, Any], seed: int | None, arms=DEFAULT_ARMS) -> di
         "mates_target": {**sel, "scorer_options": {**mates, "probe_tokens": "target"}},
         "mates_all": {**sel, "scorer_options": {**mates, "probe_tokens": "all"}},
         "mates_single": {**sel, "scorer_options": {**mates, "influence_rounds": 1}},
+        "group_mates": arm("cluster_greedy", "group_mates", **_group(mates)),
     }
     return {a: {**cfg, "selection": selections[a]} for a in parse_arms(",".join(arms))}
+
+
+def _group(mates: dict[str, Any]) -> dict[str, Any]:
+    """The config's MATES options as Group-MATES's: the rollout oracle, the relational model on the same
+    frozen-encoder settings, and whole rollouts of probes."""
+    influence = {**(mates.get("influence") or {}), "model": "relational"}
+    length = int((influence.get("relational") or {}).get("rollout_length", 10))
+    probes = -(-int(mates.get("probe_samples", 256)) // length) * length
+    return {**mates, "estimator": "rollout", "influence": influence, "probe_samples": probes}
 
 
 def crossing_step(steps: list[int], losses: list[float], target: float) -> float | None:

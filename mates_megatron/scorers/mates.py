@@ -209,6 +209,10 @@ class MatesScorer(Scorer):
         rng = np.random.default_rng([self.context.seed, round_, 0x9B0BE])
         return np.sort(rng.choice(n, size=min(self.config.probe_samples, n), replace=False))
 
+    def estimator(self, ctx: ProbeContext):
+        """The round's estimator on the live model (``config.estimator``)."""
+        return ESTIMATORS.get(self.config.estimator)(ctx)
+
     def score(self, r: RoundInput) -> Scores:
         return self.begin(r).result()
 
@@ -226,7 +230,7 @@ class MatesScorer(Scorer):
             reference = reference.with_all_tokens()
         reference = reference.trimmed()  # no passes over the rows' right padding
         ctx = ProbeContext.from_host(r.host, reference.micro_batches(r.host.micro_batch_size))
-        probes = ESTIMATORS.get(sel.estimator)(ctx).score(batches)
+        probes = self.estimator(ctx).score(batches)
         seconds["probe"] = time.perf_counter() - t
         ids, fit_positions, fit_scores, fit_rounds = fit_pairs(
             self.oracle, sel.influence_rounds, r.round, cands, positions, probes.scores

@@ -167,8 +167,19 @@ def test_run_configs_differ_only_in_the_selection():
     assert runs["lava"]["selection"] == arm("topk", "lava", max_length=128)
     assert runs["gotd"]["selection"] == arm("topk", "gotd", max_length=128)
     assert all(r["seed"] == 7 and r["train_iters"] == 10 for r in runs.values())
-    variants = _run_configs(cfg, seed=None, arms=["mates_target", "mates_all", "mates_single", "lookalike"])
+    variants = _run_configs(
+        cfg, seed=None, arms=["mates_target", "mates_all", "mates_single", "lookalike", "group_mates"]
+    )
     assert variants["lookalike"]["selection"]["scorer"] == "lookalike"
+    group = variants["group_mates"]["selection"]
+    assert group["selector"] == "cluster_greedy" and group["scorer"] == "group_mates"
+    assert group["scorer_options"] == {"probe_samples": 40, "estimator": "rollout",  # whole rollouts of 10
+                                       "influence": {"model": "relational"}}  # fmt: skip
+    from mates_megatron.config import SelectionConfig
+    from mates_megatron.configio import build
+
+    built = build(SelectionConfig, {**group, "select_every": 20}, where="arm")  # the test's warm-up is 20 steps
+    assert built.scorer_config.influence.relational.rollout_length == 10
     assert variants["mates_target"]["selection"] == {
         **sel,
         "scorer_options": {**mates, "probe_tokens": "target"},

@@ -66,7 +66,6 @@ def test_the_config_section_is_read_and_checked():
 
 def test_the_model_fits_on_real_encoder_features_and_keeps_its_terms_in_its_state():
     from mates_megatron.influence import build_influence_model
-
     from mates_megatron.influence.config import RidgeConfig
 
     cfg = InfluenceConfig(model="relational", ridge=RidgeConfig(features="token_embeddings"),

@@ -1,0 +1,83 @@
+"""Group-MATES (Yu et al. 2025, arXiv 2502.14709) as a scorer inside the round: MATES's round with the group
+oracle and the relational influence model, giving the candidates' embeddings to a set selector.
+
+Per scored round: the probes are rollouts on the live model (estimator 'rollout': each probe scored by its
+step's reference-loss change given the steps before it in its rollout); influence model 'relational' is
+fitted on them (a head for each sample's own score, and the relationship's alpha and temperature); every
+candidate gets its own predicted score, and its embedding from the same frozen encoder (``Scores.features``),
+so that selector 'cluster_greedy' chooses the round as a set. Use ``selector: cluster_greedy``.
+
+Known limitation: the embeddings are computed on every rank for every candidate of the round (as the OT
+scorers do), in the training process when the round is published; at 25.6M candidates a round they belong in
+the influence stage, sharded, with the greedy step per shard.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from mates_megatron.encoder import Encoder, EncoderConfig
+from mates_megatron.influence.config import InfluenceConfig
+from mates_megatron.probe.rollout import RolloutProber
+from mates_megatron.scorers.base import SCORERS, PendingScores, RoundInput, ScorerContext, Scores
+from mates_megatron.scorers.mates import MatesConfig, MatesScorer
+
+
+def _relational() -> InfluenceConfig:
+    return InfluenceConfig(model="relational")
+
+
+@dataclass
+class GroupMatesConfig(MatesConfig):
+    """Options of the 'group_mates' scorer: MATES's, with the rollout oracle and the relational model."""
+
+    estimator: str = "rollout"
+    """Must be 'rollout' (the group oracle)."""
+    influence: InfluenceConfig = field(default_factory=_relational)
+    """The influence model: 'relational' (its ``relational`` section: rollout length, fit), on the frozen
+    encoder's ``ridge.features``."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.estimator != "rollout" or self.influence.model != "relational":
+            raise ValueError(
+                f"GroupMatesConfig: estimator={self.estimator!r}, influence.model={self.influence.model!r}; "
+                "Group-MATES needs estimator 'rollout' and influence model 'relational' (for MATES's own, use "
+                "scorer 'mates')"
+            )
+        length = self.influence.relational.rollout_length
+        if self.probe_samples % length:
+            raise ValueError(
+                f"GroupMatesConfig.probe_samples={self.probe_samples} must be a multiple of "
+                f"influence.relational.rollout_length={length} (the probes are whole rollouts)"
+            )
+
+
+@SCORERS.register("group_mates")
+class GroupMatesScorer(MatesScorer):
+    """See the module."""
+
+    Config: ClassVar[type] = GroupMatesConfig
+    gives_features: ClassVar[bool] = True
+
+    def __init__(self, config: GroupMatesConfig | None = None, *, context: ScorerContext, **kw: Any) -> None:
+        super().__init__(config or GroupMatesConfig(), context=context, **kw)
+        inf = self.config.influence
+        self.encoder = Encoder(
+            EncoderConfig.from_influence(inf, features=inf.ridge.features, batch_size=inf.predict_batch_size),
+            device=context.device,
+        )
+
+    def estimator(self, ctx) -> RolloutProber:
+        return RolloutProber(ctx, rollout_length=self.config.influence.relational.rollout_length)
+
+    def begin(self, r: RoundInput) -> PendingScores:
+        pending = super().begin(r)
+
+        def finish() -> Scores:
+            out = pending.result()
+            out.features = self.encoder.embed_candidates(r.pool, r.candidates)
+            return out
+
+        return PendingScores(finish=finish)

@@ -1,0 +1,51 @@
+"""Group-MATES inside the training loop (TP=2, CPU): rollouts on the live model, the relational influence
+model fitted on them, the round chosen as a set by the cluster-greedy selector on the same embeddings; both
+ranks select alike, and a run resumed mid-round selects and serves exactly what the uninterrupted run did."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mates_megatron.compat.spawn import run_on_ranks
+from tests.integration.test_mates_round import EVERY, _train
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+# Laid over test_mates_round's MATES config: 20 probes as 4 rollouts of 5, a short fit; 3 clusters of the 48
+# candidates (its gumbel temperature is replaced: the relationship's temperature is 1, the authors').
+GROUP = {
+    "selector": {"kind": "cluster_greedy", "cluster_size": 16, "temperature": 1.0},
+    "scorer": "group_mates",
+    "scorer_options": {
+        "probe_samples": 20, "estimator": "rollout",
+        "influence": {"model": "relational", "relational": {"rollout_length": 5, "steps": 50}},
+    },
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def full(small_embedded):
+    return run_on_ranks(_train, 2, small_embedded, {"selection": GROUP})
+
+
+def test_a_group_mates_round_is_probed_by_rollouts_and_selected_as_a_set(full):
+    rank0, rank1 = full
+    assert rank0["published"] == rank1["published"] and rank0["served"] == rank1["served"]
+    for r in (1, 2):
+        rec = rank0["records"][r]
+        assert rec["estimator"] == "rollout" and rec["probes"] == 20 and rec["fallback"] is None
+        assert np.isfinite(rec["influence_spearman"])
+        assert rank0["published"][r] != rank0["random_round"][r]
+    state = rank0["influence_state"]["model"]  # the relational terms are checkpointed with the head
+    assert {"alpha", "temperature"} <= set(state) and state["temperature"] > 0
+
+
+def test_resume_mid_round_selects_and_serves_as_the_uninterrupted_run(small_embedded, full, tmp_path):
+    save = str(tmp_path / "ckpt")
+    sel = {"selection": GROUP}
+    first = run_on_ranks(_train, 2, small_embedded, {**sel, "save": save, "exit_interval": EVERY + 2})[0]
+    resumed = run_on_ranks(_train, 2, small_embedded, {**sel, "load": save})[0]
+    assert first["served"] + resumed["served"] == full[0]["served"]
+    assert resumed["published"][2] == full[0]["published"][2]
+    assert resumed["history"]["loss"] == full[0]["history"]["loss"]
