@@ -83,14 +83,15 @@ class SelectionConfig:
                 "SelectionConfig.selector='mates' is now two settings: selector: gumbel (Gumbel-top-k) with "
                 "scorer: mates (probes + influence model)"
             )
-        for name, registry in (("pool", POOLS), ("selector", SELECTORS), ("scorer", SCORERS)):
+        registries = component_registries()
+        for name, registry in registries.items():
             if getattr(self, name) not in registry:
                 raise ValueError(
                     f"SelectionConfig.{name}={getattr(self, name)!r}: choose one of {', '.join(registry.names())}"
                 )
         # Not fields: each component's options built from its *_options here, so a config always carries them
         # checked, and spelled out in full (equal configs compare equal).
-        for kind, registry in (("pool", POOLS), ("selector", SELECTORS), ("scorer", SCORERS)):
+        for kind, registry in registries.items():
             cls = registry.get(getattr(self, kind))
             config = cls.build_options(getattr(self, f"{kind}_options"), name=getattr(self, kind),
                                        where=f"selection.{kind}_options")  # fmt: skip
