@@ -19,7 +19,9 @@ terminal) with only its selection changed:
   probes alone (the paper; chosen by name only, to compare with the config's fit across rounds);
 - ``group_mates`` (by name only): Group-MATES (Yu et al. 2025) on the config's MATES settings: rollouts of 10
   probes (``probe_samples`` rounded up to whole rollouts), the relational influence model on the config's
-  frozen-encoder features, the round chosen as a set by the cluster-greedy selector.
+  frozen-encoder features, the round chosen as a set by the cluster-greedy selector;
+  ``classifier>group_mates`` (by name only): the same, stacked on the classifier as the paper runs it (each
+  scored round's candidates first cut to the classifier's best ``STACKED_KEEP``).
 
 Every arm keeps the config's random warm-up, so that every arm selects the same number of rounds: the model-free
 arms (dsir, classifier, lava, gotd, lookalike) could select from the first round, and did before, which gave
@@ -55,10 +57,19 @@ import numpy as np
 import yaml
 
 ARMS = ("random", "mates", "static", "dsir", "classifier", "lava", "gotd")
-VARIANT_ARMS = ("mates_target", "mates_all", "mates_single", "lookalike", "group_mates")
+VARIANT_ARMS = (
+    "mates_target",
+    "mates_all",
+    "mates_single",
+    "lookalike",
+    "group_mates",
+    "classifier>group_mates",
+)
 """MATES with ``probe_tokens`` forced to 'target' or 'all', or ``influence_rounds`` to 1 (named explicitly;
 not part of 'all')."""
 DEFAULT_ARMS = ("random", "mates")
+STACKED_KEEP = 0.5
+"""The classifier's kept fraction in the stacked arm: 2.5 times what a round trains on (selection_ratio 0.2)."""
 SMOOTH = 3
 """Evaluations averaged (trailing) before a curve is read: one evaluation moves by about 0.1 nats."""
 
@@ -137,6 +148,10 @@ def _run_configs(cfg: dict[str, Any], seed: int | None, arms=DEFAULT_ARMS) -> di
         "mates_all": {**sel, "scorer_options": {**mates, "probe_tokens": "all"}},
         "mates_single": {**sel, "scorer_options": {**mates, "influence_rounds": 1}},
         "group_mates": arm("cluster_greedy", "group_mates", **_group(mates)),
+        "classifier>group_mates": {
+            **arm("cluster_greedy", "group_mates", **_group(mates)),
+            "filters": [{"kind": "classifier", "keep": STACKED_KEEP}],
+        },
     }
     return {a: {**cfg, "selection": selections[a]} for a in parse_arms(",".join(arms))}
 

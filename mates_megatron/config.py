@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +43,12 @@ class SelectionConfig:
     scorer_options: dict[str, Any] = field(default_factory=dict)
     """Fields of the scorer's own config dataclass (``Scorer.Config``, e.g. ``MatesConfig`` for 'mates'),
     validated against it; ``scorer_config`` is the built dataclass."""
+    filters: list[dict[str, Any]] = field(default_factory=list)
+    """Stacked selection (as Group-MATES and DCLM run it: a cheap filter first): scorers that each keep the
+    best-scored fraction of a scored round's candidates, in order, before the scorer above scores what is left
+    and the selector chooses from it: ``[{kind: classifier, keep: 0.5, ...its options}]`` (one filter's kept
+    candidates are the next one's pool). Warm-up rounds are not filtered; a round that falls back to random
+    draws from the kept candidates. YAML (or --mates-config) only: no flag."""
     imports: list[str] = field(default_factory=list)
     """Python modules imported before the names above are looked up: where your own scorers, selectors or
     pools register themselves."""
@@ -130,6 +137,7 @@ class SelectionConfig:
                 f"selector {self.selector!r} ignores scores, so scorer {self.scorer!r} would run for nothing: "
                 "set scorer: none, or a selector that reads scores (topk, gumbel)"
             )
+        self.filter_stages = self._filter_stages()
         scorer = SCORERS.get(self.scorer)
         if SELECTORS.get(self.selector).needs_features and not scorer.gives_features:
             raise ValueError(
@@ -147,6 +155,47 @@ class SelectionConfig:
             raise ValueError(
                 f"SelectionConfig.influence_ranks={self.influence_ranks} must be a non-empty list of ranks"
             )
+
+    def _filter_stages(self) -> list[tuple[str, float, Any]]:
+        """``filters`` as (scorer name, kept fraction, its built options), each checked."""
+        from mates_megatron.scorers import SCORERS
+
+        stages = []
+        for i, stage in enumerate(self.filters):
+            where = f"selection.filters[{i}]"
+            if not isinstance(stage, Mapping) or "kind" not in stage or "keep" not in stage:
+                raise ValueError(
+                    f"{where}={stage!r}: a filter is a mapping with 'kind' (a scorer) and 'keep' (the fraction of "
+                    "the candidates it keeps), e.g. {kind: classifier, keep: 0.5}"
+                )
+            options = {k: v for k, v in stage.items() if k not in ("kind", "keep")}
+            name, keep = stage["kind"], stage["keep"]
+            if name not in SCORERS or name == "none":
+                raise ValueError(f"{where}.kind={name!r}: choose a scorer ({', '.join(SCORERS.names())})")
+            if not isinstance(keep, int | float) or not 0 < keep <= 1:
+                raise ValueError(f"{where}.keep={keep!r} must be a fraction in (0, 1]")
+            cls = SCORERS.get(name)
+            config = cls.build_options(options, name=name, where=where)
+            cls.check_config(config, self.scorer_context())
+            stages.append((name, float(keep), config))
+        if stages and not self.scored:
+            raise ValueError(
+                "selection.filters narrow the candidates of scored rounds: set a scorer (and selector)"
+            )
+        kept = math.prod(keep for _, keep, _ in stages)
+        if kept < self.selection_ratio:
+            raise ValueError(
+                f"selection.filters keep {kept:g} of a round's candidates, fewer than the selection_ratio "
+                f"{self.selection_ratio:g} it trains on: keep more"
+            )
+        return stages
+
+    def build_filters(self, *, device: Any = None, pool: Any = None) -> list[tuple[Any, float]]:
+        """The ``filters`` as (scorer, kept fraction), in order."""
+        from mates_megatron.scorers import SCORERS
+
+        ctx = self.scorer_context(device=device, pool=pool)
+        return [(SCORERS.get(name)(config, context=ctx), keep) for name, keep, config in self.filter_stages]
 
     def _check_lead(self, scorer) -> None:
         if self.probe_lead_steps < 0:
@@ -186,7 +235,11 @@ class SelectionConfig:
         """Whether the scorer reads the probe reference set (the host must load one)."""
         from mates_megatron.scorers import SCORERS
 
-        return "reference" in SCORERS.get(self.scorer).needs
+        return any("reference" in SCORERS.get(n).needs for n in self._scorer_names())
+
+    def _scorer_names(self) -> list[str]:
+        """The scorer and the filters' scorers."""
+        return [self.scorer, *(name for name, _, _ in self.filter_stages)]
 
     @property
     def needs_text_decoding(self) -> bool:
@@ -201,7 +254,7 @@ class SelectionConfig:
         if pool.tokenizes_text:
             return True
         scorer = SCORERS.get(self.scorer)
-        reads_text = "text" in scorer.needs
+        reads_text = any("text" in SCORERS.get(n).needs for n in self._scorer_names())
         return reads_text and (pool.decodes_text or scorer.reads_token_ids(self.scorer_config))
 
     @property
@@ -315,7 +368,7 @@ def selection_flags(prefix: str, *, path: str = "") -> list:
 
     m = prefix
     return [
-        *dataclass_flags(SelectionConfig, prefix, path=path),
+        *dataclass_flags(SelectionConfig, prefix, path=path, exclude=("filters",)),
         *dataclass_flags(MatesConfig, prefix, path=f"{path}scorer_options."),
         *at("selector_options", named_flags(GumbelConfig, {f"{m}temperature": "temperature"})),
         *at("selector_options", dataclass_flags(MixtureConfig, f"{m}mixture-")),

@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -40,7 +41,7 @@ from mates_megatron.pool.manifest import SelectionStore
 from mates_megatron.runtime.rng import get_rng_state, set_rng_state
 from mates_megatron.sampler import MatesSampler
 from mates_megatron.scorers.base import PendingScores, RoundInput, Scorer
-from mates_megatron.selectors import RandomSelector, Selector
+from mates_megatron.selectors import RandomSelector, Selector, TopKSelector
 
 log = logging.getLogger("mates_megatron.hooks")
 
@@ -75,6 +76,7 @@ class MatesHook:
         store: SelectionStore | None = None,
         state_rank: int = 0,
         probe_lead_steps: int = 0,
+        filters: Sequence[tuple[Scorer, float]] = (),
     ) -> None:
         self.pool, self.rounds, self.sampler, self.selector = pool, rounds, sampler, selector
         self.select_every, self.seed, self.train_iters = select_every, seed, train_iters
@@ -88,12 +90,17 @@ class MatesHook:
         """The rank whose ``state_dict`` is complete (holds the influence model): a host saving the state
         from one rank saves this one's."""
         self.probe_lead_steps = probe_lead_steps
-        self._pending: dict[int, tuple[PendingScores, float]] = {}
-        """Rounds probed and not yet finished: their pending scores and the seconds their probe took."""
+        self.filters = list(filters) if self.scorer is not None else []
+        """Stacked selection: (scorer, kept fraction) applied in order to a scored round's candidates."""
+        self._pending: dict[int, tuple[PendingScores, float, np.ndarray]] = {}
+        """Rounds probed and not yet finished: their pending scores, the seconds their probe took and the
+        candidates scored (the round's, or what the filters kept)."""
         self._chosen: dict[int, np.ndarray] = {}
         """Rounds finished ahead of their first step (a checkpoint between probe and publish): saved."""
         self.domain_share: dict[int, dict[str, float]] = {}
         self.records: dict[int, dict[str, Any]] = {}
+        self._filter_records: dict[int, list[dict[str, Any]]] = {}
+        """Per probed round not yet finished: what each filter kept (moved into the round's record)."""
         """Per scored round: what the scorer reported, the time per phase and the selected domain shares."""
         # Unscored rounds (round 0, warm-up, a score-free run) are a uniform draw, unless the selector draws
         # every round itself (the mixture selector serves its weights from round 0).
@@ -120,15 +127,27 @@ class MatesHook:
     def begin_round(self, host: Host, round_: int) -> None:
         """Probe ``round_`` on the live model now; its influence stage may go on beside training."""
         t = time.perf_counter()
-        inp = RoundInput(round_, self.rounds.candidates(round_), self.pool, host, self.seed)
         with isolated_rng(self.seed * 1_000_003 + round_):
-            pending = self.scorer.begin(inp)
-        self._pending[round_] = (pending, time.perf_counter() - t)
+            cands = self._filtered(host, round_)
+            pending = self.scorer.begin(RoundInput(round_, cands, self.pool, host, self.seed))
+        self._pending[round_] = (pending, time.perf_counter() - t, cands)
+
+    def _filtered(self, host: Host, round_: int) -> np.ndarray:
+        """The round's candidates after the filters: each keeps its best-scored fraction (ceil, ties by id)."""
+        cands = self.rounds.candidates(round_)
+        for i, (scorer, keep) in enumerate(self.filters):
+            scores = scorer.score(RoundInput(round_, cands, self.pool, host, self.seed)).scores
+            kept = TopKSelector().select(cands, math.ceil(keep * len(cands)), scores=np.asarray(scores))
+            self._filter_records.setdefault(round_, []).append(
+                {"filter": i, "candidates": int(len(cands)), "kept": int(len(kept)),
+                 "kept_share": self._shares(kept)}
+            )  # fmt: skip
+            cands = kept
+        return cands
 
     def finish_round(self, round_: int) -> np.ndarray:
         """Wait for ``round_``'s scores and select; returns the selection (collective over the world)."""
-        pending, begin_seconds = self._pending.pop(round_)
-        cands = self.rounds.candidates(round_)
+        pending, begin_seconds, cands = self._pending.pop(round_)
         t = time.perf_counter()
         result = pending.result()
         stall = time.perf_counter() - t
@@ -147,6 +166,8 @@ class MatesHook:
         seconds = {"score": begin_seconds + stall, "stall": stall, "select": time.perf_counter() - t}
         seconds["total"] = seconds["score"] + seconds["select"]
         record = {"round": round_, "candidates": int(len(cands)), **result.record}
+        if round_ in self._filter_records:
+            record["filters"] = self._filter_records.pop(round_)
         record["fallback"] = result.fallback
         if result.fallback and dist.is_initialized() and dist.get_rank() == 0:
             log.warning("round %d: selected at random instead of by scores: %s", round_, result.fallback)
@@ -171,8 +192,9 @@ class MatesHook:
 
     def close(self) -> None:
         """Stop the scorer's side processes (asynchronous rounds); they also stop when this process exits."""
-        if self.scorer is not None:
-            self.scorer.close()
+        for scorer in [self.scorer, *(s for s, _ in self.filters)]:
+            if scorer is not None:
+                scorer.close()
 
     def on_step_end(self, host: Host, iteration: int, metrics: dict[str, float]) -> None:
         if iteration >= self.train_iters:
@@ -247,6 +269,7 @@ class MatesHook:
             "records": self.records,
             "scorer": self.scorer.state_dict() if self.scorer is not None else None,
             "selector": self.selector.state_dict() if self.selector.stateful else None,
+            **({"filters": [s.state_dict() for s, _ in self.filters]} if self.filters else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -261,6 +284,15 @@ class MatesHook:
         self._pending = {}
         if self.scorer is not None and state.get("scorer") is not None:
             self.scorer.load_state_dict(state["scorer"])
+        saved = state.get("filters") or [None] * len(self.filters)
+        if len(saved) != len(self.filters):
+            raise ValueError(
+                f"the checkpoint holds {len(saved)} filter states, this run has {len(self.filters)} filters: resume "
+                "with the filters it was written with"
+            )
+        for (scorer, _), s in zip(self.filters, saved, strict=True):
+            if s is not None:
+                scorer.load_state_dict(s)
         if self.selector.stateful:
             if state.get("selector") is None:
                 raise ValueError(

@@ -126,6 +126,7 @@ def build_plugin(
         store=pool.selection_store(sel.run_name) if write_files else None,
         state_rank=sel.state_rank,
         probe_lead_steps=sel.probe_lead_steps,
+        filters=sel.build_filters(device=device, pool=pool) if sel.scored else (),
     )
     return Plugin(pool=pool, rounds=rounds, sampler=sampler, hook=hook, cost=cost)
 

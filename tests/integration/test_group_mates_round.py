@@ -1,6 +1,8 @@
-"""Group-MATES inside the training loop (TP=2, CPU): rollouts on the live model, the relational influence
-model fitted on them, the round chosen as a set by the cluster-greedy selector on the same embeddings; both
-ranks select alike, and a run resumed mid-round selects and serves exactly what the uninterrupted run did."""
+"""Group-MATES inside the training loop (TP=2, CPU), stacked on a cheap filter as the paper runs it: the
+classifier keeps half of each scored round's candidates, rollouts on the live model score probes of what is
+left, the relational influence model is fitted on them, and the round is chosen as a set by the cluster-greedy
+selector on the same embeddings; both ranks select alike, and a run resumed mid-round selects and serves
+exactly what the uninterrupted run did."""
 
 from __future__ import annotations
 
@@ -12,10 +14,12 @@ from tests.integration.test_mates_round import EVERY, _train
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
-# Laid over test_mates_round's MATES config: 20 probes as 4 rollouts of 5, a short fit; 3 clusters of the 48
-# candidates (its gumbel temperature is replaced: the relationship's temperature is 1, the authors').
+# Laid over test_mates_round's MATES config: the classifier keeps 24 of the round's 48 candidates; 20 probes
+# as 4 rollouts of 5, a short fit; 3 clusters of the 24 (its gumbel temperature is replaced: the
+# relationship's temperature is 1, the authors').
 GROUP = {
-    "selector": {"kind": "cluster_greedy", "cluster_size": 16, "temperature": 1.0},
+    "filters": [{"kind": "classifier", "keep": 0.5}],
+    "selector": {"kind": "cluster_greedy", "cluster_size": 8, "temperature": 1.0},
     "scorer": "group_mates",
     "scorer_options": {
         "probe_samples": 20, "estimator": "rollout",
@@ -29,11 +33,15 @@ def full(small_embedded):
     return run_on_ranks(_train, 2, small_embedded, {"selection": GROUP})
 
 
-def test_a_group_mates_round_is_probed_by_rollouts_and_selected_as_a_set(full):
+def test_a_filtered_group_mates_round_is_probed_by_rollouts_and_selected_as_a_set(full):
     rank0, rank1 = full
     assert rank0["published"] == rank1["published"] and rank0["served"] == rank1["served"]
     for r in (1, 2):
         rec = rank0["records"][r]
+        assert rec["filters"] == [
+            {"filter": 0, "candidates": 48, "kept": 24, "kept_share": rec["filters"][0]["kept_share"]}
+        ]
+        assert rec["candidates"] == 24  # what the scorer and the selector saw
         assert rec["estimator"] == "rollout" and rec["probes"] == 20 and rec["fallback"] is None
         assert np.isfinite(rec["influence_spearman"])
         assert rank0["published"][r] != rank0["random_round"][r]

@@ -168,8 +168,14 @@ def test_run_configs_differ_only_in_the_selection():
     assert runs["gotd"]["selection"] == arm("topk", "gotd", max_length=128)
     assert all(r["seed"] == 7 and r["train_iters"] == 10 for r in runs.values())
     variants = _run_configs(
-        cfg, seed=None, arms=["mates_target", "mates_all", "mates_single", "lookalike", "group_mates"]
-    )
+        cfg, seed=None, arms=["mates_target", "mates_all", "mates_single", "lookalike", "group_mates",
+                              "classifier>group_mates"]
+    )  # fmt: skip
+    stacked = variants["classifier>group_mates"]["selection"]
+    assert stacked == {
+        **variants["group_mates"]["selection"],
+        "filters": [{"kind": "classifier", "keep": 0.5}],
+    }
     assert variants["lookalike"]["selection"]["scorer"] == "lookalike"
     group = variants["group_mates"]["selection"]
     assert group["selector"] == "cluster_greedy" and group["scorer"] == "group_mates"
@@ -178,7 +184,9 @@ def test_run_configs_differ_only_in_the_selection():
     from mates_megatron.config import SelectionConfig
     from mates_megatron.configio import build
 
-    built = build(SelectionConfig, {**group, "select_every": 20}, where="arm")  # the test's warm-up is 20 steps
+    built = build(
+        SelectionConfig, {**group, "select_every": 20}, where="arm"
+    )  # the test's warm-up is 20 steps
     assert built.scorer_config.influence.relational.rollout_length == 10
     assert variants["mates_target"]["selection"] == {
         **sel,
