@@ -20,7 +20,8 @@ class Registry(Generic[T]):
         # base: the class every registered component derives from (None: any object, e.g. a function).
         self.kind, self.base = kind, base
         self.how_to_register = how_to_register or (
-            f"register your own with @{kind.upper()}S.register(name) in a module listed in selection.imports"
+            f"register your own with @{kind.upper().replace(' ', '_')}S.register(name) in a module listed in "
+            "selection.imports"
         )
         self._items: dict[str, T] = {}
 

@@ -161,4 +161,6 @@ class Tracer(Component, ABC):
     def trace(self, inp: TraceInput) -> TraceResult: ...
 
 
-TRACERS: Registry[type[Tracer]] = Registry("trace method", base=Tracer)
+TRACERS: Registry[type[Tracer]] = Registry(
+    "trace method", base=Tracer, how_to_register="register your own with @TRACERS.register(name)"
+)

@@ -349,10 +349,12 @@ def test_config_errors_name_the_field_and_the_fix():
     from mates_megatron.influence import INFLUENCE_MODELS, build_influence_model
     from mates_megatron.influence.config import FinetuneConfig, InfluenceConfig, RidgeConfig
     from mates_megatron.influence.finetune import FinetuneInfluenceModel
+    from mates_megatron.influence.relational import RelationalInfluenceModel
     from mates_megatron.influence.ridge import RidgeInfluenceModel
 
     assert dict(INFLUENCE_MODELS.items()) == {
         "finetune": FinetuneInfluenceModel,
+        "relational": RelationalInfluenceModel,
         "ridge": RidgeInfluenceModel,
     }
     assert type(build_influence_model(_cfg("ridge"))) is RidgeInfluenceModel
@@ -370,7 +372,7 @@ def test_config_errors_name_the_field_and_the_fix():
         (lambda: FinetuneConfig(lr=-1.0), "learning rates must be >= 0"),
         (
             lambda: InfluenceConfig(model="lasso"),
-            "InfluenceConfig.model='lasso': choose one of finetune, ridge",
+            "InfluenceConfig.model='lasso': choose one of finetune, relational, ridge",
         ),
         (lambda: InfluenceConfig(max_length=4), "InfluenceConfig.max_length=4: set max_length >= 8"),
         (lambda: InfluenceConfig(max_chunks=0), "InfluenceConfig.max_chunks=0: set max_chunks >= 1"),
@@ -388,7 +390,10 @@ def test_config_errors_name_the_field_and_the_fix():
         InfluenceConfig(ridge={"features": "encoder"})
     cfg = _cfg()
     cfg.model = "lasso"  # past validation: the registry names what it knows
-    with pytest.raises(ValueError, match="unknown influence model 'lasso'; registered: finetune, ridge"):
+    with pytest.raises(
+        ValueError,
+        match="unknown influence model 'lasso'; registered: finetune, relational, ridge \\(register your own with @INFLUENCE_MODELS",
+    ):
         build_influence_model(cfg)
 
 
