@@ -134,10 +134,11 @@ def test_rounds_select_on_the_live_model_and_log_per_round(uninterrupted):
         assert abs(sum(rec["selected_share"].values()) - 1) < 1e-9
         ids, scores = rank0["oracle"][r]
         assert len(set(ids)) == 16 and rec["oracle_mean"] == pytest.approx(np.mean(scores))
-    # Every served id of a round is one of that round's selection, none twice.
+    # Every served id of a round is one of that round's selection, none twice (round 0: the random draw).
+    selections = {0: rank0["random_round"][0], **rank0["published"]}
     for r in range(3):
         ids = [i for step in rank0["served"][r * EVERY : (r + 1) * EVERY] for i in step]
-        assert sorted(ids) == rank0["published"][r]
+        assert sorted(ids) == selections[r]
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
