@@ -17,15 +17,10 @@ terminal) with only its selection changed:
   paper's LAMBADA oracle) or on every reference token (chosen by name only, to settle ``probe_tokens``);
 - ``mates_single``: MATES with ``influence_rounds: 1``, each round's influence model fitted on that round's
   probes alone (the paper; chosen by name only, to compare with the config's fit across rounds);
-- ``group_mates`` (by name only): Group-MATES (Yu et al. 2025) on the config's MATES settings: rollouts of 10
-  probes (``probe_samples`` rounded up to whole rollouts), the relational influence model on the config's
-  frozen-encoder features, the round chosen as a set by the cluster-greedy selector;
-  ``classifier>group_mates`` (by name only): the same, stacked on the classifier as the paper runs it (each
-  scored round's candidates first cut to the classifier's best ``STACKED_KEEP``).
+- ``group_mates``, ``classifier>group_mates`` (by name only): Group-MATES on the config's MATES settings
+  (``_group``), alone and stacked on the classifier as its paper runs it (``STACKED_KEEP``).
 
-Every arm keeps the config's random warm-up, so that every arm selects the same number of rounds: the model-free
-arms (dsir, classifier, lava, gotd, lookalike) could select from the first round, and did before, which gave
-them a selected round more than MATES.
+Every arm keeps the config's random warm-up, so that every arm selects the same number of rounds.
 
 The headline is read from a held-out evaluation set (``--headline``, an ``eval_sets`` key of the config;
 by default the language-modelling loss on held-out documents of the reference domain, from source files
@@ -35,13 +30,12 @@ are smoothed by the trailing mean of the last ``SMOOTH`` evaluations before anyt
 - ``final_heldout_loss``: the smoothed loss at the last step (the mean of the last SMOOTH evaluations);
 - ``steps_to_random_final_heldout_ratio``: the first step where the arm's smoothed curve reaches random's
   final, linear between evaluations, over random's steps (None: never reached);
-- ``wall_clock_ratio``: the arm's wall-clock seconds up to that step, selection included, over random's
-  training seconds (both summed from per-step times, evaluation excluded).
+- ``wall_clock_ratio``: the arm's seconds up to that step, selection included, over random's training
+  seconds (summed per-step times, evaluation excluded).
 
 A second headline averages every held-out domain (``heldout/<domain>``, each domain weighted alike): a
 selector that wins on the reference domain by giving up the others shows it there (``*_all_domains`` keys).
-The probe-set figures (the same three, on ``reference_loss``) stay as a secondary line, and the MATES arm's
-today's keys (``steps_to_random_final_ratio`` etc., on the probe reference, unsmoothed) are kept.
+The probe-set figures (``reference_loss``; ``steps_to_random_final_ratio`` etc., unsmoothed) stay secondary.
 """
 
 from __future__ import annotations
@@ -57,16 +51,9 @@ import numpy as np
 import yaml
 
 ARMS = ("random", "mates", "static", "dsir", "classifier", "lava", "gotd")
-VARIANT_ARMS = (
-    "mates_target",
-    "mates_all",
-    "mates_single",
-    "lookalike",
-    "group_mates",
-    "classifier>group_mates",
-)
-"""MATES with ``probe_tokens`` forced to 'target' or 'all', or ``influence_rounds`` to 1 (named explicitly;
-not part of 'all')."""
+VARIANT_ARMS = ("mates_target", "mates_all", "mates_single", "lookalike", "group_mates",
+                "classifier>group_mates")  # fmt: skip
+"""Arms run when named only (not part of 'all'): MATES with one setting changed, look-alike, Group-MATES."""
 DEFAULT_ARMS = ("random", "mates")
 STACKED_KEEP = 0.5
 """The classifier's kept fraction in the stacked arm: 2.5 times what a round trains on (selection_ratio 0.2)."""
@@ -121,21 +108,16 @@ def _run_configs(cfg: dict[str, Any], seed: int | None, arms=DEFAULT_ARMS) -> di
     from mates_megatron.config import SelectionConfig
     from mates_megatron.configio import normalize
 
-    sel = normalize(SelectionConfig, sel, where="the demo config's selection")  # scorer options in one place
+    sel = normalize(SelectionConfig, sel, where="the demo config", path="selection.")
     if seed is not None:
         sel = {**sel, "seed": seed}
         cfg = {**cfg, "seed": seed}
     mates = sel.get("scorer_options") or {}
 
     def arm(selector: str, scorer: str, **options: Any) -> dict[str, Any]:
-        """Another selector and scorer on the config's run settings (its warm-up included), their own options."""
-        return {
-            **sel,
-            "selector": selector,
-            "selector_options": {},
-            "scorer": scorer,
-            "scorer_options": options,
-        }
+        """Another selector and scorer on the config's run settings (its warm-up included)."""
+        return {**sel, "selector": selector, "selector_options": {}, "scorer": scorer,
+                "scorer_options": options}  # fmt: skip
 
     selections = {
         "random": arm("random", "none"),

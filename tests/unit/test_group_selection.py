@@ -104,7 +104,7 @@ def test_a_selector_that_reads_embeddings_is_refused_with_a_scorer_that_gives_no
     with pytest.raises(
         ValueError,
         match=r"selector 'cluster_greedy' reads the candidates' embeddings, and scorer "
-        r"'dsir' gives none: choose a scorer that does \(gotd, lava, lookalike\)",
+        r"'dsir' gives none: choose a scorer that does \(gotd, group_mates, lava, lookalike\)",
     ):
         SelectionConfig(selector="cluster_greedy", scorer="dsir")
     assert SelectionConfig(selector="cluster_greedy", scorer="lookalike").selector_config.cluster_size == 3000

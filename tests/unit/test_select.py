@@ -80,7 +80,8 @@ def test_bad_scores_and_sizes():
     import mates_megatron.scorers  # noqa: F401  (registers the 'importance' selector of scorer 'dsir')
 
     with pytest.raises(
-        ValueError, match="unknown selector 'best'; registered: gumbel, importance, mixture, random, topk"
+        ValueError,
+        match="unknown selector 'best'; registered: cluster_greedy, gumbel, importance, mixture, random, topk",
     ):
         SELECTORS.get("best")
 
