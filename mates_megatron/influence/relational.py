@@ -27,6 +27,7 @@ from mates_megatron.influence.base import FitResult, check_pairs
 from mates_megatron.influence.config import RelationalConfig
 from mates_megatron.influence.registry import INFLUENCE_MODELS
 from mates_megatron.influence.ridge import RidgeInfluenceModel, ridge_solve
+from mates_megatron.selectors.group import relational_scores
 from mates_megatron.stats import pearson, spearman
 
 
@@ -55,9 +56,7 @@ def relational_predict(feats: np.ndarray, fit: RelationalFit, length: int) -> np
     unit = unit_rows(feats)
     out = own.copy()
     for idx in _rollouts(len(own), length):
-        rel = fit.alpha * (1.0 - unit[idx] @ unit[idx].T / fit.temperature)
-        for k in range(1, len(idx)):
-            out[idx[k]] = own[idx[k]] * rel[k, :k].mean()
+        out[idx] = relational_scores(own[idx], unit[idx], alpha=fit.alpha, temperature=fit.temperature)
     return out
 
 

@@ -72,7 +72,7 @@ def greedy_group(
         key = np.where(taken, np.inf, key)
         j = int(np.argmin(key))
         picked[i], taken[j] = j, True
-        rel = alpha * (1.0 - emb @ emb[j] / temperature)
+        rel = relationship(emb, emb[j : j + 1], alpha=alpha, temperature=temperature)[:, 0]
         mean_rel = (i * mean_rel + rel) / (i + 1)
     return picked
 
