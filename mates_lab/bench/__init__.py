@@ -49,9 +49,10 @@ def bench_sampler(candidates: int, *, ratio: float = 0.2, micro_batches: int = 1
 
 def _run_probe_bench(a) -> int:
     if a.config is not None:
-        from mates_lab.bench.probe_rounds import bench_probe_rounds
+        from mates_lab.bench.probe_rounds import DEFAULT_ESTIMATORS, bench_probe_rounds
 
-        _write(bench_probe_rounds(a.config, a.seeds, a.probes or 0, a.oracle_probes), a.out)
+        estimators = tuple(a.estimators) if a.estimators else DEFAULT_ESTIMATORS
+        _write(bench_probe_rounds(a.config, a.seeds, a.probes or 0, a.oracle_probes, estimators), a.out)
         return 0
     from mates_lab.bench.probe import bench_probe
 
@@ -85,6 +86,7 @@ def _run_round_bench(a) -> int:
             token_ids=a.pass_token_ids,
             gpt_probes=a.gpt_probes,
             data_dir=a.data,
+            group_sizes=tuple(a.group_sizes),
         ),
         a.out,
     )
@@ -189,6 +191,14 @@ def add_bench_parser(sub) -> None:
         default=64,
         help="with --config: samples scored by every estimator per round",
     )
+    pr.add_argument(
+        "--estimators",
+        nargs="+",
+        default=None,
+        help="with --config: which estimators (default: oracle linearized forward forward_clip mirrored; "
+        "'rollout linearized_rollout linearized' compares Group-MATES's oracle with its first-order form; "
+        "give --oracle-probes as a multiple of 10, whole rollouts)",
+    )
     pr.add_argument("--reference-size", type=int, default=64)
     pr.add_argument("--bf16", action="store_true", help="train and probe in bf16 with fp32 main weights")
     pr.add_argument("--out", type=Path, default=None)
@@ -241,6 +251,13 @@ def add_bench_parser(sub) -> None:
     rd.add_argument("--data", default="data/embedded", help="embedded data for the probe phase's GPT")
     rd.add_argument(
         "--pass-token-ids", action="store_true", help="the encoder reads candidate ids, not decoded text"
+    )
+    rd.add_argument(
+        "--group-sizes",
+        type=int,
+        nargs="*",
+        default=[12000, 24000, 48000],
+        help="round sizes of Group-MATES's cluster-greedy step, measured beside its projection (none: skip)",
     )
     rd.add_argument("--out", type=Path, default=None)
     rd.set_defaults(func=_run_round_bench)

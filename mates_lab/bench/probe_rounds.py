@@ -1,5 +1,6 @@
 """`mates-lab bench probe --config CFG --seeds ...`: every estimator against the oracle at every scored round
-of a run config (the demo's by default), not at one model state.
+of a run config (the demo's by default), not at one model state. With ``--estimators rollout
+linearized_rollout ...``, each is also read against Group-MATES's rollout oracle (``*_spearman_vs_rollout``).
 
 The run is trained as its config says (layout, model, optimizer, schedule, reference set, ``probe_tokens``), on
 the pool's own order, and stopped at each step where the config's selection scores a round (after its warm-up,
@@ -87,8 +88,12 @@ def _worker(config: dict, seed: int, probes: int, oracle_probes: int, estimators
             record[f"{name}_probes_per_s"] = round(n / elapsed, 3)
             record[f"{name}_seconds"] = {k: round(v, 3) for k, v in result.seconds.items()}
         for name in estimators:
-            if name != "oracle" and "oracle" in scores:
-                record[f"{name}_spearman_vs_oracle"] = round(spearman(scores[name], scores["oracle"]), 4)
+            for truth in (
+                "oracle",
+                "rollout",
+            ):  # the rollout oracle: Group-MATES's, of the rollout estimators
+                if name != truth and truth in scores:
+                    record[f"{name}_spearman_vs_{truth}"] = round(spearman(scores[name], scores[truth]), 4)
         rounds.append(record)
     return {
         "seed": seed,
@@ -133,11 +138,12 @@ def bench_probe_rounds(
         out[f"{name}_probes_per_s"] = round(
             float(np.mean([r[f"{name}_probes_per_s"] for r in all_rounds])), 3
         )
-        key = f"{name}_spearman_vs_oracle"
-        if all_rounds and key in all_rounds[0]:
-            values = [r[key] for r in all_rounds]
-            out[f"{key}_min"] = min(values)
-            out[f"{key}_mean"] = round(float(np.mean(values)), 4)
+        for truth in ("oracle", "rollout"):
+            key = f"{name}_spearman_vs_{truth}"
+            if all_rounds and key in all_rounds[0]:
+                values = [r[key] for r in all_rounds]
+                out[f"{key}_min"] = min(values)
+                out[f"{key}_mean"] = round(float(np.mean(values)), 4)
     if "linearized" in estimators and "forward" in estimators:
         out["forward_speedup_vs_linearized"] = round(
             out["forward_probes_per_s"] / out["linearized_probes_per_s"], 2

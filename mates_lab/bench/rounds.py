@@ -168,12 +168,14 @@ def bench_round(
     gpt_probes: int = 32,
     data_dir: str = "data/embedded",
     probe_options: dict | None = None,
+    group_sizes: tuple[int, ...] = (12000, 24000, 48000),
 ) -> dict:
     """Run one round per size on ``ranks`` processes (and the middle size on ``check_ranks`` to separate
     per-round from per-shard memory); measure the probe phase with ``gpt_probes`` probes per estimator on the
     embedded data in ``data_dir`` (0: not measured; ``probe_options``: ``measure_probe_phases``'s keywords);
     set every phase beside its projection; project the paper rounds. ``token_ids``: the encoder reads the
-    candidates' ids (``influence.pass_token_ids``) instead of their decoded text."""
+    candidates' ids (``influence.pass_token_ids``) instead of their decoded text. ``group_sizes``: Group-MATES's
+    set selection measured at these round sizes beside its projection (``bench.group_step``)."""
     from mates_lab.bench.paper_cost import paper_cost
     from mates_megatron.compat.spawn import run_on_ranks
 
@@ -208,6 +210,11 @@ def bench_round(
                 row["machine"] = label
             phases += rows
     _print_phases(phases)
+    group = None
+    if group_sizes:
+        from mates_lab.bench.group_step import bench_group_step
+
+        group = bench_group_step(tuple(group_sizes))
     load = {"before": load, "after": _load()}
     cost = paper_cost()
     print(f"paper_1b on 8 x H100 (h100 preset, public figures), corrected model: {cost['paper_1b_verdict']}")
@@ -236,6 +243,7 @@ def bench_round(
         "phases_measured_vs_projected": phases,
         "within_30_percent": _within(phases, 0.3),
         "probe_phases": probe_phases,
+        "group_step": group,
         **_memory(sizes, runs, check, check_ranks, ranks),
         "overhead_fraction_paper_1b": cost["paper_1b"]["linearized_minilm_ddp_padded_host"]["fraction"],
         "overhead_fraction_paper_1b_forward": cost["paper_1b"]["forward_minilm_ddp_padded_host"]["fraction"],

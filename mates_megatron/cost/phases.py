@@ -27,8 +27,11 @@ def probe_share(probes: int, work: RankSeconds, *, steps_optimizer: bool) -> int
 def probe_parts(
     estimator: str, work: RankSeconds, *, probes: int, reference_rows: int, steps_optimizer: bool
 ) -> dict[str, float]:
-    """Seconds of one rank's probe phase by part for ``estimator`` (oracle, rollout, linearized, mirrored,
-    forward)."""
+    """Seconds of one rank's probe phase by part for ``estimator`` (oracle, rollout, linearized,
+    linearized_rollout, mirrored, forward)."""
+    # the rollouts restore once per ROLLOUT_LENGTH probes
+    from mates_megatron.probe.rollout import ROLLOUT_LENGTH
+
     w = work
     share = probe_share(probes, w, steps_optimizer=steps_optimizer)
     ref_forward = w.pipeline(reference_rows, backward=False)
@@ -40,8 +43,6 @@ def probe_parts(
     capture = w.snapshot_bytes() / w.machine.fresh_memory_bandwidth
     untimed = capture + restore + w.machine.collective_latency_s * (w.layout.dp > 1)
     if estimator in ("oracle", "rollout"):  # per probe: a step on the sample, then the whole reference set
-        from mates_megatron.probe.rollout import ROLLOUT_LENGTH
-
         restores = share if estimator == "oracle" else math.ceil(share / ROLLOUT_LENGTH)  # rollout: one each
         parts = {
             "reference": ref_forward,
@@ -50,13 +51,14 @@ def probe_parts(
             "reference_loss": share * ref_forward,
             "restore": restores * restore,
         }
-    elif estimator == "linearized":  # one reference gradient; per probe a step and a dot with it
+    elif estimator in ("linearized", "linearized_rollout"):  # one reference gradient; per probe a step, a dot
+        restores = share if estimator == "linearized" else math.ceil(share / ROLLOUT_LENGTH)
         parts = {
             "reference": ref_backward + w.memory(w.n_opt * GRAD_CLONE) + restore,
             "forward_backward": share * probe_fb,
             "optimizer_step": share * step,
             "dot": share * w.dot(),
-            "restore": share * restore,
+            "restore": restores * restore,
         }
     elif estimator == "mirrored":  # one step on the reference set between two batched passes of the probes
         sync = w.collective(w.n_rank * 4 * 2, 1 if w.layout.distributed_optimizer else w.layout.dp)

@@ -146,6 +146,7 @@ def project_mates_round(
         "rollout": probes * (3.0 * fwd + ref * fwd) + ref * fwd,  # the same, restored once per rollout
         # one reference gradient per round, one gradient per probe
         "linearized": 3.0 * ref * fwd + probes * 3.0 * fwd,
+        "linearized_rollout": 3.0 * ref * fwd + probes * 3.0 * fwd,  # the same, restored once per rollout
         # one reference step, then each probe's loss before and after (forward only)
         "mirrored": 3.0 * ref * fwd + probes * 2.0 * fwd,
         # one reference gradient, then each probe's loss at θ + s·d and θ - s·d (forward only)
@@ -218,8 +219,10 @@ def project_mates_round(
 _LEVERS = {
     "probe": "estimator: forward (batched forward passes, replicas split the probes under the distributed "
     "optimizer too), fewer probe_samples or reference rows, or estimator: linearized (the oracle runs the whole "
-    "reference set once per probe)",
+    "reference set once per probe; for group_mates: linearized_rollout)",
     "fit": "fewer probe_samples, influence_rounds or influence finetune epochs",
+    "group": "a larger cluster_size or fewer kmeans_iters of selector 'cluster_greedy' (its k-means grows as "
+    "candidates^2 / cluster_size), or fewer candidates a round",
     "predict": "influence.pass_token_ids (no decode or tokenise, where the pool uses the encoder's vocabulary), a "
     "smaller influence encoder, a lower influence max_length x max_chunks, or ridge features: token_embeddings",
 }

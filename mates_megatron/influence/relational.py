@@ -9,7 +9,7 @@ kept frozen, as model 'ridge' keeps it (``ridge.features``: its features and its
 head, alpha and temperature are fitted together by full-batch Adam from the ridge solution
 (``fit_relational``); the relationship reads the L2-normalised features.
 
-The probes must be the rollout estimator's (``estimator: rollout``): consecutive runs of
+The probes must be a rollout estimator's (``estimator: rollout`` or ``linearized_rollout``): consecutive runs of
 ``relational.rollout_length`` probes are the rollouts. ``predict`` gives each candidate its own score (the
 head), as the authors' selection does; the selector ('cluster_greedy') adds the relationships.
 """

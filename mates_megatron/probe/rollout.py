@@ -11,6 +11,13 @@ A rollout's first sample scores what the 'oracle' estimator scores minus the los
 round's state); the rest are what no single-sample oracle sees. Cost: a step and a reference pass per sample,
 as 'oracle', with one restore per rollout instead of per sample. Data-parallel replicas split the rollouts
 (whole rollouts, strided); under the distributed optimizer every replica takes part in every step.
+
+'linearized_rollout' is the same rollouts read to first order, as 'linearized' reads the oracle: one reference
+gradient g at the round's weights, and each step scored by <g, θ_i - θ_(i-1)>, the run's update for that sample
+given the steps before it. It keeps what the rollout changes through the optimizer (Adam's moments carry the
+earlier samples into each step, and the weights have moved), and drops the curvature between the steps (the
+reference gradient is not recomputed as the rollout moves). Cost: 'linearized''s, with one restore per rollout
+instead of per probe.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from mates_megatron.probe.context import progress, reference_loss
-from mates_megatron.probe.estimators import ESTIMATORS, Estimator
+from mates_megatron.probe.estimators import ESTIMATORS, Estimator, LinearizedProber
 from mates_megatron.runtime.schedule import Batch
 
 ROLLOUT_LENGTH = 10
@@ -65,6 +72,31 @@ class RolloutProber(Estimator):
                     with self.phase("reference_loss"):
                         after = reference_loss(self.ctx)
                     values[i], before = after - before, after
+            finally:
+                self.restore()
+        return values
+
+
+@ESTIMATORS.register("linearized_rollout")
+class LinearizedRolloutProber(RolloutProber, LinearizedProber):
+    """Each rollout step scored by the reference gradient at the round's weights dotted with its update (see the
+    module); what 'rollout' scores, to first order."""
+
+    method = "linearized_rollout"
+
+    def reference_loss_before(self) -> float:
+        return LinearizedProber.reference_loss_before(self)
+
+    def probe_share(self, samples: Sequence[Batch], mine: np.ndarray) -> dict[int, float]:
+        values: dict[int, float] = {}
+        for rollout in progress(self.rollouts(len(samples)), self.ctx, "linearized rollouts"):
+            moved = 0.0  # <g, θ_i - θ_0>: the dot reads the live weights against the round's snapshot
+            try:
+                for i in rollout:
+                    self.step_on(samples[i])
+                    with self.phase("dot"):
+                        now = self._update_dot()
+                    values[i], moved = now - moved, now
             finally:
                 self.restore()
         return values

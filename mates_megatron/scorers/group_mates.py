@@ -19,9 +19,12 @@ from typing import Any, ClassVar
 
 from mates_megatron.encoder import Encoder, EncoderConfig
 from mates_megatron.influence.config import InfluenceConfig
-from mates_megatron.probe.rollout import RolloutProber
+from mates_megatron.probe.rollout import LinearizedRolloutProber, RolloutProber
 from mates_megatron.scorers.base import SCORERS, PendingScores, RoundInput, ScorerContext, Scores
 from mates_megatron.scorers.mates import MatesConfig, MatesScorer
+
+ROLLOUT_ESTIMATORS = {"rollout": RolloutProber, "linearized_rollout": LinearizedRolloutProber}
+"""The estimators whose probes are rollouts (what the relational model is fitted on)."""
 
 
 def _relational() -> InfluenceConfig:
@@ -33,18 +36,19 @@ class GroupMatesConfig(MatesConfig):
     """Options of the 'group_mates' scorer: MATES's, with the rollout oracle and the relational model."""
 
     estimator: str = "rollout"
-    """Must be 'rollout' (the group oracle)."""
+    """'rollout' (the group oracle: a reference pass per probe) or 'linearized_rollout' (the same rollouts to
+    first order: one reference gradient a round, a dot per probe; mates_megatron.probe.rollout)."""
     influence: InfluenceConfig = field(default_factory=_relational)
     """The influence model: 'relational' (its ``relational`` section: rollout length, fit), on the frozen
     encoder's ``ridge.features``."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.estimator != "rollout" or self.influence.model != "relational":
+        if self.estimator not in ROLLOUT_ESTIMATORS or self.influence.model != "relational":
             raise ValueError(
                 f"GroupMatesConfig: estimator={self.estimator!r}, influence.model={self.influence.model!r}; "
-                "Group-MATES needs estimator 'rollout' and influence model 'relational' (for MATES's own, use "
-                "scorer 'mates')"
+                "Group-MATES needs estimator 'rollout' or 'linearized_rollout' and influence model "
+                "'relational' (for MATES's own, use scorer 'mates')"
             )
         length = self.influence.relational.rollout_length
         if self.probe_samples % length:
@@ -69,8 +73,15 @@ class GroupMatesScorer(MatesScorer):
             device=context.device,
         )
 
+    @classmethod
+    def projected_cost(cls, config: GroupMatesConfig, selection, **shape: Any):
+        from mates_megatron.cost.group import project_group_mates_round
+
+        return project_group_mates_round(selection, config, **shape)
+
     def estimator(self, ctx) -> RolloutProber:
-        return RolloutProber(ctx, rollout_length=self.config.influence.relational.rollout_length)
+        est = ROLLOUT_ESTIMATORS[self.config.estimator]
+        return est(ctx, rollout_length=self.config.influence.relational.rollout_length)
 
     def begin(self, r: RoundInput) -> PendingScores:
         pending = super().begin(r)

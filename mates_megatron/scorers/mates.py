@@ -41,7 +41,8 @@ class MatesConfig:
     step, then the whole reference loss, per probe: the paper, and about a reference set's worth of forward
     passes per probe), 'mirrored' (one reference step, forward only) or 'rollout' (Group-MATES's oracle:
     rollouts of 10 probes trained on in order, each probe scored by its step's reference-loss change given the
-    steps before it; the cost of 'oracle')."""
+    steps before it; the cost of 'oracle') or 'linearized_rollout' (the same rollouts to first order: the cost
+    of 'linearized')."""
     probe_tokens: str = "target"
     """Which reference tokens the probes' reference loss counts: 'target' (the LAMBADA form: the last word
     only, the same loss the run reports) or 'all' (every token of each reference example, context and target:

@@ -144,7 +144,7 @@ def tp1_scores(weights):
 @pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2)])
 def test_tp2_and_pp2_scores_equal_tp1(weights, tp1_scores, tp, pp):
     for rank_scores in run_on_ranks(_scores, 2, tp, pp, weights):
-        for name in ("oracle", "rollout", "linearized", "mirrored", "forward"):
+        for name in ("oracle", "rollout", "linearized", "linearized_rollout", "mirrored", "forward"):
             torch.testing.assert_close(
                 torch.tensor(rank_scores[name]),
                 torch.tensor(tp1_scores[name]),
@@ -183,7 +183,7 @@ def test_dp2_splits_probes_and_gathers_dp1_scores(weights, tp1_scores, distopt):
         assert share0 == [0, 2, 4] and share1 == [1, 3, 5]  # disjoint, covering
     # The forward estimator splits the samples under the distributed optimizer too (it steps nothing): its
     # direction, formed on each rank's Adam shard and gathered, gives the single replica's scores.
-    for name in ("oracle", "rollout", "linearized", "mirrored", "forward"):
+    for name in ("oracle", "rollout", "linearized", "linearized_rollout", "mirrored", "forward"):
         assert s0[name] == s1[name]
         atol = _atol(name, tp1_scores[name])
         torch.testing.assert_close(torch.tensor(s0[name]), torch.tensor(tp1_scores[name]), rtol=0, atol=atol)
@@ -338,6 +338,68 @@ def test_rollout_scores_are_each_steps_reference_loss_change_given_the_steps_bef
     np.testing.assert_allclose(got, hand, rtol=0, atol=1e-6)
     # A rollout's first step is the oracle's step from the round's state.
     np.testing.assert_allclose([got[0], got[4]], [oracle[0] - before, oracle[4] - before], rtol=0, atol=1e-6)
+    assert restored
+
+
+def _linearized_rollouts_by_hand():
+    """Rollouts of 4 over the 6 samples read to first order: the reference gradient at the round's weights by
+    autograd, dotted with each of the run's own optimizer steps taken through the rollouts in order."""
+    from torch.func import functional_call
+
+    from mates_megatron.probe.estimators import LinearizedProber
+    from mates_megatron.probe.rollout import LinearizedRolloutProber, RolloutProber
+    from mates_megatron.probe.snapshot import TrainingSnapshot
+    from mates_megatron.runtime.schedule import run_schedule
+
+    model, ddp, opt, sched = _build(1, 1)
+    samples, reference = _data()
+    _warm(ddp, opt, samples)
+    ctx = _ctx(ddp, opt, sched, reference)
+    got = LinearizedRolloutProber(ctx, rollout_length=4).score(samples)
+    linearized = LinearizedProber(ctx).score(samples)
+    exact = RolloutProber(ctx, rollout_length=4).score(samples).scores
+    state = _state(model, ddp, opt, sched)
+
+    params = {k: v.detach().clone().requires_grad_(True) for k, v in model.named_parameters()}
+    model.eval()
+    total, tokens = 0.0, 0.0
+    for b in reference:
+        out = functional_call(model, params, (b["tokens"], b["position_ids"], None), {"labels": b["labels"]})
+        total = total + (out.float() * b["loss_mask"]).sum()
+        tokens += float(b["loss_mask"].sum())
+    g_ref = dict(zip(params, torch.autograd.grad(total / tokens, list(params.values())), strict=True))
+    model.train()
+    hand = []
+    for rollout in ((0, 1, 2, 3), (4, 5)):
+        keep = TrainingSnapshot([ddp], opt, sched)
+        for i in rollout:
+            before = {k: p.detach().clone() for k, p in model.named_parameters()}
+            ddp.zero_grad_buffer()
+            opt.zero_grad()
+            run_schedule([ddp], [samples[i]], seq_length=SEQ, forward_only=False, device=torch.device("cpu"))
+            opt.step()
+            hand.append(
+                sum(float((g_ref[k].double() * (p.detach() - before[k]).double()).sum())
+                    for k, p in model.named_parameters())
+            )  # fmt: skip
+        keep.restore()
+    return (
+        got.scores.tolist(),
+        hand,
+        (linearized.scores - linearized.loss_before).tolist(),
+        exact.tolist(),
+        _same(state, _state(model, ddp, opt, sched)),
+    )
+
+
+def test_linearized_rollout_scores_each_step_by_the_reference_gradient_dotted_with_its_update():
+    got, hand, linearized, exact, restored = run_on_ranks(_linearized_rollouts_by_hand, 1)[0]
+    assert np.std(hand) > 10 * 1e-6  # the steps differ: the check is not of a constant
+    np.testing.assert_allclose(got, hand, rtol=0, atol=1e-6)
+    # A rollout's first step is the linearized estimator's one step from the round's state.
+    np.testing.assert_allclose([got[0], got[4]], [linearized[0], linearized[4]], rtol=0, atol=1e-6)
+    # And later steps are not: the earlier samples moved the weights and Adam's moments.
+    assert max(abs(got[i] - linearized[i]) for i in (1, 2, 3, 5)) > 10 * 1e-6
     assert restored
 
 

@@ -1,0 +1,74 @@
+"""The projected cost of a Group-MATES round: the linearized rollout's probe phase, the cluster-greedy step by hand
+(its k-means quadratic in the round, its greedy linear), and the paper round refused by the guard today."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from mates_megatron.config import SelectionConfig
+from mates_megatron.configio import build, load_yaml
+from mates_megatron.cost import MACHINES, Layout, TransformerShape, check_round_cost
+from mates_megatron.cost.group import group_parts, project_group_mates_round
+from mates_megatron.scorers.group_mates import GroupMatesConfig
+
+HOST = dataclasses.replace(MACHINES["h100"], host_flops=1e9, matmul_flops=1e12, memory_bandwidth=1e12)
+GPT_1B = TransformerShape(16, 2048, 8192, 50304, num_attention_heads=8, tied_embeddings=False)
+PAPER = {"model": GPT_1B, "seq_length": 1024, "global_batch_size": 512, "reference_rows": 5153,
+         "layout": Layout(dp=8, micro_batch_size=16, bf16=True), "machine": "h100"}  # fmt: skip
+
+
+def test_the_group_step_by_hand_kmeans_quadratic_and_greedy_linear_in_the_round():
+    p = group_parts(9000, 1800, dim=4, cluster_size=3000, kmeans_iters=10, machine=HOST)
+    assert p["kmeans"] == pytest.approx(10 * 2 * 9000 * 3 * 4 / 1e9)  # 3 clusters
+    # a pick: its cluster's 3,000 x 4 embeddings, FLOPs at 1e9/s (memory at 1e12 B/s is faster)
+    assert p["greedy"] == pytest.approx(1800 * 2 * 3000 * 4 / 1e9)
+    twice = group_parts(18000, 3600, dim=4, cluster_size=3000, kmeans_iters=10, machine=HOST)
+    assert twice["kmeans"] == pytest.approx(4 * p["kmeans"]) and twice["greedy"] == pytest.approx(
+        2 * p["greedy"]
+    )
+    # Sharded over 3 ranks on the device: each rank a third of the round (a ninth of the k-means) at 1e12.
+    shard = group_parts(9000, 1800, dim=4, cluster_size=3000, kmeans_iters=10, machine=HOST, shards=3,
+                        on_device=True)  # fmt: skip
+    assert shard["kmeans"] == pytest.approx(p["kmeans"] / 9 / 1000)
+
+
+def _paper(estimator: str) -> tuple[SelectionConfig, GroupMatesConfig]:
+    sel = build(SelectionConfig, load_yaml("configs/paper_1b.yaml")["selection"], where="paper_1b")
+    m = sel.scorer_config
+    keep = {
+        f.name: getattr(m, f.name) for f in dataclasses.fields(m) if f.name not in ("estimator", "influence")
+    }
+    inf = dataclasses.replace(m.influence, model="relational")
+    return sel, GroupMatesConfig(**{**keep, "probe_samples": m.probe_samples // 10 * 10}, estimator=estimator,
+                                 influence=inf)  # fmt: skip
+
+
+def test_the_linearized_rollout_costs_the_linearized_probes_not_a_reference_pass_each():
+    from mates_megatron.cost import project_mates_round
+
+    sel, rollout = _paper("rollout")
+    exact = project_group_mates_round(sel, rollout, **PAPER).seconds["probe"]
+    first = project_group_mates_round(
+        sel, dataclasses.replace(rollout, estimator="linearized_rollout"), **PAPER
+    )
+    mates = project_mates_round(sel, dataclasses.replace(sel.scorer_config, estimator="linearized",
+                                probe_samples=rollout.probe_samples), **PAPER).seconds["probe"]  # fmt: skip
+    assert "reference_loss" in exact and "reference_loss" not in first.seconds["probe"]  # a pass per probe
+    assert sum(first.seconds["probe"].values()) < sum(exact.values()) / 20
+    # The linearized estimator's parts, with one restore per rollout of 10 instead of one per probe.
+    for part in ("reference", "forward_backward", "optimizer_step", "dot"):
+        assert first.seconds["probe"][part] == pytest.approx(mates[part])
+    assert first.seconds["probe"]["restore"] == pytest.approx(mates["restore"] / 10, rel=0.01)
+
+
+def test_the_paper_round_is_refused_today_for_its_kmeans_and_projected_under_mates_sharded():
+    sel, g = _paper("linearized_rollout")
+    today = project_group_mates_round(sel, g, **PAPER)
+    assert today.dominant() == ("group", "kmeans")
+    with pytest.raises(ValueError, match="largest phase is group .*cluster_size"):
+        check_round_cost(today, sel.max_selection_cost)
+    designed = project_group_mates_round(sel, g, sharded=True, **PAPER)
+    assert "embed_encoder" in today.seconds["group"] and "embed_encoder" not in designed.seconds["group"]
+    assert designed.phase_seconds["group"] < today.phase_seconds["group"] / 1000
