@@ -84,8 +84,9 @@ def summarise(seeds: dict[int, dict[str, Any]]) -> dict[str, Any]:
 
 def bench_autoscale_seeds(
     data: Path, work: Path, *, steps: int = 20, seeds: tuple[int, ...] = (0, 1, 2),
-    model: dict[str, int] | None = None, warmup: int = 5,
+    model: dict[str, int] | None = None, warmup: int = 5, runner=None,
 ) -> dict[str, Any]:  # fmt: skip
+    """``runner``: as `mixture.plan.run_plan`'s (default: the project's training loop)."""
     from mates_lab.bench.autoscale import base_config, split_heldout
     from mates_megatron.mixture.autoscale import autoscale_weights
     from mates_megatron.mixture.plan import (
@@ -116,7 +117,7 @@ def bench_autoscale_seeds(
             plan_dir = out / f"ddo_{s}"
             if not (plan_dir / "plan.json").is_file():
                 write_plan(cfg_path, plan_dir, steps=s, eval_set="val")
-            run_plan(plan_dir)
+            run_plan(plan_dir, runner)
             ddo[name] = write_weights(out / f"ddo_{s}.json", fit_plan(plan_dir))
             print(
                 f"[bench autoscale-seeds] seed {seed} DDO at {s}: {read_weights(ddo[name]).at(0)}", flush=True
@@ -146,7 +147,7 @@ def bench_autoscale_seeds(
             ran[name] = ran[twin] if twin else name
             run_dir = out / f"train_{ran[name]}_{target}"
             if ran[name] == name:
-                train_once(write_run_config(cfg, run_dir, files[name], target))
+                train_once(write_run_config(cfg, run_dir, files[name], target), runner)
             _, test = objective(json.loads((run_dir / "metrics.json").read_text()), "test", domains)
             loss[name], by_domain[name] = float(np.mean(list(test.values()))), test
         per_seed[seed] = {
