@@ -120,6 +120,13 @@ def _run_autoscale_bench(a) -> int:
     return 0
 
 
+def _run_autoscale_seeds_bench(a) -> int:
+    from mates_lab.bench.autoscale_seeds import bench_autoscale_seeds
+
+    _write(bench_autoscale_seeds(a.data, a.work, steps=a.steps, seeds=tuple(a.seeds), warmup=a.warmup), a.out)
+    return 0
+
+
 def _run_projektor_bench(a) -> int:
     from mates_lab.bench.projektor import bench_projektor
 
@@ -302,6 +309,18 @@ def add_bench_parser(sub) -> None:
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--out", type=Path, default=None)
     a.set_defaults(func=_run_autoscale_bench)
+    asd = bsub.add_parser(
+        "autoscale-seeds",
+        help="over seeds: AutoScale's interpolated and extrapolated weights vs DDO and DDO's seed spread; "
+        "the target trained on uniform, reused DDO, AutoScale and AutoScale capped at unrepeated data",
+    )
+    asd.add_argument("--data", type=Path, default=Path("data/embedded"), help="prepared embedded data")
+    asd.add_argument("--work", type=Path, default=Path("runs/bench_autoscale_seeds"), help="runs (resumable)")
+    asd.add_argument("--steps", type=int, default=40, help="smallest DDO budget; then 2x, 4x, target 8x")
+    asd.add_argument("--warmup", type=int, default=10, help="learning-rate warm-up steps")
+    asd.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    asd.add_argument("--out", type=Path, default=None)
+    asd.set_defaults(func=_run_autoscale_seeds_bench)
     pj = bsub.add_parser(
         "projektor",
         help="Projektor vs a power law: projected and actual held-out loss of 8 mixtures at 4x the larger "

@@ -51,15 +51,17 @@ def split_heldout(heldout: Path, out: Path, *, piece_chars: int = 240) -> dict[s
     return paths
 
 
-def base_config(data: Path, evals: dict[str, Path], seed: int) -> dict[str, Any]:
+def base_config(
+    data: Path, evals: dict[str, Path], seed: int, *, model: dict[str, int] | None = None, warmup: int = 10
+) -> dict[str, Any]:
     return {
         "data_prefix": str(data / "train"),
         "eval_sets": {k: str(v) for k, v in evals.items()},
         "eval_micro_batch_size": 64,
-        "model": MODEL,
+        "model": model or MODEL,
         "parallel": {"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1, "cpu": not torch.cuda.is_available()},
         "micro_batch_size": 16, "global_batch_size": 16, "lr": 0.003, "min_lr": 0.0003,
-        "lr_warmup_iters": 10, "lr_decay_style": "cosine", "weight_decay": 0.1, "clip_grad": 1.0,
+        "lr_warmup_iters": warmup, "lr_decay_style": "cosine", "weight_decay": 0.1, "clip_grad": 1.0,
         "seed": seed, "log_interval": 1000,
         # The pool is 20x each run's samples: headroom for a domain weighted up to 3/7 of a run (licenses is
         # 4% of the corpus's tokens; GPTDataset repeats the corpus in epochs to fill the pool, as Megatron does).

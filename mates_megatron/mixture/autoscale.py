@@ -12,7 +12,13 @@ from pathlib import Path
 
 import numpy as np
 
-from mates_megatron.mixture.weights import MixtureError, WeightSchedule, constant, read_weights
+from mates_megatron.mixture.weights import (
+    MixtureError,
+    WeightSchedule,
+    cap_unrepeated,
+    constant,
+    read_weights,
+)
 
 
 def autoscale_amounts(n1: np.ndarray, n2: np.ndarray, budget: float) -> tuple[np.ndarray, float]:
@@ -49,8 +55,14 @@ def autoscale_amounts(n1: np.ndarray, n2: np.ndarray, budget: float) -> tuple[np
     return n1 * np.exp(t * log_r), float(t)
 
 
-def autoscale_weights(small: Path, large: Path, steps: int) -> WeightSchedule:
-    """The AutoScale weights schedule at ``steps`` from two DDO weight files of the same plan settings."""
+def autoscale_weights(
+    small: Path, large: Path, steps: int, *, available_tokens: dict[str, float] | None = None
+) -> WeightSchedule:
+    """The AutoScale weights schedule at ``steps`` from two DDO weight files of the same plan settings.
+
+    ``available_tokens`` (tokens per domain, e.g. ``read_domain_tokens``): cap each domain at its unrepeated
+    share of the target's tokens (``cap_unrepeated``); the form assumes fresh data, so a predicted amount
+    beyond what a domain holds is not one it can serve unrepeated. The uncapped weights stay in the source."""
     s1, s2 = read_weights(small), read_weights(large)
     for s, p in ((s1, small), (s2, large)):
         if "amounts_samples" not in s.source or "steps" not in s.source:
@@ -67,7 +79,15 @@ def autoscale_weights(small: Path, large: Path, steps: int) -> WeightSchedule:
         raise MixtureError(f"{small} and {large} were planned with different global batch sizes")
     amounts, t = autoscale_amounts(n1, n2, steps * per_step)
     weights = dict(zip(domains, (amounts / amounts.sum()).tolist(), strict=True))
-    return constant(weights, {
+    source = {
         "method": "autoscale", "small": str(small), "large": str(large), "t": t, "steps": steps,
         "budget_samples": steps * per_step, "amounts_samples": dict(zip(domains, amounts.tolist(), strict=True)),
-    })  # fmt: skip
+    }  # fmt: skip
+    if available_tokens is not None:
+        if "budget_tokens" not in s1.source:
+            raise MixtureError(f"{small}: no budget_tokens (a DDO file from an older fit); fit it again")
+        budget_tokens = steps * s1.source["budget_tokens"] / s1.source["steps"]
+        source.update({"uncapped_weights": weights, "budget_tokens": budget_tokens,
+                       "available_tokens": dict(available_tokens)})  # fmt: skip
+        weights = cap_unrepeated(weights, available_tokens, budget_tokens)
+    return constant(weights, source)

@@ -59,6 +59,10 @@ def add_mixture_parser(sub) -> None:
     pr.add_argument("--small", type=Path, required=True, help="DDO weights at the smaller budget")
     pr.add_argument("--large", type=Path, required=True, help="DDO weights at the larger budget")
     pr.add_argument("--steps", type=int, required=True, help="target budget in steps (same batch and length)")
+    pr.add_argument(
+        "--cap-unrepeated", type=Path, default=None, metavar="PREFIX",
+        help="cap each domain at the tokens it holds in PREFIX (its .meta.json), so none repeats at --steps",
+    )  # fmt: skip
     pr.add_argument("--out", type=Path, required=True)
     pr.set_defaults(func=_predict)
     pk = s.add_parser(
@@ -129,8 +133,11 @@ def _fit(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    from mates_megatron.mixture.weights import read_domain_tokens
+
     try:
-        schedule = autoscale_weights(args.small, args.large, args.steps)
+        tokens = None if args.cap_unrepeated is None else read_domain_tokens(args.cap_unrepeated)
+        schedule = autoscale_weights(args.small, args.large, args.steps, available_tokens=tokens)
     except MixtureError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -123,3 +123,44 @@ def write_weights(path: str | Path, schedule: WeightSchedule) -> Path:
 
 def constant(weights: dict[str, float], source: dict[str, Any] | None = None) -> WeightSchedule:
     return WeightSchedule([(0, normalise(weights, "weights"))], dict(source or {}))
+
+
+def cap_unrepeated(weights: dict[str, float], available: dict[str, float], total: float) -> dict[str, float]:
+    """The weights with each domain capped at its unrepeated share, ``w_d * total <= available[d]``.
+
+    DDO's and AutoScale's loss forms assume every token a domain serves is fresh; a weight above the share the
+    domain can give once would repeat its data. A capped domain keeps its cap and the rest of the mass goes to
+    the uncapped domains in proportion to their weights (water-filling: capping can push another domain over
+    its own cap, so repeat until none is). ``available`` and ``total`` are in one unit (tokens or samples).
+    """
+    w = normalise(weights, "weights")
+    missing = sorted(set(w) - set(available))
+    if missing:
+        raise MixtureError(f"unrepeated cap: no available amount for {missing}")
+    if not total > 0:
+        raise MixtureError(f"unrepeated cap: the budget must be positive, got {total}")
+    cap = {d: max(0.0, float(available[d])) / total for d in w}
+    if sum(cap[d] for d in w if w[d] > 0) < 1 - 1e-12:
+        raise MixtureError(
+            f"unrepeated cap: the weighted domains hold {sum(available[d] for d in w if w[d] > 0):.0f} of the "
+            f"budget's {total:.0f}; no mixture of them fills it without repeating data"
+        )
+    fixed: dict[str, float] = {}
+    while True:
+        free = {d: x for d, x in w.items() if d not in fixed}
+        scale = (1.0 - sum(fixed.values())) / sum(free.values())
+        over = {d for d, x in free.items() if x * scale > cap[d]}
+        if not over:
+            return {d: fixed.get(d, w[d] * scale) for d in w}
+        fixed.update({d: cap[d] for d in over})
+
+
+def read_domain_tokens(prefix: str | Path) -> dict[str, float]:
+    """Tokens per domain of a prepared indexed dataset (``PREFIX.meta.json`` from `mates-megatron prepare`)."""
+    meta = Path(f"{prefix}.meta.json")
+    if not meta.is_file():
+        raise MixtureError(f"{meta}: not found; the tokens per domain come from `mates-megatron prepare`")
+    tokens = json.loads(meta.read_text()).get("tokens_per_domain")
+    if not tokens:
+        raise MixtureError(f"{meta}: no tokens_per_domain; prepare the data again to count them")
+    return {d: float(n) for d, n in tokens.items()}
