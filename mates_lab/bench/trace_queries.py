@@ -76,7 +76,7 @@ def bench_trace_queries(
     source: Path,
     work: Path,
     *,
-    pool_docs: int = 128,
+    pool_docs: int = 64,
     max_queries: int = 64,
     tp: int = 1,
     seed: int = 0,
@@ -107,8 +107,34 @@ def bench_trace_queries(
     sec = {m: {int(n): v["seconds_per_query"] for n, v in out[m].items()} for m in METHODS}
     cheaper = [n for n in sorted(sec["gradient"]) if sec["forward-inf"][n] < sec["gradient"][n]]
     out["forward_inf_cheaper_at"] = cheaper
+    out["linear_fit"] = linear_fit(out, pool_docs)
     out["seconds"] = time.perf_counter() - t0
     return out
+
+
+def linear_fit(out: dict, pool_docs: int) -> dict:
+    """Each method's total seconds as ``fixed + per_query * Q`` (least squares over the query counts), and
+    the query count where the two totals cross. Forward-INF's per-query part is a pass over the pool and its
+    fixed part the loss before; gradient-dot's fixed part is the pool's backward passes and its per-query part
+    a query's gradient: per pool document, the crossing tends to (backward / forward) as the pool grows."""
+    import numpy as np
+
+    fit = {}
+    for m in METHODS:
+        q = np.array([int(n) for n in out[m]], dtype=float)
+        t = np.array([v["seconds"] for v in out[m].values()])
+        per_query, fixed = np.polyfit(q, t, 1)
+        fit[m] = {"fixed_seconds": float(fixed), "per_query_seconds": float(per_query)}
+    f, g = fit["forward-inf"], fit["gradient"]
+    slope = f["per_query_seconds"] - g["per_query_seconds"]
+    fit["crossing_queries"] = float((g["fixed_seconds"] - f["fixed_seconds"]) / slope) if slope > 0 else None
+    fit["per_document"] = {
+        "forward_inf_seconds_per_query": f["per_query_seconds"] / pool_docs,
+        "gradient_fixed_seconds": g["fixed_seconds"] / pool_docs,
+    }
+    if f["per_query_seconds"] > 0:
+        fit["large_pool_crossing_queries"] = g["fixed_seconds"] / f["per_query_seconds"]
+    return fit
 
 
 def worker(spec: dict) -> None:
@@ -181,7 +207,7 @@ def add_trace_queries_parser(bsub) -> None:
         help="a finished bench trace seed (model, pool)",
     )
     q.add_argument("--work", type=Path, default=Path("runs/bench_trace_queries"))
-    q.add_argument("--pool-docs", type=int, default=128, help="documents of the fixed training set")
+    q.add_argument("--pool-docs", type=int, default=64, help="documents of the fixed training set")
     q.add_argument("--max-queries", type=int, default=64)
     q.add_argument("--tp", type=int, default=1, help="tensor-parallel processes of the worker")
     q.add_argument("--out", type=Path, default=None)

@@ -98,3 +98,17 @@ def test_peak_memory_reset_sees_a_new_allocation():
     assert peak_kib() - start >= 60 * 1024
     del block
     assert reset_peak() <= peak_kib()
+
+
+def test_query_count_crossing_by_hand():
+    from mates_lab.bench.trace_queries import linear_fit
+
+    # forward-inf 2 + 3Q seconds, gradient 20 + 0.5Q: they cross at Q = 18 / 2.5 = 7.2.
+    out = {
+        "forward-inf": {str(q): {"seconds": 2 + 3 * q} for q in (1, 2, 4)},
+        "gradient": {str(q): {"seconds": 20 + 0.5 * q} for q in (1, 2, 4)},
+    }
+    fit = linear_fit(out, pool_docs=10)
+    assert fit["crossing_queries"] == pytest.approx(7.2)
+    assert fit["forward-inf"] == pytest.approx({"fixed_seconds": 2.0, "per_query_seconds": 3.0})
+    assert fit["large_pool_crossing_queries"] == pytest.approx(20 / 3)
