@@ -147,7 +147,7 @@ def _run_trace_bench(a) -> int:
         bench_trace(
             a.data, a.work, background=a.background, facts=a.facts, leaks=a.leaks, steps=a.steps,
             seeds=tuple(a.seeds), distractors=a.distractors, same_relation=a.same_relation,
-            paraphrase=not a.no_paraphrase, top_k=a.ranking_depth, options=options,
+            paraphrase=not a.no_paraphrase, top_k=a.ranking_depth, options=options, methods=tuple(a.methods),
         ),
         a.out,
     )  # fmt: skip
@@ -349,6 +349,7 @@ def add_bench_parser(sub) -> None:
         "--options", default="{}", help="per-method options as YAML, e.g. '{forward-inf: {drop: 0.02}}'"
     )
     tr.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    tr.add_argument("--methods", nargs="+", default=["bm25", "fasttrack", "gradient", "forward-inf"])
     tr.add_argument("--out", type=Path, default=None)
     tr.set_defaults(func=_run_trace_bench)
     add_paper_check_parsers(bsub)

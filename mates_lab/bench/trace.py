@@ -158,6 +158,7 @@ def bench_trace(
     data: Path, work: Path, *, background: int = 800, facts: int = 16, leaks: int = 5, steps: int = 300,
     seeds: tuple[int, ...] = (0, 1, 2), supports: int = 3, distractors: int = 2, same_relation: int = 2,
     paraphrase: bool = True, top_k: int = 30, options: dict[str, dict] | None = None,
+    methods: tuple[str, ...] = METHODS,
 ) -> dict[str, Any]:  # fmt: skip
     """Every seed plants its own pool (``work/seed-N``), trains its own model and traces it with every
     method; figures per seed and their mean with a 95% interval over seeds."""
@@ -175,25 +176,25 @@ def bench_trace(
         sw = work / f"seed-{seed}"
         pool = build_pool(data, sw, background=background, facts=facts, leaks=leaks, seed=seed, plan=plan)
         config = train(sw, pool["prefix"], steps=steps, seed=seed)
-        for method in METHODS:
+        for method in methods:
             trace(sw, config, pool["shards"], method, (options or {}).get(method, {}), top_k)
-        per_seed.append(score_seed(sw, top_k))
+        per_seed.append(score_seed(sw, top_k, methods))
         print(json.dumps({"seed": seed, **per_seed[-1]}), flush=True)
     return {
         "pool_documents": pool["docs"], "facts": facts, **plan, "leaks": leaks, "train_steps": steps,
-        "seeds": list(seeds), "ranking_depth": top_k, "summary": summarize_seeds(per_seed), "per_seed": per_seed,
+        "seeds": list(seeds), "methods": list(methods), "ranking_depth": top_k, "summary": summarize_seeds(per_seed), "per_seed": per_seed,
         "seconds": time.perf_counter() - t0,
     }  # fmt: skip
 
 
-def score_seed(seed_dir: Path, top_k: int) -> dict[str, dict]:
+def score_seed(seed_dir: Path, top_k: int, methods: tuple[str, ...] = METHODS) -> dict[str, dict]:
     """Every method's figures from a seed's finished traces (``seed_dir``: a ``--work/seed-N``)."""
     from mates_lab.bench.trace_scores import score_method
 
     pool = json.loads((seed_dir / "planted.json").read_text())
     st = pool["settings"]
     figures = {}
-    for method in METHODS:
+    for method in methods:
         run = trace(seed_dir, seed_dir / "config.yaml", pool["shards"], method, {}, top_k)
         figures[method] = score_method(method, run, pool["gold"], st["facts"], st["leaks"], top_k, st["seed"])
     return figures
