@@ -8,6 +8,7 @@ from pathlib import Path
 
 from mates_lab.bench.output import write_result as _write
 from mates_lab.bench.paper_checks import add_paper_check_parsers
+from mates_lab.bench.trace_queries import add_trace_queries_parser
 
 
 def bench_sampler(candidates: int, *, ratio: float = 0.2, micro_batches: int = 1000, seed: int = 0) -> dict:
@@ -154,7 +155,8 @@ def _run_trace_bench(a) -> int:
     _write(
         bench_trace(
             a.data, a.work, background=a.background, facts=a.facts, leaks=a.leaks, steps=a.steps,
-            seed=a.seed, options=options,
+            seeds=tuple(a.seeds), distractors=a.distractors, same_relation=a.same_relation,
+            paraphrase=not a.no_paraphrase, top_k=a.ranking_depth, options=options, methods=tuple(a.methods),
         ),
         a.out,
     )  # fmt: skip
@@ -353,23 +355,41 @@ def add_bench_parser(sub) -> None:
     dm.set_defaults(func=_run_dam_bench)
     tr = bsub.add_parser(
         "trace",
-        help="planted facts and leaks: recall@10, F1 and seconds per query of forward-inf, fasttrack, gradient, bm25",
+        help="planted facts and leaks over seeds: recall@10, F1 of a tuned decision rule, FASTTRACK's routing "
+        "recall and oracle verifier, seconds per query of forward-inf, fasttrack, gradient, bm25",
     )
     tr.add_argument(
         "--data", type=Path, default=Path("data/embedded"), help="prepared embedded data directory"
     )
     tr.add_argument("--work", type=Path, default=Path("runs/bench_trace"), help="pool, checkpoint, traces")
-    tr.add_argument("--background", type=int, default=2000, help="background pieces of the pool")
-    tr.add_argument("--facts", type=int, default=20)
+    tr.add_argument("--background", type=int, default=800, help="background pieces of the pool")
+    tr.add_argument("--facts", type=int, default=16, help="planted facts (half tune each rule, half report)")
+    tr.add_argument(
+        "--distractors", type=int, default=2, help="documents per fact naming its entity otherwise"
+    )
+    tr.add_argument(
+        "--same-relation",
+        type=int,
+        default=2,
+        help="documents per fact: its entity and relation, another object",
+    )
+    tr.add_argument(
+        "--no-paraphrase", action="store_true", help="query with the planted sentence's own words"
+    )
+    tr.add_argument(
+        "--ranking-depth", type=int, default=30, help="documents ranked per query (largest top-k)"
+    )
     tr.add_argument("--leaks", type=int, default=5, help="reference examples copied into the pool")
     tr.add_argument("--steps", type=int, default=300, help="training steps of the demo model on the pool")
     tr.add_argument(
         "--options", default="{}", help="per-method options as YAML, e.g. '{forward-inf: {drop: 0.02}}'"
     )
-    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    tr.add_argument("--methods", nargs="+", default=["bm25", "fasttrack", "gradient", "forward-inf"])
     tr.add_argument("--out", type=Path, default=None)
     tr.set_defaults(func=_run_trace_bench)
     add_paper_check_parsers(bsub)
+    add_trace_queries_parser(bsub)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,14 +1,17 @@
 """`mates-lab bench trace`: plant facts and leaked reference examples in the embedded pool, train the
-demo model on it, then trace the facts and the leaks back with every method.
+demo model on it, then trace the facts and the leaks back with every method, over several seeds.
 
 The pool: ``background`` pieces of about 240 characters cut from the embedded corpus (every domain), with
-``facts`` made-up facts planted in 3 supporting documents each and their entities in 3 distractor documents
-each (``mates_lab/planted.py``), and ``leaks`` reference examples (cut to fit the window) copied in twice. The
-model: the CPU demo's GPT (4 layers, 128 wide, TP=2), trained on that pool. Judged per method: recall@10
-of the supporting documents, the F1 of its supportive set (FASTTRACK's verdicts; the others' top 10, and
-their best top-k over k in 1..10 beside it), seconds per query over the whole pool (the 20 fact queries
-traced together, and one query alone), and recall@10 of the leaked copies. Every stage is kept in
-``--work`` and skipped when done (a killed bench resumes).
+``facts`` made-up facts planted in ``supports`` documents each, their entity named with another relation
+in ``distractors`` documents and with the fact's own relation but another object in ``same_relation``
+documents (``mates_lab/planted.py``), and ``leaks`` reference examples (cut to fit the window) copied in
+twice. The queries paraphrase the facts (``--no-paraphrase``: the planted sentence's words). The model: the
+CPU demo's GPT (4 layers, 128 wide, TP=2), trained on that pool. Each method returns its top
+``ranking_depth`` documents per query; ``trace_scores`` judges them: recall@10, and precision/recall/F1
+of a decision rule (top-k or a score threshold) tuned on half the facts and scored on the other half;
+FASTTRACK's verdicts, routing recall and oracle verifier beside them; seconds per query (facts and leaks
+traced together); recall@10 of the leaked copies. Each seed plants, trains and traces in ``--work/seed-N``,
+every stage kept and skipped when done (a killed bench resumes).
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 MODEL = {
@@ -29,7 +31,7 @@ MODEL = {
     "seq_length": 128,
     "vocab_size": 30522,
 }
-METHODS = ("bm25", "gradient", "forward-inf", "fasttrack")
+METHODS = ("bm25", "fasttrack", "gradient", "forward-inf")  # cheapest first: a short bench has the most
 
 
 def background_pieces(corpus: Path, n: int, seed: int, piece_chars: int = 240) -> list[tuple[str, str]]:
@@ -65,16 +67,19 @@ def leak_examples(reference: Path, n: int, tokenizer, budget: int, seed: int) ->
     return out
 
 
-def build_pool(data: Path, work: Path, *, background: int, facts: int, leaks: int, seed: int) -> dict:
-    """The planted corpus, prepared into ``work/data`` (indexed + shards), and the query files."""
+def build_pool(
+    data: Path, work: Path, *, background: int, facts: int, leaks: int, seed: int, plan: dict
+) -> dict:
+    """The planted corpus, prepared into ``work/data`` (indexed + shards), and the query file (facts, then
+    leaks). ``plan``: ``plant``'s supports, distractors, same_relation and paraphrase."""
     from mates_lab.planted import plant
     from mates_megatron.data.prepare import PrepareConfig, prepare_corpus
     from mates_megatron.data.tokenizer import load_tokenizer
 
-    plan = work / "planted.json"
-    settings = {"background": background, "facts": facts, "leaks": leaks, "seed": seed}
-    if plan.is_file():
-        done = json.loads(plan.read_text())
+    done_path = work / "planted.json"
+    settings = {"background": background, "facts": facts, "leaks": leaks, "seed": seed, **plan}
+    if done_path.is_file():
+        done = json.loads(done_path.read_text())
         if done["settings"] != settings:
             raise ValueError(
                 f"{work} holds a bench built with {done['settings']}, not {settings}: pass another --work"
@@ -82,9 +87,11 @@ def build_pool(data: Path, work: Path, *, background: int, facts: int, leaks: in
         return done
     pieces = background_pieces(data / "corpus.jsonl", background, seed)
     tok = load_tokenizer(None)
-    leaked = leak_examples(data / "reference.jsonl", leaks, tok, MODEL["seq_length"] - 8, seed)
+    leaked = (
+        leak_examples(data / "reference.jsonl", leaks, tok, MODEL["seq_length"] - 8, seed) if leaks else []
+    )
     docs, planted, leak_plan = plant(
-        [t for t, _ in pieces], facts=facts, supports=3, distractors=3, leaks=leaked, leak_copies=2, seed=seed
+        [t for t, _ in pieces], facts=facts, leaks=leaked, leak_copies=2, seed=seed, **plan
     )
     domain_of = {t: d for t, d in pieces}
     work.mkdir(parents=True, exist_ok=True)
@@ -93,18 +100,18 @@ def build_pool(data: Path, work: Path, *, background: int, facts: int, leaks: in
         "".join(json.dumps({"text": d, "domain": domain_of.get(d, "planted")}) + "\n" for d in docs)
     )
     prepared = prepare_corpus(PrepareConfig(input=corpus, output_prefix=work / "data" / "train"))
-    for name, items in (("facts", planted), ("leaks", leak_plan), ("one_fact", planted[:1])):
-        (work / f"{name}.jsonl").write_text("".join(json.dumps(x.query()) + "\n" for x in items))
+    (work / "queries.jsonl").write_text("".join(json.dumps(x.query()) + "\n" for x in [*planted, *leak_plan]))
     out = {
         "settings": settings, "prefix": str(prepared.prefix), "shards": str(prepared.shards_dir),
         "docs": len(docs),
         "gold": {
             "facts": [list(f.supporting) for f in planted],
             "distractors": [list(f.distractors) for f in planted],
+            "same_relation": [list(f.same_relation) for f in planted],
             "leaks": [list(x.copies) for x in leak_plan],
         },
     }  # fmt: skip
-    plan.write_text(json.dumps(out))
+    done_path.write_text(json.dumps(out))
     return out
 
 
@@ -123,90 +130,71 @@ def train(work: Path, prefix: str, *, steps: int, seed: int) -> Path:
     return work / "config.yaml"
 
 
-def trace(work: Path, config: Path, shards: str, method: str, queries: str, options: dict) -> dict:
+def trace(work: Path, config: Path, shards: str, method: str, options: dict, top_k: int) -> dict:
+    """One method's trace of ``work/queries.jsonl`` (kept, and reused when done): the ranking, scores and
+    verdicts per query id, the ids in file order, and the trace's meta record."""
     from mates_megatron.trace.run import trace_command
 
-    out = work / f"trace_{method}_{queries}.jsonl"
+    out = work / f"trace_{method}.jsonl"
     meta = out.with_name(out.name + ".meta.json")
     if not meta.is_file():
-        argv = ["--method", method, "--shards", shards, "--queries", str(work / f"{queries}.jsonl"),
+        argv = ["--method", method, "--shards", shards, "--queries", str(work / "queries.jsonl"),
                 "--out", str(out), "--config", str(config), "--load", str(work / "ckpt"),
-                "--options", json.dumps(options)]  # fmt: skip
+                "--options", json.dumps(options), "--top-k", str(top_k)]  # fmt: skip
         if trace_command(argv):
-            raise RuntimeError(f"trace --method {method} on {queries} failed")
-    ranked = {}
-    verdicts = {}
+            raise RuntimeError(f"trace --method {method} failed")
+    run: dict[str, Any] = {"ranked": {}, "scores": {}, "verdicts": {}, "order": []}
     for line in out.read_text().splitlines():
         r = json.loads(line)
-        ranked[r["id"]] = r["ids"]
-        verdicts[r["id"]] = r.get("supportive")
-    return {"ranked": ranked, "verdicts": verdicts, "meta": json.loads(meta.read_text())}
+        run["order"].append(r["id"])
+        run["ranked"][r["id"]] = r["ids"]
+        run["scores"][r["id"]] = r["scores"]
+        run["verdicts"][r["id"]] = r.get("supportive")
+    run["meta"] = json.loads(meta.read_text())
+    return run
 
 
 def bench_trace(
-    data: Path, work: Path, *, background: int = 2000, facts: int = 20, leaks: int = 5, steps: int = 300,
-    seed: int = 0, options: dict[str, dict] | None = None,
+    data: Path, work: Path, *, background: int = 800, facts: int = 16, leaks: int = 5, steps: int = 300,
+    seeds: tuple[int, ...] = (0, 1, 2), supports: int = 3, distractors: int = 2, same_relation: int = 2,
+    paraphrase: bool = True, top_k: int = 30, options: dict[str, dict] | None = None,
+    methods: tuple[str, ...] = METHODS,
 ) -> dict[str, Any]:  # fmt: skip
-    from mates_megatron.trace.metrics import precision_recall_f1, recall_at_k, summarize
+    """Every seed plants its own pool (``work/seed-N``), trains its own model and traces it with every
+    method; figures per seed and their mean with a 95% interval over seeds."""
+    from mates_lab.bench.trace_scores import summarize_seeds
 
     t0 = time.perf_counter()
-    pool = build_pool(data, work, background=background, facts=facts, leaks=leaks, seed=seed)
-    config = train(work, pool["prefix"], steps=steps, seed=seed)
-    gold = pool["gold"]
-    result: dict[str, Any] = {
-        "pool_documents": pool["docs"], "facts": facts, "supporting_per_fact": 3, "distractors_per_fact": 3,
-        "leaks": leaks, "train_steps": steps, "seed": seed,
-        "recall_at_10": {}, "seconds_per_query": {}, "leakage_recall_at_10": {}, "distractor_share_of_top_10": {},
-        "seconds_one_query": {},
+    plan = {
+        "supports": supports,
+        "distractors": distractors,
+        "same_relation": same_relation,
+        "paraphrase": paraphrase,
+    }
+    per_seed = []
+    for seed in seeds:
+        sw = work / f"seed-{seed}"
+        pool = build_pool(data, sw, background=background, facts=facts, leaks=leaks, seed=seed, plan=plan)
+        config = train(sw, pool["prefix"], steps=steps, seed=seed)
+        for method in methods:
+            trace(sw, config, pool["shards"], method, (options or {}).get(method, {}), top_k)
+        per_seed.append(score_seed(sw, top_k, methods))
+        print(json.dumps({"seed": seed, **per_seed[-1]}), flush=True)
+    return {
+        "pool_documents": pool["docs"], "facts": facts, **plan, "leaks": leaks, "train_steps": steps,
+        "seeds": list(seeds), "methods": list(methods), "ranking_depth": top_k, "summary": summarize_seeds(per_seed), "per_seed": per_seed,
+        "seconds": time.perf_counter() - t0,
     }  # fmt: skip
-    for method in METHODS:
-        opts = (options or {}).get(method, {})
-        fact_run = trace(work, config, pool["shards"], method, "facts", opts)
-        ids = [f"fact-{i}" for i in range(facts)]
-        ranked = [fact_run["ranked"][q] for q in ids]
-        if method == "fasttrack":
-            verdicts = [fact_run["verdicts"][q] for q in ids]
-        else:
-            verdicts = [r[:10] for r in ranked]
-        s = summarize(ranked, verdicts, gold["facts"], 10)
-        result["recall_at_10"][method] = s["recall_at_10"]
-        key = method.replace("-", "_")
-        result[f"{key}_f1"] = s["f1"]
-        result[f"{key}_precision"] = s["precision"]
-        result[f"{key}_recall"] = s["recall"]
-        if method != "fasttrack":
-            result[f"{key}_f1_best_k"] = max(
-                (
-                    float(
-                        np.mean(
-                            [
-                                precision_recall_f1(r[:k], g)[2]
-                                for r, g in zip(ranked, gold["facts"], strict=True)
-                            ]
-                        )
-                    ),
-                    k,
-                )
-                for k in range(1, 11)
-            )
-        result["distractor_share_of_top_10"][method] = float(
-            np.mean(
-                [len(set(r[:10]) & set(d)) / 10 for r, d in zip(ranked, gold["distractors"], strict=True)]
-            )
-        )
-        result["seconds_per_query"][method] = fact_run["meta"]["seconds_per_query"]
-        if method == "fasttrack":
-            result["fasttrack_index_seconds"] = fact_run["meta"]["record"].get("index_seconds")
-            result["fasttrack_routed_candidates"] = float(
-                np.mean(fact_run["meta"]["record"]["routed_candidates"])
-            )
-        # Latency of one query alone: the regime Forward-INF is built for (few queries, a huge pool).
-        one = trace(work, config, pool["shards"], method, "one_fact", opts)
-        result["seconds_one_query"][method] = one["meta"]["seconds_per_query"]
-        leak_run = trace(work, config, pool["shards"], method, "leaks", opts)
-        lranked = [leak_run["ranked"][f"leak-{j}"] for j in range(leaks)]
-        result["leakage_recall_at_10"][method] = float(
-            np.mean([recall_at_k(r, g, 10) for r, g in zip(lranked, gold["leaks"], strict=True)])
-        )
-    result["seconds"] = time.perf_counter() - t0
-    return result
+
+
+def score_seed(seed_dir: Path, top_k: int, methods: tuple[str, ...] = METHODS) -> dict[str, dict]:
+    """Every method's figures from a seed's finished traces (``seed_dir``: a ``--work/seed-N``)."""
+    from mates_lab.bench.trace_scores import score_method
+
+    pool = json.loads((seed_dir / "planted.json").read_text())
+    st = pool["settings"]
+    figures = {}
+    for method in methods:
+        run = trace(seed_dir, seed_dir / "config.yaml", pool["shards"], method, {}, top_k)
+        figures[method] = score_method(method, run, pool["gold"], st["facts"], st["leaks"], top_k, st["seed"])
+    return figures

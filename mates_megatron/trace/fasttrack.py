@@ -176,6 +176,7 @@ class FastTrackTracer(Tracer):
         )
         g = ctx.groups
         per_query, verdicts, routed = [], [], []
+        routed_ids, candidate_ids = [], []  # kept for the bench's routing recall and oracle verifier
         snap = TrainingSnapshot(ctx.model_chunks, ctx.optimizer, ctx.scheduler)
         for qi in range(len(rows)):
             q_words = words(inp.queries.texts[qi])
@@ -185,10 +186,12 @@ class FastTrackTracer(Tracer):
                 if len(cand) >= opt.max_candidates:
                     break
             cand = np.array(sorted(set(cand[: opt.max_candidates])), dtype=np.int64)
+            routed_ids.append(cand.tolist())
             keys = index.keywords(q_words)
             named = [c for c in cand if keys & {word_hash(w) for w in words(inp.pool.text(int(c)))}]
             cand = np.array(named, dtype=np.int64) if named else cand
             routed.append(len(cand))
+            candidate_ids.append(cand.tolist())
             mine = cand[g.data_parallel_rank :: g.data_parallel_size]
             top = TopK(1, inp.top_k)
             if len(mine):
@@ -209,5 +212,6 @@ class FastTrackTracer(Tracer):
             record={
                 "seconds": time.perf_counter() - t0, "index_seconds": index_seconds, "index": status,
                 "leaves": index.num_leaves, "routed_candidates": routed, "verifier": opt.verifier,
+                "routed_ids": routed_ids, "candidate_ids": candidate_ids,
             },
         )  # fmt: skip

@@ -49,3 +49,73 @@ def summarize(
         "recall": float(prf[:, 1].mean()),
         "f1": float(prf[:, 2].mean()),
     }
+
+
+def macro_f1(verdicts: Sequence[Iterable[int]], gold: Sequence[Iterable[int]]) -> float:
+    """Mean F1 over queries of ``verdicts`` against ``gold``."""
+    return float(np.mean([precision_recall_f1(v, g)[2] for v, g in zip(verdicts, gold, strict=True)]))
+
+
+def apply_rule(rule: tuple[str, float], ranked: Sequence[Sequence[int]], scores: Sequence[Sequence[float]]):
+    """The verdict set per query of a decision rule over a ranking: ``("top", k)`` keeps the first k,
+    ``("above", t)`` keeps the documents scored at least t."""
+    kind, value = rule
+    if kind == "top":
+        return [list(r)[: int(value)] for r in ranked]
+    if kind == "above":
+        return [
+            [d for d, s in zip(r, sc, strict=True) if s >= value]
+            for r, sc in zip(ranked, scores, strict=True)
+        ]
+    raise ValueError(f"decision rule {rule!r}: use ('top', k) or ('above', threshold)")
+
+
+def tune_rule(
+    ranked: Sequence[Sequence[int]],
+    scores: Sequence[Sequence[float]],
+    gold: Sequence[Iterable[int]],
+    max_k: int,
+    thresholds: bool = True,
+) -> tuple[tuple[str, float], float]:
+    """(rule, F1) of the decision rule with the best macro F1 on these (tuning) queries: top-k for k in
+    1..max_k, and (with ``thresholds``) a score threshold at every score seen. The same rule families for
+    every method, so no method is judged at a cut-off another was tuned for; ties go to the first rule
+    tried (the smaller k, then the higher threshold)."""
+    if max_k < 1:
+        raise ValueError(f"tune_rule: max_k={max_k} must be >= 1")
+    gold = [list(g) for g in gold]
+    rules: list[tuple[str, float]] = [("top", k) for k in range(1, max_k + 1)]
+    if thresholds:
+        seen = sorted({float(s) for sc in scores for s in sc if np.isfinite(s)}, reverse=True)
+        rules += [("above", t) for t in seen]
+    best, best_f1 = rules[0], -1.0
+    for rule in rules:
+        f1 = macro_f1(apply_rule(rule, ranked, scores), gold)
+        if f1 > best_f1:
+            best, best_f1 = rule, f1
+    return best, best_f1
+
+
+def routing_recall(routed: Sequence[Iterable[int]], gold: Sequence[Iterable[int]]) -> float:
+    """Mean over queries of the share of a query's gold documents among those it was routed to."""
+    return float(
+        np.mean(
+            [
+                len({int(g) for g in gs} & {int(r) for r in rs}) / len(set(gs))
+                for rs, gs in zip(routed, gold, strict=True)
+            ]
+        )
+    )
+
+
+def oracle_verifier(routed: Sequence[Iterable[int]], gold: Sequence[Iterable[int]]) -> dict[str, float]:
+    """Macro precision/recall/F1 of a perfect verifier after the routing: it keeps exactly the gold documents
+    among the routed ones, so its F1 bounds what any verifier of these candidates can reach."""
+    gold = [{int(g) for g in gs} for gs in gold]
+    kept = [{int(r) for r in rs} & gs for rs, gs in zip(routed, gold, strict=True)]
+    prf = np.array([precision_recall_f1(k, g) for k, g in zip(kept, gold, strict=True)])
+    return {
+        "precision": float(prf[:, 0].mean()),
+        "recall": float(prf[:, 1].mean()),
+        "f1": float(prf[:, 2].mean()),
+    }
