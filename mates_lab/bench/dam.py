@@ -134,14 +134,12 @@ def bench_dam(
         save_market,
         score,
     )
-    from mates_lab.acquisition.oracle import UPPER_BOUND_LABEL
     from mates_lab.acquisition.strategies import lava_worth, one_thread
 
     if markets < 1:
         raise ValueError(f"markets={markets} must be >= 1")
     threshold = ORACLE_THRESHOLD if oracle_threshold is None else oracle_threshold
     thresholds = sorted({*ORACLE_THRESHOLDS, threshold})
-    oracle = f"oracle@{threshold:g}"
     t0 = time.perf_counter()
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
@@ -180,13 +178,38 @@ def bench_dam(
         )
         per_market.append(row)
 
+    result = {
+        **figures(per_market, strategies, threshold),
+        "markets": markets,
+        "draws": draws,
+        "pool": {"pieces": len(texts), "classes": names, "max_length": max_length},
+        "wall_seconds": time.perf_counter() - t0,
+    }
+    print_table(result, strategies)
+    return result
+
+
+def figures(per_market: list[dict[str, Any]], strategies: list[str], threshold: float) -> dict[str, Any]:
+    """The bench's figures over ``per_market`` (rows of ``bench_dam``, also rows of several runs joined, as
+    ``figures([*a["per_market"], *b["per_market"]], ...)``), the headroom's oracle at ``threshold``."""
+    from mates_lab.acquisition.oracle import UPPER_BOUND_LABEL
+
+    oracle = f"oracle@{threshold:g}"
+    thresholds = sorted(float(k.removeprefix("oracle@")) for k in per_market[0] if k.startswith("oracle@"))
+    everything = [*strategies, *(f"oracle@{t:g}" for t in thresholds)]
+
     def mean(name: str, key: str) -> float:
         return float(np.mean([m[name][key] for m in per_market]))
 
-    everything = [*strategies, *(f"oracle@{t:g}" for t in thresholds)]
+    def over(key: str) -> dict[str, Any]:
+        return mean_ci([m[key] for m in per_market])
+
     dam = {name: mean(name, "dam_score") for name in everything}
     best = max(strategies, key=lambda k: (dam[k], k))
-    result = {
+    head = (
+        [m[oracle]["dam_score"] - m["uniform"]["dam_score"] for m in per_market] if "uniform" in dam else None
+    )
+    return {
         "dam_score": dam,
         "accuracy": {name: mean(name, "accuracy") for name in everything},
         "cost_share": {name: mean(name, "cost_share") for name in everything},
@@ -197,24 +220,19 @@ def bench_dam(
             "thresholds": thresholds,
             "note": UPPER_BOUND_LABEL,
             "dam_score": mean_ci([m[oracle]["dam_score"] for m in per_market]),
-            "headroom": mean_ci([m[oracle]["dam_score"] - m["uniform"]["dam_score"] for m in per_market])
-            if "uniform" in strategies
-            else None,
+            "headroom": mean_ci(head) if head else None,
+            "by_threshold": {
+                f"oracle@{t:g}": mean_ci([m[f"oracle@{t:g}"]["dam_score"] for m in per_market])
+                for t in thresholds
+            },
         },  # fmt: skip
         "best_strategy": best,
         "best_minus_uniform": dam[best] - dam["uniform"] if "uniform" in dam else None,
-        "lava_worth_noise_spearman": mean_ci([m["lava_worth_noise_spearman"] for m in per_market]),
-        "reweighted_worth_noise_spearman": mean_ci(
-            [m["reweighted_worth_noise_spearman"] for m in per_market]
-        ),
+        "lava_worth_noise_spearman": over("lava_worth_noise_spearman"),
+        "reweighted_worth_noise_spearman": over("reweighted_worth_noise_spearman"),
+        "markets_seeds": [m["seed"] for m in per_market],
         "per_market": per_market,
-        "markets": markets,
-        "draws": draws,
-        "pool": {"pieces": len(texts), "classes": names, "max_length": max_length},
-        "wall_seconds": time.perf_counter() - t0,
     }
-    print_table(result, strategies)
-    return result
 
 
 def print_table(result: dict[str, Any], strategies: list[str]) -> None:
