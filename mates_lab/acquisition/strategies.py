@@ -15,12 +15,15 @@ a seller's rows (``run_strategy`` checks both). A strategy sees only the public 
   regressions on mixtures of the sample rows (drawn with replacement by the mixture ratio) at two sizes
   N0 < N1, scored by their error rate on the buyer's eval set (the mean of a few seeded draws). Pilot
   mixtures: uniform, every seller-heavy one (60% on the seller, the rest even), and seeded Dirichlet(1) ones.
-  The OT of a mixture to the eval set is labelled, as LAVA's: a half squared distance plus 3x the class
-  label distances (the sellers' samples are small and noisy, and labels are what separates a noisy seller
-  from a clean one). Stage 1 at both pilot sizes, stage 2 to N = the rows the budget buys at the uniform
+  The OT of a mixture to the eval set is labelled, as LAVA's: a half squared distance plus
+  ``LavaConfig().label_weight`` (1) times the class label distances (the sellers' samples are small and
+  noisy, and labels are what separates a noisy seller from a clean one). Stage 1 at both pilot sizes, stage 2 to N = the rows the budget buys at the uniform
   mixture, then ``choose_mixture`` minimises the projected error rate. The mixture becomes rows by the largest
   total T whose rounded shares ``min(round(p_i T), rows_i)`` fit the budget (``rows_for_mixture``): a seller
   capped at its rows leaves its share to the others in proportion to p.
+
+``lava-cover`` (class-reweighted LAVA worths and histogram coverage) is in ``acquisition.coverage``; the
+truth-aware upper bound of ``bench dam`` (``acquisition.oracle``) is not a strategy.
 """
 
 from __future__ import annotations

@@ -142,7 +142,8 @@ def _run_projektor_bench(a) -> int:
 def _run_dam_bench(a) -> int:
     from mates_lab.bench.dam import bench_dam
 
-    _write(bench_dam(a.data, a.work, markets=a.markets, seed=a.seed, draws=a.draws), a.out)
+    _write(bench_dam(a.data, a.work, markets=a.markets, seed=a.seed, draws=a.draws, strategies=a.strategies,
+                     oracle_threshold=a.oracle_threshold), a.out)  # fmt: skip
     return 0
 
 
@@ -351,6 +352,9 @@ def add_bench_parser(sub) -> None:
     dm.add_argument("--markets", type=int, default=5, help="markets, seeds seed .. seed + markets - 1")
     dm.add_argument("--draws", type=int, default=5, help="seeded purchases drawn per score")
     dm.add_argument("--seed", type=int, default=0)
+    dm.add_argument("--strategies", nargs="+", default=None, help="buyer strategies (default: all)")
+    dm.add_argument("--oracle-threshold", type=float, default=None,
+                    help="noise rate below which the truth-aware upper bound buys (default: ORACLE_THRESHOLD)")  # fmt: skip
     dm.add_argument("--out", type=Path, default=None)
     dm.set_defaults(func=_run_dam_bench)
     tr = bsub.add_parser(
