@@ -95,6 +95,9 @@ def _worker(config: dict, seed: int, probes: int, oracle_probes: int, estimators
                 if name != truth and truth in scores:
                     record[f"{name}_spearman_vs_{truth}"] = round(spearman(scores[name], scores[truth]), 4)
         rounds.append(record)
+        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+            agree = {k: v for k, v in record.items() if "_spearman_vs_" in k or k.endswith("_probes_per_s")}
+            print(f"bench probe, seed {seed}, step {step}: {agree}", flush=True)
     return {
         "seed": seed,
         "probes": probes,
