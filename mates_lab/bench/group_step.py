@@ -4,10 +4,10 @@ and as designed (embeddings kept from prediction, each influence rank clustering
 
 Measured in this process on one intra-op thread (as under torchrun), CPU seconds: the k-means
 (``selectors.group.cluster``) and the greedy over the clusters (``greedy_group`` with the selector's quotas), on
-unit-normalised random embeddings of MiniLM's width, the selector's defaults (clusters of about 3,000, 100
-Lloyd iterations at most; scikit-learn stops earlier when it converges, so the measured k-means reports its
-iterations and is projected at those). Projected with the ``cpu-2core`` preset's host rate and memory
-bandwidth.
+unit-normalised random embeddings of MiniLM's width, the selector's defaults (``ClusterGreedyConfig``: clusters
+of about 3,000, at most 100 Lloyd iterations). Projected as the guard projects it, at the selector's iterations
+(scikit-learn stops earlier where it converges, so the projection is an upper bound in iterations), with the
+``cpu-2core`` preset's host rate and memory bandwidth.
 """
 
 from __future__ import annotations
@@ -24,11 +24,10 @@ def _cpu() -> float:
 
 def measure(n: int, *, dim: int = 384, ratio: float = 0.2, cluster_size: int = 3000, iters: int = 100,
             seed: int = 0) -> dict:  # fmt: skip
-    """One round of ``n`` candidates: k-means and greedy CPU seconds, and the k-means' iterations."""
-    from sklearn.cluster import KMeans
+    """One round of ``n`` candidates: k-means and greedy CPU seconds."""
     from threadpoolctl import threadpool_limits
 
-    from mates_megatron.selectors.group import greedy_group, quotas
+    from mates_megatron.selectors.group import cluster, greedy_group, quotas
 
     rng = np.random.default_rng(seed)
     emb = rng.standard_normal((n, dim))
@@ -38,8 +37,7 @@ def measure(n: int, *, dim: int = 384, ratio: float = 0.2, cluster_size: int = 3
     clusters = max(1, round(n / cluster_size))
     with threadpool_limits(1):
         t = _cpu()
-        km = KMeans(n_clusters=clusters, n_init=1, max_iter=iters, random_state=seed, algorithm="lloyd")
-        labels = km.fit_predict(emb) if clusters > 1 else np.zeros(n, dtype=np.int64)
+        labels = cluster(emb, clusters, seed=seed, iters=iters)  # the selector's own k-means
         kmeans = _cpu() - t
         names, sizes = np.unique(labels, return_counts=True)
         t = _cpu()
@@ -48,8 +46,13 @@ def measure(n: int, *, dim: int = 384, ratio: float = 0.2, cluster_size: int = 3
             if q:
                 greedy_group(scores[members], emb[members], int(q), alpha=1.0, temperature=1.0)
         greedy = _cpu() - t
-    return {"candidates": n, "selected": k, "clusters": clusters, "kmeans_iters": int(getattr(km, "n_iter_", 0)),
-            "kmeans_seconds": kmeans, "greedy_seconds": greedy}  # fmt: skip
+    return {
+        "candidates": n,
+        "selected": k,
+        "clusters": clusters,
+        "kmeans_seconds": kmeans,
+        "greedy_seconds": greedy,
+    }
 
 
 def bench_group_step(sizes: tuple[int, ...] = (12000, 24000, 48000), *, dim: int = 384) -> dict:
@@ -57,17 +60,18 @@ def bench_group_step(sizes: tuple[int, ...] = (12000, 24000, 48000), *, dim: int
     round projected with the linearized rollout today and sharded."""
     from mates_megatron.cost import MACHINES
     from mates_megatron.cost.group import group_parts
+    from mates_megatron.selectors.group import ClusterGreedyConfig
 
-    machine = MACHINES["cpu-2core"]
+    machine, cfg = MACHINES["cpu-2core"], ClusterGreedyConfig()
     rows = []
     for n in sizes:
-        m = measure(n, dim=dim)
-        p = group_parts(n, m["selected"], dim=dim, cluster_size=3000, kmeans_iters=max(1, m["kmeans_iters"]),
+        m = measure(n, dim=dim, cluster_size=cfg.cluster_size, iters=cfg.kmeans_iters)
+        p = group_parts(n, m["selected"], dim=dim, cluster_size=cfg.cluster_size, kmeans_iters=cfg.kmeans_iters,
                         machine=machine)  # fmt: skip
         row = {**m, "kmeans_projected": p["kmeans"], "greedy_projected": p["greedy"],
                "kmeans_ratio": m["kmeans_seconds"] / p["kmeans"], "greedy_ratio": m["greedy_seconds"] / p["greedy"]}  # fmt: skip
         rows.append({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
-        print(f"group step, {n:,} candidates: k-means {m['kmeans_seconds']:.2f} s ({m['kmeans_iters']} iterations, "
+        print(f"group step, {n:,} candidates: k-means {m['kmeans_seconds']:.2f} s ("
               f"projected {p['kmeans']:.2f}), greedy {m['greedy_seconds']:.2f} s (projected {p['greedy']:.2f})")  # fmt: skip
     return {"machine": machine.name, "dim": dim, "rows": rows, "paper_1b": paper_group_cost()}
 

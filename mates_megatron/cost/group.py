@@ -85,7 +85,10 @@ def project_group_mates_round(sel, config=None, *, sharded: bool = False, **shap
                                    ranks=1)  # fmt: skip
         parts = {"embed_" + p: s for p, s in again.items() if p != "gather"} | parts
     cost.seconds["group"] = parts
-    cost.phases["group"] = 2.0 * sc.kmeans_iters * n * max(1, round(n / sc.cluster_size)) * enc.hidden_size
+    clusters = max(1, round(n / sc.cluster_size))  # the FLOPs of the k-means and the greedy
+    cost.phases["group"] = (
+        2.0 * (sc.kmeans_iters * n * clusters + k * min(sc.cluster_size, n)) * enc.hidden_size
+    )
     cost.assumptions.append(
         "group step: "
         + ("embeddings kept from prediction, each influence rank clusters and picks its shard on the device"

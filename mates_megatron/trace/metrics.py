@@ -42,9 +42,16 @@ def summarize(
             "give one of each per query, at least one query"
         )
     gold = [list(g) for g in gold]
-    prf = np.array([precision_recall_f1(v, g) for v, g in zip(verdicts, gold, strict=True)])
     return {
         f"recall_at_{k}": float(np.mean([recall_at_k(r, g, k) for r, g in zip(ranked, gold, strict=True)])),
+        **macro_prf(verdicts, gold),
+    }
+
+
+def macro_prf(verdicts: Sequence[Iterable[int]], gold: Sequence[Iterable[int]]) -> dict[str, float]:
+    """Precision, recall and F1 of ``verdicts`` against ``gold``, each averaged over queries."""
+    prf = np.array([precision_recall_f1(v, g) for v, g in zip(verdicts, gold, strict=True)])
+    return {
         "precision": float(prf[:, 0].mean()),
         "recall": float(prf[:, 1].mean()),
         "f1": float(prf[:, 2].mean()),
@@ -53,7 +60,7 @@ def summarize(
 
 def macro_f1(verdicts: Sequence[Iterable[int]], gold: Sequence[Iterable[int]]) -> float:
     """Mean F1 over queries of ``verdicts`` against ``gold``."""
-    return float(np.mean([precision_recall_f1(v, g)[2] for v, g in zip(verdicts, gold, strict=True)]))
+    return macro_prf(verdicts, gold)["f1"]
 
 
 def apply_rule(rule: tuple[str, float], ranked: Sequence[Sequence[int]], scores: Sequence[Sequence[float]]):
@@ -112,10 +119,4 @@ def oracle_verifier(routed: Sequence[Iterable[int]], gold: Sequence[Iterable[int
     """Macro precision/recall/F1 of a perfect verifier after the routing: it keeps exactly the gold documents
     among the routed ones, so its F1 bounds what any verifier of these candidates can reach."""
     gold = [{int(g) for g in gs} for gs in gold]
-    kept = [{int(r) for r in rs} & gs for rs, gs in zip(routed, gold, strict=True)]
-    prf = np.array([precision_recall_f1(k, g) for k, g in zip(kept, gold, strict=True)])
-    return {
-        "precision": float(prf[:, 0].mean()),
-        "recall": float(prf[:, 1].mean()),
-        "f1": float(prf[:, 2].mean()),
-    }
+    return macro_prf([{int(r) for r in rs} & gs for rs, gs in zip(routed, gold, strict=True)], gold)
