@@ -337,6 +337,14 @@ class SelectionConfig:
     def candidates_per_round(self, global_batch_size: int) -> int:
         return int(round(self.samples_per_round(global_batch_size) / self.selection_ratio))
 
+    def scored_candidates_per_round(self, global_batch_size: int) -> int:
+        """Candidates the scorer scores in a scored round: the round's, after each filter keeps its fraction
+        (rounded up, as the hook keeps them)."""
+        n = self.candidates_per_round(global_batch_size)
+        for _, keep, _ in self.filter_stages:
+            n = math.ceil(keep * n)
+        return n
+
 
 DEFAULTS = {"pool": "indexed", "selector": "random", "scorer": "none"}
 """The default of each component field (SelectionConfig's)."""

@@ -115,11 +115,14 @@ class Encoder:
             self._net = EncoderRegressor(cfg).to(resolve_device(cfg.device, self.device))
         return self._net
 
-    def embed(self, texts) -> np.ndarray:
-        """float32 [len(texts), hidden], L2-normalised rows."""
+    def embed(self, texts, *, loader_workers: int = 0) -> np.ndarray:
+        """float32 [len(texts), hidden], L2-normalised rows; ``loader_workers`` > 0: read and tokenised in
+        that many loader processes ahead of the encoder."""
         from mates_megatron.ot.valuation import embed_texts
 
-        return embed_texts(self.net(), texts, batch_size=self.config.batch_size)
+        return embed_texts(
+            self.net(), texts, batch_size=self.config.batch_size, loader_workers=loader_workers
+        )
 
     def embed_reference(self, reference: str | os.PathLike | Any, *, scorer: str) -> np.ndarray:
         """The reference examples' embeddings (context + target, or text). ``reference``: a JSONL path, or

@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from mates_megatron.host import Host
+from mates_megatron.influence.group import influence_group
 from mates_megatron.pool.base import CandidatePool, PoolRounds
 from mates_megatron.pool.manifest import SelectionStore
 from mates_megatron.runtime.rng import get_rng_state, set_rng_state
@@ -161,6 +162,8 @@ class MatesHook:
         # A scorer that flags its scores as unusable (a poor influence fit) gets the warm-up rounds' draw.
         selector = RandomSelector() if result.fallback else self.selector
         extra = {"features": result.features} if selector.needs_features else {}
+        if selector.collective and dist.is_initialized():
+            extra["group"] = influence_group()
         chosen = selector.select(cands, self.sampler.samples_per_round, scores=scores, seed=self.seed,
                                  round_=round_, **extra)  # fmt: skip
         seconds = {"score": begin_seconds + stall, "stall": stall, "select": time.perf_counter() - t}

@@ -1,6 +1,7 @@
 """Group-MATES's set selection step (``selector: cluster_greedy``) measured beside its projection
-(``mates_megatron.cost.group``), at growing round sizes, and the paper round projected as the code runs it today
-and as designed (embeddings kept from prediction, each influence rank clustering its shard on the device).
+(``mates_megatron.cost.group``), at growing round sizes, whole and in the selector's shards (``shard_size``), and
+the paper round projected as built (one shard; shards spread over the ranks) and as designed (embeddings kept
+from prediction, the k-means on the device).
 
 Measured in this process on one intra-op thread (as under torchrun), CPU seconds: the k-means
 (``selectors.group.cluster``) and the greedy over the clusters (``greedy_group`` with the selector's quotas), on
@@ -23,41 +24,50 @@ def _cpu() -> float:
 
 
 def measure(n: int, *, dim: int = 384, ratio: float = 0.2, cluster_size: int = 3000, iters: int = 100,
-            seed: int = 0) -> dict:  # fmt: skip
-    """One round of ``n`` candidates: k-means and greedy CPU seconds."""
+            seed: int = 0, shard_size: int | None = None) -> dict:  # fmt: skip
+    """One round of ``n`` candidates on one rank: k-means and greedy CPU seconds over every shard (the
+    selector's ``shards``; one without ``shard_size``)."""
     from threadpoolctl import threadpool_limits
 
-    from mates_megatron.selectors.group import cluster, greedy_group, quotas
+    from mates_megatron.selectors.group import cluster, greedy_group, quotas, shards
 
     rng = np.random.default_rng(seed)
     emb = rng.standard_normal((n, dim))
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     scores = rng.standard_normal(n)
     k = int(round(ratio * n))
-    clusters = max(1, round(n / cluster_size))
+    parts = shards(n, shard_size, seed=seed, round_=0)
+    kmeans = greedy = 0.0
+    clusters = 0
     with threadpool_limits(1):
-        t = _cpu()
-        labels = cluster(emb, clusters, seed=seed, iters=iters)  # the selector's own k-means
-        kmeans = _cpu() - t
-        names, sizes = np.unique(labels, return_counts=True)
-        t = _cpu()
-        for c, q in zip(names, quotas(sizes, k), strict=True):
-            members = np.flatnonzero(labels == c)
-            if q:
-                greedy_group(scores[members], emb[members], int(q), alpha=1.0, temperature=1.0)
-        greedy = _cpu() - t
+        for part, k_part in zip(parts, quotas(np.array([len(p) for p in parts]), k), strict=True):
+            n_clusters = max(1, round(len(part) / cluster_size))
+            clusters += n_clusters
+            t = _cpu()
+            labels = cluster(emb[part], n_clusters, seed=seed, iters=iters)  # the selector's own k-means
+            kmeans += _cpu() - t
+            names, sizes = np.unique(labels, return_counts=True)
+            t = _cpu()
+            for c, q in zip(names, quotas(sizes, int(k_part)), strict=True):
+                members = part[labels == c]
+                if q:
+                    greedy_group(scores[members], emb[members], int(q), alpha=1.0, temperature=1.0)
+            greedy += _cpu() - t
     return {
         "candidates": n,
         "selected": k,
+        "shard_size": shard_size,
         "clusters": clusters,
         "kmeans_seconds": kmeans,
         "greedy_seconds": greedy,
     }
 
 
-def bench_group_step(sizes: tuple[int, ...] = (12000, 24000, 48000), *, dim: int = 384) -> dict:
-    """Each size measured beside its projection (the ratio measured / projected per part), and the paper_1b
-    round projected with the linearized rollout today and sharded."""
+def bench_group_step(
+    sizes: tuple[int, ...] = (12000, 24000, 48000), *, dim: int = 384, shard_size: int = 12000
+) -> dict:
+    """Each size measured beside its projection (the ratio measured / projected per part), whole and in
+    shards of ``shard_size`` (on one rank), and the paper_1b round projected."""
     from mates_megatron.cost import MACHINES
     from mates_megatron.cost.group import group_parts
     from mates_megatron.selectors.group import ClusterGreedyConfig
@@ -65,14 +75,16 @@ def bench_group_step(sizes: tuple[int, ...] = (12000, 24000, 48000), *, dim: int
     machine, cfg = MACHINES["cpu-2core"], ClusterGreedyConfig()
     rows = []
     for n in sizes:
-        m = measure(n, dim=dim, cluster_size=cfg.cluster_size, iters=cfg.kmeans_iters)
-        p = group_parts(n, m["selected"], dim=dim, cluster_size=cfg.cluster_size, kmeans_iters=cfg.kmeans_iters,
-                        machine=machine)  # fmt: skip
-        row = {**m, "kmeans_projected": p["kmeans"], "greedy_projected": p["greedy"],
-               "kmeans_ratio": m["kmeans_seconds"] / p["kmeans"], "greedy_ratio": m["greedy_seconds"] / p["greedy"]}  # fmt: skip
-        rows.append({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
-        print(f"group step, {n:,} candidates: k-means {m['kmeans_seconds']:.2f} s ("
-              f"projected {p['kmeans']:.2f}), greedy {m['greedy_seconds']:.2f} s (projected {p['greedy']:.2f})")  # fmt: skip
+        for shard in (None, shard_size) if n > shard_size else (None,):
+            m = measure(n, dim=dim, cluster_size=cfg.cluster_size, iters=cfg.kmeans_iters, shard_size=shard)
+            p = group_parts(n, m["selected"], dim=dim, cluster_size=cfg.cluster_size,
+                            kmeans_iters=cfg.kmeans_iters, machine=machine, shard_size=shard)  # fmt: skip
+            row = {**m, "kmeans_projected": p["kmeans"], "greedy_projected": p["greedy"],
+                   "kmeans_ratio": m["kmeans_seconds"] / p["kmeans"], "greedy_ratio": m["greedy_seconds"] / p["greedy"]}  # fmt: skip
+            rows.append({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
+            print(f"group step, {n:,} candidates{f' in shards of {shard:,}' if shard else ''}: k-means "
+                  f"{m['kmeans_seconds']:.2f} s (projected {p['kmeans']:.2f}), greedy {m['greedy_seconds']:.2f} s "
+                  f"(projected {p['greedy']:.2f})")  # fmt: skip
     return {"machine": machine.name, "dim": dim, "rows": rows, "paper_1b": paper_group_cost()}
 
 
@@ -86,7 +98,8 @@ def paper_group_cost() -> dict:
     from mates_megatron.cost.group import project_group_mates_round
     from mates_megatron.scorers.group_mates import GroupMatesConfig
 
-    sel = build(SelectionConfig, load_yaml(CONFIGS / "paper_1b.yaml")["selection"], where="paper_1b")
+    raw = load_yaml(CONFIGS / "paper_1b.yaml")["selection"]
+    sel = build(SelectionConfig, raw, where="paper_1b")
     mates = sel.scorer_config
     shape = {"model": _gpts()["paper_1b"], "seq_length": 1024, "global_batch_size": 512, "machine": "h100",
              "reference_rows": LAMBADA_ROWS, "reference_tokens": LAMBADA_ROWS * LAMBADA_TOKENS_PER_ROW,
@@ -108,10 +121,30 @@ def paper_group_cost() -> dict:
             g = GroupMatesConfig(
                 **keep, estimator=est, influence=dataclasses.replace(inf, model="relational")
             )
-            for sharded in (False, True):
-                c = project_group_mates_round(sel, g, sharded=sharded, **shape)
-                key = f"group_mates_{est}_{'sharded' if sharded else 'today'}_{host}"
-                out[key] = {"fraction": round(c.fraction, 4), "x_mates": round(c.selection_seconds / base.selection_seconds, 2),
-                            "dominant": ".".join(c.dominant()),
-                            "phases": {k: round(v / c.training_seconds, 4) for k, v in c.phase_seconds.items()}}  # fmt: skip
+            # as built: one shard, then shards of each size spread over the world; and the design
+            variants = [("today", None, False), *((f"shards{n}", n, False) for n in PAPER_SHARD_SIZES),
+                        ("sharded", None, True)]  # fmt: skip
+            for name, shard, sharded in variants:
+                s_cfg = (
+                    sel
+                    if shard is None
+                    else build(SelectionConfig, {**raw, **group_selection(raw, shard)}, where="paper_1b")
+                )
+                c = project_group_mates_round(s_cfg, g, sharded=sharded, **shape)
+                out[f"group_mates_{est}_{name}_{host}"] = {
+                    "fraction": round(c.fraction, 4), "x_mates": round(c.selection_seconds / base.selection_seconds, 2),
+                    "dominant": ".".join(c.dominant()),
+                    "phases": {k: round(v / c.training_seconds, 4) for k, v in c.phase_seconds.items()}}  # fmt: skip
     return out
+
+
+PAPER_SHARD_SIZES = (30000, 100000)
+"""Shard sizes the paper round is projected at (``ClusterGreedyConfig.shard_size``): 10 and 33 clusters a shard."""
+
+
+def group_selection(raw: dict, shard_size: int) -> dict:
+    """paper_1b's selection section with Group-MATES's scorer and selector (only the selector's options are
+    read: the scorer's are passed to the projection)."""
+    scorer = {**raw["scorer"], "kind": "group_mates", "estimator": "linearized_rollout",
+              "influence": {**raw["scorer"]["influence"], "model": "relational"}}  # fmt: skip
+    return {"scorer": scorer, "selector": {"kind": "cluster_greedy", "shard_size": shard_size}}

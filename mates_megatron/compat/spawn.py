@@ -7,7 +7,9 @@ as under torchrun, so the code under test is the code a torchrun job runs.
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import sys
 import tempfile
 import traceback
 from collections.abc import Callable
@@ -25,9 +27,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _die_with(parent: int) -> None:
+    """On Linux, have the kernel kill this rank when the process that spawned it dies, so a killed test or
+    benchmark leaves no ranks behind (they would hold the cores and the rendezvous); elsewhere nothing."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # it died before the call
+        os._exit(1)
+
+
 def _worker(
-    rank: int, world_size: int, port: int, out_dir: str, fn: Callable, args: tuple, cuda: bool = False
+    rank: int,
+    world_size: int,
+    port: int,
+    out_dir: str,
+    fn: Callable,
+    args: tuple,
+    cuda: bool = False,
+    parent: int | None = None,
 ) -> None:
+    if parent is not None:
+        _die_with(parent)
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -77,7 +100,7 @@ def run_on_ranks(
     with tempfile.TemporaryDirectory() as out_dir:
         ctx = mp.start_processes(
             _worker,
-            args=(world_size, free_port(), out_dir, fn, args, cuda),
+            args=(world_size, free_port(), out_dir, fn, args, cuda, os.getpid()),
             nprocs=world_size,
             join=False,
             start_method="spawn",

@@ -1,19 +1,22 @@
 """The projected cost of a Group-MATES round ('group_mates' scorer + 'cluster_greedy' selector): MATES's round
 (``cost.round``, with the rollout estimator it runs) plus the set selection, before it is spent.
 
-The group phase, on one rank, as the code runs it today:
+The group phase, on the busiest rank, as the code runs it (``selectors.group``): the round is dealt into
+``S = ceil(n / shard_size)`` shards (one without ``shard_size``), spread over the world's ranks, ``ceil(S / W)``
+on the busiest; for each of its shards of m candidates:
 
-- ``embed``: every candidate's embedding from the frozen encoder, computed on every rank when the round is
-  published (``scorers.group_mates``), not sharded: the influence stage's prediction work again, on one rank;
-- ``kmeans``: Lloyd iterations over the round's candidates, ``2 x iters x n x clusters x dim`` FLOPs at the host's
-  rate (scikit-learn, float64), clusters = n / cluster_size, so it grows as n^2 / cluster_size;
-- ``greedy``: per cluster of m with quota q, q relationship rows of m x dim (``2 q m dim`` FLOPs), in all about
-  ``2 x k x cluster_size x dim``: linear in the round.
+- ``embed``: the shard's embeddings from the frozen encoder (``scorers.group_mates``, when the selector reads
+  them): the influence stage's prediction work again, on the shard, read by the influence model's loader
+  workers;
+- ``kmeans``: Lloyd iterations over the shard, ``2 x iters x m x clusters x dim`` FLOPs at the host's rate
+  (scikit-learn, float64), clusters = m / cluster_size: quadratic in the shard, so in the round without
+  shards and linear in it with a fixed ``shard_size``;
+- ``greedy``: per cluster of c with quota q, q relationship rows of c x dim (``2 q c dim`` FLOPs), in all about
+  ``2 x k x cluster_size x dim`` over the round: linear.
 
-``sharded=True`` projects the design the note describes and the code does not have yet: the embeddings kept from
-the influence stage's prediction (no second encoder pass), each influence rank clustering and picking its own
-shard (n / ranks candidates, its share of k) with the k-means on the device. It is for the benchmarks' figures;
-the guard reads the default.
+``sharded=True`` projects a design the code does not have: the embeddings kept from the influence stage's
+prediction (no second encoder pass), each influence rank clustering and picking one shard of n / ranks with
+the k-means on the device. It is for the benchmarks' figures; the guard reads the configuration as built.
 """
 
 from __future__ import annotations
@@ -36,18 +39,21 @@ def group_parts(
     cluster_size: int,
     kmeans_iters: int,
     machine: Machine,
-    shards: int = 1,
+    ranks: int = 1,
+    shard_size: int | None = None,
     on_device: bool = False,
 ) -> dict[str, float]:
-    """Seconds of the cluster-greedy step on one rank: k-means and the greedy over ``candidates / shards``
-    candidates (its share of ``k``), at the host's rate or, ``on_device``, the device's matmul rate."""
-    n = math.ceil(candidates / shards)
-    q = math.ceil(k / shards)
-    clusters = max(1, round(n / cluster_size))
+    """Seconds of the cluster-greedy step on the busiest of ``ranks`` ranks: its shards' k-means and greedy
+    (see the module), at the host's rate or, ``on_device``, the device's matmul rate."""
+    n_shards = shard_count(candidates, shard_size)
+    m = math.ceil(candidates / n_shards)
+    mine = math.ceil(n_shards / ranks)
+    q = math.ceil(k * mine / n_shards)
+    clusters = max(1, round(m / cluster_size))
     rate = machine.matmul_flops if on_device else machine.host_flops
-    per_cluster = min(cluster_size, n)
+    per_cluster = min(cluster_size, m)
     return {
-        "kmeans": kmeans_iters * 2.0 * n * clusters * dim / rate,
+        "kmeans": mine * kmeans_iters * 2.0 * m * clusters * dim / rate,
         # a pick reads its cluster's embeddings once: memory-bound where the FLOPs are not
         "greedy": q
         * max(
@@ -56,10 +62,16 @@ def group_parts(
     }
 
 
+def shard_count(candidates: int, shard_size: int | None) -> int:
+    """Shards of a round (``selectors.group.shards``): ceil(n / shard_size), one without ``shard_size``."""
+    return 1 if shard_size is None or candidates <= shard_size else math.ceil(candidates / shard_size)
+
+
 def project_group_mates_round(sel, config=None, *, sharded: bool = False, **shape) -> RoundCost:
     """``project_mates_round`` for a 'group_mates' scorer (``config``: its GroupMatesConfig; None: the run's),
     with the group phase added (see the module); the selector's options are ``sel.selector_config`` when it is
     'cluster_greedy', else its defaults."""
+    from mates_megatron.cost.shapes import Layout
     from mates_megatron.selectors.group import ClusterGreedyConfig
 
     config = sel.scorer_config if config is None else config
@@ -74,26 +86,34 @@ def project_group_mates_round(sel, config=None, *, sharded: bool = False, **shap
 
         enc = TransformerShape.from_encoder_dir(config.influence.resolved_path())
     n, tokens = cost.counts["candidates"], cost.counts["encoder_tokens"]
-    k = math.ceil(n * sel.selection_ratio)
-    ranks = len(sel.influence_ranks) if sel.influence_ranks else 1
+    k = sel.samples_per_round(shape["global_batch_size"])  # of the candidates the filters left
+    world = (shape.get("layout") or Layout()).world
+    if sharded:  # one shard per influence rank, on the device, the embeddings kept from prediction
+        ranks = len(sel.influence_ranks) if sel.influence_ranks else world
+        shard_size = math.ceil(n / ranks)
+    else:
+        ranks, shard_size = world, sc.shard_size
     parts = group_parts(
         n, k, dim=enc.hidden_size, cluster_size=sc.cluster_size, kmeans_iters=sc.kmeans_iters, machine=mach,
-        shards=ranks if sharded else 1, on_device=sharded,
+        ranks=ranks, shard_size=shard_size, on_device=sharded,
     )  # fmt: skip
-    if not sharded:  # the encoder again over every candidate, on this rank
-        _, again = influence_parts(config.influence, enc, mach, tokens=tokens, candidates=n, pairs=0, probes=0,
-                                   ranks=1)  # fmt: skip
+    n_shards = shard_count(n, shard_size)
+    m = math.ceil(n / n_shards)
+    if not sharded:  # the encoder again over the busiest rank's shards
+        mine = math.ceil(n_shards / ranks) * m
+        _, again = influence_parts(config.influence, enc, mach, tokens=tokens, candidates=mine, pairs=0,
+                                   probes=0, ranks=1)  # fmt: skip
         parts = {"embed_" + p: s for p, s in again.items() if p != "gather"} | parts
     cost.seconds["group"] = parts
-    clusters = max(1, round(n / sc.cluster_size))  # the FLOPs of the k-means and the greedy
+    clusters = max(1, round(m / sc.cluster_size))  # the FLOPs of the k-means and the greedy, every rank
     cost.phases["group"] = (
-        2.0 * (sc.kmeans_iters * n * clusters + k * min(sc.cluster_size, n)) * enc.hidden_size
+        2.0 * (sc.kmeans_iters * n * clusters + k * min(sc.cluster_size, m)) * enc.hidden_size
     )
     cost.assumptions.append(
         "group step: "
         + ("embeddings kept from prediction, each influence rank clusters and picks its shard on the device"
-           if sharded else "every candidate embedded again on every rank, k-means and greedy on the host over the "
-           "whole round")
+           if sharded else f"{n_shards} shard(s) of {m} over {ranks} rank(s), each embedded again, k-means and "
+           "greedy on the host")
         + f" (cluster_size {sc.cluster_size}, {sc.kmeans_iters} k-means iterations, dim {enc.hidden_size})"
     )  # fmt: skip
     return cost

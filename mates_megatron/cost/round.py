@@ -154,7 +154,7 @@ def project_mates_round(
     }.get(mates.estimator)
     if probe is None:
         raise ValueError(f"no cost model for estimator {mates.estimator!r}: add one to mates_megatron.cost")
-    candidates = sel.candidates_per_round(global_batch_size)
+    candidates = sel.scored_candidates_per_round(global_batch_size)  # what the filters leave it
     tokens = min(seq_length, inf.max_length * inf.max_chunks)
     chunk = min(tokens, inf.max_length)
     enc = encoder.forward_flops_per_token(chunk, logits=False) * tokens  # one candidate, forward
@@ -198,6 +198,12 @@ def project_mates_round(
     ]  # fmt: skip
     if static:
         assumptions.append("token-embedding features: one add per hidden unit per token, no encoder pass")
+    if sel.filters:
+        assumptions.append(
+            f"filters ({' > '.join(name for name, _, _ in sel.filter_stages)}) leave the scorer {candidates} of "
+            f"the round's {sel.candidates_per_round(global_batch_size)} candidates; the filters' own scoring is "
+            "not counted"
+        )
     return RoundCost(
         training=training,
         phases={"probe": probe, "fit": fit, "predict": (candidates + pairs - probes) * enc},
@@ -221,8 +227,9 @@ _LEVERS = {
     "optimizer too), fewer probe_samples or reference rows, or estimator: linearized (the oracle runs the whole "
     "reference set once per probe; for group_mates: linearized_rollout)",
     "fit": "fewer probe_samples, influence_rounds or influence finetune epochs",
-    "group": "a larger cluster_size or fewer kmeans_iters of selector 'cluster_greedy' (its k-means grows as "
-    "candidates^2 / cluster_size), or fewer candidates a round",
+    "group": "shard_size of selector 'cluster_greedy' (e.g. 30000: its k-means grows as candidates x shard_size "
+    "/ cluster_size, spread over the ranks; without it as candidates^2 / cluster_size on one rank), fewer "
+    "kmeans_iters, influence.pass_token_ids (each shard is embedded again), or fewer candidates a round",
     "predict": "influence.pass_token_ids (no decode or tokenise, where the pool uses the encoder's vocabulary), a "
     "smaller influence encoder, a lower influence max_length x max_chunks, or ridge features: token_embeddings",
 }

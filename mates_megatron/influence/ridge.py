@@ -98,14 +98,17 @@ def features(net: EncoderRegressor, texts: Sequence[str]) -> np.ndarray:
 
 
 @torch.no_grad()
-def streamed_features(net: EncoderRegressor, texts: Sequence, parts: list) -> Iterator[np.ndarray]:
-    """``features`` of the texts at each of ``parts`` in turn, read and tokenised by ``cfg.loader_workers``
-    loader workers while the previous batch is embedded."""
+def streamed_features(
+    net: EncoderRegressor, texts: Sequence, parts: list, *, workers: int | None = None
+) -> Iterator[np.ndarray]:
+    """``features`` of the texts at each of ``parts`` in turn, read and tokenised by ``workers`` loader
+    workers (None: ``cfg.loader_workers``) while the previous batch is embedded."""
     static = net.cfg.ridge.features == "token_embeddings"
     transform = net.chunker.tokens if static else net.chunker.encode
     cfg = net.cfg
+    workers = cfg.loader_workers if workers is None else workers
     for batch in read_batches(
-        texts, parts, transform, workers=cfg.loader_workers, device=net.device, timeout_s=cfg.timeout_s
+        texts, parts, transform, workers=workers, device=net.device, timeout_s=cfg.timeout_s
     ):
         feats = (
             net.embed_tokens(batch)

@@ -28,19 +28,33 @@ from mates_megatron.progress import progress as progress_bar
 
 
 def embed_texts(
-    net, texts: Sequence, *, batch_size: int = 32, normalize: bool = True, progress: bool = False
+    net,
+    texts: Sequence,
+    *,
+    batch_size: int = 32,
+    normalize: bool = True,
+    progress: bool = False,
+    loader_workers: int = 0,
 ) -> np.ndarray:
     """float32 [len(texts), hidden] embeddings from an ``EncoderRegressor`` (its ``cfg.ridge.features``),
-    L2-normalised rows when ``normalize``."""
-    from mates_megatron.influence.ridge import features
+    L2-normalised rows when ``normalize``. ``loader_workers`` > 0: the texts are read and tokenised in that
+    many loader processes ahead of the encoder (the same batches, the same values)."""
+    from mates_megatron.influence.loader import spans
+    from mates_megatron.influence.ridge import features, streamed_features
 
     net.eval()
     out = np.empty((len(texts), net.encoder.config.hidden_size), dtype=np.float32)
+    parts = spans(0, len(texts), batch_size)
+    feats = (
+        streamed_features(net, texts, parts, workers=loader_workers)
+        if loader_workers
+        else (features(net, texts[p.start : p.stop]) for p in parts)
+    )
     with torch.no_grad():
-        for s in progress_bar(
-            range(0, len(texts), batch_size), desc="embed", leave=False, disable=not progress
-        ):
-            out[s : s + batch_size] = features(net, texts[s : s + batch_size])
+        for part, x in progress_bar(
+            zip(parts, feats, strict=True), total=len(parts), desc="embed", leave=False, disable=not progress
+        ):  # fmt: skip
+            out[part.start : part.stop] = x
     if normalize:
         norms = np.linalg.norm(out, axis=1, keepdims=True)
         if (norms == 0).any():

@@ -23,6 +23,7 @@ whole ``SelectionConfig``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -81,9 +82,11 @@ class Scores:
     """float64 per candidate, lower = more useful."""
     record: dict[str, Any] = field(default_factory=dict)
     """JSON-ready numbers for the round's record (logged as ``mates/<key>`` when scalar)."""
-    features: np.ndarray | None = None
+    features: np.ndarray | Callable[[np.ndarray], np.ndarray] | None = None
     """Per-candidate embeddings in candidate order, for selectors that read them (``Selector.needs_features``,
-    e.g. 'cluster_greedy'); given by scorers that declare ``gives_features``."""
+    e.g. 'cluster_greedy'); given by scorers that declare ``gives_features``. Or a callable from positions in
+    the candidates to their rows, computed when read, so a selector that spreads its work over the ranks has
+    each rank embed only its part."""
     fallback: str | None = None
     """Why these scores must not be used (e.g. a poor influence fit): the round then takes a uniform random
     draw instead, seeded by (seed, round), and records the reason; None: select by the scores."""

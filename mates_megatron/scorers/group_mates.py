@@ -7,9 +7,10 @@ fitted on them (a head for each sample's own score, and the relationship's alpha
 candidate gets its own predicted score, and its embedding from the same frozen encoder (``Scores.features``),
 so that selector 'cluster_greedy' chooses the round as a set. Use ``selector: cluster_greedy``.
 
-Known limitation: the embeddings are computed on every rank for every candidate of the round (as the OT
-scorers do), in the training process when the round is published; at 25.6M candidates a round they belong in
-the influence stage, sharded, with the greedy step per shard.
+The embeddings are computed when the selector reads them, in the training process when the round is published:
+with the selector's ``shard_size``, each rank embeds only the shards it clusters and picks; without it the
+group's first rank embeds the whole round. Not built: keeping the embeddings from the influence stage's
+prediction, which computes them already (the encoder runs twice over each candidate).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any, ClassVar
 
 from mates_megatron.encoder import Encoder, EncoderConfig
 from mates_megatron.influence.config import InfluenceConfig
+from mates_megatron.pool.base import candidate_inputs
 from mates_megatron.probe.rollout import LinearizedRolloutProber, RolloutProber
 from mates_megatron.scorers.base import SCORERS, PendingScores, RoundInput, ScorerContext, Scores
 from mates_megatron.scorers.mates import MatesConfig, MatesScorer
@@ -88,7 +90,15 @@ class GroupMatesScorer(MatesScorer):
 
         def finish() -> Scores:
             out = pending.result()
-            out.features = self.encoder.embed_candidates(r.pool, r.candidates)
+            # Lazy: the selector embeds the candidates it picks among (with shards, a rank's own shards only),
+            # uncached: a round's candidates are read once, and a cache of every round would grow with the pool.
+            # The encoder reads what the influence model read (token ids under influence.pass_token_ids), with
+            # its loader workers.
+            inf = self.config.influence
+            out.features = lambda pos: self.encoder.embed(
+                candidate_inputs(r.pool, r.candidates[pos], token_ids=inf.pass_token_ids),
+                loader_workers=inf.loader_workers,
+            )
             return out
 
         return PendingScores(finish=finish)

@@ -31,6 +31,9 @@ class Selector(Component, ABC):
     draws_every_round: ClassVar[bool] = False
     """Whether the hook draws round 0 and the rounds of a score-free run with this selector too (a uniform
     draw otherwise)."""
+    collective: ClassVar[bool] = False
+    """Whether ``select`` spreads its work over a process group (``group=``: the hook passes a gloo group of the
+    world, and every rank calls it at the same step); it must select the same set whatever the group's size."""
     built_on_pool: ClassVar[bool] = False
     """Whether ``build`` reads the pool (e.g. 'mixture', which reads the candidates' domains)."""
 

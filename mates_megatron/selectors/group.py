@@ -27,15 +27,30 @@ redundant candidates among the rest. The selector records how many picks it made
 (``picks_at_positive_scores``).
 
 Cost: a cluster of m candidates with quota q costs q passes over m embeddings (O(q m d)); with clusters of
-about ``cluster_size`` candidates the round costs O(ratio x cluster_size x n x d): linear in the round.
+about ``cluster_size`` candidates the round costs O(ratio x cluster_size x n x d): linear in the round. The
+k-means over the whole round is not: ``iters x n x (n / cluster_size) x d``.
+
+**Shards** (``shard_size``, this project's, for rounds of millions): the round's candidates are dealt into
+``ceil(n / shard_size)`` shards by a permutation seeded by (seed, round), so each shard is a uniform sample of
+the round whatever order the candidates come in; each shard takes its largest-remainder share of k and is
+clustered and picked on its own, exactly as a round of that size would be. The k-means then costs
+``iters x n x (shard_size / cluster_size) x d`` in all: linear in the round. The shards depend on the
+candidates, the seed and the round only, never on the number of ranks: given a process group (``group``,
+the hook passes a gloo group of the world), rank r does shards r, r + W, ... and the picks are all-gathered,
+so every layout selects the same set. With features given lazily (a callable from positions to rows, as
+'group_mates' gives them), a rank embeds its own shards only. Without ``shard_size``: one shard, the
+authors' selection, done by the group's first rank.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
+import torch.distributed as dist
 
 from mates_megatron.selectors.base import SELECTORS, Selector, check_selection
 
@@ -115,6 +130,9 @@ class ClusterGreedyConfig:
     """Divides the embeddings' dot product in the relationship (the authors' selection: 1)."""
     kmeans_iters: int = 100
     """Lloyd iterations of the k-means (the authors: 100)."""
+    shard_size: int | None = None
+    """Candidates per shard (see the module): each shard is clustered and picked on its own, spread over the
+    ranks, so the k-means grows linearly with the round; None: the whole round as one shard (the authors')."""
 
     def __post_init__(self) -> None:
         if self.cluster_size < 1 or self.kmeans_iters < 1:
@@ -122,8 +140,36 @@ class ClusterGreedyConfig:
                 f"ClusterGreedyConfig needs cluster_size >= 1 and kmeans_iters >= 1, got {self.cluster_size}, "
                 f"{self.kmeans_iters}"
             )
+        if self.shard_size is not None and self.shard_size < self.cluster_size:
+            raise ValueError(
+                f"ClusterGreedyConfig.shard_size={self.shard_size} must be at least cluster_size="
+                f"{self.cluster_size} (a shard holds whole clusters), or null for one shard"
+            )
         if not self.temperature > 0:
             raise ValueError(f"ClusterGreedyConfig.temperature={self.temperature} must be > 0")
+
+
+Features = np.ndarray | Callable[[np.ndarray], np.ndarray]
+"""The candidates' embeddings in candidate order, or a callable giving the rows at given positions (lazy)."""
+
+
+def shards(n: int, shard_size: int | None, *, seed: int, round_: int) -> list[np.ndarray]:
+    """Positions 0..n-1 dealt into ceil(n / shard_size) shards of sizes within one of each other, by a
+    permutation seeded by (seed, round); each shard's positions ascending. None: one shard of all."""
+    if shard_size is None or n <= shard_size:
+        return [np.arange(n)]
+    perm = np.random.default_rng([seed, round_, 0x5AAD]).permutation(n)
+    return [np.sort(part) for part in np.array_split(perm, math.ceil(n / shard_size))]
+
+
+def _rows(features: Features, pos: np.ndarray) -> np.ndarray:
+    rows = features(pos) if callable(features) else np.asarray(features)[pos]
+    if len(rows) != len(pos):
+        raise ValueError(
+            f"the scorer's features gave {len(rows)} embeddings for {len(pos)} candidates: it must give one per "
+            "candidate, in their order"
+        )
+    return np.asarray(rows, dtype=np.float64)
 
 
 @SELECTORS.register("cluster_greedy")
@@ -136,30 +182,60 @@ class ClusterGreedySelector(Selector):
     alpha: float = 1.0
     temperature: float = 1.0
     kmeans_iters: int = 100
+    shard_size: int | None = None
     needs_scores: ClassVar[bool] = True
     needs_features: ClassVar[bool] = True
+    collective: ClassVar[bool] = True
     Config: ClassVar[type] = ClusterGreedyConfig
 
-    def select(self, candidates, k, *, scores, seed, round_, features=None) -> np.ndarray:
+    def select(self, candidates, k, *, scores, seed, round_, features=None, group=None) -> np.ndarray:
         return self.select_with_record(candidates, k, scores=scores, features=features, seed=seed,
-                                       round_=round_)[0]  # fmt: skip
+                                       round_=round_, group=group)[0]  # fmt: skip
 
     def select_with_record(
-        self, candidates, k, *, scores, features, seed: int, round_: int
+        self, candidates, k, *, scores, features: Features | None, seed: int, round_: int, group=None
     ) -> tuple[np.ndarray, dict[str, Any]]:
-        """The selection and what it did (clusters, their sizes, picks at positive scores)."""
+        """The selection and what it did (shards, clusters, the largest, picks at positive scores).
+        ``group``: a process group to spread the shards over (collective: every member calls it alike);
+        None: this process does every shard."""
         check_selection(candidates, k, scores, needs_scores=True)
-        if features is None or len(features) != len(candidates):
+        if features is None or (not callable(features) and len(features) != len(candidates)):
             raise ValueError(
                 "selector 'cluster_greedy' needs one embedding per candidate (features): use it with a scorer "
                 "that gives them (e.g. 'group_mates')"
             )
         candidates = np.asarray(candidates)
         scores = np.asarray(scores, dtype=np.float64)
-        n_clusters = max(1, round(len(candidates) / self.cluster_size))
-        labels = cluster(features, n_clusters, seed=_kmeans_seed(seed, round_), iters=self.kmeans_iters)
+        parts = shards(len(candidates), self.shard_size, seed=seed, round_=round_)
+        share = quotas(np.array([len(p) for p in parts]), k)
+        rank, world = (dist.get_rank(group), dist.get_world_size(group)) if group is not None else (0, 1)
+        mine = {}
+        for s in range(rank, len(parts), world):
+            pos = parts[s]
+            picked, rec = self._shard(scores[pos], _rows(features, pos), int(share[s]), seed, round_,
+                                      s if len(parts) > 1 else None)  # fmt: skip
+            mine[s] = (pos[picked], rec)
+        done = mine
+        if world > 1:  # every rank ends with every shard's picks
+            gathered: list[dict] = [{} for _ in range(world)]
+            dist.all_gather_object(gathered, mine, group=group)
+            done = {s: v for part in gathered for s, v in part.items()}
+        picks = np.concatenate([done[s][0] for s in range(len(parts))])
+        recs = [done[s][1] for s in range(len(parts))]
+        out = np.sort(candidates[picks].astype(np.int32))
+        return out, {"shards": len(parts), "clusters": sum(r[0] for r in recs),
+                     "largest_cluster": max(r[1] for r in recs),
+                     "picks_at_positive_scores": sum(r[2] for r in recs)}  # fmt: skip
+
+    def _shard(
+        self, scores: np.ndarray, emb: np.ndarray, k: int, seed: int, round_: int, shard: int | None
+    ) -> tuple[np.ndarray, tuple[int, int, int]]:
+        """One shard clustered and picked: positions in the shard, and (clusters, largest, positive picks)."""
+        if k == 0:
+            return np.zeros(0, dtype=np.int64), (0, 0, 0)
+        n_clusters = max(1, round(len(scores) / self.cluster_size))
+        labels = cluster(emb, n_clusters, seed=_kmeans_seed(seed, round_, shard), iters=self.kmeans_iters)
         names, sizes = np.unique(labels, return_counts=True)
-        emb = np.asarray(features, dtype=np.float64)
         chosen, positive = [], 0
         for c, q in zip(names, quotas(sizes, k), strict=True):
             members = np.flatnonzero(labels == c)
@@ -170,10 +246,10 @@ class ClusterGreedySelector(Selector):
             picked = members[order]
             positive += int((scores[picked] > 0).sum())
             chosen.append(picked)
-        out = np.sort(candidates[np.concatenate(chosen)].astype(np.int32))
-        return out, {"clusters": int(len(names)), "largest_cluster": int(sizes.max()),
-                     "picks_at_positive_scores": positive}  # fmt: skip
+        return np.concatenate(chosen), (int(len(names)), int(sizes.max()), positive)
 
 
-def _kmeans_seed(seed: int, round_: int) -> int:
-    return int(np.random.default_rng([seed, round_, 0xC1C1]).integers(2**31 - 1))
+def _kmeans_seed(seed: int, round_: int, shard: int | None = None) -> int:
+    """The k-means seed of a round (one shard: the same as before shards existed) or of one of its shards."""
+    key = [seed, round_, 0xC1C1] + ([] if shard is None else [shard])
+    return int(np.random.default_rng(key).integers(2**31 - 1))

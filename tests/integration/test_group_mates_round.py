@@ -1,7 +1,7 @@
 """Group-MATES inside the training loop (TP=2, CPU), stacked on a cheap filter as the paper runs it: the
 classifier keeps half of each scored round's candidates, rollouts on the live model score probes of what is
 left, the relational influence model is fitted on them, and the round is chosen as a set by the cluster-greedy
-selector on the same embeddings; both ranks select alike, and a run resumed mid-round selects and serves
+selector on the same embeddings, each rank clustering one shard of the round; both ranks select alike, and a run resumed mid-round selects and serves
 exactly what the uninterrupted run did."""
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 # Laid over test_mates_round's MATES config: the classifier keeps 24 of the round's 48 candidates; 20 probes
 # as 4 rollouts of 5, a short fit; 3 clusters of the 24 (its gumbel temperature is replaced: the
-# relationship's temperature is 1, the authors').
+# relationship's temperature is 1, the authors'), in 2 shards of 12 spread over the 2 ranks.
 GROUP = {
     "filters": [{"kind": "classifier", "keep": 0.5}],
-    "selector": {"kind": "cluster_greedy", "cluster_size": 8, "temperature": 1.0},
+    "selector": {"kind": "cluster_greedy", "cluster_size": 8, "temperature": 1.0, "shard_size": 12},
     "scorer": "group_mates",
     "scorer_options": {
         "probe_samples": 20, "estimator": "rollout",

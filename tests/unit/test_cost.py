@@ -252,6 +252,21 @@ def test_prediction_decodes_and_tokenises_every_candidate_on_the_host():
     assert ids.seconds["predict"]["decode_tokenise"] == 0.0
 
 
+def test_the_scorer_is_projected_on_what_the_filters_leave_it():
+    # 320 candidates a round; the classifier keeps 0.6 (192), then 0.5 of those (96): the scorer predicts 96.
+    whole = _project(_sel(influence={"model": "ridge", "loader_workers": 0}), machine=FLOPS_ONLY)
+    sel = _sel(influence={"model": "ridge", "loader_workers": 0},
+               filters=[{"kind": "classifier", "keep": 0.6}, {"kind": "classifier", "keep": 0.5}])  # fmt: skip
+    cost = _project(sel, machine=FLOPS_ONLY)
+    assert whole.counts["candidates"] == 320 and cost.counts["candidates"] == 96
+    assert cost.seconds["predict"]["encoder"] == pytest.approx(whole.seconds["predict"]["encoder"] * 96 / 320)
+    assert cost.seconds["probe"] == whole.seconds["probe"]
+    assert cost.assumptions[-1] == (
+        "filters (classifier > classifier) leave the scorer 96 of the round's 320 candidates; the filters' own "
+        "scoring is not counted"
+    )
+
+
 def test_refusal_names_the_field_the_flag_and_the_largest_phase():
     cost = _project(_sel(estimator="oracle"), machine="cpu-2core")
     assert cost.fraction > 0.1

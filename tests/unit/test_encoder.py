@@ -186,3 +186,11 @@ def test_no_tool_fills_a_default_selection_config_to_reach_the_encoder():
         for p in (root / pkg).rglob("*.py")
     }
     assert {k: v for k, v in found.items() if v} == {}
+
+
+@pytest.mark.parametrize("features", ["encoder", "token_embeddings"])
+def test_loader_workers_give_the_same_embeddings(features):
+    """Read and tokenised in loader processes (as Group-MATES's selector reads a shard), the batches and the
+    values are those read in this process."""
+    enc = Encoder(EncoderConfig(features=features, max_length=16, max_chunks=2, batch_size=3))
+    np.testing.assert_array_equal(enc.embed(TEXTS, loader_workers=2), enc.embed(TEXTS))

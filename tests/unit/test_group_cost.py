@@ -7,9 +7,10 @@ import dataclasses
 
 import pytest
 
+from mates_lab.bench.group_step import group_selection
 from mates_megatron.config import SelectionConfig
 from mates_megatron.configio import build, load_yaml
-from mates_megatron.cost import MACHINES, Layout, TransformerShape, check_round_cost
+from mates_megatron.cost import MACHINES, Layout, TransformerShape, check_round_cost, project_mates_round
 from mates_megatron.cost.group import group_parts, project_group_mates_round
 from mates_megatron.scorers.group_mates import GroupMatesConfig
 
@@ -28,10 +29,20 @@ def test_the_group_step_by_hand_kmeans_quadratic_and_greedy_linear_in_the_round(
     assert twice["kmeans"] == pytest.approx(4 * p["kmeans"]) and twice["greedy"] == pytest.approx(
         2 * p["greedy"]
     )
-    # Sharded over 3 ranks on the device: each rank a third of the round (a ninth of the k-means) at 1e12.
-    shard = group_parts(9000, 1800, dim=4, cluster_size=3000, kmeans_iters=10, machine=HOST, shards=3,
-                        on_device=True)  # fmt: skip
+    # One shard per rank of 3 on the device: each rank a third of the round (a ninth of the k-means) at 1e12.
+    shard = group_parts(9000, 1800, dim=4, cluster_size=3000, kmeans_iters=10, machine=HOST, ranks=3,
+                        shard_size=3000, on_device=True)  # fmt: skip
     assert shard["kmeans"] == pytest.approx(p["kmeans"] / 9 / 1000)
+
+
+def test_shards_make_the_kmeans_linear_in_the_round_and_the_busiest_rank_takes_the_odd_shard():
+    kw = {"dim": 4, "cluster_size": 3000, "kmeans_iters": 10, "machine": HOST, "shard_size": 6000}
+    one = group_parts(60000, 12000, **kw)  # 10 shards of 6,000, 2 clusters each, on one rank
+    assert one["kmeans"] == pytest.approx(10 * 10 * 2 * 6000 * 2 * 4 / 1e9)
+    assert group_parts(120000, 24000, **kw)["kmeans"] == pytest.approx(2 * one["kmeans"])
+    spread = group_parts(60000, 12000, ranks=4, **kw)  # 10 shards on 4 ranks: 3 on the busiest
+    assert spread["kmeans"] == pytest.approx(one["kmeans"] * 3 / 10)
+    assert spread["greedy"] == pytest.approx(one["greedy"] * 3 / 10)
 
 
 def _paper(estimator: str) -> tuple[SelectionConfig, GroupMatesConfig]:
@@ -67,8 +78,28 @@ def test_the_paper_round_is_refused_today_for_its_kmeans_and_projected_under_mat
     sel, g = _paper("linearized_rollout")
     today = project_group_mates_round(sel, g, **PAPER)
     assert today.dominant() == ("group", "kmeans")
-    with pytest.raises(ValueError, match="largest phase is group .*cluster_size"):
+    with pytest.raises(ValueError, match="largest phase is group .*shard_size of selector .cluster_greedy."):
         check_round_cost(today, sel.max_selection_cost)
     designed = project_group_mates_round(sel, g, sharded=True, **PAPER)
     assert "embed_encoder" in today.seconds["group"] and "embed_encoder" not in designed.seconds["group"]
     assert designed.phase_seconds["group"] < today.phase_seconds["group"] / 1000
+
+
+def test_the_paper_round_in_shards_over_the_world_is_admitted_reading_token_ids():
+    sel, g = _paper("linearized_rollout")
+    raw = load_yaml("configs/paper_1b.yaml")["selection"]
+    sharded = build(SelectionConfig, {**raw, **group_selection(raw, 30000)}, where="paper_1b")
+    mates = project_mates_round(sel, dataclasses.replace(sel.scorer_config, estimator="linearized"), **PAPER)
+    host = project_group_mates_round(sharded, g, **PAPER)
+    # 25.6M candidates: 854 shards of about 29,977 over the 8 ranks, 107 on the busiest, each embedded again
+    # on the training process's thread (decode and tokenise, no loader workers): that part dominates.
+    assert "854 shard(s) of 29977 over 8 rank(s)" in host.assumptions[-1]
+    assert host.dominant() == ("group", "embed_decode_tokenise")
+    ids = dataclasses.replace(g.influence, pass_token_ids=True)
+    tokens = project_group_mates_round(sharded, dataclasses.replace(g, influence=ids), **PAPER)
+    mates_ids = project_mates_round(
+        sel, dataclasses.replace(sel.scorer_config, estimator="linearized", influence=ids), **PAPER
+    )
+    assert tokens.selection_seconds < 1.5 * mates_ids.selection_seconds < host.selection_seconds
+    assert host.selection_seconds > 1.5 * mates.selection_seconds
+    check_round_cost(tokens, sel.max_selection_cost)  # admitted

@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 
 from mates_megatron.selectors.group import (
+    ClusterGreedyConfig,
     ClusterGreedySelector,
     greedy_group,
     quotas,
     relational_scores,
+    shards,
 )
 
 
@@ -108,3 +110,63 @@ def test_a_selector_that_reads_embeddings_is_refused_with_a_scorer_that_gives_no
     ):
         SelectionConfig(selector="cluster_greedy", scorer="dsir")
     assert SelectionConfig(selector="cluster_greedy", scorer="lookalike").selector_config.cluster_size == 3000
+
+
+def test_shards_deal_every_position_once_by_seed_and_round_in_sizes_within_one():
+    parts = shards(1003, 100, seed=4, round_=2)
+    assert len(parts) == 11 and {len(p) for p in parts} <= {91, 92}
+    assert np.sort(np.concatenate(parts)).tolist() == list(range(1003))
+    assert all((np.diff(p) > 0).all() for p in parts)  # ascending within a shard
+    again = shards(1003, 100, seed=4, round_=2)
+    assert all(a.tolist() == b.tolist() for a, b in zip(parts, again, strict=True))
+    assert parts[0].tolist() != shards(1003, 100, seed=4, round_=3)[0].tolist()
+    assert [p.tolist() for p in shards(50, 100, seed=4, round_=2)] == [list(range(50))]
+    assert [p.tolist() for p in shards(50, None, seed=4, round_=2)] == [list(range(50))]
+
+
+def _pool(n=600, dim=12, seed=7):
+    rng = np.random.default_rng(seed)
+    return np.arange(5000, 5000 + n, dtype=np.int32), rng.normal(size=n), _unit(rng.normal(size=(n, dim)))
+
+
+def test_sharded_selection_takes_each_shards_quota_and_reads_features_lazily_once():
+    cands, scores, emb = _pool()
+    sel = ClusterGreedySelector(cluster_size=50, shard_size=200)
+    asked = []
+
+    def lazy(pos):
+        asked.append(np.asarray(pos).copy())
+        return emb[pos]
+
+    out, rec = sel.select_with_record(cands, 90, scores=scores, features=lazy, seed=1, round_=3)
+    assert rec["shards"] == 3 and rec["clusters"] == 12
+    assert out.tolist() == sel.select(cands, 90, scores=scores, features=emb, seed=1, round_=3).tolist()
+    parts = shards(600, 200, seed=1, round_=3)
+    assert [a.tolist() for a in asked] == [p.tolist() for p in parts]  # each shard's rows read once
+    picked = np.isin(cands, out)
+    assert [int(picked[p].sum()) for p in parts] == quotas(np.array([len(p) for p in parts]), 90).tolist()
+    # A shard as large as the round is the unsharded selection.
+    whole = ClusterGreedySelector(cluster_size=50, shard_size=600).select(
+        cands, 90, scores=scores, features=emb, seed=1, round_=3
+    )
+    assert (
+        whole.tolist()
+        == ClusterGreedySelector(cluster_size=50)
+        .select(cands, 90, scores=scores, features=emb, seed=1, round_=3)
+        .tolist()
+    )
+
+
+def test_sharded_selection_without_interactions_is_each_shards_top_scores():
+    cands, scores, _ = _pool(n=300)
+    out = ClusterGreedySelector(cluster_size=100, shard_size=100).select(
+        cands, 31, scores=scores, features=np.eye(300), seed=2, round_=1
+    )
+    parts = shards(300, 100, seed=2, round_=1)
+    want = [p[np.argsort(scores[p])[:q]] for p, q in zip(parts, quotas(np.array([100] * 3), 31), strict=True)]
+    assert out.tolist() == np.sort(cands[np.concatenate(want)]).tolist()
+
+
+def test_a_shard_smaller_than_a_cluster_is_refused_naming_the_fields():
+    with pytest.raises(ValueError, match=r"shard_size=10 must be at least cluster_size=3000"):
+        ClusterGreedyConfig(shard_size=10)

@@ -1,0 +1,51 @@
+"""The sharded cluster-greedy selection spread over real gloo processes: every world size selects the set one
+process selects, and each rank embeds only the shards it clusters and picks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch.distributed as dist
+
+from mates_megatron.compat.spawn import run_on_ranks
+from mates_megatron.selectors.group import ClusterGreedySelector, shards
+
+pytestmark = pytest.mark.distributed
+
+N, K = 700, 120
+
+
+def _pool():
+    rng = np.random.default_rng(11)
+    emb = rng.normal(size=(N, 8))
+    return (
+        np.arange(N, dtype=np.int32) * 3,
+        rng.normal(size=N),
+        emb / np.linalg.norm(emb, axis=1, keepdims=True),
+    )
+
+
+def _select(shard_size, spread=True):
+    cands, scores, emb = _pool()
+    asked = []
+
+    def lazy(pos):
+        asked.extend(np.asarray(pos).tolist())
+        return emb[pos]
+
+    sel = ClusterGreedySelector(cluster_size=60, shard_size=shard_size)
+    out, rec = sel.select_with_record(
+        cands, K, scores=scores, features=lazy, seed=9, round_=4, group=dist.group.WORLD if spread else None
+    )
+    return {"out": out.tolist(), "record": rec, "asked": sorted(asked)}
+
+
+@pytest.mark.parametrize(("shard_size", "world"), [(150, 3), (None, 2)])
+def test_every_world_size_selects_what_one_process_does_each_rank_embedding_its_shards(shard_size, world):
+    alone = _select(shard_size, spread=False)  # this process, no group
+    assert len(alone["out"]) == K and alone["asked"] == list(range(N))
+    parts = shards(N, shard_size, seed=9, round_=4)
+    for r, got in enumerate(run_on_ranks(_select, world, shard_size)):
+        assert got["out"] == alone["out"] and got["record"] == alone["record"]
+        mine = sorted(i for s in range(r, len(parts), world) for i in parts[s].tolist())
+        assert got["asked"] == mine  # rank r embeds shards r, r + world, ... only (one shard: rank 0 alone)
