@@ -136,10 +136,14 @@ class Encoder:
         return self._reference[1]
 
     def embed_candidates(self, pool, ids: np.ndarray) -> np.ndarray:
-        """The candidates' embeddings in ``ids`` order; only ids not seen before are embedded."""
+        """The candidates' embeddings in ``ids`` order; ids the previous call embedded are not embedded again.
+        Only this call's ids are kept: a cache of every round would grow with the pool (25.6M candidates of
+        MiniLM's 384 floats are 39 GB a round)."""
         ids = np.asarray(ids)
-        todo = np.array([i for i in ids.tolist() if i not in self._cache], dtype=ids.dtype)
+        kept = {i: self._cache[i] for i in ids.tolist() if i in self._cache}
+        todo = np.array([i for i in ids.tolist() if i not in kept], dtype=ids.dtype)
         if len(todo):
             emb = self.embed(candidate_inputs(pool, todo, token_ids=False))
-            self._cache.update(zip(todo.tolist(), emb, strict=True))
-        return np.stack([self._cache[i] for i in ids.tolist()])
+            kept.update(zip(todo.tolist(), emb, strict=True))
+        self._cache = kept
+        return np.stack([kept[i] for i in ids.tolist()])

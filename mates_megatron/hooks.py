@@ -164,13 +164,15 @@ class MatesHook:
         extra = {"features": result.features} if selector.needs_features else {}
         if selector.collective and dist.is_initialized():
             extra["group"] = influence_group()
-        chosen = selector.select(cands, self.sampler.samples_per_round, scores=scores, seed=self.seed,
-                                 round_=round_, **extra)  # fmt: skip
+        chosen, done = selector.select_with_record(cands, self.sampler.samples_per_round, scores=scores,
+                                                   seed=self.seed, round_=round_, **extra)  # fmt: skip
         seconds = {"score": begin_seconds + stall, "stall": stall, "select": time.perf_counter() - t}
         seconds["total"] = seconds["score"] + seconds["select"]
         record = {"round": round_, "candidates": int(len(cands)), **result.record}
         if round_ in self._filter_records:
             record["filters"] = self._filter_records.pop(round_)
+        if done:
+            record["selector"] = done
         record["fallback"] = result.fallback
         if result.fallback and dist.is_initialized() and dist.get_rank() == 0:
             log.warning("round %d: selected at random instead of by scores: %s", round_, result.fallback)
@@ -234,6 +236,9 @@ class MatesHook:
         out = {f"mates/{k}": float(v) for k, v in rec.items() if _scalar(v) and k != "candidates"}
         out["mates/fallback"] = float(bool(rec.get("fallback")))
         out.update({f"mates/seconds/{k}": v for k, v in rec["seconds"].items()})
+        out.update(
+            {f"mates/selector/{k}": float(v) for k, v in rec.get("selector", {}).items() if _scalar(v)}
+        )
         out.update({f"mates/selected_share/{k}": v for k, v in self.domain_share[round_].items()})
         return out
 

@@ -48,6 +48,13 @@ class Selector(Component, ABC):
         self, candidates: np.ndarray, k: int, *, scores: np.ndarray | None, seed: int, round_: int
     ) -> np.ndarray: ...
 
+    def select_with_record(
+        self, candidates: np.ndarray, k: int, **kw: Any
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        """``select`` and what the selector did (JSON-ready numbers, kept in the round's record under
+        'selector'); by default nothing."""
+        return self.select(candidates, k, **kw), {}
+
 
 def check_selection(candidates: np.ndarray, k: int, scores: np.ndarray | None, needs_scores: bool) -> None:
     if not 0 < k <= len(candidates):

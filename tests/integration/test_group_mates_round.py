@@ -43,6 +43,8 @@ def test_a_filtered_group_mates_round_is_probed_by_rollouts_and_selected_as_a_se
         ]
         assert rec["candidates"] == 24  # what the scorer and the selector saw
         assert rec["estimator"] == "rollout" and rec["probes"] == 20 and rec["fallback"] is None
+        # 2 shards of 12, each in round(12 / 8) = 2 clusters
+        assert rec["selector"]["shards"] == 2 and rec["selector"]["clusters"] == 4
         assert np.isfinite(rec["influence_spearman"])
         assert rank0["published"][r] != rank0["random_round"][r]
     state = rank0["influence_state"]["model"]  # the relational terms are checkpointed with the head

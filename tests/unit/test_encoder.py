@@ -132,7 +132,7 @@ def _counting(encoder: Encoder) -> list[list[str]]:
     return calls
 
 
-def test_candidates_are_embedded_once_per_id():
+def test_candidates_are_embedded_once_per_id_of_the_last_call():
     enc = Encoder(EncoderConfig())
     calls = _counting(enc)
     pool = _Pool(TEXTS)
@@ -141,6 +141,10 @@ def test_candidates_are_embedded_once_per_id():
     assert calls == [[TEXTS[2], TEXTS[0]], [TEXTS[1]]]  # the second call embeds only id 1
     np.testing.assert_array_equal(again[[2, 0]], first)
     assert again[1, len(TEXTS[1])] == 1.0
+    # Only the last call's ids are kept (the cache does not grow with the pool): id 0 is embedded again.
+    enc.embed_candidates(pool, np.array([3], dtype=np.int32))
+    enc.embed_candidates(pool, np.array([0, 3], dtype=np.int32))
+    assert calls[2:] == [[TEXTS[3]], [TEXTS[0]]] and set(enc._cache) == {0, 3}
 
 
 def test_the_reference_is_embedded_once_per_path(tmp_path):
