@@ -212,6 +212,9 @@ class ClusterGreedySelector(Selector):
         mine = {}
         for s in range(rank, len(parts), world):
             pos = parts[s]
+            if share[s] == 0:  # nothing to pick here: not embedded
+                mine[s] = (pos[:0], (0, 0, 0))
+                continue
             picked, rec = self._shard(scores[pos], _rows(features, pos), int(share[s]), seed, round_,
                                       s if len(parts) > 1 else None)  # fmt: skip
             mine[s] = (pos[picked], rec)
@@ -231,8 +234,6 @@ class ClusterGreedySelector(Selector):
         self, scores: np.ndarray, emb: np.ndarray, k: int, seed: int, round_: int, shard: int | None
     ) -> tuple[np.ndarray, tuple[int, int, int]]:
         """One shard clustered and picked: positions in the shard, and (clusters, largest, positive picks)."""
-        if k == 0:
-            return np.zeros(0, dtype=np.int64), (0, 0, 0)
         n_clusters = max(1, round(len(scores) / self.cluster_size))
         labels = cluster(emb, n_clusters, seed=_kmeans_seed(seed, round_, shard), iters=self.kmeans_iters)
         names, sizes = np.unique(labels, return_counts=True)

@@ -157,6 +157,20 @@ def test_sharded_selection_takes_each_shards_quota_and_reads_features_lazily_onc
     )
 
 
+def test_a_shard_with_no_quota_is_not_embedded():
+    cands, scores, emb = _pool()
+    asked = []
+
+    def lazy(pos):
+        asked.append(len(pos))
+        return emb[pos]
+
+    out, rec = ClusterGreedySelector(cluster_size=50, shard_size=100).select_with_record(
+        cands, 2, scores=scores, features=lazy, seed=1, round_=3
+    )  # 6 shards of 100, k = 2: two shards pick one each, four are skipped
+    assert len(out) == 2 and asked == [100, 100] and rec["shards"] == 6 and rec["clusters"] == 4
+
+
 def test_sharded_selection_without_interactions_is_each_shards_top_scores():
     cands, scores, _ = _pool(n=300)
     out = ClusterGreedySelector(cluster_size=100, shard_size=100).select(
