@@ -29,29 +29,26 @@ def measure(n: int, *, dim: int = 384, ratio: float = 0.2, cluster_size: int = 3
     selector's ``shards``; one without ``shard_size``)."""
     from threadpoolctl import threadpool_limits
 
-    from mates_megatron.selectors.group import cluster, greedy_group, quotas, shards
+    from mates_megatron.selectors.group import ClusterGreedySelector, quotas, shards
 
     rng = np.random.default_rng(seed)
     emb = rng.standard_normal((n, dim))
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     scores = rng.standard_normal(n)
     k = int(round(ratio * n))
+    sel = ClusterGreedySelector(cluster_size=cluster_size, kmeans_iters=iters, shard_size=shard_size)
     parts = shards(n, shard_size, seed=seed, round_=0)
     kmeans = greedy = 0.0
     clusters = 0
-    with threadpool_limits(1):
-        for part, k_part in zip(parts, quotas(np.array([len(p) for p in parts]), k), strict=True):
-            n_clusters = max(1, round(len(part) / cluster_size))
-            clusters += n_clusters
+    with threadpool_limits(1):  # the selector's own steps, shard by shard
+        for i, (part, k_part) in enumerate(
+            zip(parts, quotas(np.array([len(p) for p in parts]), k), strict=True)
+        ):
             t = _cpu()
-            labels = cluster(emb[part], n_clusters, seed=seed, iters=iters)  # the selector's own k-means
+            labels = sel.labels(emb[part], seed=seed, round_=0, shard=i if len(parts) > 1 else None)
             kmeans += _cpu() - t
-            names, sizes = np.unique(labels, return_counts=True)
             t = _cpu()
-            for c, q in zip(names, quotas(sizes, int(k_part)), strict=True):
-                members = part[labels == c]
-                if q:
-                    greedy_group(scores[members], emb[members], int(q), alpha=1.0, temperature=1.0)
+            clusters += sel.pick(scores[part], emb[part], labels, int(k_part))[1][0]
             greedy += _cpu() - t
     return {
         "candidates": n,

@@ -26,6 +26,7 @@ import math
 from mates_megatron.cost.machine import Machine, get_machine
 from mates_megatron.cost.phases import influence_parts
 from mates_megatron.cost.round import RoundCost, project_mates_round
+from mates_megatron.selectors.group import shard_count
 
 EMBEDDING_DIM_BYTES = 8
 """The selector reads the embeddings as float64."""
@@ -60,11 +61,6 @@ def group_parts(
             2.0 * per_cluster * dim / rate, per_cluster * dim * EMBEDDING_DIM_BYTES / machine.memory_bandwidth
         ),  # fmt: skip
     }
-
-
-def shard_count(candidates: int, shard_size: int | None) -> int:
-    """Shards of a round (``selectors.group.shards``): ceil(n / shard_size), one without ``shard_size``."""
-    return 1 if shard_size is None or candidates <= shard_size else math.ceil(candidates / shard_size)
 
 
 def project_group_mates_round(sel, config=None, *, sharded: bool = False, **shape) -> RoundCost:

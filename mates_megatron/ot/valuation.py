@@ -21,7 +21,6 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 import numpy as np
-import torch
 
 from mates_megatron.ot.sinkhorn import OTResult, SinkhornConfig, sinkhorn
 from mates_megatron.progress import progress as progress_bar
@@ -40,21 +39,16 @@ def embed_texts(
     L2-normalised rows when ``normalize``. ``loader_workers`` > 0: the texts are read and tokenised in that
     many loader processes ahead of the encoder (the same batches, the same values)."""
     from mates_megatron.influence.loader import spans
-    from mates_megatron.influence.ridge import features, streamed_features
+    from mates_megatron.influence.ridge import streamed_features
 
     net.eval()
     out = np.empty((len(texts), net.encoder.config.hidden_size), dtype=np.float32)
     parts = spans(0, len(texts), batch_size)
-    feats = (
-        streamed_features(net, texts, parts, workers=loader_workers)
-        if loader_workers
-        else (features(net, texts[p.start : p.stop]) for p in parts)
-    )
-    with torch.no_grad():
-        for part, x in progress_bar(
-            zip(parts, feats, strict=True), total=len(parts), desc="embed", leave=False, disable=not progress
-        ):  # fmt: skip
-            out[part.start : part.stop] = x
+    feats = streamed_features(net, texts, parts, workers=loader_workers)  # 0: read in this process
+    for part, x in progress_bar(
+        zip(parts, feats, strict=True), total=len(parts), desc="embed", leave=False, disable=not progress
+    ):  # fmt: skip
+        out[part.start : part.stop] = x
     if normalize:
         norms = np.linalg.norm(out, axis=1, keepdims=True)
         if (norms == 0).any():

@@ -156,10 +156,16 @@ Features = np.ndarray | Callable[[np.ndarray], np.ndarray]
 def shards(n: int, shard_size: int | None, *, seed: int, round_: int) -> list[np.ndarray]:
     """Positions 0..n-1 dealt into ceil(n / shard_size) shards of sizes within one of each other, by a
     permutation seeded by (seed, round); each shard's positions ascending. None: one shard of all."""
-    if shard_size is None or n <= shard_size:
+    count = shard_count(n, shard_size)
+    if count == 1:
         return [np.arange(n)]
     perm = np.random.default_rng([seed, round_, 0x5AAD]).permutation(n)
-    return [np.sort(part) for part in np.array_split(perm, math.ceil(n / shard_size))]
+    return [np.sort(part) for part in np.array_split(perm, count)]
+
+
+def shard_count(n: int, shard_size: int | None) -> int:
+    """Shards of a round of n: ceil(n / shard_size), one without ``shard_size``."""
+    return 1 if shard_size is None or n <= shard_size else math.ceil(n / shard_size)
 
 
 def _rows(features: Features, pos: np.ndarray) -> np.ndarray:
@@ -234,8 +240,18 @@ class ClusterGreedySelector(Selector):
         self, scores: np.ndarray, emb: np.ndarray, k: int, seed: int, round_: int, shard: int | None
     ) -> tuple[np.ndarray, tuple[int, int, int]]:
         """One shard clustered and picked: positions in the shard, and (clusters, largest, positive picks)."""
-        n_clusters = max(1, round(len(scores) / self.cluster_size))
-        labels = cluster(emb, n_clusters, seed=_kmeans_seed(seed, round_, shard), iters=self.kmeans_iters)
+        return self.pick(scores, emb, self.labels(emb, seed=seed, round_=round_, shard=shard), k)
+
+    def labels(self, emb: np.ndarray, *, seed: int, round_: int, shard: int | None) -> np.ndarray:
+        """A shard's k-means clusters (``shard`` None: the round's only shard)."""
+        n_clusters = max(1, round(len(emb) / self.cluster_size))
+        return cluster(emb, n_clusters, seed=_kmeans_seed(seed, round_, shard), iters=self.kmeans_iters)
+
+    def pick(
+        self, scores: np.ndarray, emb: np.ndarray, labels: np.ndarray, k: int
+    ) -> tuple[np.ndarray, tuple[int, int, int]]:
+        """The greedy picks of a clustered shard (each cluster its quota of k): positions, and (clusters,
+        largest, positive picks)."""
         names, sizes = np.unique(labels, return_counts=True)
         chosen, positive = [], 0
         for c, q in zip(names, quotas(sizes, k), strict=True):
