@@ -144,6 +144,12 @@ class SelectionConfig:
                 f"selector {self.selector!r} reads the candidates' embeddings, and scorer {self.scorer!r} gives "
                 f"none: choose a scorer that does ({', '.join(n for n, c in SCORERS.items() if c.gives_features)})"
             )
+        if scorer.gives_lazy_scores and not SELECTORS.get(self.selector).lazy_scores:
+            raise ValueError(
+                f"scorer {self.scorer!r} computes each candidate's score where the selector reads it, and "
+                f"selector {self.selector!r} reads every score at once: use a selector that reads them lazily "
+                f"({', '.join(n for n, c in SELECTORS.items() if c.lazy_scores)})"
+            )
         scorer.check_config(self.scorer_config, self.scorer_context())
         if "live_model" in scorer.needs and self.warmup_steps == 0:
             raise ValueError(
@@ -175,6 +181,11 @@ class SelectionConfig:
             if not isinstance(keep, int | float) or not 0 < keep <= 1:
                 raise ValueError(f"{where}.keep={keep!r} must be a fraction in (0, 1]")
             cls = SCORERS.get(name)
+            if cls.gives_lazy_scores:
+                raise ValueError(
+                    f"{where}.kind={name!r} scores candidates only where a selector reads them, so it cannot "
+                    "filter a round: filter with a scorer that scores every candidate (e.g. classifier)"
+                )
             config = cls.build_options(options, name=name, where=where)
             cls.check_config(config, self.scorer_context())
             stages.append((name, float(keep), config))

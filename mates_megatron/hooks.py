@@ -152,8 +152,9 @@ class MatesHook:
         t = time.perf_counter()
         result = pending.result()
         stall = time.perf_counter() - t
-        scores = np.asarray(result.scores, dtype=np.float64)
-        if scores.shape != cands.shape:
+        # A lazy scorer's scores are computed where the selector reads them (and checked there).
+        scores = result.scores if callable(result.scores) else np.asarray(result.scores, dtype=np.float64)
+        if not callable(scores) and scores.shape != cands.shape:
             raise ValueError(
                 f"scorer {type(self.scorer).__name__} returned {scores.shape[0]} scores for {len(cands)} "
                 "candidates: it must return one per candidate, in their order"

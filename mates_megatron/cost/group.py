@@ -1,22 +1,23 @@
 """The projected cost of a Group-MATES round ('group_mates' scorer + 'cluster_greedy' selector): MATES's round
-(``cost.round``, with the rollout estimator it runs) plus the set selection, before it is spent.
+(``cost.round``, with the rollout estimator it runs), with the influence stage predicting only the fit's
+pairs, plus the set selection, before it is spent.
 
 The group phase, on the busiest rank, as the code runs it (``selectors.group``): the round is dealt into
 ``S = ceil(n / shard_size)`` shards (one without ``shard_size``), spread over the world's ranks, ``ceil(S / W)``
 on the busiest; for each of its shards of m candidates:
 
-- ``embed``: the shard's embeddings from the frozen encoder (``scorers.group_mates``, when the selector reads
-  them): the influence stage's prediction work again, on the shard, read by the influence model's loader
-  workers;
+- ``embed``: the shard's own scores and embeddings, one pass of the frozen encoder (``scorers.group_mates``,
+  ``ShardRows``, when the selector reads them), read by the influence model's loader workers: MATES's
+  prediction work, done by the selector's ranks on their shards instead of by the influence ranks;
 - ``kmeans``: Lloyd iterations over the shard, ``2 x iters x m x clusters x dim`` FLOPs at the host's rate
   (scikit-learn, float64), clusters = m / cluster_size: quadratic in the shard, so in the round without
   shards and linear in it with a fixed ``shard_size``;
 - ``greedy``: per cluster of c with quota q, q relationship rows of c x dim (``2 q c dim`` FLOPs), in all about
   ``2 x k x cluster_size x dim`` over the round: linear.
 
-``sharded=True`` projects a design the code does not have: the embeddings kept from the influence stage's
-prediction (no second encoder pass), each influence rank clustering and picking one shard of n / ranks with
-the k-means on the device. It is for the benchmarks' figures; the guard reads the configuration as built.
+``sharded=True`` projects a design the code does not have: the k-means on the device, each influence rank
+clustering and picking one shard of n / ranks. It is for the benchmarks' figures; the guard reads the
+configuration as built.
 """
 
 from __future__ import annotations
@@ -84,9 +85,16 @@ def project_group_mates_round(sel, config=None, *, sharded: bool = False, **shap
     n, tokens = cost.counts["candidates"], cost.counts["encoder_tokens"]
     k = sel.samples_per_round(shape["global_batch_size"])  # of the candidates the filters left
     world = (shape.get("layout") or Layout()).world
-    if sharded:  # one shard per influence rank, on the device, the embeddings kept from prediction
-        ranks = len(sel.influence_ranks) if sel.influence_ranks else world
-        shard_size = math.ceil(n / ranks)
+    # The influence stage predicts the fit's pairs only (the probes, and past rounds' probes): the candidates'
+    # own scores come with their embeddings in the group step.
+    probes, pairs = cost.counts["probes"], config.probe_samples * config.influence_rounds
+    inf_ranks = len(sel.influence_ranks) if sel.influence_ranks else world
+    _, cost.seconds["predict"] = influence_parts(config.influence, enc, mach, tokens=tokens, candidates=probes,
+                                                 pairs=pairs, probes=probes, ranks=inf_ranks)  # fmt: skip
+    per_candidate = cost.phases["predict"] / (n + pairs - probes)
+    cost.phases["predict"] = pairs * per_candidate
+    if sharded:  # one shard per influence rank, the k-means on the device
+        ranks, shard_size = inf_ranks, math.ceil(n / inf_ranks)
     else:
         ranks, shard_size = world, sc.shard_size
     parts = group_parts(
@@ -95,21 +103,18 @@ def project_group_mates_round(sel, config=None, *, sharded: bool = False, **shap
     )  # fmt: skip
     n_shards = shard_count(n, shard_size)
     m = math.ceil(n / n_shards)
-    if not sharded:  # the encoder again over the busiest rank's shards
-        mine = math.ceil(n_shards / ranks) * m
-        _, again = influence_parts(config.influence, enc, mach, tokens=tokens, candidates=mine, pairs=0,
-                                   probes=0, ranks=1)  # fmt: skip
-        parts = {"embed_" + p: s for p, s in again.items() if p != "gather"} | parts
-    cost.seconds["group"] = parts
+    mine = math.ceil(n_shards / ranks) * m  # the busiest rank's shards, each through the encoder once
+    _, embed = influence_parts(config.influence, enc, mach, tokens=tokens, candidates=mine, pairs=0, probes=0,
+                               ranks=1)  # fmt: skip
+    cost.seconds["group"] = {"embed_" + p: s for p, s in embed.items() if p != "gather"} | parts
     clusters = max(1, round(m / sc.cluster_size))  # the FLOPs of the k-means and the greedy, every rank
-    cost.phases["group"] = (
+    cost.phases["group"] = n * per_candidate + (
         2.0 * (sc.kmeans_iters * n * clusters + k * min(sc.cluster_size, m)) * enc.hidden_size
     )
     cost.assumptions.append(
-        "group step: "
-        + ("embeddings kept from prediction, each influence rank clusters and picks its shard on the device"
-           if sharded else f"{n_shards} shard(s) of {m} over {ranks} rank(s), each embedded again, k-means and "
-           "greedy on the host")
+        f"group step: {n_shards} shard(s) of {m} over {ranks} rank(s), each through the encoder once (own scores "
+        "and embeddings together; the influence stage predicts only the fit's pairs), k-means "
+        + ("on the device" if sharded else "and greedy on the host")
         + f" (cluster_size {sc.cluster_size}, {sc.kmeans_iters} k-means iterations, dim {enc.hidden_size})"
     )  # fmt: skip
     return cost

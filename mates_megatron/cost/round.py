@@ -229,7 +229,7 @@ _LEVERS = {
     "fit": "fewer probe_samples, influence_rounds or influence finetune epochs",
     "group": "shard_size of selector 'cluster_greedy' (e.g. 30000: its k-means grows as candidates x shard_size "
     "/ cluster_size, spread over the ranks; without it as candidates^2 / cluster_size on one rank), fewer "
-    "kmeans_iters, influence.pass_token_ids (each shard is embedded again), or fewer candidates a round",
+    "kmeans_iters, influence.pass_token_ids (no decode or tokenise of the shards), or fewer candidates a round",
     "predict": "influence.pass_token_ids (no decode or tokenise, where the pool uses the encoder's vocabulary), a "
     "smaller influence encoder, a lower influence max_length x max_chunks, or ridge features: token_embeddings",
 }

@@ -78,8 +78,10 @@ class RoundInput:
 
 @dataclass
 class Scores:
-    scores: np.ndarray
-    """float64 per candidate, lower = more useful."""
+    scores: np.ndarray | Callable[[np.ndarray], np.ndarray]
+    """float64 per candidate, lower = more useful. Or, from a scorer that declares ``gives_lazy_scores``, a
+    callable from positions in the candidates to their scores, computed when read (for selectors that declare
+    ``Selector.lazy_scores``)."""
     record: dict[str, Any] = field(default_factory=dict)
     """JSON-ready numbers for the round's record (logged as ``mates/<key>`` when scalar)."""
     features: np.ndarray | Callable[[np.ndarray], np.ndarray] | None = None
@@ -116,6 +118,9 @@ class Scorer(Component, ABC):
     stateful: ClassVar[bool] = True  # the hook saves every scorer's state_dict (stateless ones give {})
     gives_features: ClassVar[bool] = False
     """Whether its ``Scores`` carry the candidates' embeddings (``Scores.features``)."""
+    gives_lazy_scores: ClassVar[bool] = False
+    """Whether its ``Scores.scores`` is a callable from positions to scores (computed where a selector reads
+    them): it can then only feed a selector with ``lazy_scores``, and cannot filter."""
     has_influence_stage: ClassVar[bool] = False
     """Whether its work after the probes needs no live model and can run in side processes
     (``SelectionConfig.asynchronous``), as the 'mates' influence stage does."""

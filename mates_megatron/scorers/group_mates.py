@@ -1,22 +1,24 @@
 """Group-MATES (Yu et al. 2025, arXiv 2502.14709) as a scorer inside the round: MATES's round with the group
-oracle and the relational influence model, giving the candidates' embeddings to a set selector.
+oracle and the relational influence model, giving each candidate's own score and embedding to a set selector.
 
 Per scored round: the probes are rollouts on the live model (estimator 'rollout': each probe scored by its
 step's reference-loss change given the steps before it in its rollout); influence model 'relational' is
-fitted on them (a head for each sample's own score, and the relationship's alpha and temperature); every
-candidate gets its own predicted score, and its embedding from the same frozen encoder (``Scores.features``),
-so that selector 'cluster_greedy' chooses the round as a set. Use ``selector: cluster_greedy``.
-
-The embeddings are computed when the selector reads them, in the training process when the round is published:
-with the selector's ``shard_size``, each rank embeds only the shards it clusters and picks; without it the
-group's first rank embeds the whole round. Not built: keeping the embeddings from the influence stage's
-prediction, which computes them already (the encoder runs twice over each candidate).
+fitted on them (a head for each sample's own score, and the relationship's alpha and temperature) on the
+influence group, which predicts only the fit's own pairs. The fitted head reaches every rank, and the
+candidates' own scores and embeddings are then computed together, in one pass of the frozen encoder, when the
+selector reads them (``Scores.scores`` and ``Scores.features`` are callables from positions to rows,
+``ShardRows``): with the selector's ``shard_size`` each rank embeds only the shards it clusters and picks;
+without it the group's first rank embeds the whole round. Each candidate is embedded once a round, where
+the prediction and then the selector used to embed it twice. Use ``selector: cluster_greedy``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
+
+import numpy as np
+import torch.distributed as dist
 
 from mates_megatron.encoder import Encoder, EncoderConfig
 from mates_megatron.influence.config import InfluenceConfig
@@ -60,12 +62,65 @@ class GroupMatesConfig(MatesConfig):
             )
 
 
+class ShardRows:
+    """The candidates' own scores (the relational model's head, as its ``predict`` gives them) and their
+    L2-normalised embeddings (as ``Encoder.embed`` gives them), at positions asked for: both from one encoder
+    pass over those positions, kept until other positions are asked for (a selector reads a shard's
+    embeddings, then its scores)."""
+
+    def __init__(
+        self, net, head: dict[str, Any], pool, candidates: np.ndarray, *, token_ids: bool, batch_size: int,
+        loader_workers: int,
+    ) -> None:  # fmt: skip
+        self.net, self.pool, self.candidates, self.token_ids = net, pool, np.asarray(candidates), token_ids
+        self.w = head["weight"].detach().double().cpu().numpy()[0]
+        self.b = float(head["bias"].detach())
+        self.batch_size, self.loader_workers = batch_size, loader_workers
+        self._pos: np.ndarray | None = None
+        self._rows: tuple[np.ndarray, np.ndarray] | None = None
+        self.passes = 0
+        """Encoder passes so far (one per distinct set of positions asked for)."""
+
+    def _load(self, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        from mates_megatron.influence.loader import spans
+        from mates_megatron.influence.ridge import streamed_features
+
+        pos = np.asarray(pos)
+        if self._pos is not None and np.array_equal(pos, self._pos):
+            return self._rows
+        self.net.eval()
+        texts = candidate_inputs(self.pool, self.candidates[pos], token_ids=self.token_ids)
+        own = np.empty(len(pos), dtype=np.float32)
+        emb = np.empty((len(pos), self.net.encoder.config.hidden_size), dtype=np.float32)
+        parts = spans(0, len(pos), self.batch_size)
+        for part, x in zip(parts, streamed_features(self.net, texts, parts, workers=self.loader_workers),
+                           strict=True):  # fmt: skip
+            own[part.start : part.stop] = x @ self.w + self.b  # float32, as the influence model predicts
+            emb[part.start : part.stop] = x  # float32, then normalised, as Encoder.embed
+        norms = np.linalg.norm(emb, axis=1, keepdims=True)
+        if (norms == 0).any():
+            raise ValueError("a candidate's embedding is all zeros: it cannot be normalised (an empty text?)")
+        self._pos, self._rows, self.passes = (
+            pos.copy(),
+            (own.astype(np.float64), emb / norms),
+            self.passes + 1,
+        )
+        return self._rows
+
+    def scores(self, pos: np.ndarray) -> np.ndarray:
+        return self._load(pos)[0]
+
+    def features(self, pos: np.ndarray) -> np.ndarray:
+        return self._load(pos)[1]
+
+
 @SCORERS.register("group_mates")
 class GroupMatesScorer(MatesScorer):
     """See the module."""
 
     Config: ClassVar[type] = GroupMatesConfig
     gives_features: ClassVar[bool] = True
+    gives_lazy_scores: ClassVar[bool] = True
 
     def __init__(self, config: GroupMatesConfig | None = None, *, context: ScorerContext, **kw: Any) -> None:
         super().__init__(config or GroupMatesConfig(), context=context, **kw)
@@ -85,20 +140,36 @@ class GroupMatesScorer(MatesScorer):
         est = ROLLOUT_ESTIMATORS[self.config.estimator]
         return est(ctx, rollout_length=self.config.influence.relational.rollout_length)
 
+    def influence_ids(self, ids: np.ndarray, fit_positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The influence stage fits and predicts only the fit's pairs: the candidates' own scores come with
+        their embeddings, at selection (``ShardRows``)."""
+        return ids[fit_positions], np.arange(len(fit_positions))
+
+    def _head(self) -> dict[str, Any]:
+        """The fitted head on every rank of the world (the influence group's first rank sends it)."""
+        state = self.influence.state_dict()["model"] if self.influence.member else None
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            from mates_megatron.influence.group import influence_group
+
+            box = [state]
+            group = influence_group(timeout_s=self.config.influence.timeout_s)
+            dist.broadcast_object_list(box, src=self.influence.ranks[0], group=group)
+            state = box[0]
+        return state
+
     def begin(self, r: RoundInput) -> PendingScores:
         pending = super().begin(r)
 
         def finish() -> Scores:
             out = pending.result()
-            # Lazy: the selector embeds the candidates it picks among (with shards, a rank's own shards only),
-            # uncached: a round's candidates are read once, and a cache of every round would grow with the pool.
-            # The encoder reads what the influence model read (token ids under influence.pass_token_ids), with
-            # its loader workers.
+            # Read the way the influence model reads candidates (token ids under influence.pass_token_ids), by
+            # its loader workers; uncached across rounds: a round's candidates are read once.
             inf = self.config.influence
-            out.features = lambda pos: self.encoder.embed(
-                candidate_inputs(r.pool, r.candidates[pos], token_ids=inf.pass_token_ids),
-                loader_workers=inf.loader_workers,
-            )
+            rows = ShardRows(
+                self.encoder.net(), self._head(), r.pool, r.candidates, token_ids=inf.pass_token_ids,
+                batch_size=self.encoder.config.batch_size, loader_workers=inf.loader_workers,
+            )  # fmt: skip
+            out.scores, out.features = rows.scores, rows.features
             return out
 
         return PendingScores(finish=finish)

@@ -214,6 +214,11 @@ class MatesScorer(Scorer):
         """The round's estimator on the live model (``config.estimator``)."""
         return ESTIMATORS.get(self.config.estimator)(ctx)
 
+    def influence_ids(self, ids: np.ndarray, fit_positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """What the influence stage predicts, and the fit's positions in it: here every id (the candidates,
+        then past rounds' probes); a subclass that predicts elsewhere narrows it."""
+        return ids, fit_positions
+
     def score(self, r: RoundInput) -> Scores:
         return self.begin(r).result()
 
@@ -236,6 +241,7 @@ class MatesScorer(Scorer):
         ids, fit_positions, fit_scores, fit_rounds = fit_pairs(
             self.oracle, sel.influence_rounds, r.round, cands, positions, probes.scores
         )
+        ids, fit_positions = self.influence_ids(ids, fit_positions)
         # Read on access: each influence member reads the probes and its own shard, streaming.
         inputs = candidate_inputs(pool, ids, token_ids=sel.influence.pass_token_ids)
         self.influence.submit(ids, inputs, fit_positions, fit_scores)

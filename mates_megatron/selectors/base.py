@@ -28,6 +28,9 @@ class Selector(Component, ABC):
     """Whether ``select`` reads scores (then the round runs its scorer first)."""
     needs_features: ClassVar[bool] = False
     """Whether ``select`` reads the candidates' embeddings (``features=``, from the scorer's ``Scores``)."""
+    lazy_scores: ClassVar[bool] = False
+    """Whether ``select`` takes ``scores`` as a callable from positions to scores (reading only the positions
+    it works on), as a scorer with ``gives_lazy_scores`` gives them."""
     draws_every_round: ClassVar[bool] = False
     """Whether the hook draws round 0 and the rounds of a score-free run with this selector too (a uniform
     draw otherwise)."""

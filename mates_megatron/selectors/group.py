@@ -37,8 +37,9 @@ clustered and picked on its own, exactly as a round of that size would be. The k
 ``iters x n x (shard_size / cluster_size) x d`` in all: linear in the round. The shards depend on the
 candidates, the seed and the round only, never on the number of ranks: given a process group (``group``,
 the hook passes a gloo group of the world), rank r does shards r, r + W, ... and the picks are all-gathered,
-so every layout selects the same set. With features given lazily (a callable from positions to rows, as
-'group_mates' gives them), a rank embeds its own shards only. Without ``shard_size``: one shard, the
+so every layout selects the same set. With scores and features given lazily (callables from positions to
+rows, as 'group_mates' gives them: one encoder pass gives both), a rank scores and embeds its own shards
+only. Without ``shard_size``: one shard, the
 authors' selection, done by the group's first rank.
 """
 
@@ -168,6 +169,21 @@ def shard_count(n: int, shard_size: int | None) -> int:
     return 1 if shard_size is None or n <= shard_size else math.ceil(n / shard_size)
 
 
+def _scores(scores, pos: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """The scores at ``pos`` (computed there when ``scores`` is a callable), checked one per candidate and
+    finite."""
+    if not callable(scores):
+        return scores[pos]
+    out = np.asarray(scores(pos), dtype=np.float64)
+    if out.shape != pos.shape:
+        raise ValueError(
+            f"the scorer's scores gave {len(out)} values for {len(pos)} candidates: it must give one per "
+            "candidate, in their order"
+        )
+    check_selection(candidates[pos], 1, out, needs_scores=True)  # finite, naming the first bad candidate
+    return out
+
+
 def _rows(features: Features, pos: np.ndarray) -> np.ndarray:
     rows = features(pos) if callable(features) else np.asarray(features)[pos]
     if len(rows) != len(pos):
@@ -191,6 +207,7 @@ class ClusterGreedySelector(Selector):
     shard_size: int | None = None
     needs_scores: ClassVar[bool] = True
     needs_features: ClassVar[bool] = True
+    lazy_scores: ClassVar[bool] = True
     collective: ClassVar[bool] = True
     Config: ClassVar[type] = ClusterGreedyConfig
 
@@ -202,16 +219,20 @@ class ClusterGreedySelector(Selector):
         self, candidates, k, *, scores, features: Features | None, seed: int, round_: int, group=None
     ) -> tuple[np.ndarray, dict[str, Any]]:
         """The selection and what it did (shards, clusters, the largest, picks at positive scores).
-        ``group``: a process group to spread the shards over (collective: every member calls it alike);
-        None: this process does every shard."""
-        check_selection(candidates, k, scores, needs_scores=True)
+        ``scores`` and ``features``: arrays in candidate order, or callables from positions to their rows
+        (each shard's embeddings are read, then its scores). ``group``: a process group to spread the shards
+        over (collective: every member calls it alike); None: this process does every shard."""
+        if callable(scores):
+            check_selection(candidates, k, None, needs_scores=False)  # each shard's scores checked as read
+        else:
+            check_selection(candidates, k, scores, needs_scores=True)
+            scores = np.asarray(scores, dtype=np.float64)
         if features is None or (not callable(features) and len(features) != len(candidates)):
             raise ValueError(
                 "selector 'cluster_greedy' needs one embedding per candidate (features): use it with a scorer "
                 "that gives them (e.g. 'group_mates')"
             )
         candidates = np.asarray(candidates)
-        scores = np.asarray(scores, dtype=np.float64)
         parts = shards(len(candidates), self.shard_size, seed=seed, round_=round_)
         share = quotas(np.array([len(p) for p in parts]), k)
         rank, world = (dist.get_rank(group), dist.get_world_size(group)) if group is not None else (0, 1)
@@ -221,7 +242,8 @@ class ClusterGreedySelector(Selector):
             if share[s] == 0:  # nothing to pick here: not embedded
                 mine[s] = (pos[:0], (0, 0, 0))
                 continue
-            picked, rec = self._shard(scores[pos], _rows(features, pos), int(share[s]), seed, round_,
+            emb = _rows(features, pos)
+            picked, rec = self._shard(_scores(scores, pos, candidates), emb, int(share[s]), seed, round_,
                                       s if len(parts) > 1 else None)  # fmt: skip
             mine[s] = (pos[picked], rec)
         done = mine

@@ -1,5 +1,6 @@
 """The sharded cluster-greedy selection spread over real gloo processes: every world size selects the set one
-process selects, and each rank embeds only the shards it clusters and picks."""
+process selects, and each rank embeds and scores only the shards it clusters and picks (Group-MATES's
+scorer gives both as callables from positions)."""
 
 from __future__ import annotations
 
@@ -25,27 +26,35 @@ def _pool():
     )
 
 
-def _select(shard_size, spread=True):
+def _select(shard_size, spread=True, lazy_scores=True):
     cands, scores, emb = _pool()
-    asked = []
+    asked, scored = [], []
 
     def lazy(pos):
         asked.extend(np.asarray(pos).tolist())
         return emb[pos]
 
+    def lazy_score(pos):
+        scored.extend(np.asarray(pos).tolist())
+        return scores[pos]
+
     sel = ClusterGreedySelector(cluster_size=60, shard_size=shard_size)
     out, rec = sel.select_with_record(
-        cands, K, scores=scores, features=lazy, seed=9, round_=4, group=dist.group.WORLD if spread else None
-    )
-    return {"out": out.tolist(), "record": rec, "asked": sorted(asked)}
+        cands, K, scores=lazy_score if lazy_scores else scores, features=lazy, seed=9, round_=4,
+        group=dist.group.WORLD if spread else None,
+    )  # fmt: skip
+    return {"out": out.tolist(), "record": rec, "asked": sorted(asked), "scored": sorted(scored)}
 
 
 @pytest.mark.parametrize(("shard_size", "world"), [(150, 3), (None, 2)])
 def test_every_world_size_selects_what_one_process_does_each_rank_embedding_its_shards(shard_size, world):
     alone = _select(shard_size, spread=False)  # this process, no group
-    assert len(alone["out"]) == K and alone["asked"] == list(range(N))
+    assert len(alone["out"]) == K and alone["asked"] == alone["scored"] == list(range(N))
+    dense = _select(shard_size, spread=False, lazy_scores=False)
+    assert dense["out"] == alone["out"] and dense["record"] == alone["record"]
     parts = shards(N, shard_size, seed=9, round_=4)
     for r, got in enumerate(run_on_ranks(_select, world, shard_size)):
         assert got["out"] == alone["out"] and got["record"] == alone["record"]
         mine = sorted(i for s in range(r, len(parts), world) for i in parts[s].tolist())
-        assert got["asked"] == mine  # rank r embeds shards r, r + world, ... only (one shard: rank 0 alone)
+        # rank r embeds and scores shards r, r + world, ... only (one shard: rank 0 alone)
+        assert got["asked"] == got["scored"] == mine

@@ -59,3 +59,21 @@ def test_resume_mid_round_selects_and_serves_as_the_uninterrupted_run(small_embe
     assert first["served"] + resumed["served"] == full[0]["served"]
     assert resumed["published"][2] == full[0]["published"][2]
     assert resumed["history"]["loss"] == full[0]["history"]["loss"]
+
+
+def test_asynchronous_rounds_fitted_on_one_rank_select_what_synchronous_rounds_select(small_embedded):
+    """The influence stage in a side process of rank 1 only (probed one step ahead, as asynchronous rounds
+    are): the head it fits reaches rank 0 too (each rank scores its own shard with it), and both ranks select
+    and train as the synchronous run fitting on both ranks."""
+    lead = {**GROUP, "probe_lead_steps": 1}
+    sync = run_on_ranks(_train, 2, small_embedded, {"selection": lead})[0]
+    ranks = run_on_ranks(
+        _train, 2, small_embedded, {"selection": {**lead, "asynchronous": True, "influence_ranks": [1]}}
+    )
+    assert ranks[1]["workers"] and ranks[0]["influence_state"]["model"] is None  # rank 0 fits nothing
+    for got in ranks:
+        assert got["published"] == sync["published"] and got["served"] == sync["served"]
+    assert ranks[0]["history"]["loss"] == sync["history"]["loss"]
+    for r in (1, 2):
+        assert ranks[0]["records"][r]["influence_spearman"] == sync["records"][r]["influence_spearman"]
+        assert ranks[0]["records"][r]["selector"] == sync["records"][r]["selector"]
