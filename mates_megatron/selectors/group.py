@@ -236,21 +236,33 @@ class ClusterGreedySelector(Selector):
         parts = shards(len(candidates), self.shard_size, seed=seed, round_=round_)
         share = quotas(np.array([len(p) for p in parts]), k)
         rank, world = (dist.get_rank(group), dist.get_world_size(group)) if group is not None else (0, 1)
-        mine = {}
-        for s in range(rank, len(parts), world):
-            pos = parts[s]
-            if share[s] == 0:  # nothing to pick here: not embedded
-                mine[s] = (pos[:0], (0, 0, 0))
-                continue
-            emb = _rows(features, pos)
-            picked, rec = self._shard(_scores(scores, pos, candidates), emb, int(share[s]), seed, round_,
-                                      s if len(parts) > 1 else None)  # fmt: skip
-            mine[s] = (pos[picked], rec)
+        mine, failed = {}, None
+        try:
+            for s in range(rank, len(parts), world):
+                pos = parts[s]
+                if share[s] == 0:  # nothing to pick here: not embedded
+                    mine[s] = (pos[:0], (0, 0, 0))
+                    continue
+                emb = _rows(features, pos)
+                picked, rec = self._shard(_scores(scores, pos, candidates), emb, int(share[s]), seed, round_,
+                                          s if len(parts) > 1 else None)  # fmt: skip
+                mine[s] = (pos[picked], rec)
+        except Exception as e:  # noqa: BLE001 - told to every rank below, then raised
+            if world == 1:
+                raise
+            failed = e
         done = mine
-        if world > 1:  # every rank ends with every shard's picks
-            gathered: list[dict] = [{} for _ in range(world)]
-            dist.all_gather_object(gathered, mine, group=group)
-            done = {s: v for part in gathered for s, v in part.items()}
+        if world > 1:  # every rank ends with every shard's picks, or every rank raises what one rank raised
+            gathered: list = [None] * world
+            said = None if failed is None else f"{type(failed).__name__}: {failed}"
+            dist.all_gather_object(gathered, (mine, said), group=group)
+            errors = [(r, err) for r, (_, err) in enumerate(gathered) if err is not None]
+            if errors:  # the failing rank raises its own error's type; the others a RuntimeError
+                told = "; ".join(f"rank {r} of the selector's group: {err}" for r, err in errors)
+                raise (type(failed) if failed else RuntimeError)(
+                    f"the round's selection failed on {told}"
+                ) from failed
+            done = {s: v for part, _ in gathered for s, v in part.items()}
         picks = np.concatenate([done[s][0] for s in range(len(parts))])
         recs = [done[s][1] for s in range(len(parts))]
         out = np.sort(candidates[picks].astype(np.int32))

@@ -58,3 +58,30 @@ def test_every_world_size_selects_what_one_process_does_each_rank_embedding_its_
         mine = sorted(i for s in range(r, len(parts), world) for i in parts[s].tolist())
         # rank r embeds and scores shards r, r + world, ... only (one shard: rank 0 alone)
         assert got["asked"] == got["scored"] == mine
+
+
+def _select_with_a_bad_shard():
+    cands, scores, emb = _pool()
+    scores = scores.copy()
+    part = shards(N, 150, seed=9, round_=4)[1]  # rank 1's first shard (shards 1, 4 on 3 ranks)
+    scores[part[3]] = np.nan
+    sel = ClusterGreedySelector(cluster_size=60, shard_size=150)
+    try:
+        sel.select(cands, K, scores=lambda pos: scores[pos], features=lambda pos: emb[pos], seed=9, round_=4,
+                   group=dist.group.WORLD)  # fmt: skip
+    except Exception as e:  # noqa: BLE001 - what each rank raised is the result
+        return type(e).__name__, str(e)
+    return None
+
+
+def test_a_rank_that_fails_its_shard_fails_every_rank_at_once_naming_it():
+    """Lazy scores are checked where they are read: a NaN in rank 1's shard raises there, and the other ranks
+    raise too, from the all-gather, instead of waiting for picks that never come."""
+    cands, _, _ = _pool()
+    bad = int(cands[shards(N, 150, seed=9, round_=4)[1][3]])
+    got = run_on_ranks(_select_with_a_bad_shard, 3, timeout=120)
+    said = (
+        f"the round's selection failed on rank 1 of the selector's group: ValueError: 1 candidate scores are NaN "
+        f"or infinite (first at candidate id {bad}); fix the scorer before selecting"
+    )
+    assert got == [("RuntimeError", said), ("ValueError", said), ("RuntimeError", said)]
