@@ -16,8 +16,10 @@ no warm-up (round 0 itself is always a random draw: the hook publishes it before
 
 Memory and scale: the fit holds (1 + negatives_per_positive) x reference-size sparse rows and an
 ``n_features`` weight vector (2 MB at 2**18); scoring streams the round's candidates in chunks of
-``chunk_size`` (memory O(chunk_size)). Known limitation: every rank scores every candidate of the round; for
-25.6M candidates a round the scoring should be sharded over ranks and all-gathered, which it does not do yet.
+``chunk_size`` (memory O(chunk_size)). Under torch.distributed the scoring is sharded: each rank of the world
+reads, hashes and scores its contiguous block of the round, and the scores are all-gathered on a gloo group
+(``influence.group.influence_group``), so a rank's scoring work is n / world; the scores are bitwise those of
+one process (each row's probability depends on that row alone). Every rank fits the (small) model itself.
 """
 
 from __future__ import annotations
@@ -65,6 +67,18 @@ class ClassifierConfig:
             raise ValueError(f"ClassifierConfig.max_iter={self.max_iter} must be >= 1")
         if self.chunk_size < 1:
             raise ValueError(f"ClassifierConfig.chunk_size={self.chunk_size} must be >= 1")
+
+
+def world_group():
+    """A gloo group of the world when this process is one of several (None: alone): every rank calls ``score``
+    for a round, so the scoring can be shared out."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    from mates_megatron.influence.group import influence_group
+
+    return influence_group()
 
 
 @SCORERS.register("classifier")
@@ -123,6 +137,22 @@ class ClassifierScorer(Scorer):
         """P(reference | text) for each text."""
         return self.model.predict_proba(self.vectorizer.transform(texts))[:, 1]
 
+    def probabilities(self, texts, group=None) -> np.ndarray:
+        """P(reference | text) of every text, each member of ``group`` scoring its contiguous block in chunks of
+        ``chunk_size``, all-gathered (None: this process scores all)."""
+        import torch
+
+        from mates_megatron.influence.base import gather_rows, shard
+
+        lo, hi, per = shard(len(texts), group)
+        step = self.config.chunk_size
+        out = torch.zeros(per, dtype=torch.float64)
+        for i in range(lo, hi, step):
+            out[i - lo : min(i + step, hi) - lo] = torch.from_numpy(
+                self.probability(texts[i : min(i + step, hi)])
+            )
+        return gather_rows(out, len(texts), group)
+
     def score(self, r: RoundInput) -> Scores:
         t = time.perf_counter()
         seconds: dict[str, float] = {}
@@ -130,8 +160,7 @@ class ClassifierScorer(Scorer):
             self.fit(r.pool, r.host.reference)
             seconds["fit"] = self.fit_record["fit_seconds"]
         texts = candidate_inputs(r.pool, r.candidates, token_ids=False)
-        step = self.config.chunk_size
-        p = np.concatenate([self.probability(texts[i : i + step]) for i in range(0, len(texts), step)])
+        p = self.probabilities(texts, world_group())
         record = {"classifier_" + k: v for k, v in self.fit_record.items() if k != "fit_seconds"} | {
             "probability_mean": float(p.mean()),
             "probability_above_half": float((p > 0.5).mean()),
