@@ -35,6 +35,14 @@ def influence_group(ranks: list[int] | None = None, *, timeout_s: float = DEFAUL
     return _GROUPS[key, timeout_s] if dist.get_rank() in key else None
 
 
+def world_group():
+    """A gloo group of the whole world (``influence_group()``) when this process is one of several, None when
+    alone: for work that every rank calls alike and can share out (a scorer's pass over a round)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    return influence_group()
+
+
 def accelerator_group(ranks: list[int] | None, device, *, timeout_s: float = DEFAULT_TIMEOUT_S):
     """The group the fit's tensor collectives run on when the influence model is on ``device``: on CUDA a new
     NCCL group over ``ranks`` (default: every rank), so the gradients are all-reduced where they are instead of

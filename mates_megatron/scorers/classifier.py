@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from mates_megatron.influence.group import world_group
 from mates_megatron.pool.base import candidate_inputs
 from mates_megatron.probe.reference import reference_texts
 from mates_megatron.scorers.base import SCORERS, RoundInput, Scorer, ScorerContext, Scores
@@ -67,18 +68,6 @@ class ClassifierConfig:
             raise ValueError(f"ClassifierConfig.max_iter={self.max_iter} must be >= 1")
         if self.chunk_size < 1:
             raise ValueError(f"ClassifierConfig.chunk_size={self.chunk_size} must be >= 1")
-
-
-def world_group():
-    """A gloo group of the world when this process is one of several (None: alone): every rank calls ``score``
-    for a round, so the scoring can be shared out."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return None
-    from mates_megatron.influence.group import influence_group
-
-    return influence_group()
 
 
 @SCORERS.register("classifier")

@@ -32,10 +32,11 @@ itself is always a random draw: the hook publishes it before the run starts).
 Memory and scale: with ``raw_samples`` unset each candidate's sparse counts are held until the raw fit is
 done (about 8 bytes per distinct hashed n-gram, ~10 KB for a 2k-token sequence: ~1 GB per 100k candidates);
 with ``raw_samples`` set the sample is featurized first and the round is then streamed in chunks of
-``chunk_size`` candidates (memory O(chunk_size), each sampled candidate featurized twice). Known limitation:
-every rank featurizes every candidate of the round (identical results, since hashing, integer counts and
-single-threaded sparse products are deterministic); for 25.6M candidates a round the work should be sharded
-over ranks (sum the raw counts with an all-reduce, all-gather the weights), which this scorer does not do yet.
+``chunk_size`` candidates (memory O(chunk_size), each sampled candidate featurized twice). Under
+torch.distributed the work is sharded: each rank of the world featurizes its contiguous block of the round
+(and of the raw sample), the raw counts are summed by an all-reduce and the log weights all-gathered on a gloo
+group, so a rank's work and memory follow n / world; the weights are bitwise those of one process (integer
+counts in float64 sum exactly in any order, and each row's weight depends on that row alone).
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from mates_megatron.influence.base import gather_rows, shard
+from mates_megatron.influence.group import world_group
 from mates_megatron.pool.base import candidate_inputs
 from mates_megatron.probe.reference import reference_texts
 from mates_megatron.scorers.base import SCORERS, RoundInput, Scorer, ScorerContext, Scores
@@ -72,6 +75,20 @@ def ngram_featurizer(num_buckets: int, ngrams: int):
 def bucket_counts(features) -> np.ndarray:
     """Summed counts per bucket (float64: exact well past float32's 2**24)."""
     return np.asarray(features.sum(axis=0, dtype=np.float64)).ravel()
+
+
+def summed_counts(counts: list[np.ndarray], num_buckets: int, group=None) -> np.ndarray:
+    """The per-bucket sum of ``counts`` over this process's chunks and, given ``group``, over its members (an
+    all-reduce: integer counts in float64 sum exactly in any order)."""
+    import torch
+    import torch.distributed as dist
+
+    raw = sum(counts, np.zeros(num_buckets))
+    if group is not None:
+        t = torch.from_numpy(raw)
+        dist.all_reduce(t, group=group)
+        raw = t.numpy()
+    return raw
 
 
 def log_ratio(target_counts: np.ndarray, raw_counts: np.ndarray, smoothing: float) -> np.ndarray:
@@ -138,19 +155,23 @@ class DSIRScorer(Scorer):
             self._target = (reference.path, bucket_counts(self.featurizer.transform(texts)))
         return self._target[1]
 
-    def _chunks(self, texts):
-        step = self.config.chunk_size
-        for i in range(0, len(texts), step):
-            yield self.featurizer.transform(texts[i : i + step])
+    def _chunks(self, texts, lo: int = 0, hi: int | None = None):
+        step, hi = self.config.chunk_size, len(texts) if hi is None else hi
+        for i in range(lo, hi, step):
+            yield self.featurizer.transform(texts[i : min(i + step, hi)])
 
     def score(self, r: RoundInput) -> Scores:
+        import torch
+
         cfg, cands = self.config, np.asarray(r.candidates)
         t = time.perf_counter()
+        group = world_group()
         target = self.target_counts(r.host.reference)
         texts = candidate_inputs(r.pool, cands, token_ids=False)
+        lo, hi, per = shard(len(cands), group)
         if cfg.raw_samples is None or cfg.raw_samples >= len(cands):
-            held = list(self._chunks(texts))
-            raw = sum((bucket_counts(x) for x in held), np.zeros(cfg.num_buckets))
+            held = list(self._chunks(texts, lo, hi))  # this rank's block, featurized once
+            raw = summed_counts([bucket_counts(x) for x in held], cfg.num_buckets, group)
             ratio = log_ratio(target, raw, cfg.smoothing)
             parts = [x @ ratio for x in held]
             fitted_on = len(cands)
@@ -158,11 +179,16 @@ class DSIRScorer(Scorer):
             rng = np.random.default_rng([self.context.seed, r.round, 0xD512])
             sample = np.sort(rng.choice(len(cands), size=cfg.raw_samples, replace=False))
             sampled = candidate_inputs(r.pool, cands[sample], token_ids=False)
-            raw = sum((bucket_counts(x) for x in self._chunks(sampled)), np.zeros(cfg.num_buckets))
+            slo, shi, _ = shard(len(sample), group)  # this rank's block of the sample
+            counts = [bucket_counts(x) for x in self._chunks(sampled, slo, shi)]
+            raw = summed_counts(counts, cfg.num_buckets, group)
             ratio = log_ratio(target, raw, cfg.smoothing)
-            parts = [x @ ratio for x in self._chunks(texts)]
+            parts = [x @ ratio for x in self._chunks(texts, lo, hi)]
             fitted_on = cfg.raw_samples
-        log_w = np.concatenate(parts).astype(np.float64)
+        out = torch.zeros(per, dtype=torch.float64)
+        if parts:
+            out[: hi - lo] = torch.from_numpy(np.concatenate(parts).astype(np.float64))
+        log_w = gather_rows(out, len(cands), group)
         record = {
             "log_weight_mean": float(log_w.mean()),
             "log_weight_std": float(log_w.std()),
