@@ -64,7 +64,7 @@ def embeddings(pool_dir):
 
 
 def _score(name, options, pool_dir, ids, seed=3):
-    if name != "values":
+    if name in ("lava", "gotd", "lookalike"):
         options = {"max_length": 64, **options}
     sel = SelectionConfig(scorer=name, selector="topk", scorer_options=options, seed=seed)
     scorer = sel.build_scorer()
@@ -214,3 +214,29 @@ def test_value_command_refuses_a_missing_reference(pool_dir, tmp_path, capsys):
     rc = main(["value", "--shards", str(pool_dir["shards"]), "--reference", str(tmp_path / "no.jsonl"),
                "--method", "lava"])  # fmt: skip
     assert rc == 2 and "no.jsonl not found" in capsys.readouterr().err
+
+
+def test_the_static_ngram_scorers_are_valued_once_and_a_values_filter_keeps_what_the_run_would(pool_dir):
+    """`value --method classifier` writes the scores the run's own classifier gives (same selection seed: the
+    same fit), so a round filtered by the values file keeps exactly what the classifier filter keeps; `value
+    --method dsir` fits DSIR's raw distribution on the whole pool."""
+    from mates_megatron.cli import main
+    from mates_megatron.scorers.dsir import DSIRScorer
+    from mates_megatron.selectors import TopKSelector
+
+    shards, ref = pool_dir["shards"], str(pool_dir["reference"])
+    for method in ("classifier", "dsir"):
+        rc = main(["value", "--shards", str(shards), "--reference", ref, "--method", method, "--seed", "3"])
+        assert rc == 0
+    values = np.load(shards / "values" / "classifier.npy")
+    ids = np.array([16, 2, 9, 5, 11, 0, 7, 13], dtype=np.int32)
+    _, pool, run = _score("classifier", {}, pool_dir, ids)  # the run's scorer, seed 3, round 1
+    np.testing.assert_array_equal(values[ids], run.scores)
+    _, _, read = _score("values", {"path": str(shards / "values" / "classifier.npy")}, pool_dir, ids)
+    keep = TopKSelector().select(ids, 4, scores=read.scores)
+    assert keep.tolist() == TopKSelector().select(ids, 4, scores=run.scores).tolist()
+    everything = np.arange(len(pool), dtype=np.int32)
+    host = SimpleNamespace(reference=ReferenceFile(ref))
+    want = DSIRScorer().score(RoundInput(round=0, candidates=everything, pool=pool, host=host, seed=3)).scores
+    np.testing.assert_array_equal(np.load(shards / "values" / "dsir.npy"), want)
+    assert json.loads((shards / "values" / "dsir.json").read_text())["method"] == "dsir"
