@@ -173,6 +173,27 @@ def tokenize_rate(
     return n * seq_length / _timed(run, clock, reps=1)
 
 
+def ngram_rate(clock: Callable[[], float], *, seq_length: int = 128, n: int = 200) -> float:
+    """Pretraining tokens per second decoded to text, featurized by the classifier's hashed word n-grams
+    (``ClassifierConfig``'s defaults) and scored by a sparse dot, one thread: a 'classifier' or 'dsir' filter's
+    pass over a round, on the same synthetic candidates as ``tokenize_rate``."""
+    from mates_megatron.data.tokenizer import load_tokenizer
+    from mates_megatron.influence.config import InfluenceConfig
+    from mates_megatron.scorers.classifier import ClassifierScorer
+
+    tok = load_tokenizer(InfluenceConfig().resolved_path())
+    ids = [
+        np.random.default_rng([0, i]).integers(1996, tok.vocab_size, seq_length).tolist() for i in range(n)
+    ]
+    vectorizer = ClassifierScorer().vectorizer
+    w = np.random.default_rng(0).normal(size=vectorizer.n_features)
+
+    def run():
+        vectorizer.transform([tok.decode(ids[i]) for i in range(n)]) @ w
+
+    return n * seq_length / _timed(run, clock, reps=1)
+
+
 def lookup_op_seconds(
     clock: Callable[[], float], *, hidden: int = 384, tokens: int = 128, n: int = 200
 ) -> float:
@@ -253,6 +274,7 @@ def calibrate(
         op_overhead_s=lookup_op_seconds(clock),
         host_flops=host_flops(clock),
         tokenize_tokens_per_s=tokenize_rate(clock, seq_length=seq_length),
+        ngram_tokens_per_s=ngram_rate(clock, seq_length=seq_length),
         source=f"calibrated in this process ({torch.get_num_threads()} intra-op thread(s), clock "
         f"{getattr(clock, '__name__', clock)}) at the GPT's shapes (layers {shape.num_layers}, hidden "
         f"{shape.hidden_size}, vocab {shape.vocab_size}; {seq_length} and {tokens} tokens); collectives: "

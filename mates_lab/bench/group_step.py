@@ -132,6 +132,18 @@ def paper_group_cost() -> dict:
                     "fraction": round(c.fraction, 4), "x_mates": round(c.selection_seconds / base.selection_seconds, 2),
                     "dominant": ".".join(c.dominant()),
                     "phases": {k: round(v / c.training_seconds, 4) for k, v in c.phase_seconds.items()}}  # fmt: skip
+        # Stacked as the paper runs it: the round first halved by the classifier, scored on the training ranks
+        # every round or read from values computed once (`mates-megatron value --method classifier`).
+        g = GroupMatesConfig(**keep, estimator="linearized_rollout",
+                             influence=dataclasses.replace(inf, model="relational"))  # fmt: skip
+        for name, stage in (("classifier", {"kind": "classifier", "keep": 0.5}),
+                            ("values", {"kind": "values", "path": "pool/values/classifier.npy", "keep": 0.5})):  # fmt: skip
+            stacked = {**raw, **group_selection(raw, PAPER_SHARD_SIZES[0]), "filters": [stage]}
+            c = project_group_mates_round(build(SelectionConfig, stacked, where="paper_1b"), g, **shape)
+            out[f"stacked_{name}_group_mates_linearized_rollout_shards{PAPER_SHARD_SIZES[0]}_{host}"] = {
+                "fraction": round(c.fraction, 4), "x_mates": round(c.selection_seconds / base.selection_seconds, 2),
+                "dominant": ".".join(c.dominant()),
+                "phases": {k: round(v / c.training_seconds, 4) for k, v in c.phase_seconds.items()}}  # fmt: skip
     return out
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
+from mates_megatron.cost.filters import filter_parts
 from mates_megatron.cost.machine import Machine, get_machine
 from mates_megatron.cost.phases import influence_parts, probe_parts, probe_share
 from mates_megatron.cost.seconds import RankSeconds
@@ -47,7 +48,7 @@ class RoundCost:
     training_seconds: float = math.nan
     """The round's training steps on one rank, projected with the same machine."""
     seconds: dict[str, dict[str, float]] = field(default_factory=dict)
-    """Per phase (probe, fit, predict), its parts' seconds on one rank."""
+    """Per phase (probe, fit, predict; filters when the run has them), its parts' seconds on one rank."""
     machine: str = ""
 
     @property
@@ -198,11 +199,17 @@ def project_mates_round(
     ]  # fmt: skip
     if static:
         assumptions.append("token-embedding features: one add per hidden unit per token, no encoder pass")
+    seconds = {"probe": probe_s, "fit": fit_s, "predict": predict_s}
     if sel.filters:
+        round_candidates = sel.candidates_per_round(global_batch_size)
+        seconds["filters"], unprojected = filter_parts(
+            sel, mach, candidates=round_candidates, seq_length=seq_length, world=layout.world
+        )
         assumptions.append(
             f"filters ({' > '.join(name for name, _, _ in sel.filter_stages)}) leave the scorer {candidates} of "
-            f"the round's {sel.candidates_per_round(global_batch_size)} candidates; the filters' own scoring is "
-            "not counted"
+            f"the round's {round_candidates} candidates; the n-gram filters' pass is shared over the world's "
+            f"{layout.world} ranks, one thread each"
+            + (f"; not counted: the scoring of filter(s) {', '.join(unprojected)}" if unprojected else "")
         )
     return RoundCost(
         training=training,
@@ -216,7 +223,7 @@ def project_mates_round(
         },
         assumptions=assumptions,
         training_seconds=sel.select_every * work.training_step(global_batch_size),
-        seconds={"probe": probe_s, "fit": fit_s, "predict": predict_s},
+        seconds=seconds,
         machine=mach.name,
     )
 
@@ -230,6 +237,9 @@ _LEVERS = {
     "group": "shard_size of selector 'cluster_greedy' (e.g. 30000: its k-means grows as candidates x shard_size "
     "/ cluster_size, spread over the ranks; without it as candidates^2 / cluster_size on one rank), fewer "
     "kmeans_iters, influence.pass_token_ids (no decode or tokenise of the shards), or fewer candidates a round",
+    "filters": "a static filter's scores computed once for the pool (`mates-megatron value --method classifier` or "
+    "dsir, with the run's selection seed) and read by a 'values' filter ({kind: values, path: ..., keep: ...}), or "
+    "fewer candidates a round",
     "predict": "influence.pass_token_ids (no decode or tokenise, where the pool uses the encoder's vocabulary), a "
     "smaller influence encoder, a lower influence max_length x max_chunks, or ridge features: token_embeddings",
 }

@@ -148,7 +148,7 @@ FLOPS_ONLY = Machine(
     name="flops-only", matmul_flops=1e12, matmul_flops_batch1=5e11, backward_matmul_speedup=1.0,
     memory_bandwidth=1e40, fresh_memory_bandwidth=1e40, logit_bytes_forward=32.0,
     logit_bytes_forward_backward=40.0, adam_bytes_per_element=28.0, pass_overhead_s=0.0, layer_overhead_s=0.0,
-    op_overhead_s=0.0, host_flops=1e9, tokenize_tokens_per_s=1e6, collective_latency_s=0.0, link_bandwidth=1e40,
+    op_overhead_s=0.0, host_flops=1e9, tokenize_tokens_per_s=1e6, ngram_tokens_per_s=1e6, collective_latency_s=0.0, link_bandwidth=1e40,
     host_link_bandwidth=1e40, source="test",
 )  # fmt: skip
 BYTES_ONLY = dataclasses.replace(
@@ -261,9 +261,18 @@ def test_the_scorer_is_projected_on_what_the_filters_leave_it():
     assert whole.counts["candidates"] == 320 and cost.counts["candidates"] == 96
     assert cost.seconds["predict"]["encoder"] == pytest.approx(whole.seconds["predict"]["encoder"] * 96 / 320)
     assert cost.seconds["probe"] == whole.seconds["probe"]
+    # Each n-gram filter reads, decodes and featurizes what reaches it (one rank: all of it) at 1e6 tokens/s.
+    assert cost.seconds["filters"] == {
+        "0_classifier": pytest.approx(320 * 100 / 1e6), "1_classifier": pytest.approx(192 * 100 / 1e6)
+    }  # fmt: skip
     assert cost.assumptions[-1] == (
-        "filters (classifier > classifier) leave the scorer 96 of the round's 320 candidates; the filters' own "
-        "scoring is not counted"
+        "filters (classifier > classifier) leave the scorer 96 of the round's 320 candidates; the n-gram "
+        "filters' pass is shared over the world's 1 ranks, one thread each"
+    )
+    lava = _project(_sel(influence={"model": "ridge", "loader_workers": 0}, filters=[{"kind": "lava", "keep": 0.5}]),
+                    machine=FLOPS_ONLY)  # fmt: skip
+    assert lava.seconds["filters"] == {} and lava.assumptions[-1].endswith(
+        "not counted: the scoring of filter(s) lava"
     )
 
 

@@ -132,3 +132,24 @@ def test_the_paper_round_in_shards_over_the_world_is_admitted_decoding_or_readin
     assert tokens.selection_seconds < 1.5 * mates_ids.selection_seconds
     check_round_cost(host, sel.max_selection_cost)  # admitted
     check_round_cost(tokens, sel.max_selection_cost)
+
+
+def test_a_filter_is_projected_on_its_rank_share_and_a_values_filter_costs_nothing():
+    raw = load_yaml("configs/paper_1b.yaml")["selection"]
+    base = {**raw, **group_selection(raw, 30000)}
+    stacked = {**base, "filters": [{"kind": "classifier", "keep": 0.5}]}
+    cost = project_group_mates_round(build(SelectionConfig, stacked, where="paper_1b"), **PAPER)
+    n = cost.counts["candidates"] * 2  # the round's candidates, before the classifier keeps half
+    rate = MACHINES["h100"].ngram_tokens_per_s
+    assert cost.seconds["filters"] == {"0_classifier": pytest.approx(-(-n // 8) * 1024 / rate)}
+    assert cost.dominant() == ("filters", "0_classifier")
+    with pytest.raises(
+        ValueError, match=r"largest phase is filters .*mates-megatron value --method classifier"
+    ):
+        check_round_cost(cost, 0.5)
+    precomputed = {**base, "filters": [{"kind": "values", "path": "pool/values/classifier.npy", "keep": 0.5}]}
+    read = project_group_mates_round(build(SelectionConfig, precomputed, where="paper_1b"), **PAPER)
+    assert read.seconds["filters"] == {"0_values": 0.0}
+    alone = project_group_mates_round(build(SelectionConfig, base, where="paper_1b"), **PAPER)
+    # The group step sees half the round: about half its seconds (427 shards of 29,977 instead of 854).
+    assert read.phase_seconds["group"] == pytest.approx(alone.phase_seconds["group"] / 2, rel=0.03)
