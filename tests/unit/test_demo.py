@@ -179,7 +179,7 @@ def test_run_configs_differ_only_in_the_selection():
     assert variants["lookalike"]["selection"]["scorer"] == "lookalike"
     group = variants["group_mates"]["selection"]
     assert group["selector"] == "cluster_greedy" and group["scorer"] == "group_mates"
-    assert group["scorer_options"] == {"probe_samples": 40, "estimator": "rollout",  # whole rollouts of 10
+    assert group["scorer_options"] == {"probe_samples": 40, "estimator": "linearized_rollout",  # rollouts of 10
                                        "influence": {"model": "relational"}}  # fmt: skip
     from mates_megatron.config import SelectionConfig
     from mates_megatron.configio import build
