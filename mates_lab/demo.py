@@ -346,11 +346,14 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _check_arms(configs: dict[str, dict[str, Any]], path: Path, built: dict | None = None) -> dict | None:
+def _check_arms(
+    configs: dict[str, dict[str, Any]], path: Path, built: dict | None = None, world: int | None = None
+) -> dict | None:
     """Each arm's TrainConfig built as its ranks build it (``pretrain.train_config_from_dict``), or with
-    ``built`` (those configs) the files they read checked (``pretrain.check_run_files``); None after one
-    ``error: <config>: ...`` line on stderr."""
+    ``built`` (those configs) the files they read and its round's projected cost checked on ``world``
+    processes, as every rank checks them at its start; None after one ``error: <config>: ...`` line."""
     from mates_megatron.pretrain import check_run_files, train_config_from_dict
+    from mates_megatron.training.build import check_round_cost_before_launch
 
     out = {}
     for name, cfg in configs.items():
@@ -358,8 +361,9 @@ def _check_arms(configs: dict[str, dict[str, Any]], path: Path, built: dict | No
         try:
             if built is None:
                 out[name] = train_config_from_dict(cfg, where=where)
-            else:
-                check_run_files(built[name], where=where)
+                continue
+            check_run_files(built[name], where=where)
+            check_round_cost_before_launch(built[name], world=world, where=where)
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return None
@@ -389,7 +393,7 @@ def run_demo(args: argparse.Namespace) -> int:
     runs: dict[str, dict[str, Any]] = {}
     if (rc := ensure_embedded_data(next(iter(configs.values())))) != 0:
         return rc
-    if _check_arms(configs, args.config, built) is None:  # the files, once the embedded data exists
+    if _check_arms(configs, args.config, built, args.nproc_per_node) is None:  # files exist now; costs
         return 2
     for i, (name, cfg) in enumerate(configs.items(), 1):
         print(f"[demo] run {i}/{len(configs)}: {name} ({args.out / name / 'config.yaml'})", flush=True)

@@ -57,7 +57,6 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     sel = cfg.selection
 
     def data(trainer: Trainer):
-        from mates_megatron.cost import Layout, TransformerShape
         from mates_megatron.plugin import build_plugin
 
         check_loop_probe_settings(
@@ -72,17 +71,7 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
 
             # Indexed candidates are token ids: scorers that read text decode them.
             tokenizer = load_tokenizer(cfg.tokenizer or trainer.tokenizer_info.path)
-        m = cfg.model
-        tp = cfg.parallel.tensor_model_parallel_size
-        shape = TransformerShape(
-            m.num_layers, m.hidden_size, m.ffn_hidden_size, m.padded_vocab_size(tp),
-            num_attention_heads=m.num_attention_heads, tied_embeddings=True, position_embeddings=m.seq_length,
-        )  # fmt: skip
-        layout = Layout(
-            dp=trainer.dp_size, tp=tp, pp=cfg.parallel.pipeline_model_parallel_size,
-            micro_batch_size=cfg.micro_batch_size, distributed_optimizer=cfg.use_distributed_optimizer,
-            bf16=m.bf16,
-        )  # fmt: skip
+        shape, layout = round_shape(cfg, trainer.dp_size)
         plugin = build_plugin(
             sel,
             train_iters=cfg.train_iters,
@@ -102,3 +91,45 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
         return plugin.pool, plugin.sampler, [plugin.hook]
 
     return Trainer(cfg, data=data)
+
+
+def round_shape(cfg: TrainConfig, dp_size: int):
+    """(TransformerShape, Layout) of the GPT that ``cfg`` trains with ``dp_size`` replicas: what the plugin
+    projects a scored round against."""
+    from mates_megatron.cost import Layout, TransformerShape
+
+    m, tp = cfg.model, cfg.parallel.tensor_model_parallel_size
+    shape = TransformerShape(
+        m.num_layers, m.hidden_size, m.ffn_hidden_size, m.padded_vocab_size(tp),
+        num_attention_heads=m.num_attention_heads, tied_embeddings=True, position_embeddings=m.seq_length,
+    )  # fmt: skip
+    layout = Layout(
+        dp=dp_size, tp=tp, pp=cfg.parallel.pipeline_model_parallel_size, micro_batch_size=cfg.micro_batch_size,
+        distributed_optimizer=cfg.use_distributed_optimizer, bf16=m.bf16,
+    )  # fmt: skip
+    return shape, layout
+
+
+def check_round_cost_before_launch(cfg: TrainConfig, *, world: int | None = None, where: str = "") -> None:
+    """Refuse, before any process starts, the run whose scored round ``build_plugin`` would refuse at its
+    start (``max_selection_cost``), projected on ``world`` processes (None: one replica, TP x PP): ValueError
+    starting with ``where``, naming the lever."""
+    from mates_megatron.cost import check_round_cost
+    from mates_megatron.probe.reference import read_jsonl
+    from mates_megatron.scorers import SCORERS
+
+    sel = cfg.selection
+    if sel is None or not sel.scored:
+        return
+    parallel = cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size
+    shape, layout = round_shape(cfg, max(1, (world or parallel) // parallel))
+    cost = SCORERS.get(sel.scorer).projected_cost(
+        sel.scorer_config, sel, model=shape, seq_length=cfg.model.seq_length,
+        global_batch_size=cfg.global_batch_size, layout=layout,
+        reference_rows=len(read_jsonl(cfg.reference)) if cfg.reference else 0,
+    )  # fmt: skip
+    if cost is not None:
+        try:
+            check_round_cost(cost, sel.max_selection_cost)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}" if where else str(e)) from None
