@@ -93,6 +93,12 @@ class RelationalConfig:
     """Adam's learning rate for the fit."""
     folds: int = 5
     """Cross-validation folds over whole rollouts (out-of-fold Spearman of the relational scores)."""
+    center_positions: bool = False
+    """Subtract from each probe's score the mean score at its position in the rollouts before fitting (this
+    project's option; the authors fit the raw changes). A rollout's steps share the run's optimizer state, so
+    each step's change carries a part that depends on its position (Adam's momentum decaying along the rollout)
+    and on no sample; with few rollouts that part drowns the samples' own differences. The fit's cross-validated
+    Spearman is then read against the centred scores."""
 
     def __post_init__(self) -> None:
         if self.rollout_length < 2 or self.steps < 1 or not self.lr > 0 or self.folds < 2:

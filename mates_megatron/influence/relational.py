@@ -100,6 +100,16 @@ def _train(feats: np.ndarray, target: np.ndarray, cfg: RelationalConfig, seed: i
     )  # fmt: skip
 
 
+def center_positions(scores: np.ndarray, length: int) -> np.ndarray:
+    """Each score minus the mean score at its position in the rollouts (``RelationalConfig.center_positions``)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    pos = np.arange(len(scores)) % length
+    means = np.bincount(pos, weights=scores, minlength=length) / np.maximum(
+        np.bincount(pos, minlength=length), 1
+    )
+    return scores - means[pos]
+
+
 def fit_relational(
     feats: np.ndarray, scores: np.ndarray, cfg: RelationalConfig, *, seed: int
 ) -> tuple[RelationalFit, FitResult]:
@@ -107,8 +117,10 @@ def fit_relational(
     over whole rollouts (``cfg.folds`` folds, seeded), then refitted on every rollout. Deterministic."""
     scores = check_pairs(len(feats), scores, "fit_relational")
     feats = np.asarray(feats, dtype=np.float64)
-    target = (scores - scores.mean()) / (scores.std() or 1.0)
     idx = _rollouts(len(scores), cfg.rollout_length)
+    if cfg.center_positions:
+        scores = center_positions(scores, cfg.rollout_length)
+    target = (scores - scores.mean()) / (scores.std() or 1.0)
     folds = min(cfg.folds, len(idx))
     fold_of = np.random.default_rng([seed, 7]).permutation(len(idx)) % folds
     pred = np.zeros(len(scores))
