@@ -9,6 +9,7 @@ import pytest
 from mates_megatron.influence.config import InfluenceConfig, RelationalConfig
 from mates_megatron.influence.relational import (
     RelationalFit,
+    center_positions,
     fit_relational,
     relational_predict,
     unit_rows,
@@ -55,6 +56,28 @@ def test_the_fit_recovers_a_known_relational_model():
     assert spearman(relational_predict(fresh, fit, 10), want) > max(0.999, individual)
     again, _ = fit_relational(feats, y, RelationalConfig(), seed=0)  # deterministic
     assert np.array_equal(again.w, fit.w) and again.alpha == fit.alpha
+
+
+def test_a_shift_by_rollout_position_is_centred_out_before_the_fit():
+    """Each step of a rollout shares the run's optimizer state: add to the known model's targets a large part
+    that depends only on the position (a decaying momentum term, 3x the samples' own spread). Raw, the fit is
+    lost in it; centred per position, it recovers the model's ranking of fresh rollouts."""
+    feats = _rollouts(0)
+    rng = np.random.default_rng(1)
+    shift = 4.0 * 0.9 ** np.arange(10)  # per position
+    y = relational_predict(feats, TRUE, 10) + np.tile(shift, 30) + rng.normal(size=len(feats)) * 0.1
+    np.testing.assert_allclose(
+        center_positions([1.0, 5.0, 3.0, 7.0, 8.0], 2), [-3.0, -1.0, -1.0, 1.0, 4.0]
+    )  # positions 0: 1, 3, 8 (mean 4); 1: 5, 7 (mean 6)
+    fresh = _rollouts(2)
+    want = relational_predict(fresh, TRUE, 10)
+    centred, result = fit_relational(feats, y, RelationalConfig(center_positions=True), seed=0)
+    raw, raw_result = fit_relational(feats, y, RelationalConfig(), seed=0)
+    assert spearman(relational_predict(fresh, centred, 10), want) > 0.95
+    assert spearman(relational_predict(fresh, raw, 10), want) < spearman(
+        relational_predict(fresh, centred, 10), want
+    )
+    assert result.spearman > raw_result.spearman
 
 
 def test_the_config_section_is_read_and_checked():
