@@ -12,7 +12,9 @@ every seed whose arms have all finished:
   A ends lower), on both headlines; an interval wholly below 0 is a difference the seeds agree on;
 - ``domains``: per arm and held-out domain the paired gap to random (positive: worse than random), and the
   worst domain (largest mean gap);
-- ``targets``: issue 36's, read from the above and reported whatever they are.
+- ``targets``: issue 36's, read from the above and reported whatever they are, with how many of the Group-MATES
+  arms' scored rounds were selected by their scores (a round whose influence fit fails the poor-fit guard is a
+  uniform draw: with none left, a target met is met by random data).
 
 The seeds share nothing but the config: each seed changes the model's initialisation, the data order and the
 selection's draws, and every arm of a seed shares them (that is what makes the differences paired).
@@ -74,6 +76,10 @@ def summarise(reports: dict[int, dict[str, Any]], arms: list[str]) -> dict[str, 
                             "mean_reached": float(np.mean([v for v in ratios if v is not None]))
                             if any(v is not None for v in ratios) else None},
             "selection_seconds": mean_ci([r["selection_seconds"] for r in runs]),
+            # Scored rounds that fell back to a uniform draw (a poor influence fit): an arm whose rounds all
+            # fell back trained on random data, whatever its figures say.
+            "fallback_rounds": [len(r["fallback_rounds"]) for r in runs],
+            "scored_rounds": [len(r["scored_rounds"]) for r in runs],
         }  # fmt: skip
     pairs = [(a, "random") for a in arms if a != "random"]
     pairs += [(a, b) for a, b in COMPARISONS if a in arms and b in arms]
@@ -100,6 +106,10 @@ def targets(summary: dict[str, Any]) -> dict[str, Any]:
     headlines; Group-MATES at or below MATES on the all-domain headline, with no held-out domain worse than
     random by more than half of MATES's worst gap."""
     paired, domains, out = summary["paired"], summary["domains"], {}
+    for a in ("group_mates", "classifier>group_mates"):
+        if a in summary["arms"]:
+            arm = summary["arms"][a]
+            out[f"{a}_rounds_selected_by_scores"] = sum(arm["scored_rounds"]) - sum(arm["fallback_rounds"])
     if "classifier>group_mates-classifier" in paired:
         out["stacked_below_classifier"] = {
             h: _below(paired["classifier>group_mates-classifier"][h]) for h in HEADLINES

@@ -31,7 +31,10 @@ def _metrics(docs: float, junk: float, selection_seconds: float) -> dict:
         "reference_loss": curve(docs),
         "eval": {"heldout/python_docs": curve(docs), "heldout/junk": curve(junk)},
         "seconds": [1.0] * 30,
-        "selection": {"selection_seconds": selection_seconds, "rounds": []},
+        "selection": {
+            "selection_seconds": selection_seconds,
+            "rounds": [{"round": 1, "fallback": None}, {"round": 2, "fallback": "a poor fit"}],
+        },
     }
 
 
@@ -77,6 +80,9 @@ def test_paired_differences_and_targets_by_hand(tmp_path):
     gm = every("group_mates") - every("mates")
     assert tg["group_mates_at_or_below_mates_all_domains"]["at_or_below"] is bool(gm.mean() <= 0)
     assert s["arms"]["classifier"]["steps_ratio"]["never"] == 0
+    # Each arm's second scored round fell back to a uniform draw: 3 of the 6 rounds over the seeds were scored.
+    assert s["arms"]["group_mates"]["fallback_rounds"] == [1, 1, 1]
+    assert tg["group_mates_rounds_selected_by_scores"] == 3
 
 
 def test_unfinished_seeds_are_left_out_and_named(tmp_path):
