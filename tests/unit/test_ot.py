@@ -127,7 +127,7 @@ def test_bad_inputs_are_refused_with_the_fix():
         SinkhornConfig(epsilon=0)
 
 
-def test_divergence_is_zero_for_equal_clouds_and_the_squared_shift_for_a_translated_one():
+def test_divergence_is_zero_for_equal_clouds_and_the_squared_shift_for_a_translated_one(one_torch_thread):
     # Translating a cloud by t adds a separable term to the squared cost: the debiased value is |t|^2 at any
     # epsilon (a closed form to test against).
     x, _, rng = _clouds(60, 1)
