@@ -20,3 +20,13 @@ def small_embedded(tmp_path_factory):
         "reference": str(out / "reference.jsonl"),
         "prepared": prepared,
     }
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Torch on one thread for the test: tiny transports and solves on 2 busy cores crawl with a second torch
+    thread (10 to 30x slower, and a 20,000-pass test stalled past 20 minutes)."""
+    from mates_lab.acquisition.strategies import one_thread
+
+    with one_thread():
+        yield

@@ -12,14 +12,6 @@ from mates_lab.bench.intervals import t_interval
 from mates_lab.bench.lava_digits import METHODS, peer_lava_values, recall_at, split
 
 
-@pytest.fixture
-def one_torch_thread():
-    from mates_lab.acquisition.strategies import one_thread
-
-    with one_thread():  # tiny transports on 2 busy cores: a second torch thread makes them ~10x slower
-        yield
-
-
 def test_split_is_disjoint_and_flips_change_exactly_the_flipped_labels():
     _, labels = load_digits(return_X_y=True)
     s = split(labels, per_class=20, trusted_per_class=5, flip_rate=0.1, seed=3)

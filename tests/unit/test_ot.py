@@ -9,6 +9,9 @@ from mates_megatron.ot import SinkhornConfig, calibrated_gradient, sinkhorn, sin
 from mates_megatron.ot.valuation import class_reweighted_masses, label_distances, lava_values, screen_domains
 from mates_megatron.scorers.lava import LavaConfig
 
+# Tiny transports on 2 busy cores: torch on one thread (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 EXACT = dict(dtype="float64", tol=1e-10, max_iter=100_000)
 
 
@@ -127,7 +130,7 @@ def test_bad_inputs_are_refused_with_the_fix():
         SinkhornConfig(epsilon=0)
 
 
-def test_divergence_is_zero_for_equal_clouds_and_the_squared_shift_for_a_translated_one(one_torch_thread):
+def test_divergence_is_zero_for_equal_clouds_and_the_squared_shift_for_a_translated_one():
     # Translating a cloud by t adds a separable term to the squared cost: the debiased value is |t|^2 at any
     # epsilon (a closed form to test against).
     x, _, rng = _clouds(60, 1)
@@ -138,21 +141,13 @@ def test_divergence_is_zero_for_equal_clouds_and_the_squared_shift_for_a_transla
         assert sinkhorn_divergence(x, x + t, cfg) == pytest.approx(float(t @ t), rel=1e-6)
 
 
-@pytest.fixture
-def one_torch_thread():
-    from mates_lab.acquisition.strategies import one_thread
-
-    with one_thread():  # tiny transports on 2 busy cores: a second torch thread makes them ~10x slower
-        yield
-
-
 def _gmm(n_per, classes, d, rng, spread=0.35):
     centres = rng.normal(size=(classes, d))
     x = np.concatenate([c + spread * rng.normal(size=(n_per, d)) for c in centres])
     return x, np.repeat(np.arange(classes), n_per)
 
 
-def test_lava_labelled_finds_flipped_labels(one_torch_thread):
+def test_lava_labelled_finds_flipped_labels():
     # METHODS.md's toy check: a 5-class mixture, 10% of the training labels flipped.
     rng = np.random.default_rng(0)
     x, xl = _gmm(100, 5, 8, rng)
@@ -191,7 +186,7 @@ def _flipped_into_class_0(seed):
     return x, noisy, y, yl, flipped
 
 
-def test_reweighting_to_the_reference_classes_recovers_flips_that_changed_the_class_counts(one_torch_thread):
+def test_reweighting_to_the_reference_classes_recovers_flips_that_changed_the_class_counts():
     # Measured (epsilon 0.1, label weight 3): 17 of the 24 flips in the top 24 with uniform masses (the solve
     # does not converge in 1000 passes: the surplus of class 0 is shipped across labels), 24 of 24 reweighted.
     # At label weight 1 the reweighting is no help on this case (22 -> 20 here; 22 -> 8 on seed 1): it is
@@ -209,7 +204,7 @@ def test_reweighting_to_the_reference_classes_recovers_flips_that_changed_the_cl
     assert found[True] >= 22 and found[True] >= found[False] + 4
 
 
-def test_reweighting_with_equal_class_shares_changes_nothing(one_torch_thread):
+def test_reweighting_with_equal_class_shares_changes_nothing():
     rng = np.random.default_rng(5)
     x, xl = _gmm(40, 3, 4, rng)
     y, yl = _gmm(20, 3, 4, np.random.default_rng(5))

@@ -23,6 +23,9 @@ from mates_megatron.pool.webdataset_pool import WebDatasetPool
 from mates_megatron.probe.reference import ReferenceFile
 from mates_megatron.scorers import RoundInput
 
+# Tiny transports on 2 busy cores: torch on one thread (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 DOMAINS = {
     "cats": ["the cat sat on the mat", "a kitten chased the mouse", "my cat sleeps by the warm window",
              "the cat purred on the sofa", "two cats played with yarn", "the old cat ate its fish"],

@@ -28,6 +28,9 @@ from mates_megatron.mixture.projektor import (
 from mates_megatron.mixture.weights import MixtureError, read_weights
 from mates_megatron.ot import SinkhornConfig
 
+# Tiny transports on 2 busy cores: torch on one thread (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 CFG = SinkhornConfig(epsilon=0.1, max_iter=5000, tol=1e-10, dtype="float64")
 
 

@@ -29,13 +29,9 @@ TINY = ProjektorDigitsConfig(sizes=(20, 40, 80), draws=1, judged=2, revealed=20,
 
 
 @pytest.fixture(autouse=True)
-def _one_torch_thread():
-    # The fake run_error below solves transports outside the bench's one_thread(); on 2 busy cores torch's
-    # second thread makes each tiny solve ~30x slower.
-    from mates_lab.acquisition.strategies import one_thread
-
-    with one_thread():
-        yield
+def _one_thread(one_torch_thread):
+    """The fake run_error below solves transports outside the bench's one_thread() (``one_torch_thread``)."""
+    yield
 
 
 def test_sources_are_skewed_noisy_and_apart_from_balanced_held_out_sets():
