@@ -49,11 +49,15 @@ def embed_texts(
         zip(parts, feats, strict=True), total=len(parts), desc="embed", leave=False, disable=not progress
     ):  # fmt: skip
         out[part.start : part.stop] = x
-    if normalize:
-        norms = np.linalg.norm(out, axis=1, keepdims=True)
-        if (norms == 0).any():
-            raise ValueError("an embedding is all zeros: it cannot be normalised (an empty text?)")
-        out /= norms
+    return normalize_rows(out) if normalize else out
+
+
+def normalize_rows(out: np.ndarray) -> np.ndarray:
+    """``out`` with each row divided by its L2 norm, in place (ValueError for an all-zero row)."""
+    norms = np.linalg.norm(out, axis=1, keepdims=True)
+    if (norms == 0).any():
+        raise ValueError("an embedding is all zeros: it cannot be normalised (an empty text?)")
+    out /= norms
     return out
 
 

@@ -84,6 +84,7 @@ class ShardRows:
     def _load(self, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         from mates_megatron.influence.loader import spans
         from mates_megatron.influence.ridge import streamed_features
+        from mates_megatron.ot.valuation import normalize_rows
 
         pos = np.asarray(pos)
         if self._pos is not None and np.array_equal(pos, self._pos):
@@ -97,12 +98,9 @@ class ShardRows:
                            strict=True):  # fmt: skip
             own[part.start : part.stop] = x @ self.w + self.b  # float32, as the influence model predicts
             emb[part.start : part.stop] = x  # float32, then normalised, as Encoder.embed
-        norms = np.linalg.norm(emb, axis=1, keepdims=True)
-        if (norms == 0).any():
-            raise ValueError("a candidate's embedding is all zeros: it cannot be normalised (an empty text?)")
         self._pos, self._rows, self.passes = (
             pos.copy(),
-            (own.astype(np.float64), emb / norms),
+            (own.astype(np.float64), normalize_rows(emb)),  # as Encoder.embed normalises
             self.passes + 1,
         )
         return self._rows
