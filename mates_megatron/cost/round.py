@@ -83,12 +83,16 @@ class RoundCost:
         t = self.training_seconds
         parts = ", ".join(f"{k} {v / t:.2%}" for k, v in self.phase_seconds.items())
         c = self.counts
-        return (
+        head = (
             f"projected selection cost per round: {self.fraction:.2%} of the round's training time on "
             f"{self.machine} ({self.selection_seconds:.4g} s against {t:.4g} s per rank; {parts}; "
-            f"{self.flop_fraction:.2%} in FLOPs) for {c['probes']} probes ({c['probes_per_rank']} per rank) "
-            f"against {c['reference_rows']} reference rows and {c['candidates']} candidates of "
-            f"{c['encoder_tokens']} encoder tokens"
+            f"{self.flop_fraction:.2%} in FLOPs) for "
+        )
+        if "probes" not in c:  # a scorer without probes (the n-gram scorers)
+            return head + f"{c['candidates']} candidates"
+        return head + (
+            f"{c['probes']} probes ({c['probes_per_rank']} per rank) against {c['reference_rows']} reference rows "
+            f"and {c['candidates']} candidates of {c['encoder_tokens']} encoder tokens"
         )
 
     def to_dict(self) -> dict:
@@ -240,6 +244,9 @@ _LEVERS = {
     "filters": "a static filter's scores computed once for the pool (`mates-megatron value --method classifier` or "
     "dsir, with the run's selection seed) and read by a 'values' filter ({kind: values, path: ..., keep: ...}), or "
     "fewer candidates a round",
+    "score": "the scorer's values computed once for the pool (`mates-megatron value --method classifier` or dsir, "
+    "with the run's selection seed) and read by scorer 'values' ({kind: values, path: ...}), filters that leave "
+    "it fewer candidates, or fewer candidates a round",
     "predict": "influence.pass_token_ids (no decode or tokenise, where the pool uses the encoder's vocabulary), a "
     "smaller influence encoder, a lower influence max_length x max_chunks, or ridge features: token_embeddings",
 }

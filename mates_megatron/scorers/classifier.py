@@ -77,6 +77,12 @@ class ClassifierScorer(Scorer):
     needs: ClassVar[frozenset[str]] = frozenset({"reference", "text"})
     Config = ClassifierConfig
 
+    @classmethod
+    def projected_cost(cls, config, selection, **shape: Any):
+        from mates_megatron.cost.filters import project_ngram_round
+
+        return project_ngram_round("classifier", config, selection, **shape)
+
     def __init__(
         self, config: ClassifierConfig | None = None, *, context: ScorerContext | None = None, **_: Any
     ) -> None:

@@ -141,6 +141,12 @@ class DSIRScorer(Scorer):
     needs: ClassVar[frozenset[str]] = frozenset({"reference", "text"})
     Config = DSIRConfig
 
+    @classmethod
+    def projected_cost(cls, config, selection, **shape: Any):
+        from mates_megatron.cost.filters import project_ngram_round
+
+        return project_ngram_round("dsir", config, selection, **shape)
+
     def __init__(
         self, config: DSIRConfig | None = None, *, context: ScorerContext | None = None, **_: Any
     ) -> None:

@@ -153,3 +153,32 @@ def test_a_filter_is_projected_on_its_rank_share_and_a_values_filter_costs_nothi
     alone = project_group_mates_round(build(SelectionConfig, base, where="paper_1b"), **PAPER)
     # The group step sees half the round: about half its seconds (427 shards of 29,977 instead of 854).
     assert read.phase_seconds["group"] == pytest.approx(alone.phase_seconds["group"] / 2, rel=0.03)
+
+
+@pytest.mark.parametrize("scorer", ["classifier", "dsir"])
+def test_an_ngram_scorer_is_projected_and_refused_naming_its_precomputed_values(scorer):
+    from mates_megatron.scorers import SCORERS
+
+    raw = {**load_yaml("configs/paper_1b.yaml")["selection"], "scorer": {"kind": scorer}, "selector": "topk"}
+    sel = build(SelectionConfig, raw, where="paper_1b")
+    cost = SCORERS.get(scorer).projected_cost(sel.scorer_config, sel, **PAPER)
+    n = sel.candidates_per_round(512)  # 25.6M: 10,000 steps x 512 / 0.2
+    assert n == 25_600_000
+    # Shared over the 8 ranks: 3.2M candidates of 1,024 tokens each on one host thread a rank.
+    assert cost.seconds == {
+        "score": {scorer: pytest.approx(3_200_000 * 1024 / MACHINES["h100"].ngram_tokens_per_s)}
+    }
+    assert cost.summary().endswith(f"for {n} candidates")
+    # About 2 h a round against the round's training: refused by the default guard, naming the lever.
+    assert cost.fraction > sel.max_selection_cost
+    with pytest.raises(
+        ValueError, match=r"largest phase is score .*mates-megatron value --method classifier"
+    ):
+        check_round_cost(cost, sel.max_selection_cost)
+    # Filtered to a fifth first by a 'values' filter (computed once), the pass is a fifth.
+    fifth = build(
+        SelectionConfig, {**raw, "filters": [{"kind": "values", "path": "v.npy", "keep": 0.2}]}, where="f"
+    )
+    filtered = SCORERS.get(scorer).projected_cost(fifth.scorer_config, fifth, **PAPER)
+    assert filtered.seconds["filters"] == {"0_values": 0.0}
+    assert filtered.seconds["score"][scorer] == pytest.approx(cost.seconds["score"][scorer] / 5)
