@@ -39,7 +39,11 @@ def _estimator(name: str, ctx):
     return ESTIMATORS.get(name)(ctx)
 
 
-def _worker(config: dict, seed: int, probes: int, oracle_probes: int, estimators: tuple[str, ...]) -> dict:
+def _worker(
+    config: dict, seed: int, probes: int, oracle_probes: int, estimators: tuple[str, ...], keep: bool = False
+) -> dict:
+    """One seed's rounds (see the module); ``keep``: each round also keeps its probes' texts (decoded by the
+    pretraining tokenizer) and each estimator's every score (``<estimator>_scores``)."""
     from mates_megatron.pretrain import train_config_from_dict
     from mates_megatron.probe.context import ProbeContext
     from mates_megatron.probe.reference import make_batch
@@ -65,6 +69,10 @@ def _worker(config: dict, seed: int, probes: int, oracle_probes: int, estimators
     ctx = ProbeContext.from_host(trainer, reference.micro_batches(trainer.micro_batch_size))
     ctx.show_progress, ctx.time_phases = False, True
     seen = trainer.cfg.train_iters * trainer.cfg.global_batch_size
+    if keep:
+        from mates_megatron.data.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(trainer.cfg.tokenizer or trainer.tokenizer_info.path)
     rounds = []
     for step in steps:
         while trainer.iteration < step:
@@ -77,6 +85,8 @@ def _worker(config: dict, seed: int, probes: int, oracle_probes: int, estimators
             row = torch.cat([s["tokens"], s["labels"][-1:]]).numpy()[None]
             samples.append(make_batch(row, s["loss_mask"].numpy()[None]))
         scores, record = {}, {"step": step}
+        if keep:
+            record["texts"] = [tokenizer.decode(b["tokens"][0].tolist()) for b in samples]
         for name in estimators:
             # Agreement on the first ``oracle_probes`` samples (the oracle runs the whole reference set per
             # probe); the rate of the fast estimators on the round's full count, the rate a run sees.
@@ -85,6 +95,8 @@ def _worker(config: dict, seed: int, probes: int, oracle_probes: int, estimators
             result = _estimator(name, ctx).score(samples[:n])
             elapsed = time.perf_counter() - t
             scores[name] = result.scores[:oracle_probes]
+            if keep:
+                record[f"{name}_scores"] = [float(v) for v in result.scores]
             record[f"{name}_probes_per_s"] = round(n / elapsed, 3)
             record[f"{name}_seconds"] = {k: round(v, 3) for k, v in result.seconds.items()}
         for name in estimators:
@@ -114,8 +126,10 @@ def bench_probe_rounds(
     probes: int = 0,
     oracle_probes: int = 64,
     estimators: tuple[str, ...] = DEFAULT_ESTIMATORS,
+    keep: bool = False,
 ) -> dict:
-    """Figures per seed and round, and per estimator the worst round's Spearman and the mean probes/s."""
+    """Figures per seed and round, and per estimator the worst round's Spearman and the mean probes/s
+    (``keep``: each round's probe texts and every score too, see ``_worker``)."""
     from mates_megatron.compat.spawn import run_on_ranks
 
     raw = yaml.safe_load(Path(config).read_text())
@@ -130,6 +144,7 @@ def bench_probe_rounds(
             probes,
             oracle_probes,
             tuple(estimators),
+            keep,
             timeout=4 * 3600,
             cuda=torch.cuda.is_available(),
         )[0]

@@ -99,12 +99,27 @@ class RelationalConfig:
     each step's change carries a part that depends on its position (Adam's momentum decaying along the rollout)
     and on no sample; with few rollouts that part drowns the samples' own differences. The fit's cross-validated
     Spearman is then read against the centred scores."""
+    deconvolve: float = 0.0
+    """Fit each step's change less ``deconvolve`` x the change of the step before it in its rollout (this
+    project's option; 0: the raw changes, as the authors). Set to the run's Adam beta1 (0.9): an update is
+    the momentum, ``m_k = beta1 m_(k-1) + (1 - beta1) g_k``, so to first order a step's change is the decaying
+    sum of every earlier sample's and ``d_k - beta1 d_(k-1)`` is the k-th sample's own (the second moment's
+    drift and the curvature between the steps left out). Applied before ``center_positions``."""
+    head_l2: float = 0.0
+    """L2 penalty on the head's weights (on standardised features) added to the fit's mean squared error (this
+    project's option; 0: none). The authors fine-tune on 20,000 to 40,000 rollouts; a round here has about
+    13, and an unpenalised head of the encoder's width fits their noise."""
 
     def __post_init__(self) -> None:
         if self.rollout_length < 2 or self.steps < 1 or not self.lr > 0 or self.folds < 2:
             raise ValueError(
                 f"RelationalConfig needs rollout_length >= 2, steps >= 1, lr > 0 and folds >= 2; got "
                 f"{self.rollout_length}, {self.steps}, {self.lr}, {self.folds}"
+            )
+        if not 0.0 <= self.deconvolve < 1.0 or self.head_l2 < 0.0:
+            raise ValueError(
+                f"RelationalConfig needs 0 <= deconvolve < 1 (the run's Adam beta1, e.g. 0.9; 0: off) and "
+                f"head_l2 >= 0; got {self.deconvolve}, {self.head_l2}"
             )
 
 

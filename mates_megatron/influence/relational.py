@@ -91,6 +91,8 @@ def _train(feats: np.ndarray, target: np.ndarray, cfg: RelationalConfig, seed: i
         factor = torch.where(torch.arange(length)[None, :] == 0, torch.ones_like(own), rel.sum(2) / counts)
         pred = own * factor
         loss = ((pred - y[safe]) ** 2)[valid].mean()
+        if cfg.head_l2:
+            loss = loss + cfg.head_l2 * (w**2).sum()
         loss.backward()
         opt.step()
     w_raw = w.detach().numpy() / sd
@@ -110,16 +112,35 @@ def center_positions(scores: np.ndarray, length: int) -> np.ndarray:
     return scores - means[pos]
 
 
+def deconvolve(scores: np.ndarray, length: int, beta: float) -> np.ndarray:
+    """Each rollout step's score less ``beta`` x the score of the step before it in its rollout (the first step
+    of each rollout unchanged): ``RelationalConfig.deconvolve``."""
+    scores = np.asarray(scores, dtype=np.float64)
+    out = scores.copy()
+    for idx in _rollouts(len(scores), length):
+        out[idx[1:]] -= beta * scores[idx[:-1]]
+    return out
+
+
+def relational_targets(scores: np.ndarray, cfg: RelationalConfig) -> np.ndarray:
+    """What the fit regresses on, before its z-score: the rollouts' scores, deconvolved (``cfg.deconvolve``),
+    then centred per position (``cfg.center_positions``); the scores themselves when neither is set."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if cfg.deconvolve:
+        scores = deconvolve(scores, cfg.rollout_length, cfg.deconvolve)
+    if cfg.center_positions:
+        scores = center_positions(scores, cfg.rollout_length)
+    return scores
+
+
 def fit_relational(
     feats: np.ndarray, scores: np.ndarray, cfg: RelationalConfig, *, seed: int
 ) -> tuple[RelationalFit, FitResult]:
     """The relational fit on z-scored targets, with the out-of-fold Spearman/Pearson of its relational scores
     over whole rollouts (``cfg.folds`` folds, seeded), then refitted on every rollout. Deterministic."""
-    scores = check_pairs(len(feats), scores, "fit_relational")
+    scores = relational_targets(check_pairs(len(feats), scores, "fit_relational"), cfg)
     feats = np.asarray(feats, dtype=np.float64)
     idx = _rollouts(len(scores), cfg.rollout_length)
-    if cfg.center_positions:
-        scores = center_positions(scores, cfg.rollout_length)
     target = (scores - scores.mean()) / (scores.std() or 1.0)
     folds = min(cfg.folds, len(idx))
     fold_of = np.random.default_rng([seed, 7]).permutation(len(idx)) % folds
