@@ -109,6 +109,8 @@ EVERY_FIELD = [
     "--mates-influence-relational-lr", "0.1",
     "--mates-influence-relational-folds", "3",
     "--mates-influence-relational-center-positions",
+    "--mates-influence-relational-deconvolve", "0.9",
+    "--mates-influence-relational-head-l2", "0.1",
     "--mates-influence-ranks", "0", "1",
     "--mates-probe-lead-steps", "50",
     "--mates-asynchronous",
@@ -151,7 +153,13 @@ EVERY_FIELD_CONFIG = SelectionConfig(
                 finetune=FinetuneConfig(lr=1e-4, head_lr=2e-3, epochs=4, batch_size=8, val_fraction=0.2),
                 ridge=RidgeConfig(alphas=(0.5, 5.0), features="token_embeddings", folds=4),
                 relational=RelationalConfig(
-                    rollout_length=5, steps=50, lr=0.1, folds=3, center_positions=True
+                    rollout_length=5,
+                    steps=50,
+                    lr=0.1,
+                    folds=3,
+                    center_positions=True,
+                    deconvolve=0.9,
+                    head_l2=0.1,
                 ),
             ),
         )
