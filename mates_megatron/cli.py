@@ -37,16 +37,7 @@ def _run_pretrain(args: argparse.Namespace, rest: list[str]) -> int:
             file=sys.stderr,
         )
         return 2
-    from mates_megatron.pretrain import check_launch
-    from mates_megatron.training.build import check_round_cost_before_launch
-
-    try:
-        # What both ranks would refuse at their start, refused once here: torchrun never starts.
-        cfg = check_launch(args.config, rest)
-        check_round_cost_before_launch(cfg, world=args.nproc_per_node, where=str(args.config))
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    # What both ranks would refuse at their start is refused once there: torchrun never starts.
     return launch_pretrain(args.config, rest, args.nproc_per_node)
 
 

@@ -230,3 +230,22 @@ def test_mates_megatron_pretrain_refuses_a_round_over_its_cost_limit_before_torc
     cfg["selection"]["max_selection_cost"] = 1.5
     with pytest.raises(pytest.fail.Exception, match="torchrun was launched"):
         cli.main(["pretrain", "--config", str(_write(tmp_path, cfg))])
+
+
+@pytest.mark.parametrize("case", ["missing_reference", "cost"])
+def test_the_lab_runner_refuses_what_the_ranks_would_before_torchrun(case, tmp_path, monkeypatch, capsys):
+    """``launch.run_config`` (the experiment runner of the lab's benches and ``mixture plan``) checks the run as
+    ``mates-megatron pretrain`` does: one ``error:`` line, and torchrun never starts."""
+    monkeypatch.setattr(launch.subprocess, "call", lambda *a, **k: pytest.fail("torchrun was launched"))
+    cfg = _base(tmp_path)
+    if case == "cost":
+        cfg["selection"]["max_selection_cost"] = 0.1
+        expected = "projected selection cost per round: "
+    else:
+        _no_reference(cfg)
+        expected = "reference "
+    with pytest.raises(RuntimeError, match=r"failed \(exit code 2\)"):
+        launch.run_config(cfg, tmp_path / "run")
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {tmp_path / 'run' / 'config.yaml'}: {expected}")
+    assert not (tmp_path / "run" / "metrics.json").exists()
