@@ -41,7 +41,7 @@ def _zscore(x: np.ndarray) -> np.ndarray:
 
 def own_out_of_fold(feats: np.ndarray, scores: np.ndarray, cfg, *, seed: int) -> np.ndarray:
     """Each probe's own score (the head) from a relational fit on the other folds' whole rollouts."""
-    from mates_megatron.influence.relational import _rollouts, fit_relational
+    from mates_megatron.influence.relational import _rollouts, fit_head
 
     idx = _rollouts(len(scores), cfg.rollout_length)
     folds = min(cfg.folds, len(idx))
@@ -50,7 +50,7 @@ def own_out_of_fold(feats: np.ndarray, scores: np.ndarray, cfg, *, seed: int) ->
     for f in range(folds):
         train = np.concatenate([i for i, g in zip(idx, fold_of, strict=True) if g != f])
         held = np.concatenate([i for i, g in zip(idx, fold_of, strict=True) if g == f])
-        fit, _ = fit_relational(feats[train], scores[train], cfg, seed=seed)
+        fit = fit_head(feats[train], scores[train], cfg, seed=seed)
         out[held] = feats[held] @ fit.w + fit.b
     return out
 
@@ -111,10 +111,14 @@ def evaluate_rounds(
 
 
 def bench_relational_fit(
-    config: str | Path, seeds: list[int], probes: int, rollouts: list[int] | None = None
-) -> dict:
+    config: str | Path, seeds: list[int], probes: int, rollouts: list[int] | None = None,
+    work: str | Path = "runs/bench_relational_fit",
+) -> dict:  # fmt: skip
     """Figures per seed, round and rollout count; per variant and rollout count the mean ``guard`` and ``own``
     Spearman over every seed and round, and how many rounds pass the guard (0.1)."""
+    import json
+
+    import torch
     import yaml
 
     from mates_lab.bench.probe_rounds import bench_probe_rounds
@@ -125,8 +129,18 @@ def bench_relational_fit(
     sel = train_config_from_dict(raw, where=str(config)).selection
     mates = sel.scorer_config
     base, model = mates.influence.relational, RelationalInfluenceModel(mates.influence)
-    probed = bench_probe_rounds(config, seeds, probes, oracle_probes=probes,
-                                estimators=("linearized_rollout", "linearized"), keep=True)  # fmt: skip
+    runs = []
+    for seed in seeds:  # each seed's probed rounds kept in ``work``: the fits are read again without training
+        cached = Path(work) / f"probes_seed{seed}_{probes}.json"
+        if not cached.is_file():
+            run = bench_probe_rounds(config, [seed], probes, oracle_probes=probes,
+                                     estimators=("linearized_rollout", "linearized"), keep=True)["runs"][0]  # fmt: skip
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            cached.write_text(json.dumps(run))
+        runs.append(json.loads(cached.read_text()))
+    # The fits are thousands of small Adam steps: one thread (several stall on shared cores).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     counts = sorted(set(rollouts or [])) + [None]
     out: dict = {
         "config": str(config),
@@ -135,7 +149,7 @@ def bench_relational_fit(
         "variants": VARIANTS,
         "runs": [],
     }
-    for run in probed["runs"]:
+    for run in runs:
         rounds = run["rounds"]
         feats = [model.embed(r["texts"]) for r in rounds]
         per = {}
@@ -146,6 +160,7 @@ def bench_relational_fit(
                 influence_rounds=mates.influence_rounds, rollouts=c, seed=run["seed"],
             )  # fmt: skip
         out["runs"].append({"seed": run["seed"], "steps": [r["step"] for r in rounds], "by_rollouts": per})
+    torch.set_num_threads(threads)
     for c in counts:
         key = str(c or "all")
         records = [rec for run in out["runs"] for rec in run["by_rollouts"][key]]
@@ -179,6 +194,8 @@ def add_relational_fit_parser(bsub) -> None:
     p.add_argument(
         "--rollouts", type=int, nargs="*", default=[13], help="also read only the first N rollouts"
     )
+    p.add_argument("--work", type=Path, default=Path("runs/bench_relational_fit"),
+                   help="each seed's probed rounds are kept here, and read again by a later run")  # fmt: skip
     p.add_argument("--out", type=Path, default=None)
-    p.set_defaults(func=lambda a: (write_result(bench_relational_fit(a.config, a.seeds, a.probes, a.rollouts),
-                                                a.out), 0)[1])  # fmt: skip
+    p.set_defaults(func=lambda a: (write_result(
+        bench_relational_fit(a.config, a.seeds, a.probes, a.rollouts, a.work), a.out), 0)[1])  # fmt: skip

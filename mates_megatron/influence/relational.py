@@ -133,6 +133,15 @@ def relational_targets(scores: np.ndarray, cfg: RelationalConfig) -> np.ndarray:
     return scores
 
 
+def fit_head(feats: np.ndarray, scores: np.ndarray, cfg: RelationalConfig, *, seed: int) -> RelationalFit:
+    """The relational fit on every rollout of ``scores`` (``relational_targets``, z-scored), without the
+    cross-validation: ``fit_relational``'s fit."""
+    target = relational_targets(scores, cfg)
+    return _train(
+        np.asarray(feats, dtype=np.float64), (target - target.mean()) / (target.std() or 1.0), cfg, seed
+    )
+
+
 def fit_relational(
     feats: np.ndarray, scores: np.ndarray, cfg: RelationalConfig, *, seed: int
 ) -> tuple[RelationalFit, FitResult]:

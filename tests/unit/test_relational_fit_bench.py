@@ -4,9 +4,12 @@ makes them (the bench's real rounds need a trained GPT: `mates-lab bench relatio
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from mates_lab.bench.relational_fit import VARIANTS, evaluate_rounds
 from mates_megatron.influence.config import RelationalConfig
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # thousands of small Adam steps
 
 
 def _round(seed: int, n: int = 150, d: int = 6, beta: float = 0.9):

@@ -19,6 +19,8 @@ from mates_megatron.influence.ridge import ridge_solve
 from mates_megatron.selectors.group import relational_scores
 from mates_megatron.stats import spearman
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # the fits are thousands of small Adam steps
+
 
 def _rollouts(seed: int, n: int = 300, d: int = 6):
     rng = np.random.default_rng(seed)
