@@ -28,6 +28,7 @@ VARIANTS: dict[str, dict] = {
     "authors": {},
     "steps_1": {"steps": 1},
     "head_l2": {"head_l2": 0.1},
+    "early_stop": {"early_stop": True},
     "centred": {"center_positions": True},
     "deconvolved_centred": {"deconvolve": 0.9, "center_positions": True},
     "deconvolved_centred_l2": {"deconvolve": 0.9, "center_positions": True, "head_l2": 0.1},

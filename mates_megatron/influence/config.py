@@ -105,6 +105,10 @@ class RelationalConfig:
     the momentum, ``m_k = beta1 m_(k-1) + (1 - beta1) g_k``, so to first order a step's change is the decaying
     sum of every earlier sample's and ``d_k - beta1 d_(k-1)`` is the k-th sample's own (the second moment's
     drift and the curvature between the steps left out). Applied before ``center_positions``."""
+    early_stop: bool = False
+    """Choose the fit's step count (0, the ridge start, 1, 3, 10, 30, ... up to ``steps``) by the
+    cross-validated Spearman, as the authors keep the epoch with the best held-out Spearman (their trainer's
+    best checkpoint); False: ``steps`` steps, always."""
     head_l2: float = 0.0
     """L2 penalty on the head's weights (on standardised features) added to the fit's mean squared error (this
     project's option; 0: none). The authors fine-tune on 20,000 to 40,000 rollouts; a round here has about

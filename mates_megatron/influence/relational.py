@@ -17,6 +17,7 @@ head), as the authors' selection does; the selector ('cluster_greedy') adds the 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,8 +61,22 @@ def relational_predict(feats: np.ndarray, fit: RelationalFit, length: int) -> np
     return out
 
 
-def _train(feats: np.ndarray, target: np.ndarray, cfg: RelationalConfig, seed: int) -> RelationalFit:
-    """Head, alpha and temperature by Adam on the relational MSE, in standardised feature space."""
+def step_ladder(steps: int) -> list[int]:
+    """The step counts ``RelationalConfig.early_stop`` chooses among: 0 (the ridge start), 1, 3, 10, 30, ...
+    below ``steps``, and ``steps``."""
+    ladder, k = [0], 1
+    while k < steps:
+        ladder.append(k)
+        k = k * 3 if len(ladder) % 2 == 0 else k * 10 // 3
+    return [*ladder, steps]
+
+
+def _train(
+    feats: np.ndarray, target: np.ndarray, cfg: RelationalConfig, seed: int, at: Sequence[int] | None = None
+) -> list[RelationalFit]:
+    """Head, alpha and temperature by Adam on the relational MSE, in standardised feature space: the fit after
+    each step count of ``at`` (ascending; None: ``[cfg.steps]``)."""
+    at = [cfg.steps] if at is None else list(at)
     mu, sd = feats.mean(0), feats.std(0) + 1e-8
     w0, b0 = ridge_solve(feats, target, 1.0)  # the individual fit (on raw features) as the start
     torch.manual_seed(seed)
@@ -84,7 +99,16 @@ def _train(feats: np.ndarray, target: np.ndarray, cfg: RelationalConfig, seed: i
     counts = earlier.sum(1).clamp(min=1)
     dots = torch.einsum("rkd,rjd->rkj", unit[safe], unit[safe])
     opt = torch.optim.Adam([w, b, alpha, temp], lr=cfg.lr)
-    for _ in range(cfg.steps):
+
+    def snapshot() -> RelationalFit:
+        w_raw = w.detach().numpy().copy() / sd
+        return RelationalFit(
+            w=w_raw, b=float(b.detach()) - float(mu @ w_raw), alpha=float(alpha.detach()),
+            temperature=float(temp.detach().clamp(min=1e-3)),
+        )  # fmt: skip
+
+    fits = [snapshot() for s in at if s == 0]
+    for step in range(1, at[-1] + 1):
         opt.zero_grad()
         own = (x @ w + b)[safe]
         rel = alpha * (1.0 - dots / temp.clamp(min=1e-3)) * earlier * valid[:, None, :]
@@ -95,11 +119,8 @@ def _train(feats: np.ndarray, target: np.ndarray, cfg: RelationalConfig, seed: i
             loss = loss + cfg.head_l2 * (w**2).sum()
         loss.backward()
         opt.step()
-    w_raw = w.detach().numpy() / sd
-    return RelationalFit(
-        w=w_raw, b=float(b.detach()) - float(mu @ w_raw), alpha=float(alpha.detach()),
-        temperature=float(temp.detach().clamp(min=1e-3)),
-    )  # fmt: skip
+        fits += [snapshot() for s in at if s == step]
+    return fits
 
 
 def center_positions(scores: np.ndarray, length: int) -> np.ndarray:
@@ -136,34 +157,46 @@ def relational_targets(scores: np.ndarray, cfg: RelationalConfig) -> np.ndarray:
 def fit_head(feats: np.ndarray, scores: np.ndarray, cfg: RelationalConfig, *, seed: int) -> RelationalFit:
     """The relational fit on every rollout of ``scores`` (``relational_targets``, z-scored), without the
     cross-validation: ``fit_relational``'s fit."""
+    if cfg.early_stop:  # the step count is chosen by the cross-validation
+        return fit_relational(feats, scores, cfg, seed=seed)[0]
     target = relational_targets(scores, cfg)
-    return _train(
-        np.asarray(feats, dtype=np.float64), (target - target.mean()) / (target.std() or 1.0), cfg, seed
-    )
+    z = (target - target.mean()) / (target.std() or 1.0)
+    return _train(np.asarray(feats, dtype=np.float64), z, cfg, seed)[0]
 
 
 def fit_relational(
     feats: np.ndarray, scores: np.ndarray, cfg: RelationalConfig, *, seed: int
 ) -> tuple[RelationalFit, FitResult]:
     """The relational fit on z-scored targets, with the out-of-fold Spearman/Pearson of its relational scores
-    over whole rollouts (``cfg.folds`` folds, seeded), then refitted on every rollout. Deterministic."""
+    over whole rollouts (``cfg.folds`` folds, seeded), then refitted on every rollout. Deterministic.
+
+    With ``cfg.early_stop`` the folds are read after each step count of ``step_ladder(cfg.steps)`` and the
+    count with the best out-of-fold Spearman is refitted on every rollout (the fewest steps on a tie); the
+    Spearman reported is that count's, chosen on the same folds (as the authors report their best epoch's)."""
     scores = relational_targets(check_pairs(len(feats), scores, "fit_relational"), cfg)
     feats = np.asarray(feats, dtype=np.float64)
     idx = _rollouts(len(scores), cfg.rollout_length)
     target = (scores - scores.mean()) / (scores.std() or 1.0)
     folds = min(cfg.folds, len(idx))
     fold_of = np.random.default_rng([seed, 7]).permutation(len(idx)) % folds
-    pred = np.zeros(len(scores))
+    ladder = step_ladder(cfg.steps) if cfg.early_stop else [cfg.steps]
+    preds = np.zeros((len(ladder), len(scores)))
     for f in range(folds):
         train = np.concatenate([i for i, g in zip(idx, fold_of, strict=True) if g != f])
         held = [i for i, g in zip(idx, fold_of, strict=True) if g == f]
-        fit = _train(feats[train], target[train], cfg, seed)
-        for i in held:  # a held-out rollout, scored as a whole
-            pred[i] = relational_predict(feats[i], fit, cfg.rollout_length)
-    sp, pe = spearman(pred, scores), pearson(pred, scores)
-    fit = _train(feats, target, cfg, seed)
+        for k, fit in enumerate(_train(feats[train], target[train], cfg, seed, at=ladder)):
+            for i in held:  # a held-out rollout, scored as a whole
+                preds[k, i] = relational_predict(feats[i], fit, cfg.rollout_length)
+    sps = [spearman(p, scores) for p in preds]
+    best = max(range(len(ladder)), key=lambda k: (sps[k] if math.isfinite(sps[k]) else -math.inf, -k))
+    sp, pe = sps[best], pearson(preds[best], scores)
+    fit = _train(feats, target, cfg, seed, at=[ladder[best]])[0]
+    history = (
+        [{"steps": s, "spearman": v} for s, v in zip(ladder, sps, strict=True)] if cfg.early_stop else []
+    )
     result = FitResult(spearman=sp if math.isfinite(sp) else math.nan, pearson=pe, best=0,
-                       history=[{"alpha": fit.alpha, "temperature": fit.temperature, "spearman": sp}])  # fmt: skip
+                       history=[*history, {"alpha": fit.alpha, "temperature": fit.temperature, "spearman": sp,
+                                           "steps": ladder[best]}])  # fmt: skip
     return fit, result
 
 

@@ -13,6 +13,7 @@ from mates_megatron.influence.relational import (
     deconvolve,
     fit_relational,
     relational_predict,
+    step_ladder,
     unit_rows,
 )
 from mates_megatron.influence.ridge import ridge_solve
@@ -106,6 +107,27 @@ def test_steps_carried_by_momentum_are_deconvolved_to_each_samples_own_change():
     assert spearman(relational_predict(fresh, fit, 10), want) > 0.95
     assert spearman(relational_predict(fresh, raw, 10), want) < 0.9
     assert result.spearman > raw_result.spearman
+
+
+def test_early_stopping_keeps_the_step_count_the_folds_rank_best():
+    """Few rollouts of wide, noisy features (6 of 10 samples, 40 features, 2 of them the signal): 300 Adam steps
+    fit the noise; chosen by the folds, the fit stops early and ranks fresh rollouts better."""
+    rng = np.random.default_rng(3)
+    w = np.zeros(40)
+    w[:2] = 1.0
+    feats, fresh = rng.normal(size=(60, 40)), rng.normal(size=(300, 40))
+    y = feats @ w + rng.normal(size=60) * 1.5
+    fixed, fixed_result = fit_relational(feats, y, RelationalConfig(folds=3), seed=0)
+    early, result = fit_relational(feats, y, RelationalConfig(folds=3, early_stop=True), seed=0)
+    ladder = [h["steps"] for h in result.history[:-1]]
+    assert ladder == step_ladder(300) == [0, 1, 3, 10, 30, 100, 300]
+    chosen = result.history[-1]["steps"]
+    assert chosen < 300 and result.spearman == max(h["spearman"] for h in result.history[:-1])
+    assert fixed_result.history[-1]["steps"] == 300 and len(fixed_result.history) == 1
+    want = fresh @ w
+    assert spearman(relational_predict(fresh, early, 10), want) > spearman(
+        relational_predict(fresh, fixed, 10), want
+    )
 
 
 def test_the_head_penalty_shrinks_the_head():
