@@ -117,6 +117,7 @@ def bench_relational_fit(
 ) -> dict:  # fmt: skip
     """Figures per seed, round and rollout count; per variant and rollout count the mean ``guard`` and ``own``
     Spearman over every seed and round, and how many rounds pass the guard (0.1)."""
+    import hashlib
     import json
 
     import torch
@@ -132,7 +133,8 @@ def bench_relational_fit(
     base, model = mates.influence.relational, RelationalInfluenceModel(mates.influence)
     runs = []
     for seed in seeds:  # each seed's probed rounds kept in ``work``: the fits are read again without training
-        cached = Path(work) / f"probes_seed{seed}_{probes}.json"
+        tag = hashlib.sha256(Path(config).read_bytes()).hexdigest()[:12]  # another config: probed again
+        cached = Path(work) / f"probes_{tag}_seed{seed}_{probes}.json"
         if not cached.is_file():
             run = bench_probe_rounds(config, [seed], probes, oracle_probes=probes,
                                      estimators=("linearized_rollout", "linearized"), keep=True)["runs"][0]  # fmt: skip
