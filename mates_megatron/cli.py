@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 from mates_megatron import __version__
-from mates_megatron.launch import launch_pretrain
 
 LAB_COMMANDS = {"demo", "bench", "embedded"}
 """Commands of the lab's `mates-lab` (formerly here): named with their new home when typed here."""
@@ -37,8 +36,10 @@ def _run_pretrain(args: argparse.Namespace, rest: list[str]) -> int:
             file=sys.stderr,
         )
         return 2
+    from mates_megatron.pretrain import launch_checked
+
     # What both ranks would refuse at their start is refused once there: torchrun never starts.
-    return launch_pretrain(args.config, rest, args.nproc_per_node)
+    return launch_checked(args.config, rest, args.nproc_per_node)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -41,18 +41,7 @@ def processes(cfg: dict[str, Any], nproc_per_node: int | None = None) -> int:
 
 
 def launch_pretrain(config: Path, rest: list[str], nproc_per_node: int | None = None) -> int:
-    """torchrun the pretraining entry point on ``config`` (extra Megatron-style flags in ``rest``), after what
-    every rank would refuse at its start is refused here once (the config, the files it reads, its round's
-    projected cost): then one ``error:`` line and exit code 2, and torchrun never starts."""
-    from mates_megatron.pretrain import check_launch
-    from mates_megatron.training.build import check_round_cost_before_launch
-
-    try:
-        checked = check_launch(config, rest)
-        check_round_cost_before_launch(checked, world=nproc_per_node, where=str(config))
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
+    """torchrun the pretraining entry point on ``config`` (extra Megatron-style flags in ``rest``)."""
     cfg = yaml.safe_load(Path(config).read_text()) or {}
     return torchrun(
         "mates_megatron.pretrain", ["--config", str(config), *rest], processes(cfg, nproc_per_node)

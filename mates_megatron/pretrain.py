@@ -250,6 +250,24 @@ def check_launch(config: str | Path, rest: list[str]) -> TrainConfig:
     return checked_config_from_args(args)
 
 
+def launch_checked(config: str | Path, rest: list[str], nproc_per_node: int | None = None) -> int:
+    """torchrun this entry point on ``config`` (``launch.launch_pretrain``) after what every rank would refuse
+    at its start is refused here once (``check_launch``, and the round's projected cost): then one ``error:``
+    line on stderr and exit code 2, and torchrun never starts. A ``launch.Runner``: the lab's runs take it."""
+    import sys
+
+    from mates_megatron.launch import launch_pretrain
+    from mates_megatron.training.build import check_round_cost_before_launch
+
+    try:
+        cfg = check_launch(config, rest)
+        check_round_cost_before_launch(cfg, world=nproc_per_node, where=str(config))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    return launch_pretrain(Path(config), rest, nproc_per_node)
+
+
 def main(argv: list[str] | None = None) -> None:
     # Before anything imports megatron-core: its notices fire at import time.
     silence_megatron_core_notices()

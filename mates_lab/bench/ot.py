@@ -132,6 +132,7 @@ def _continue_runs(
     from mates_lab.demo import smooth
     from mates_megatron.launch import run_config
     from mates_megatron.ot.values_file import write_values
+    from mates_megatron.pretrain import launch_checked
 
     base_cfg = yaml.safe_load(config.read_text())
     base_cfg = {**base_cfg, "seed": seed, "train_iters": base_iters, "eval_interval": 20}
@@ -140,7 +141,7 @@ def _continue_runs(
     # The base run's checkpoint is what the arms continue from: kept (its own directory holds config and metrics).
     run_config({**base_cfg, "save": str(base_dir / "ckpt"),
                 "selection": {**sel, "selector": "random", "scorer": "none", "scorer_options": {}, "seed": seed}},
-               base_dir)  # fmt: skip
+               base_dir, runner=launch_checked)  # fmt: skip
     for name, v in values.items():
         write_values(
             data / "train-shards", f"bench_{name}", v, {"method": name, "pool_fingerprint": fingerprint}
@@ -165,7 +166,7 @@ def _continue_runs(
             "lr": base_cfg.get("min_lr", 2e-4), "min_lr": base_cfg.get("min_lr", 2e-4), "eval_interval": 5,
             "pretrained_checkpoint": str(base_dir / "ckpt"), "selection": {**sel, **common, **arm},
         }  # fmt: skip
-        run = run_config(cfg, out / f"{name}_seed{seed}")
+        run = run_config(cfg, out / f"{name}_seed{seed}", runner=launch_checked)
         held = run["eval"]["heldout/python_docs"]
         result[name] = {
             "heldout": smooth(held)[-1],

@@ -117,6 +117,7 @@ def build_pool(
 
 def train(work: Path, prefix: str, *, steps: int, seed: int) -> Path:
     from mates_megatron.launch import run_config
+    from mates_megatron.pretrain import launch_checked
 
     ckpt = work / "ckpt"
     run = {
@@ -126,7 +127,7 @@ def train(work: Path, prefix: str, *, steps: int, seed: int) -> Path:
         "lr_warmup_iters": 20, "lr_decay_style": "cosine", "weight_decay": 0.1, "clip_grad": 1.0,
         "seed": seed, "log_interval": 50, "save": str(ckpt), "load": str(ckpt), "save_interval": steps,
     }  # fmt: skip
-    run_config(run, work)
+    run_config(run, work, runner=launch_checked)
     return work / "config.yaml"
 
 

@@ -79,7 +79,7 @@ class ClassifierScorer(Scorer):
 
     @classmethod
     def projected_cost(cls, config, selection, **shape: Any):
-        from mates_megatron.cost.filters import project_ngram_round
+        from mates_megatron.cost.ngram import project_ngram_round
 
         return project_ngram_round("classifier", config, selection, **shape)
 

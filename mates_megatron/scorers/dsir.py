@@ -143,7 +143,7 @@ class DSIRScorer(Scorer):
 
     @classmethod
     def projected_cost(cls, config, selection, **shape: Any):
-        from mates_megatron.cost.filters import project_ngram_round
+        from mates_megatron.cost.ngram import project_ngram_round
 
         return project_ngram_round("dsir", config, selection, **shape)
 

@@ -234,8 +234,8 @@ def test_mates_megatron_pretrain_refuses_a_round_over_its_cost_limit_before_torc
 
 @pytest.mark.parametrize("case", ["missing_reference", "cost"])
 def test_the_lab_runner_refuses_what_the_ranks_would_before_torchrun(case, tmp_path, monkeypatch, capsys):
-    """``launch.run_config`` (the experiment runner of the lab's benches and ``mixture plan``) checks the run as
-    ``mates-megatron pretrain`` does: one ``error:`` line, and torchrun never starts."""
+    """``launch.run_config`` with ``pretrain.launch_checked`` (how the lab's benches run their configs) checks
+    the run as ``mates-megatron pretrain`` does: one ``error:`` line, and torchrun never starts."""
     monkeypatch.setattr(launch.subprocess, "call", lambda *a, **k: pytest.fail("torchrun was launched"))
     cfg = _base(tmp_path)
     if case == "cost":
@@ -245,7 +245,7 @@ def test_the_lab_runner_refuses_what_the_ranks_would_before_torchrun(case, tmp_p
         _no_reference(cfg)
         expected = "reference "
     with pytest.raises(RuntimeError, match=r"failed \(exit code 2\)"):
-        launch.run_config(cfg, tmp_path / "run")
+        launch.run_config(cfg, tmp_path / "run", runner=pretrain.launch_checked)
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {tmp_path / 'run' / 'config.yaml'}: {expected}")
     assert not (tmp_path / "run" / "metrics.json").exists()
