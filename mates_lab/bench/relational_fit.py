@@ -40,17 +40,24 @@ def _zscore(x: np.ndarray) -> np.ndarray:
     return (x - x.mean()) / (x.std() or 1.0)
 
 
+def rollout_folds(n: int, length: int, folds: int, *, seed: int):
+    """(train, held) positions of each fold over whole rollouts of ``length`` (seeded, the same for every
+    head read out of fold here)."""
+    from mates_megatron.influence.relational import _rollouts
+
+    idx = _rollouts(n, length)
+    fold_of = np.random.default_rng([seed, 11]).permutation(len(idx)) % min(folds, len(idx))
+    for f in range(min(folds, len(idx))):
+        yield (np.concatenate([i for i, g in zip(idx, fold_of, strict=True) if g != f]),
+               np.concatenate([i for i, g in zip(idx, fold_of, strict=True) if g == f]))  # fmt: skip
+
+
 def own_out_of_fold(feats: np.ndarray, scores: np.ndarray, cfg, *, seed: int) -> np.ndarray:
     """Each probe's own score (the head) from a relational fit on the other folds' whole rollouts."""
-    from mates_megatron.influence.relational import _rollouts, fit_head
+    from mates_megatron.influence.relational import fit_head
 
-    idx = _rollouts(len(scores), cfg.rollout_length)
-    folds = min(cfg.folds, len(idx))
-    fold_of = np.random.default_rng([seed, 11]).permutation(len(idx)) % folds
     out = np.zeros(len(scores))
-    for f in range(folds):
-        train = np.concatenate([i for i, g in zip(idx, fold_of, strict=True) if g != f])
-        held = np.concatenate([i for i, g in zip(idx, fold_of, strict=True) if g == f])
+    for train, held in rollout_folds(len(scores), cfg.rollout_length, cfg.folds, seed=seed):
         fit = fit_head(feats[train], scores[train], cfg, seed=seed)
         out[held] = feats[held] @ fit.w + fit.b
     return out
@@ -61,16 +68,10 @@ def ridge_out_of_fold(
 ) -> np.ndarray:
     """A ridge head (strength 1, the relational fit's start) on the scores themselves, out of fold by the same
     whole rollouts."""
-    from mates_megatron.influence.relational import _rollouts
     from mates_megatron.influence.ridge import ridge_solve
 
-    idx = _rollouts(len(scores), length)
-    folds = min(folds, len(idx))
-    fold_of = np.random.default_rng([seed, 11]).permutation(len(idx)) % folds
     out = np.zeros(len(scores))
-    for f in range(folds):
-        train = np.concatenate([i for i, g in zip(idx, fold_of, strict=True) if g != f])
-        held = np.concatenate([i for i, g in zip(idx, fold_of, strict=True) if g == f])
+    for train, held in rollout_folds(len(scores), length, folds, seed=seed):
         w, b = ridge_solve(feats[train], _zscore(scores[train]), 1.0)
         out[held] = feats[held] @ w + b
     return out
