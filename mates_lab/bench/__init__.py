@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from mates_lab.bench.demo_seeds import add_demo_seeds_parser
+from mates_lab.bench.gotd_lm import add_gotd_lm_parser
 from mates_lab.bench.output import write_result as _write
 from mates_lab.bench.paper_checks import add_paper_check_parsers
 from mates_lab.bench.relational_fit import add_relational_fit_parser
@@ -398,6 +399,7 @@ def add_bench_parser(sub) -> None:
     add_trace_queries_parser(bsub)
     add_demo_seeds_parser(bsub)
     add_relational_fit_parser(bsub)
+    add_gotd_lm_parser(bsub)
 
 
 def main(argv: list[str] | None = None) -> int:
