@@ -4,7 +4,9 @@ the streamed Sinkhorn.
 - ``lava_flip_recall_at_10pct``: a 5-class text task, label = the document's domain: a class-balanced
   training set of ``per_class`` pool documents per domain and a disjoint balanced trusted validation set of
   ``val_per_class``; 10% of the training labels flipped to another class (seeded); labelled LAVA values;
-  the share of flipped points among the 10% highest values.
+  the share of flipped points among the 10% highest values. Beside it on the same rows
+  (``lava_flip_recall_peer_emd``, ``lava_flip_recall_knn_disagreement``): exact OT by POT at the same label
+  weight, and the share of each row's 10 nearest neighbours that disagree with its label.
 - ``lava_junk_auc``: feature-only LAVA values of the pool's documents against a clean reference, a seeded
   sample of the pool's non-junk documents (as many as the probe reference has; left out of the valued rows);
   the ROC AUC of the junk domain (positive = higher value). The probe reference (python_docs) is no clean
@@ -56,6 +58,7 @@ def _embed_pool(data: Path, out: Path, max_length: int) -> tuple[np.ndarray, np.
 
 
 def lava_flip_recall(x, domains, *, per_class: int, val_per_class: int, seed: int) -> dict[str, Any]:
+    from mates_lab.bench.lava_digits import knn_disagreement, peer_lava_values, recall_at
     from mates_megatron.ot import SinkhornConfig
     from mates_megatron.ot.valuation import lava_values
     from mates_megatron.scorers.lava import LavaConfig
@@ -81,9 +84,15 @@ def lava_flip_recall(x, domains, *, per_class: int, val_per_class: int, seed: in
         x[train], x[val], cfg, x_labels=labels, y_labels=domains[val].astype(np.int64),
         label_weight=c.label_weight, label_epsilon=c.label_epsilon,
     )  # fmt: skip
-    top = np.argsort(-values, kind="stable")[: len(flipped)]
+    # Beside it, on the same rows: the exact-OT peer (POT) and a kNN label-disagreement baseline, as
+    # `bench lava-digits` has them: they tell the method from the embedding's own limit.
+    xl, yl = labels, domains[val].astype(np.int64)
+    peer = peer_lava_values(x[train], xl, x[val], yl, c.label_weight)
+    knn = knn_disagreement(x[train], xl, x[val], yl)
     return {
-        "recall": len(np.intersect1d(top, flipped)) / len(flipped),
+        "recall": recall_at(values, flipped),
+        "peer_emd_recall": recall_at(peer, flipped),
+        "knn_disagreement_recall": recall_at(knn, flipped),
         "train": len(train),
         "val": len(val),
         "converged": res.converged,
@@ -245,6 +254,8 @@ def bench_ot(
 
     result: dict[str, Any] = {
         "lava_flip_recall_at_10pct": flip["recall"],
+        "lava_flip_recall_peer_emd": flip["peer_emd_recall"],
+        "lava_flip_recall_knn_disagreement": flip["knn_disagreement_recall"],
         "lava_flip_task": flip,
         "lava_junk_auc": clean_ref["auc"],
         "lava_junk_auc_probe_reference": float(roc_auc_score(junk, lava)),
