@@ -6,6 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
+from mates_lab.bench.decoys import add_decoys_parser
 from mates_lab.bench.demo_seeds import add_demo_seeds_parser
 from mates_lab.bench.gotd_lm import add_gotd_lm_parser
 from mates_lab.bench.output import write_result as _write
@@ -400,6 +401,7 @@ def add_bench_parser(sub) -> None:
     add_demo_seeds_parser(bsub)
     add_relational_fit_parser(bsub)
     add_gotd_lm_parser(bsub)
+    add_decoys_parser(bsub)
 
 
 def main(argv: list[str] | None = None) -> int:
