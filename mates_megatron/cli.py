@@ -42,6 +42,13 @@ def _run_pretrain(args: argparse.Namespace, rest: list[str]) -> int:
     return launch_checked(args.config, rest, args.nproc_per_node)
 
 
+def _checked_runner(config: Path, rest: list[str], nproc_per_node: int | None = None) -> int:
+    """The mixture commands' proxy and pilot runs: refused before torchrun as `pretrain` refuses a run."""
+    from mates_megatron.pretrain import launch_checked
+
+    return launch_checked(config, rest, nproc_per_node)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mates-megatron",
@@ -57,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_prepare_parser(sub)
     _add_pretrain_parser(sub)
     add_value_parser(sub)
-    add_mixture_parser(sub)
+    add_mixture_parser(sub, runner=_checked_runner)
     add_trace_parser(sub)
     return parser
 

@@ -21,7 +21,10 @@ from mates_megatron.mixture.autoscale import autoscale_weights
 from mates_megatron.mixture.weights import MixtureError, write_weights
 
 
-def add_mixture_parser(sub) -> None:
+def add_mixture_parser(sub, runner=None) -> None:
+    """``runner``: how the proxy and pilot runs are launched (a ``launch.Runner``; the console script passes
+    one that checks each run's config and cost before torchrun, as `pretrain` does; this module may not import
+    the host that checks)."""
     p = sub.add_parser(
         "mixture",
         help="domain weights: DDO proxy runs and fit, AutoScale extrapolation, Projektor projection",
@@ -32,6 +35,7 @@ def add_mixture_parser(sub) -> None:
             "larger budget. Serve a weights file with selector: mixture, mixture_weights: FILE."
         ),
     )
+    p.set_defaults(runner=runner)
     s = p.add_subparsers(dest="mixture_command", metavar="STEP", required=True)
     pl = s.add_parser("plan", help="write the proxy runs of one budget (and run them with --run)")
     pl.add_argument("--config", type=Path, required=True, help="run config (model, data, eval_sets)")
@@ -104,16 +108,22 @@ def _plan(args: argparse.Namespace) -> int:
     total = sum(r["train_iters"] for r in plan["runs"])
     print(f"[mixture] wrote {len(plan['runs'])} proxy runs ({total} steps in all) to {args.out}", flush=True)
     if args.run:
-        run_plan(args.out)
+        return _run_or_refuse(lambda: run_plan(args.out, args.runner))
     return 0
 
 
 def _run(args: argparse.Namespace) -> int:
     from mates_megatron.mixture.plan import run_plan
 
+    return _run_or_refuse(lambda: run_plan(args.plan, args.runner))
+
+
+def _run_or_refuse(train) -> int:
+    """Train; a run the launcher refused (its own ``error:`` line is printed already) or that failed ends the
+    command with exit code 2 and the run named, not a traceback."""
     try:
-        run_plan(args.plan)
-    except MixtureError as e:
+        train()
+    except (MixtureError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
@@ -158,7 +168,8 @@ def _projektor(args: argparse.Namespace) -> int:
             sources = Path(cfg.get("data_prefix", "")).parent / "corpus.jsonl"
         plan_projektor(args.config, args.work, pilot_steps=tuple(args.pilot_steps), mixtures=args.mixtures,
                            eval_set=args.eval_set, sources=sources, revealed=args.revealed, seed=args.seed)  # fmt: skip
-        run_projektor(args.work)
+        if _run_or_refuse(lambda: run_projektor(args.work, args.runner)):
+            return 2
         schedule = projektor_weights(args.work, args.target_steps, floor=args.floor)
     except MixtureError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -64,13 +64,13 @@ def test_gotd_spends_its_budget_on_the_under_covered_mode_lookalike_does_not():
     assert rare["gotd"] == np.sum(domains[s.pool] == 1) == 2 and rare["lookalike"] == 0, rare
 
 
-def test_prepare_writes_exactly_the_chosen_documents(tmp_path):
+def test_prepare_writes_exactly_the_chosen_documents(small_embedded, tmp_path):
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     from mates_megatron.pool.webdataset_pool import WebDatasetPool
 
-    pool = WebDatasetPool("data/embedded/train-shards", seq_length=1)
-    ids = np.array([3, 17, 400, 4391])
+    pool = WebDatasetPool(small_embedded["dir"] / "train-shards", seq_length=1)
+    ids = np.array([3, 17, 400, len(pool) - 1])
     prefix = _prepare(pool, ids, tmp_path / "arm")
     ds = IndexedDataset(str(prefix))
     assert len(ds) == len(ids)

@@ -249,3 +249,24 @@ def test_the_lab_runner_refuses_what_the_ranks_would_before_torchrun(case, tmp_p
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {tmp_path / 'run' / 'config.yaml'}: {expected}")
     assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_mixture_plan_refuses_a_proxy_run_in_one_line_without_torchrun(small_embedded, tmp_path):
+    """`mates-megatron mixture plan --run` as a user runs it: the proxy runs are checked as `pretrain` checks
+    a run (before this, they went to torchrun unchecked and each rank failed on its own)."""
+    cfg = yaml.safe_load((REPO / "configs" / "demo_cpu.yaml").read_text())
+    cfg.update(data_prefix=small_embedded["prefix"], reference=small_embedded["reference"],
+               eval_sets={"val": str(tmp_path / "missing_val.jsonl")})  # fmt: skip
+    path = _write(tmp_path, cfg)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "mates_megatron.cli", "mixture", "plan", "--config", str(path), "--steps", "40",
+         "--eval-set", "val", "--out", str(tmp_path / "plan"), "--run"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert "eval_sets.val" in errors[0] and "missing_val.jsonl not found" in errors[0], out
+    assert "exit code 2" in errors[-1] and len(errors) == 2, out  # the refused run, named
+    assert "Traceback" not in out and "torch.distributed.run" not in out
