@@ -130,15 +130,18 @@ def embed(pixels: np.ndarray, fit_rows: np.ndarray, dims: int) -> np.ndarray:
     return (z / np.linalg.norm(z, axis=1, keepdims=True)).astype(np.float32)
 
 
-def select(
-    emb: np.ndarray, split: DigitsSplit, budget: int, cfg: GotdDigitsConfig, seed: int
-) -> dict[str, np.ndarray]:
-    """Each arm's selected pool rows (indices into ``load_digits``), ``budget`` of them ('none': empty)."""
+def budget_arms(
+    x: np.ndarray, y: np.ndarray, ids: np.ndarray, budget: int, *, seed: int, rng: np.random.Generator,
+    lookalike_k: int = 10,
+) -> dict[str, np.ndarray]:  # fmt: skip
+    """``budget`` of ``ids`` (the ids of the rows of ``x``), sorted, per arm: ``gotd`` (the lowest GOT-D values
+    of ``x`` toward the target ``y``, the ``gotd`` scorer's code and defaults), ``lookalike`` (the highest mean
+    cosine to the ``lookalike_k`` nearest target rows) and ``random`` (drawn from ``rng``). Shared by
+    `bench gotd-digits` and `bench gotd-lm`."""
     from mates_megatron.ot.valuation import gotd_values
     from mates_megatron.scorers.gotd import GotdConfig
     from mates_megatron.scorers.lookalike import lookalike_scores
 
-    x, y = emb[split.pool], emb[split.target]
     g = GotdConfig()
     gotd, res = gotd_values(x, y, g.sinkhorn(seed, momentum=g.momentum))
     if not res.converged:
@@ -146,15 +149,22 @@ def select(
             f"GOT-D's Sinkhorn did not converge (marginal error {res.marginal_error:.2g} after "
             f"{res.iterations} passes); raise GotdConfig.max_iter"
         )
-    look = lookalike_scores(x, y, k=cfg.lookalike_k)
-    rng = np.random.default_rng([seed, 0x7A2D])
-    lowest = lambda v: split.pool[np.sort(np.argsort(v, kind="stable")[:budget])]  # noqa: E731
+    lowest = lambda v: ids[np.sort(np.argsort(v, kind="stable")[:budget])]  # noqa: E731
     return {
         "gotd": lowest(gotd),
-        "lookalike": lowest(look),
-        "random": np.sort(rng.choice(split.pool, size=budget, replace=False)),
-        "none": split.pool[:0],
+        "lookalike": lowest(lookalike_scores(x, y, k=lookalike_k)),
+        "random": np.sort(rng.choice(ids, size=budget, replace=False)),
     }
+
+
+def select(
+    emb: np.ndarray, split: DigitsSplit, budget: int, cfg: GotdDigitsConfig, seed: int
+) -> dict[str, np.ndarray]:
+    """Each arm's selected pool rows (indices into ``load_digits``), ``budget`` of them ('none': empty)."""
+    rng = np.random.default_rng([seed, 0x7A2D])
+    arms = budget_arms(emb[split.pool], emb[split.target], split.pool, budget, seed=seed, rng=rng,
+                       lookalike_k=cfg.lookalike_k)  # fmt: skip
+    return {**arms, "none": split.pool[:0]}
 
 
 def evaluate(pixels: np.ndarray, labels: np.ndarray, train: np.ndarray, test: np.ndarray, rare: np.ndarray):

@@ -87,33 +87,15 @@ def split_documents(domains: np.ndarray, rare: int, cfg: GotdLmConfig, seed: int
 
 
 def select(x: np.ndarray, reference: np.ndarray, split: Split, cfg: GotdLmConfig, seed: int) -> dict:
-    """Each arm's documents (pool ids, sorted) and the target's rows."""
-    from mates_megatron.ot import SinkhornConfig
-    from mates_megatron.ot.valuation import gotd_values
-    from mates_megatron.scorers.gotd import GotdConfig
-    from mates_megatron.scorers.lookalike import lookalike_scores
+    """Each arm's documents (pool ids, sorted), the budget and the reference rows of the target."""
+    from mates_lab.bench.gotd_digits import budget_arms
 
     rng = np.random.default_rng([seed, 0x7A2E])
     well = np.sort(rng.choice(len(reference), size=cfg.target_per_mode, replace=False))
     target = np.concatenate([reference[well], x[split.target]])
-    g = GotdConfig()
-    gotd, res = gotd_values(
-        x[split.pool], target, SinkhornConfig(epsilon=g.epsilon, momentum=g.momentum, seed=seed)
-    )
-    look = lookalike_scores(x[split.pool], target, k=10)
     budget = max(1, round(cfg.budget_fraction * len(split.pool)))
-    lowest = lambda v: split.pool[np.sort(np.argsort(v, kind="stable")[:budget])]  # noqa: E731
-    chosen = {
-        "gotd": lowest(gotd),
-        "lookalike": lowest(look),
-        "random": np.sort(rng.choice(split.pool, size=budget, replace=False)),
-    }
-    return {
-        "chosen": chosen,
-        "budget": budget,
-        "reference_rows": well.tolist(),
-        "gotd_converged": res.converged,
-    }
+    chosen = budget_arms(x[split.pool], target, split.pool, budget, seed=seed, rng=rng)
+    return {"chosen": chosen, "budget": budget, "reference_rows": well.tolist()}
 
 
 def _prepare(pool, ids: np.ndarray, prefix: Path) -> Path:
@@ -178,7 +160,6 @@ def run_seed(data: Path, config: Path, work: Path, seed: int, cfg: GotdLmConfig)
                   "rare_in_pool": int(np.sum(domains[split.pool] == names.index(cfg.rare_domain)))},
         "heldout": heldout,
         "share_by_domain": shares,
-        "gotd_converged": picked["gotd_converged"],
         "selected": {arm: sets[arm].tolist() for arm in ARMS[:3]},
     }  # fmt: skip
 

@@ -80,15 +80,15 @@ def lava_flip_recall(x, domains, *, per_class: int, val_per_class: int, seed: in
     labels[flipped] = (labels[flipped] + rng.integers(1, classes, len(flipped))) % classes
     c = LavaConfig()
     cfg = SinkhornConfig(epsilon=c.epsilon, cost_scale=0.5, seed=seed)
+    val_labels = domains[val].astype(np.int64)
     values, res, w = lava_values(
-        x[train], x[val], cfg, x_labels=labels, y_labels=domains[val].astype(np.int64),
+        x[train], x[val], cfg, x_labels=labels, y_labels=val_labels,
         label_weight=c.label_weight, label_epsilon=c.label_epsilon,
     )  # fmt: skip
     # Beside it, on the same rows: the exact-OT peer (POT) and a kNN label-disagreement baseline, as
     # `bench lava-digits` has them: they tell the method from the embedding's own limit.
-    xl, yl = labels, domains[val].astype(np.int64)
-    peer = peer_lava_values(x[train], xl, x[val], yl, c.label_weight)
-    knn = knn_disagreement(x[train], xl, x[val], yl)
+    peer = peer_lava_values(x[train], labels, x[val], val_labels, c.label_weight)
+    knn = knn_disagreement(x[train], labels, x[val], val_labels)
     return {
         "recall": recall_at(values, flipped),
         "peer_emd_recall": recall_at(peer, flipped),
