@@ -137,7 +137,7 @@ def _run_projektor_bench(a) -> int:
 
     _write(
         bench_projektor(a.data, a.work, steps=a.steps, mixtures=a.mixtures, evaluate=a.evaluate,
-                        revealed=a.revealed, seed=a.seed),
+                        revealed=a.revealed, seed=a.seed, sources=a.sources),
         a.out,
     )  # fmt: skip
     return 0
@@ -344,6 +344,7 @@ def add_bench_parser(sub) -> None:
     pj.add_argument("--evaluate", type=int, default=8, help="mixtures trained at 8x to judge the projections")
     pj.add_argument("--revealed", type=int, default=100, help="revealed documents per source")
     pj.add_argument("--seed", type=int, default=0)
+    pj.add_argument("--sources", nargs="+", default=None, help="domains to use (default: every domain)")
     pj.add_argument("--out", type=Path, default=None)
     pj.set_defaults(func=_run_projektor_bench)
     dm = bsub.add_parser(

@@ -1,6 +1,8 @@
 """`mates-lab bench projektor`: Projektor's projection and mixture at toy scale on the embedded domains.
 
-The sources are the 5 embedded domains; each reveals ``revealed`` documents (what the OT reads), and the
+The sources are the 5 embedded domains, or those ``sources`` names (a subset of the data is prepared in
+``out/data``: Projektor's paper uses three, with at least 3x as many pilots as stage 1's 3m + 1
+coefficients: ``--sources python_docs python_code package_docs --mixtures 30``); each reveals ``revealed`` documents (what the OT reads), and the
 pilot runs (``steps`` and ``2 * steps``, every pilot mixture: uniform, each source alone, seeded Dirichlet
 mixtures) are trained with the project's loop on the mixture selector. Stage 1 regresses each pilot size's
 mean validation loss on the mixture's OT features, stage 2 projects to ``8 * steps`` (four times the larger
@@ -34,9 +36,10 @@ from scipy.stats import spearmanr
 
 def bench_projektor(
     data: Path, out: Path, *, steps: int = 40, mixtures: int = 16, evaluate: int = 8, revealed: int = 100,
-    seed: int = 0,
+    seed: int = 0, sources: list[str] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     from mates_lab.bench.autoscale import base_config, split_heldout
+    from mates_lab.data.subset import subset_domains
     from mates_megatron.mixture.plan import train_once, write_run_config
     from mates_megatron.mixture.projektor import (
         PLAN,
@@ -52,6 +55,9 @@ def bench_projektor(
 
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
+    if sources:
+        subset_domains(data, out / "data", sources)
+        data = out / "data"
     evals = split_heldout(data / "heldout.jsonl", out / "eval")
     cfg = base_config(data, evals, seed)
     # 50x each run's samples: a single source (licenses is 4% of the tokens) still fills a run.
@@ -143,6 +149,7 @@ def bench_projektor(
         "best_single_source": fit.domains[best_single - 1],
         "stage1_rms_residual": [f.rms_residual for f in fit.fits],
         "pilot_sizes_samples": list(fit.sizes), "target_samples": n, "pilot_mixtures": len(fit.mixtures),
+        "stage1_coefficients": len(fit.fits[0].coef), "sources": list(fit.domains),
         "judged_mixtures": len(judged), "revealed_documents_per_source": revealed,
         "pilot_max_share_read": pilot_read, "seed": seed, "wall_seconds": time.perf_counter() - t0,
     })  # fmt: skip
