@@ -372,7 +372,7 @@ def _check_arms(
 
 def run_demo(args: argparse.Namespace) -> int:
     from mates_lab.data.embedded_check import ensure_embedded_data
-    from mates_megatron.launch import launch_pretrain, run_config
+    from mates_megatron.launch import RunError, launch_pretrain, run_config
 
     if not args.config.is_file():
         print(f"error: config {args.config} not found (run from the repository root or pass --config)",
@@ -403,7 +403,7 @@ def run_demo(args: argparse.Namespace) -> int:
                 args.out / name,
                 runner=lambda path, rest: launch_pretrain(path, rest, args.nproc_per_node),
             )
-        except RuntimeError as e:
+        except RunError as e:
             print(f"error: the {name} run: {e}", file=sys.stderr)
             return 1
     try:

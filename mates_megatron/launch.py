@@ -18,6 +18,13 @@ from typing import Any
 
 import yaml
 
+
+class RunError(RuntimeError):
+    """A run that ``run_config`` could not train: refused, failed, or left without metrics. The message names
+    the run and the fix; commands print it as one ``error:`` line. (A ``RuntimeError`` subclass, so callers that
+    caught ``RuntimeError`` keep working; other ``RuntimeError``s are bugs and keep their traceback.)"""
+
+
 Runner = Callable[[Path, list[str]], int]
 """``runner(config, extra_args) -> exit code``: how a run config is trained (default ``launch_pretrain``)."""
 
@@ -71,7 +78,7 @@ def run_config(
         print(f"[mates-megatron] {run_dir}: finished before, its metrics are read", flush=True)
         return json.loads(metrics.read_text())
     if not same and (metrics.is_file() or (run_dir / "ckpt").is_dir()):
-        raise RuntimeError(
+        raise RunError(
             f"{run_dir} holds a run of another config than the one asked for; remove the directory to train "
             "this one there"
         )
@@ -79,11 +86,11 @@ def run_config(
     path.write_text(text)
     rc = (runner or launch_pretrain)(path, [*(args or []), "--metrics-out", str(metrics)])
     if rc:
-        raise RuntimeError(
+        raise RunError(
             f"the run {path} failed (exit code {rc}); see its output above. Run again to resume it"
         )
     if not metrics.is_file():
-        raise RuntimeError(f"the run {path} ended without writing {metrics}")
+        raise RunError(f"the run {path} ended without writing {metrics}")
     if not keep_checkpoints:
         shutil.rmtree(run_dir / "ckpt", ignore_errors=True)
     return json.loads(metrics.read_text())

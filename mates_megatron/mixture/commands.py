@@ -120,10 +120,12 @@ def _run(args: argparse.Namespace) -> int:
 
 def _run_or_refuse(train) -> int:
     """Train; a run the launcher refused (its own ``error:`` line is printed already) or that failed ends the
-    command with exit code 2 and the run named, not a traceback."""
+    command with exit code 2 and the run named, not a traceback. Any other error is a bug: it propagates."""
+    from mates_megatron.launch import RunError
+
     try:
         train()
-    except (MixtureError, RuntimeError) as e:
+    except (MixtureError, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

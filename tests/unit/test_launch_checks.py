@@ -270,3 +270,23 @@ def test_mixture_plan_refuses_a_proxy_run_in_one_line_without_torchrun(small_emb
     assert "eval_sets.val" in errors[0] and "missing_val.jsonl not found" in errors[0], out
     assert "exit code 2" in errors[-1] and len(errors) == 2, out  # the refused run, named
     assert "Traceback" not in out and "torch.distributed.run" not in out
+
+
+def test_mixture_commands_name_a_failed_run_in_one_line_but_a_bug_keeps_its_traceback(tmp_path, capsys):
+    """The mixture commands turn a run that failed (``launch.RunError``) into one ``error:`` line and exit code
+    2; any other ``RuntimeError`` is a bug and propagates (before, every ``RuntimeError`` lost its traceback)."""
+    from mates_megatron.mixture.commands import _run_or_refuse
+
+    cfg = {"train_iters": 1}
+    failed = _run_or_refuse(lambda: launch.run_config(cfg, tmp_path / "a", runner=lambda path, rest: 1))
+    assert failed == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: the run {tmp_path / 'a' / 'config.yaml'} failed (exit code 1); see its output above. Run again "
+        "to resume it"
+    ]
+
+    def bug(path, rest):
+        raise RuntimeError("a bug in the runner")
+
+    with pytest.raises(RuntimeError, match="a bug in the runner"):
+        _run_or_refuse(lambda: launch.run_config(cfg, tmp_path / "b", runner=bug))
