@@ -16,7 +16,9 @@ figure was seen:
   values of the pool against the target (the ``gotd`` scorer's ``gotd_values``, its epsilon and momentum);
   ``lookalike``: the highest mean cosine to the 10 nearest target rows (the ``lookalike`` scorer's own
   computation); ``random``: a seeded draw. Control ``pretrain``: the same continued steps on the pretraining
-  set itself (more of the same data, no budget).
+  set itself (more of the same data, no budget). ``lookalike_rare`` (added after the first 4 seeds were
+  measured): look-alike's documents with GOT-D's rare-domain documents swapped in for as many of its others
+  (a seeded draw), the same budget: what GOT-D's rare documents alone add to look-alike.
 - Each arm continues from the base weights for ``continue_iters`` steps at the config's ``min_lr``, constant;
   every continued step is drawn from the arm's documents: they alone are the continued run's data (packed,
   in Megatron's order).
@@ -34,7 +36,8 @@ from typing import Any
 import numpy as np
 import yaml
 
-ARMS = ("gotd", "lookalike", "random", "pretrain")
+ARMS = ("gotd", "lookalike", "random", "pretrain", "lookalike_rare")
+SELECTED = ("gotd", "lookalike", "random", "lookalike_rare")
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,18 @@ def select(x: np.ndarray, reference: np.ndarray, split: Split, cfg: GotdLmConfig
     return {"chosen": chosen, "budget": budget, "reference_rows": well.tolist()}
 
 
+def swap_in_rare(
+    lookalike: np.ndarray, gotd: np.ndarray, domains: np.ndarray, rare: int, seed: int
+) -> np.ndarray:
+    """``lookalike`` (sorted ids) with ``gotd``'s rare-domain ids it lacks swapped in for as many of its other
+    ids (a seeded draw): the same budget, no id twice."""
+    add = np.setdiff1d(gotd[domains[gotd] == rare], lookalike)
+    others = lookalike[domains[lookalike] != rare]
+    add = add[: len(others)]
+    drop = np.random.default_rng([seed, 0x5A4B]).choice(others, size=len(add), replace=False)
+    return np.sort(np.concatenate([np.setdiff1d(lookalike, drop), add]))
+
+
 def _prepare(pool, ids: np.ndarray, prefix: Path) -> Path:
     """Write ``ids``'s documents as a prepared dataset at ``prefix`` (``mates-megatron prepare``'s own path)."""
     from mates_megatron.data.prepare import PrepareConfig, prepare_corpus
@@ -122,9 +137,12 @@ def run_seed(data: Path, config: Path, work: Path, seed: int, cfg: GotdLmConfig)
 
     x, reference, names, pool = _embed_pool(data, work, cfg.max_length)
     domains = pool.domain_ids(np.arange(len(pool))).astype(np.int64)
-    split = split_documents(domains, names.index(cfg.rare_domain), cfg, seed)
+    rare = names.index(cfg.rare_domain)
+    split = split_documents(domains, rare, cfg, seed)
     picked = select(x, reference, split, cfg, seed)
-    sets = {**picked["chosen"], "pretrain": split.pretrain}
+    chosen = picked["chosen"]
+    swapped = swap_in_rare(chosen["lookalike"], chosen["gotd"], domains, rare, seed)
+    sets = {**chosen, "pretrain": split.pretrain, "lookalike_rare": swapped}
     seed_dir = work / f"seed{seed}"
     base = yaml.safe_load(config.read_text())
     base.pop("selection", None)  # Megatron's order over each run's own data
@@ -157,10 +175,10 @@ def run_seed(data: Path, config: Path, work: Path, seed: int, cfg: GotdLmConfig)
         "seed": seed,
         "sizes": {"pretrain": len(split.pretrain), "pool": len(split.pool), "budget": picked["budget"],
                   "target": 2 * cfg.target_per_mode,
-                  "rare_in_pool": int(np.sum(domains[split.pool] == names.index(cfg.rare_domain)))},
+                  "rare_in_pool": int(np.sum(domains[split.pool] == rare))},
         "heldout": heldout,
         "share_by_domain": shares,
-        "selected": {arm: sets[arm].tolist() for arm in ARMS[:3]},
+        "selected": {arm: sets[arm].tolist() for arm in SELECTED},
     }  # fmt: skip
 
 
@@ -179,7 +197,10 @@ def bench_gotd_lm(data: Path, config: Path, work: Path, seeds: list[int], cfg: G
         **{f"{arm}_heldout_target": figure(arm, "target")["mean"] for arm in ARMS},
         "heldout": {arm: {k: figure(arm, k) for k in ("target", "well", "rare")} for arm in ARMS},
         "paired": {
-            f"gotd-{b}": {k: paired("gotd", b, k) for k in ("target", "well", "rare")} for b in ARMS[1:]
+            **{f"gotd-{b}": {k: paired("gotd", b, k) for k in ("target", "well", "rare")} for b in ARMS[1:]},
+            "lookalike_rare-lookalike": {
+                k: paired("lookalike_rare", "lookalike", k) for k in ("target", "well", "rare")
+            },
         },
         "rare_share": {
             arm: mean_ci([r["share_by_domain"][arm][cfg.rare_domain] for r in runs]) for arm in ARMS

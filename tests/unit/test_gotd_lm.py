@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from mates_lab.bench.gotd_lm import GotdLmConfig, _prepare, select, split_documents
+from mates_lab.bench.gotd_lm import GotdLmConfig, _prepare, select, split_documents, swap_in_rare
 
 
 def _domains(seed=0):
@@ -62,6 +62,22 @@ def test_gotd_spends_its_budget_on_the_under_covered_mode_lookalike_does_not():
     assert all(np.isin(rows, s.pool).all() for rows in picked["chosen"].values())
     # Measured on seeds 0-3 of this setup: GOT-D takes every rare pool row (2 of its 15), look-alike none.
     assert rare["gotd"] == np.sum(domains[s.pool] == 1) == 2 and rare["lookalike"] == 0, rare
+
+
+def test_swap_in_rare_keeps_the_budget_and_adds_exactly_gotds_rare_picks():
+    """The ``lookalike_rare`` arm: look-alike's picks with GOT-D's rare ones swapped in for as many others."""
+    domains = np.array([0] * 20 + [1] * 5)
+    lookalike = np.array([0, 1, 2, 3, 4, 5, 21])
+    gotd = np.array([0, 7, 20, 21, 22, 23, 24])
+    got = swap_in_rare(lookalike, gotd, domains, rare=1, seed=3)
+    assert len(got) == len(lookalike) and len(np.unique(got)) == len(got)
+    assert set(got[domains[got] == 1]) == {20, 21, 22, 23, 24}  # every rare pick of GOT-D's, once
+    kept = set(got[domains[got] == 0])
+    assert kept < set(lookalike[domains[lookalike] == 0]) and len(kept) == 2  # 4 of its 6 others dropped
+    np.testing.assert_array_equal(got, swap_in_rare(lookalike, gotd, domains, rare=1, seed=3))
+    # More rare picks than look-alike has other picks: it becomes all rare, still the budget.
+    many = swap_in_rare(np.array([0, 20]), np.arange(20, 25), domains, rare=1, seed=0)
+    assert len(many) == 2 and (domains[many] == 1).all()
 
 
 def test_prepare_writes_exactly_the_chosen_documents(small_embedded, tmp_path):
