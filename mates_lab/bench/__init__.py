@@ -128,6 +128,11 @@ def _run_autoscale_bench(a) -> int:
 def _run_autoscale_seeds_bench(a) -> int:
     from mates_lab.bench.autoscale_seeds import bench_autoscale_seeds
 
+    if a.merge:
+        from mates_lab.bench.autoscale_seeds import merge_seed_results
+
+        _write(merge_seed_results(a.merge), a.out)
+        return 0
     _write(bench_autoscale_seeds(a.data, a.work, steps=a.steps, seeds=tuple(a.seeds), warmup=a.warmup), a.out)
     return 0
 
@@ -326,6 +331,9 @@ def add_bench_parser(sub) -> None:
     asd.add_argument("--steps", type=int, default=40, help="smallest DDO budget; then 2x, 4x, target 8x")
     asd.add_argument("--warmup", type=int, default=10, help="learning-rate warm-up steps")
     asd.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    asd.add_argument(
+        "--merge", type=Path, nargs="+", help="JSONs of seeds run apart: merged, nothing trained"
+    )
     asd.add_argument("--out", type=Path, default=None)
     asd.set_defaults(func=_run_autoscale_seeds_bench)
     pj = bsub.add_parser(

@@ -72,6 +72,26 @@ def summarise(seeds: dict[int, dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def merge_seed_results(paths: list[Path]) -> dict[str, Any]:
+    """One result from several ``bench autoscale-seeds`` JSONs of the same setting, run apart (one process and
+    ``--work`` per seed): their seeds together, summarised again. Nothing is trained."""
+    results = [(Path(p), json.loads(Path(p).read_text())) for p in paths]
+    keys = ("budgets_steps", "target_steps", "model", "warmup", "available_tokens")
+    first_path, first = results[0]
+    per_seed: dict[int, dict[str, Any]] = {}
+    for path, r in results:
+        other = [k for k in keys if r.get(k) != first.get(k)]
+        if other:
+            raise ValueError(f"{path} and {first_path} differ in {', '.join(other)}: not the same setting")
+        for s, v in r["per_seed"].items():
+            if int(s) in per_seed:
+                raise ValueError(f"seed {s} is in more than one of {', '.join(map(str, paths))}")
+            per_seed[int(s)] = v
+    per_seed = dict(sorted(per_seed.items()))
+    return {"per_seed": per_seed, "summary": summarise(per_seed), **{k: first[k] for k in keys},
+            "target_tokens": first["target_tokens"], "merged_from": [str(p) for p in paths]}  # fmt: skip
+
+
 def bench_autoscale_seeds(
     data: Path, work: Path, *, steps: int = 40, seeds: tuple[int, ...] = (0, 1, 2),
     model: dict[str, int] | None = None, warmup: int = 10, runner=None,

@@ -10,7 +10,12 @@ import numpy as np
 import pytest
 import yaml
 
-from mates_lab.bench.autoscale_seeds import MIXTURES, bench_autoscale_seeds, weight_distance
+from mates_lab.bench.autoscale_seeds import (
+    MIXTURES,
+    bench_autoscale_seeds,
+    merge_seed_results,
+    weight_distance,
+)
 from mates_megatron.mixture.weights import read_weights
 
 DOMAINS = ["a", "b", "c"]
@@ -37,13 +42,18 @@ def _runner(calls):
     return run
 
 
-def test_bench_figures_follow_the_law(tmp_path):
+def _data(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     meta = {"domains": DOMAINS, "tokens_per_domain": TOKENS}
     (data / "train.meta.json").write_text(json.dumps(meta))
     rows = [{"text": "x" * 500, "domain": d} for d in DOMAINS for _ in range(2)]
     (data / "heldout.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return data
+
+
+def test_bench_figures_follow_the_law(tmp_path):
+    data = _data(tmp_path)
     calls: list[str] = []
     r = bench_autoscale_seeds(data, tmp_path / "work", steps=20, seeds=(0, 1), runner=_runner(calls))
     target_tokens = 160 * 16 * 64
@@ -77,3 +87,25 @@ def test_bench_figures_follow_the_law(tmp_path):
     assert len(calls) == 2 * (3 * 7 + 4)
     bench_autoscale_seeds(data, tmp_path / "work", steps=20, seeds=(0, 1), runner=_runner(calls))
     assert len(calls) == 2 * (3 * 7 + 4)
+
+
+def test_seeds_run_apart_merge_into_the_figures_of_one_run(tmp_path):
+    """``--merge``: seeds run in their own processes and work directories give, merged, the summary one run
+    over both seeds gives; a seed in two files or another setting is refused."""
+    data, calls = _data(tmp_path), []
+    both = bench_autoscale_seeds(data, tmp_path / "both", steps=20, seeds=(0, 1), runner=_runner(calls))
+    paths = []
+    for seed in (0, 1):
+        r = bench_autoscale_seeds(data, tmp_path / f"w{seed}", steps=20, seeds=(seed,), runner=_runner(calls))
+        paths.append(tmp_path / f"seed{seed}.json")
+        paths[-1].write_text(json.dumps(r))
+    merged = merge_seed_results(paths)
+    assert sorted(merged["per_seed"]) == [0, 1]
+    assert merged["summary"] == json.loads(json.dumps(both["summary"]))
+    with pytest.raises(ValueError, match="seed 0 is in more than one"):
+        merge_seed_results([paths[0], paths[0]])
+    other = json.loads(paths[1].read_text())
+    other["warmup"] = 99
+    paths[1].write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="differ in warmup: not the same setting"):
+        merge_seed_results(paths)
