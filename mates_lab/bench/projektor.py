@@ -3,8 +3,8 @@
 The sources are the 5 embedded domains, or those ``sources`` names (a subset of the data is prepared in
 ``out/data``: Projektor's paper uses three, with at least 3x as many pilots as stage 1's 3m + 1
 coefficients: ``--sources python_docs python_code package_docs --mixtures 30``). Each reveals ``revealed``
-documents (what the OT reads), and the pilot runs (``steps`` and ``2 * steps``, every pilot mixture: uniform, each source alone, seeded Dirichlet
-mixtures) are trained with the project's loop on the mixture selector. Stage 1 regresses each pilot size's
+documents (what the OT reads), and the pilot runs (``steps`` and ``2 * steps``, every pilot mixture:
+uniform, each source alone, seeded Dirichlet mixtures) are trained with the project's loop on the mixture selector. Stage 1 regresses each pilot size's
 mean validation loss on the mixture's OT features, stage 2 projects to ``8 * steps`` (four times the larger
 pilot). Evaluation at ``8 * steps``: ``evaluate`` of the pilot mixtures (uniform and the first Dirichlet ones)
 are trained there and their mean validation loss is the truth the projections are judged on:
