@@ -11,11 +11,6 @@ from typing import Any
 RECORD = "subset.json"
 
 
-def _rows(path: Path) -> list[dict[str, Any]]:
-    with path.open() as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def _write(path: Path, rows: list[dict[str, Any]]) -> None:
     with path.open("w") as f:
         for r in rows:
@@ -26,6 +21,7 @@ def subset_domains(src: Path, out: Path, domains: list[str]) -> dict[str, Any]:
     """``out/corpus.jsonl``, ``out/heldout.jsonl`` and ``out/train.*`` holding only ``domains`` of ``src``'s
     (an embedded data directory). Built once: a directory built from another source or other domains is
     refused rather than mixed."""
+    from mates_lab.data.decoys import read_corpus
     from mates_megatron.data.prepare import PrepareConfig, prepare_corpus
 
     src, out = Path(src), Path(out)
@@ -41,8 +37,8 @@ def subset_domains(src: Path, out: Path, domains: list[str]) -> dict[str, Any]:
         return built
     if len(set(domains)) != len(domains) or len(domains) < 2:
         raise ValueError(f"domains {domains}: at least two, each named once")
-    corpus = _rows(src / "corpus.jsonl")
-    heldout = _rows(src / "heldout.jsonl")
+    corpus = read_corpus(src / "corpus.jsonl")
+    heldout = read_corpus(src / "heldout.jsonl")
     have = sorted({r.get("domain", "default") for r in corpus})
     missing = [d for d in domains if d not in have]
     if missing:
